@@ -1,0 +1,346 @@
+//! The protocol engine: begin, execute with lease renewal, complete or release.
+//!
+//! One request with a key goes through [`begin`], which makes exactly one store round
+//! trip and decides between replaying, refusing and executing. An execution then runs the
+//! handler in its own task (so a client that disconnects does not cancel it), renews its
+//! lease while the handler runs, and ends in one `complete` or `release` round trip.
+
+use std::panic::{AssertUnwindSafe, resume_unwind};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{HeaderValue, Response as HttpResponse};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+use crate::body::{Collected, collect_bounded};
+use crate::extract::ScopedKey;
+use crate::fingerprint::Fingerprint;
+use crate::idempotency::Idempotency;
+use crate::problem::Problem;
+use crate::record::{FencingToken, Record, StoredResponse, encode_completed};
+use crate::store::StoreError;
+
+/// The header added to every replayed response.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// What [`begin`] decided.
+pub(crate) enum Begun {
+    /// This request holds the key: run the handler.
+    Execute(Execution),
+    /// Answer with this response (a replay or a problem); the handler does not run.
+    Respond(Response),
+    /// The store failed and fail-open is on: run the handler without protection.
+    Unprotected,
+}
+
+/// Claims `key` for a request with `fingerprint`, or finds what is already there.
+pub(crate) async fn begin(
+    idem: &Idempotency,
+    key: ScopedKey,
+    fingerprint: Fingerprint,
+    ttl: Duration,
+) -> Begun {
+    let config = &idem.config;
+    let claim = Record::InProgress {
+        fingerprint,
+        token: FencingToken::generate(),
+    }
+    .encode();
+    let wait_until = config.wait_for_in_flight.map(|max| Instant::now() + max);
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let found = match timeout(
+            config.store_timeout,
+            config.store.begin(key.as_str(), &claim, config.lease),
+        )
+        .await
+        {
+            Ok(Ok(found)) => found,
+            Ok(Err(error)) => return store_failed(idem, &key, &error),
+            Err(_) => return store_failed(idem, &key, &StoreError::Timeout(config.store_timeout)),
+        };
+        let Some(found) = found else {
+            tracing::debug!(target: "idem", key = key.key().as_str(), "executing");
+            return Begun::Execute(Execution {
+                idem: idem.clone(),
+                key,
+                claim,
+                fingerprint,
+                ttl,
+                armed: true,
+            });
+        };
+        let record = match Record::decode(&found) {
+            Ok(record) => record,
+            Err(error) => {
+                tracing::error!(target: "idem", key = key.key().as_str(), %error, "unreadable record under key; answering 503");
+                return Begun::Respond(
+                    Problem::store_unavailable(config.retry_after_secs()).into_response(),
+                );
+            }
+        };
+        if *record.fingerprint() != fingerprint {
+            tracing::warn!(target: "idem", key = key.key().as_str(), "key reused with a different request");
+            return Begun::Respond(Problem::key_reused().into_response());
+        }
+        match record {
+            Record::Completed(stored) => {
+                tracing::info!(target: "idem", key = key.key().as_str(), status = stored.status.as_u16(), "replayed");
+                return Begun::Respond(replay(stored));
+            }
+            Record::Unstorable {
+                status, body_len, ..
+            } => {
+                tracing::info!(target: "idem", key = key.key().as_str(), "already executed; its response was not stored");
+                return Begun::Respond(
+                    Problem::response_not_stored(status, body_len).into_response(),
+                );
+            }
+            Record::InProgress { .. } => {
+                if let Some(until) = wait_until
+                    && Instant::now() + backoff < until
+                {
+                    sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    continue;
+                }
+                tracing::info!(target: "idem", key = key.key().as_str(), "in flight; answering 409");
+                return Begun::Respond(
+                    Problem::in_flight(config.retry_after_secs()).into_response(),
+                );
+            }
+        }
+    }
+}
+
+fn store_failed(idem: &Idempotency, key: &ScopedKey, error: &StoreError) -> Begun {
+    if idem.config.fail_open {
+        tracing::warn!(target: "idem", key = key.key().as_str(), %error, "store failed; running unprotected (fail-open)");
+        Begun::Unprotected
+    } else {
+        tracing::error!(target: "idem", key = key.key().as_str(), %error, "store failed; answering 503");
+        Begun::Respond(Problem::store_unavailable(idem.config.retry_after_secs()).into_response())
+    }
+}
+
+/// A stored response as the client receives it on a replay.
+pub(crate) fn replay(stored: StoredResponse) -> Response {
+    let mut response = HttpResponse::new(Body::from(stored.body));
+    *response.status_mut() = stored.status;
+    let headers = response.headers_mut();
+    headers.reserve(stored.headers.len() + 1);
+    for (name, value) in stored.headers {
+        headers.append(name, value);
+    }
+    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    response
+}
+
+/// One execution holding a key. Dropping it without finishing releases the key (for
+/// example when a later extractor rejects the request before the handler runs).
+pub(crate) struct Execution {
+    idem: Idempotency,
+    key: ScopedKey,
+    claim: Bytes,
+    fingerprint: Fingerprint,
+    ttl: Duration,
+    armed: bool,
+}
+
+impl Execution {
+    /// Runs `handler` to completion in its own task, stores or releases, and answers.
+    pub(crate) async fn run<F, R>(self, handler: F) -> Response
+    where
+        F: Future<Output = R> + Send + 'static,
+        R: IntoResponse + 'static,
+    {
+        let task = tokio::spawn(self.drive(handler));
+        match task.await {
+            Ok(response) => response,
+            Err(error) if error.is_panic() => resume_unwind(error.into_panic()),
+            Err(_) => Problem::store_unavailable(1).into_response(),
+        }
+    }
+
+    async fn drive<F, R>(mut self, handler: F) -> Response
+    where
+        F: Future<Output = R> + Send + 'static,
+        R: IntoResponse + 'static,
+    {
+        let handler = AssertUnwindSafe(async move { handler.await.into_response() }).catch_unwind();
+        match self.renewing(handler).await {
+            Ok(response) => self.finish(response).await,
+            Err(panic) => {
+                tracing::warn!(target: "idem", key = self.key.key().as_str(), "handler panicked; releasing the key");
+                self.release().await;
+                resume_unwind(panic)
+            }
+        }
+    }
+
+    /// Polls `work` while renewing the lease every third of it.
+    async fn renewing<T>(&self, work: impl Future<Output = T>) -> T {
+        let config = &self.idem.config;
+        let period = config.lease / 3;
+        let mut next = Instant::now() + period;
+        let mut holding = true;
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                () = sleep_until(next), if holding => {
+                    next += period;
+                    let renewed = timeout(
+                        config.store_timeout,
+                        config.store.renew(self.key.as_str(), &self.claim, config.lease),
+                    ).await;
+                    match renewed {
+                        Ok(Ok(true)) => {}
+                        Ok(Ok(false)) => {
+                            tracing::warn!(target: "idem", key = self.key.key().as_str(), "lease lost while the handler runs; its response will not be stored");
+                            holding = false;
+                        }
+                        Ok(Err(error)) => tracing::warn!(target: "idem", key = self.key.key().as_str(), %error, "lease renewal failed; retrying"),
+                        Err(_) => tracing::warn!(target: "idem", key = self.key.key().as_str(), "lease renewal timed out; retrying"),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn finish(mut self, response: Response) -> Response {
+        let config = self.idem.config.clone();
+        let (parts, body) = response.into_parts();
+        if parts.status.is_server_error() && !config.store_server_errors {
+            tracing::info!(target: "idem", key = self.key.key().as_str(), status = parts.status.as_u16(), "server error; releasing the key so a retry runs again");
+            self.release().await;
+            return Response::from_parts(parts, body);
+        }
+        match collect_bounded(body, config.max_response_bytes).await {
+            Collected::Complete(bytes) => {
+                let kept: Vec<_> = parts
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| config.headers.keeps(name))
+                    .collect();
+                let record = encode_completed(&self.fingerprint, parts.status, &kept, &bytes);
+                self.complete(record).await;
+                tracing::debug!(target: "idem", key = self.key.key().as_str(), status = parts.status.as_u16(), "executed and stored");
+                Response::from_parts(parts, Body::from(bytes))
+            }
+            Collected::TooLarge { read, seen } => {
+                tracing::warn!(target: "idem", key = self.key.key().as_str(), limit = config.max_response_bytes, "response too large to store; a retry will be told so and not run again");
+                let record = Record::Unstorable {
+                    fingerprint: self.fingerprint,
+                    status: parts.status,
+                    body_len: seen,
+                };
+                self.complete(record.encode()).await;
+                Response::from_parts(parts, read.into_body())
+            }
+            Collected::Failed => {
+                tracing::warn!(target: "idem", key = self.key.key().as_str(), "response body failed; a retry will be told the response was not stored");
+                let record = Record::Unstorable {
+                    fingerprint: self.fingerprint,
+                    status: parts.status,
+                    body_len: 0,
+                };
+                self.complete(record.encode()).await;
+                Response::from_parts(parts, Body::empty())
+            }
+        }
+    }
+
+    /// Stores `record` if the key still holds this execution's claim. A store failure is
+    /// retried in the background while the lease may still hold, so that a retry replays
+    /// rather than runs again.
+    async fn complete(&mut self, record: Bytes) {
+        self.armed = false;
+        let config = &self.idem.config;
+        match store_completion(&self.idem, &self.key, &self.claim, self.ttl, record.clone()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(target: "idem", key = self.key.key().as_str(), "lease was lost before completion (fencing); response not stored");
+            }
+            Err(error) => {
+                tracing::error!(target: "idem", key = self.key.key().as_str(), %error, "storing the response failed; retrying in the background");
+                let (idem, key, claim, ttl) = (
+                    self.idem.clone(),
+                    self.key.clone(),
+                    self.claim.clone(),
+                    self.ttl,
+                );
+                let give_up = Instant::now() + config.lease;
+                tokio::spawn(async move {
+                    let mut delay = Duration::from_millis(100);
+                    while Instant::now() + delay < give_up {
+                        sleep(delay).await;
+                        match store_completion(&idem, &key, &claim, ttl, record.clone()).await {
+                            Ok(true) => return,
+                            Ok(false) => break,
+                            Err(_) => delay = (delay * 2).min(Duration::from_secs(2)),
+                        }
+                    }
+                    tracing::error!(target: "idem", key = key.key().as_str(), "response could not be stored; a retry may run the handler again");
+                });
+            }
+        }
+    }
+
+    async fn release(&mut self) {
+        self.armed = false;
+        release(&self.idem, &self.key, &self.claim).await;
+    }
+}
+
+async fn store_completion(
+    idem: &Idempotency,
+    key: &ScopedKey,
+    claim: &Bytes,
+    ttl: Duration,
+    record: Bytes,
+) -> Result<bool, StoreError> {
+    let config = &idem.config;
+    timeout(
+        config.store_timeout,
+        config.store.complete(key.as_str(), claim, record, ttl),
+    )
+    .await
+    .unwrap_or(Err(StoreError::Timeout(config.store_timeout)))
+}
+
+async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes) {
+    let config = &idem.config;
+    match timeout(
+        config.store_timeout,
+        config.store.release(key.as_str(), claim),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(target: "idem", key = key.key().as_str(), %error, "releasing the key failed; it frees itself when the lease ends");
+        }
+        Err(_) => {
+            tracing::warn!(target: "idem", key = key.key().as_str(), "releasing the key timed out; it frees itself when the lease ends");
+        }
+    }
+}
+
+impl Drop for Execution {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let idem = self.idem.clone();
+            let key = self.key.clone();
+            let claim = self.claim.clone();
+            runtime.spawn(async move { release(&idem, &key, &claim).await });
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The extractors handlers use: [`Idempotent`] (what `#[idempotent]` generates) and
+//! [`ScopedKey`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum::response::{IntoResponse, Response};
+use http::request::Parts;
+
+use crate::engine::{self, Begun, Execution};
+use crate::fingerprint::{BufferedBody, Fingerprint};
+use crate::idempotency::Idempotency;
+use crate::key::IdempotencyKey;
+use crate::problem::Problem;
+use crate::scope::Scope;
+
+/// Default time a completed response is kept: 24 hours.
+pub const DEFAULT_TTL_SECS: u64 = 24 * 60 * 60;
+
+/// Makes one handler idempotent; this is what `#[idempotent]` writes for you.
+///
+/// Put it first among the handler's arguments, so that a replay or a refusal is answered
+/// before any other extractor runs, and pass the handler's work to [`run`](Self::run).
+/// `TTL_SECS` is how long the response is kept (default 24 h); with `REQUIRED`, a request
+/// without a key gets `400` instead of running unprotected.
+///
+/// The router must carry [`Idempotency::layer`]; without it this extractor answers `500`
+/// with a problem naming the fix.
+///
+/// ```
+/// use axum::{Json, Router, http::StatusCode, response::Response, routing::post};
+/// use idem_runtime::{Idempotency, Idempotent};
+///
+/// // Keeps responses for one hour; a request without a key is refused with 400.
+/// async fn create_order(idem: Idempotent<3600, true>, Json(order): Json<serde_json::Value>) -> Response {
+///     idem.run(async move { (StatusCode::CREATED, Json(order)) }).await
+/// }
+///
+/// let idem = Idempotency::in_memory();
+/// let app: Router = Router::new().route("/orders", post(create_order)).layer(idem.layer());
+/// ```
+pub struct Idempotent<const TTL_SECS: u64 = DEFAULT_TTL_SECS, const REQUIRED: bool = false> {
+    execution: Option<Execution>,
+    key: Option<ScopedKey>,
+}
+
+impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
+    const TTL: Duration = {
+        assert!(
+            TTL_SECS > 0,
+            "Idempotent<TTL_SECS>: the ttl must be at least one second"
+        );
+        Duration::from_secs(TTL_SECS)
+    };
+
+    /// Runs the handler's work and answers with its response, stored for replay.
+    ///
+    /// The work runs in a task of its own: if the client disconnects, it still runs to
+    /// the end and its response is stored, so the retry gets the replay. While it runs its
+    /// lease is renewed. A `5xx` response or a panic releases the key (the panic is then
+    /// resumed), so a retry runs again.
+    pub async fn run<F, R>(self, work: F) -> Response
+    where
+        F: Future<Output = R> + Send + 'static,
+        R: IntoResponse + 'static,
+    {
+        match self.execution {
+            Some(execution) => execution.run(work).await,
+            None => work.await.into_response(),
+        }
+    }
+
+    /// The key this request runs under, if it carried one.
+    pub fn key(&self) -> Option<&ScopedKey> {
+        self.key.as_ref()
+    }
+
+    /// Whether the request is protected (it carried a valid key and the store answered).
+    pub fn is_protected(&self) -> bool {
+        self.execution.is_some()
+    }
+
+    fn unprotected(key: Option<ScopedKey>) -> Self {
+        Self {
+            execution: None,
+            key,
+        }
+    }
+}
+
+impl<const TTL_SECS: u64, const REQUIRED: bool> fmt::Debug for Idempotent<TTL_SECS, REQUIRED> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotent")
+            .field("ttl_secs", &TTL_SECS)
+            .field("required", &REQUIRED)
+            .field("key", &self.key)
+            .field("protected", &self.execution.is_some())
+            .finish()
+    }
+}
+
+impl<S, const TTL_SECS: u64, const REQUIRED: bool> FromRequestParts<S>
+    for Idempotent<TTL_SECS, REQUIRED>
+where
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
+        let ttl = Self::TTL;
+        let Some(idem) = parts.extensions.get::<Idempotency>().cloned() else {
+            tracing::error!(
+                target: "idem",
+                path = parts.uri.path(),
+                "#[idempotent] handler served without the idempotency layer: add `.layer(idem.layer())` to the Router"
+            );
+            return Err(Problem::layer_missing().into_response());
+        };
+        let key = match IdempotencyKey::from_headers(&parts.headers) {
+            Ok(Some(key)) => key,
+            Ok(None) if REQUIRED => return Err(Problem::key_missing().into_response()),
+            Ok(None) => return Ok(Self::unprotected(None)),
+            Err(error) => return Err(Problem::key_invalid(&error).into_response()),
+        };
+        let config = &idem.config;
+        let fingerprint = match parts.extensions.get::<BufferedBody>() {
+            Some(BufferedBody::Complete(body)) => {
+                let path = parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
+                Fingerprint::of(&config.fingerprint, &parts.method, path, body)
+            }
+            Some(BufferedBody::TooLarge) => {
+                return Err(Problem::body_too_large(config.max_request_bytes).into_response());
+            }
+            Some(BufferedBody::Failed) | None => {
+                return Err(Problem::body_unreadable().into_response());
+            }
+        };
+        let key = ScopedKey::new(config.scope.scope_of(parts), key);
+        parts.extensions.insert(key.clone());
+        match engine::begin(&idem, key.clone(), fingerprint, ttl).await {
+            Begun::Execute(execution) => Ok(Self {
+                execution: Some(execution),
+                key: Some(key),
+            }),
+            Begun::Respond(response) => Err(response),
+            Begun::Unprotected => Ok(Self::unprotected(Some(key))),
+        }
+    }
+}
+
+/// The idempotency key of a request together with its scope: the stable identity of
+/// "this client's attempt", e.g. for a UNIQUE column that guards a table a second time.
+///
+/// Extract it after [`Idempotent`] (or in an `#[idempotent]` handler): as `ScopedKey` it
+/// answers `400` when the request has no key; as `Option<ScopedKey>` it is `None` then.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ScopedKey(Arc<ScopedKeyInner>);
+
+#[derive(PartialEq, Eq, Hash)]
+struct ScopedKeyInner {
+    scope: Scope,
+    key: IdempotencyKey,
+    joined: String,
+}
+
+impl ScopedKey {
+    /// `key` within `scope`.
+    pub fn new(scope: Scope, key: IdempotencyKey) -> Self {
+        let mut joined = scope.to_hex();
+        joined.push(':');
+        joined.push_str(key.as_str());
+        Self(Arc::new(ScopedKeyInner { scope, key, joined }))
+    }
+
+    /// `scope-hex:key`: the name under which the store keeps the record. Unambiguous, as
+    /// the scope part has a fixed length.
+    pub fn as_str(&self) -> &str {
+        &self.0.joined
+    }
+
+    /// The scope.
+    pub fn scope(&self) -> Scope {
+        self.0.scope
+    }
+
+    /// The key as the client sent it.
+    pub fn key(&self) -> &IdempotencyKey {
+        &self.0.key
+    }
+}
+
+impl fmt::Debug for ScopedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ScopedKey").field(&self.0.joined).finish()
+    }
+}
+
+impl fmt::Display for ScopedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.joined)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ScopedKey {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
+        parts
+            .extensions
+            .get::<ScopedKey>()
+            .cloned()
+            .ok_or_else(|| Problem::key_missing().into_response())
+    }
+}
+
+impl<S: Send + Sync> OptionalFromRequestParts<S> for ScopedKey {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<ScopedKey>().cloned())
+    }
+}

@@ -1,0 +1,354 @@
+//! The [`Idempotency`] handle and its [`Builder`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+use http::request::Parts;
+
+use crate::fingerprint::FingerprintMode;
+use crate::layer::IdempotencyLayer;
+use crate::scope::{Scope, ScopeRule};
+use crate::store::{MemoryStore, RedisStore, Store};
+
+/// Default lease: how long an execution holds its key without renewing it.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Default limit on request bodies of idempotent requests.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Default limit on stored response bodies.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// Default time allowed for one store step.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A cheap-to-clone handle to idem's configuration and store.
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use idem_runtime::{Idempotency, idempotent};
+///
+/// #[idempotent(ttl = "24h")]
+/// async fn create_order(body: String) -> String {
+///     format!("order for {body}")
+/// }
+///
+/// let idem = Idempotency::in_memory();
+/// let app: Router = Router::new()
+///     .route("/orders", post(create_order))
+///     .layer(idem.layer());
+/// ```
+#[derive(Clone)]
+pub struct Idempotency {
+    pub(crate) config: Arc<Config>,
+}
+
+pub(crate) struct Config {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) scope: ScopeRule,
+    pub(crate) lease: Duration,
+    pub(crate) max_request_bytes: usize,
+    pub(crate) max_response_bytes: usize,
+    pub(crate) fingerprint: FingerprintMode,
+    pub(crate) store_server_errors: bool,
+    pub(crate) headers: HeaderPolicy,
+    pub(crate) fail_open: bool,
+    pub(crate) retry_after: Duration,
+    pub(crate) wait_for_in_flight: Option<Duration>,
+    pub(crate) store_timeout: Duration,
+}
+
+impl Idempotency {
+    /// A handle on a fresh [`MemoryStore`] with default settings: the embedded default,
+    /// for one instance and for tests.
+    pub fn in_memory() -> Self {
+        Self::builder().build()
+    }
+
+    /// A handle on one Redis or Valkey server (7.0 or newer) with default settings.
+    ///
+    /// `url` is `redis://[user:password@]host:port[/db]`.
+    pub async fn redis(url: &str) -> Result<Self, crate::Error> {
+        Ok(Self::builder()
+            .store(RedisStore::connect(url).await?)
+            .build())
+    }
+
+    /// Starts configuring a handle.
+    pub fn builder() -> Builder {
+        Builder {
+            store: None,
+            scope: ScopeRule::Authorization,
+            lease: DEFAULT_LEASE,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            fingerprint: FingerprintMode::Exact,
+            store_server_errors: false,
+            headers: HeaderPolicy::default(),
+            fail_open: false,
+            retry_after: Duration::from_secs(1),
+            wait_for_in_flight: None,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+        }
+    }
+
+    /// The tower layer that makes this handle available to `#[idempotent]` handlers.
+    /// Add it to the `Router` that serves them: `.layer(idem.layer())`.
+    pub fn layer(&self) -> IdempotencyLayer {
+        IdempotencyLayer::new(self.clone())
+    }
+
+    /// The store behind this handle.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.config.store
+    }
+
+    /// The scope a request belongs to under this handle's scope rule.
+    pub fn scope_of(&self, parts: &Parts) -> Scope {
+        self.config.scope.scope_of(parts)
+    }
+
+    /// The configured lease.
+    pub fn lease(&self) -> Duration {
+        self.config.lease
+    }
+}
+
+impl fmt::Debug for Idempotency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("Idempotency")
+            .field("scope", &c.scope)
+            .field("lease", &c.lease)
+            .field("max_request_bytes", &c.max_request_bytes)
+            .field("max_response_bytes", &c.max_response_bytes)
+            .field("fingerprint", &c.fingerprint)
+            .field("store_server_errors", &c.store_server_errors)
+            .field("fail_open", &c.fail_open)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures an [`Idempotency`] handle; every setting has a sensible default.
+#[must_use]
+pub struct Builder {
+    store: Option<Arc<dyn Store>>,
+    scope: ScopeRule,
+    lease: Duration,
+    max_request_bytes: usize,
+    max_response_bytes: usize,
+    fingerprint: FingerprintMode,
+    store_server_errors: bool,
+    headers: HeaderPolicy,
+    fail_open: bool,
+    retry_after: Duration,
+    wait_for_in_flight: Option<Duration>,
+    store_timeout: Duration,
+}
+
+impl Builder {
+    /// The store (default: a [`MemoryStore`] with its default bounds).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// A store already behind an `Arc`, to share it between handles.
+    pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Scopes keys by a value derived from the request (tenant, API key, user id) instead
+    /// of the default, a hash of the `Authorization` header. Only a digest of the value is
+    /// stored.
+    ///
+    /// ```
+    /// use idem_runtime::Idempotency;
+    ///
+    /// let idem = Idempotency::builder()
+    ///     .scope(|parts| {
+    ///         parts.headers.get("x-tenant-id").map(|v| v.as_bytes().to_vec()).unwrap_or_default()
+    ///     })
+    ///     .build();
+    /// # drop(idem);
+    /// ```
+    pub fn scope<F, T>(mut self, rule: F) -> Self
+    where
+        F: Fn(&Parts) -> T + Send + Sync + 'static,
+        T: AsRef<[u8]>,
+    {
+        self.scope = ScopeRule::Custom(Arc::new(move |parts| Scope::of(rule(parts))));
+        self
+    }
+
+    /// How long an execution holds its key between renewals (default 30 s, at least
+    /// 100 ms). The lease is renewed every third of it while the handler runs, so a slow
+    /// handler never loses its key; after a crash the key is free again within one lease.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Largest request body accepted on a request with a key (default 1 MiB); larger
+    /// ones get `413` and nothing runs.
+    pub fn max_request_bytes(mut self, limit: usize) -> Self {
+        self.max_request_bytes = limit;
+        self
+    }
+
+    /// Largest response body stored for replay (default 1 MiB). A larger response is
+    /// still sent to the client, and the key remembers that the request ran: a retry
+    /// gets a `409` problem saying the response was not stored, never a second execution.
+    pub fn max_response_bytes(mut self, limit: usize) -> Self {
+        self.max_response_bytes = limit;
+        self
+    }
+
+    /// Which parts of the body count towards the request fingerprint (default: every byte).
+    pub fn fingerprint(mut self, mode: FingerprintMode) -> Self {
+        self.fingerprint = mode;
+        self
+    }
+
+    /// Whether `5xx` responses are stored and replayed like others (default `false`: a
+    /// `5xx` or a panic releases the key so that a retry runs again).
+    pub fn store_server_errors(mut self, store: bool) -> Self {
+        self.store_server_errors = store;
+        self
+    }
+
+    /// Which response headers are stored and replayed (default: all but hop-by-hop
+    /// headers, `Date` and `Set-Cookie`).
+    pub fn replay_headers(mut self, policy: HeaderPolicy) -> Self {
+        self.headers = policy;
+        self
+    }
+
+    /// When the store fails: `false` (the default) answers `503` and runs nothing; `true`
+    /// runs the handler unprotected and logs a warning.
+    pub fn fail_open(mut self, fail_open: bool) -> Self {
+        self.fail_open = fail_open;
+        self
+    }
+
+    /// The `Retry-After` sent with `409` and `503` (default 1 s, rounded up to seconds).
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = after;
+        self
+    }
+
+    /// Instead of answering `409` at once, waits up to `max` for a request in flight with
+    /// the same key to finish, and replays its response (default: off).
+    pub fn wait_for_in_flight(mut self, max: Duration) -> Self {
+        self.wait_for_in_flight = Some(max);
+        self
+    }
+
+    /// Time allowed for one store step before it counts as a failure (default 2 s).
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout;
+        self
+    }
+
+    /// Builds the handle.
+    pub fn build(self) -> Idempotency {
+        Idempotency {
+            config: Arc::new(Config {
+                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                scope: self.scope,
+                lease: self.lease,
+                max_request_bytes: self.max_request_bytes,
+                max_response_bytes: self.max_response_bytes,
+                fingerprint: self.fingerprint,
+                store_server_errors: self.store_server_errors,
+                headers: self.headers,
+                fail_open: self.fail_open,
+                retry_after: self.retry_after,
+                wait_for_in_flight: self.wait_for_in_flight,
+                store_timeout: self.store_timeout,
+            }),
+        }
+    }
+}
+
+impl Config {
+    pub(crate) fn retry_after_secs(&self) -> u64 {
+        let secs = self.retry_after.as_secs();
+        if self.retry_after.subsec_nanos() > 0 {
+            secs + 1
+        } else {
+            secs.max(1)
+        }
+    }
+}
+
+/// Which response headers are stored and replayed.
+///
+/// The default leaves out hop-by-hop headers (`Connection`, `Keep-Alive`,
+/// `Proxy-Authenticate`, `Proxy-Authorization`, `TE`, `Trailer`, `Transfer-Encoding`,
+/// `Upgrade`), `Date` and `Set-Cookie`.
+///
+/// ```
+/// use idem_runtime::HeaderPolicy;
+///
+/// let policy = HeaderPolicy::default().exclude("x-request-id").include("set-cookie");
+/// assert!(!policy.keeps(&"x-request-id".parse().unwrap()));
+/// assert!(policy.keeps(&"set-cookie".parse().unwrap()));
+/// ```
+#[derive(Debug, Clone)]
+pub struct HeaderPolicy {
+    excluded: Vec<HeaderName>,
+}
+
+impl Default for HeaderPolicy {
+    fn default() -> Self {
+        use http::header;
+        Self {
+            excluded: vec![
+                header::CONNECTION,
+                HeaderName::from_static("keep-alive"),
+                header::PROXY_AUTHENTICATE,
+                header::PROXY_AUTHORIZATION,
+                header::TE,
+                header::TRAILER,
+                header::TRANSFER_ENCODING,
+                header::UPGRADE,
+                HeaderName::from_static("proxy-connection"),
+                header::DATE,
+                header::SET_COOKIE,
+            ],
+        }
+    }
+}
+
+impl HeaderPolicy {
+    /// A policy that stores every header.
+    pub fn all() -> Self {
+        Self {
+            excluded: Vec::new(),
+        }
+    }
+
+    /// Leaves `name` out of stored responses (an invalid header name is ignored).
+    pub fn exclude(mut self, name: &str) -> Self {
+        if let Ok(name) = HeaderName::from_bytes(name.as_bytes())
+            && !self.excluded.contains(&name)
+        {
+            self.excluded.push(name);
+        }
+        self
+    }
+
+    /// Stores `name` even if the default leaves it out.
+    pub fn include(mut self, name: &str) -> Self {
+        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+            self.excluded.retain(|excluded| *excluded != name);
+        }
+        self
+    }
+
+    /// Whether a header of this name is stored.
+    pub fn keeps(&self, name: &HeaderName) -> bool {
+        !self.excluded.contains(name)
+    }
+}

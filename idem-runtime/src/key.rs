@@ -1,0 +1,283 @@
+//! Parsing the `Idempotency-Key` request header.
+
+use std::fmt;
+
+use http::HeaderMap;
+use http::header::HeaderName;
+
+/// The request header that carries the idempotency key.
+pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// The longest key accepted, in characters.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// A validated idempotency key, as the client sent it (without Structured Field quotes).
+///
+/// Accepted forms of the header value:
+/// - a Structured Field string, as the IETF draft specifies: `"8e03978e-40d5-43e8-bc93-6894a57f9324"`;
+///   inside the quotes `\"` and `\\` are the only escapes, and spaces are allowed;
+/// - leniently, a bare token of visible ASCII: `8e03978e-40d5-43e8-bc93-6894a57f9324`.
+///
+/// ```
+/// use idem_runtime::IdempotencyKey;
+///
+/// let quoted = IdempotencyKey::parse(br#""order 42""#).unwrap();
+/// assert_eq!(quoted.as_str(), "order 42");
+/// let bare = IdempotencyKey::parse(b"8e03978e").unwrap();
+/// assert_eq!(bare.as_str(), "8e03978e");
+/// assert!(IdempotencyKey::parse(b"").is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+/// Why an `Idempotency-Key` header was refused. Each answers `400 Bad Request`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The key is empty (or only quotes or white space).
+    #[error("the Idempotency-Key is empty; send a unique value such as a UUID")]
+    Empty,
+    /// The key is longer than [`MAX_KEY_LEN`].
+    #[error("the Idempotency-Key is {len} characters long; at most {MAX_KEY_LEN} are accepted")]
+    TooLong {
+        /// The length of the key that was sent.
+        len: usize,
+    },
+    /// The key holds a byte outside visible ASCII (or a space outside quotes).
+    #[error(
+        "the Idempotency-Key holds byte 0x{byte:02x} at position {position}; only visible ASCII is accepted (spaces only inside a quoted key)"
+    )]
+    InvalidCharacter {
+        /// The offending byte.
+        byte: u8,
+        /// Its zero-based position in the header value.
+        position: usize,
+    },
+    /// The key starts with a quote but is not a well-formed Structured Field string.
+    #[error(
+        "the Idempotency-Key is not a well-formed quoted string ({reason}); send \"key\" with only \\\" and \\\\ escaped, or a bare key without quotes"
+    )]
+    MalformedQuotedString {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// More than one `Idempotency-Key` field was sent.
+    #[error("the request carries {count} Idempotency-Key fields; send exactly one")]
+    Repeated {
+        /// How many fields were sent.
+        count: usize,
+    },
+}
+
+impl IdempotencyKey {
+    /// Parses one header value.
+    pub fn parse(value: &[u8]) -> Result<Self, KeyError> {
+        let value = trim_ows(value);
+        let key = match value.first() {
+            Some(b'"') => parse_quoted(value)?,
+            _ => parse_bare(value)?,
+        };
+        if key.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if key.len() > MAX_KEY_LEN {
+            return Err(KeyError::TooLong { len: key.len() });
+        }
+        Ok(Self(key))
+    }
+
+    /// Reads the key from request headers: `Ok(None)` when there is none.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, KeyError> {
+        let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
+        let Some(first) = values.next() else {
+            return Ok(None);
+        };
+        let extra = values.count();
+        if extra > 0 {
+            return Err(KeyError::Repeated { count: extra + 1 });
+        }
+        Self::parse(first.as_bytes()).map(Some)
+    }
+
+    /// The key, without quotes or escapes.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The key in the draft's Structured Field form, quoted and escaped.
+    pub fn to_header_value(&self) -> String {
+        let mut out = String::with_capacity(self.0.len() + 2);
+        out.push('"');
+        for c in self.0.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+        out
+    }
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("IdempotencyKey").field(&self.0).finish()
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn trim_ows(mut value: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = value {
+        value = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = value {
+        value = rest;
+    }
+    value
+}
+
+fn parse_bare(value: &[u8]) -> Result<String, KeyError> {
+    if let Some(position) = value.iter().position(|b| !b.is_ascii_graphic()) {
+        return Err(KeyError::InvalidCharacter {
+            byte: value[position],
+            position,
+        });
+    }
+    // Every byte is visible ASCII, so this is valid UTF-8.
+    Ok(value.iter().map(|&b| char::from(b)).collect())
+}
+
+fn parse_quoted(value: &[u8]) -> Result<String, KeyError> {
+    let mut out = String::with_capacity(value.len());
+    let mut bytes = value.iter().enumerate().skip(1);
+    while let Some((position, &byte)) = bytes.next() {
+        match byte {
+            b'"' => {
+                if position + 1 != value.len() {
+                    return Err(KeyError::MalformedQuotedString {
+                        reason: "text after the closing quote",
+                    });
+                }
+                return Ok(out);
+            }
+            b'\\' => match bytes.next() {
+                Some((_, &escaped @ (b'"' | b'\\'))) => out.push(char::from(escaped)),
+                Some(_) => {
+                    return Err(KeyError::MalformedQuotedString {
+                        reason: "only \\\" and \\\\ may be escaped",
+                    });
+                }
+                None => {
+                    return Err(KeyError::MalformedQuotedString {
+                        reason: "no closing quote",
+                    });
+                }
+            },
+            b' '..=b'~' => out.push(char::from(byte)),
+            _ => return Err(KeyError::InvalidCharacter { byte, position }),
+        }
+    }
+    Err(KeyError::MalformedQuotedString {
+        reason: "no closing quote",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn accepts_quoted_and_bare_keys() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"\"abc\"", "abc"),
+            (b"abc", "abc"),
+            (b"  \"a b\"\t", "a b"),
+            (br#""a\"b\\c""#, "a\"b\\c"),
+            (b"{x}:*?", "{x}:*?"),
+        ];
+        for (raw, want) in cases {
+            let key = IdempotencyKey::parse(raw).expect("valid key");
+            assert_eq!(key.as_str(), *want);
+        }
+    }
+
+    #[test]
+    fn rejects_each_bad_form_with_its_reason() {
+        assert_eq!(IdempotencyKey::parse(b""), Err(KeyError::Empty));
+        assert_eq!(IdempotencyKey::parse(b"\"\""), Err(KeyError::Empty));
+        assert_eq!(
+            IdempotencyKey::parse(&[b'a'; 256]),
+            Err(KeyError::TooLong { len: 256 })
+        );
+        assert!(IdempotencyKey::parse(&[b'a'; 255]).is_ok());
+        assert_eq!(
+            IdempotencyKey::parse("ké".as_bytes()),
+            Err(KeyError::InvalidCharacter {
+                byte: 0xc3,
+                position: 1
+            })
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"a\x01b"),
+            Err(KeyError::InvalidCharacter {
+                byte: 1,
+                position: 1
+            })
+        );
+        assert!(matches!(
+            IdempotencyKey::parse(b"a b"),
+            Err(KeyError::InvalidCharacter { byte: b' ', .. })
+        ));
+        for broken in [&b"\"abc"[..], b"\"abc\"x", b"\"a\\nb\"", b"\"abc\\"] {
+            assert!(
+                matches!(
+                    IdempotencyKey::parse(broken),
+                    Err(KeyError::MalformedQuotedString { .. })
+                ),
+                "{:?}",
+                String::from_utf8_lossy(broken)
+            );
+        }
+    }
+
+    #[test]
+    fn two_fields_are_refused() {
+        let mut headers = HeaderMap::new();
+        headers.append(&IDEMPOTENCY_KEY, "a".parse().unwrap());
+        headers.append(&IDEMPOTENCY_KEY, "b".parse().unwrap());
+        assert_eq!(
+            IdempotencyKey::from_headers(&headers),
+            Err(KeyError::Repeated { count: 2 })
+        );
+        assert_eq!(IdempotencyKey::from_headers(&HeaderMap::new()), Ok(None));
+    }
+
+    proptest! {
+        #[test]
+        fn quoting_round_trips(key in "[ -~]{1,255}") {
+            let parsed = IdempotencyKey::parse(key.as_bytes());
+            let quoted = IdempotencyKey(key.clone()).to_header_value();
+            let reparsed = IdempotencyKey::parse(quoted.as_bytes()).expect("quoted form parses");
+            prop_assert_eq!(reparsed.as_str(), key.as_str());
+            if let Ok(bare) = parsed {
+                prop_assert!(!key.starts_with('"'));
+                prop_assert_eq!(bare.as_str(), key.trim_matches(|c| c == ' '));
+            }
+        }
+
+        #[test]
+        fn never_panics_and_accepts_only_valid_keys(raw in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(key) = IdempotencyKey::parse(&raw) {
+                prop_assert!(!key.as_str().is_empty());
+                prop_assert!(key.as_str().len() <= MAX_KEY_LEN);
+                prop_assert!(key.as_str().bytes().all(|b| (b' '..=b'~').contains(&b)));
+            }
+        }
+    }
+}

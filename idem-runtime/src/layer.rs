@@ -1,0 +1,89 @@
+//! The tower layer: hands the [`Idempotency`] handle to handlers and buffers the body of
+//! requests that carry a key, for the fingerprint.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::{Collected, collect_bounded};
+use crate::fingerprint::BufferedBody;
+use crate::idempotency::Idempotency;
+use crate::key::IDEMPOTENCY_KEY;
+use crate::store::BoxFuture;
+
+/// Makes an [`Idempotency`] handle available to the handlers it wraps; made by
+/// [`Idempotency::layer`].
+///
+/// Requests without an `Idempotency-Key` header pass through untouched. For those with
+/// one, the body is read up to the request limit (once; handlers still read it as usual)
+/// so that the request can be fingerprinted.
+#[derive(Debug, Clone)]
+pub struct IdempotencyLayer {
+    idem: Idempotency,
+}
+
+impl IdempotencyLayer {
+    pub(crate) fn new(idem: Idempotency) -> Self {
+        Self { idem }
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = IdempotencyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotencyService {
+            inner,
+            idem: self.idem.clone(),
+        }
+    }
+}
+
+/// The service made by [`IdempotencyLayer`].
+#[derive(Debug, Clone)]
+pub struct IdempotencyService<S> {
+    inner: S,
+    idem: Idempotency,
+}
+
+impl<S> Service<Request> for IdempotencyService<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        request.extensions_mut().insert(self.idem.clone());
+        if !request.headers().contains_key(&IDEMPOTENCY_KEY) {
+            return Box::pin(self.inner.call(request));
+        }
+        // The clone is not ready; the ready one is taken for this request (tower's rule).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let limit = self.idem.config.max_request_bytes;
+        Box::pin(async move {
+            let (mut parts, body) = request.into_parts();
+            let (buffered, body) = match collect_bounded(body, limit).await {
+                Collected::Complete(bytes) => {
+                    (BufferedBody::Complete(bytes.clone()), Body::from(bytes))
+                }
+                Collected::TooLarge { read, .. } => (BufferedBody::TooLarge, read.into_body()),
+                Collected::Failed => (BufferedBody::Failed, Body::empty()),
+            };
+            parts.extensions.insert(buffered);
+            inner.call(Request::from_parts(parts, body)).await
+        })
+    }
+}

@@ -1,0 +1,214 @@
+//! RFC 9457 problem details: every response idem itself produces.
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+use crate::key::KeyError;
+
+/// The media type of problem responses.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// A problem response (RFC 9457): `type`, `title`, `status` and a `detail` telling the
+/// client what to do, sent as `application/problem+json`.
+///
+/// Each kind of problem idem produces has a stable `type` URI (`urn:idem:problem:...`),
+/// listed as the constants of this type, so clients can branch on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    status: StatusCode,
+    kind: &'static str,
+    title: &'static str,
+    detail: String,
+    retry_after: Option<u64>,
+}
+
+impl Problem {
+    /// `type` of a request without a key on an endpoint that requires one (400).
+    pub const KEY_MISSING: &'static str = "urn:idem:problem:key-missing";
+    /// `type` of a malformed, too long or repeated key (400).
+    pub const KEY_INVALID: &'static str = "urn:idem:problem:key-invalid";
+    /// `type` of a request body over the limit (413).
+    pub const BODY_TOO_LARGE: &'static str = "urn:idem:problem:body-too-large";
+    /// `type` of a request body that could not be read (400).
+    pub const BODY_UNREADABLE: &'static str = "urn:idem:problem:body-unreadable";
+    /// `type` of a key reused with a different request (422).
+    pub const KEY_REUSED: &'static str = "urn:idem:problem:key-reused";
+    /// `type` of a key whose first request is still running (409, with `Retry-After`).
+    pub const IN_FLIGHT: &'static str = "urn:idem:problem:in-flight";
+    /// `type` of a key whose request completed with a response too large to store (409).
+    pub const RESPONSE_NOT_STORED: &'static str = "urn:idem:problem:response-not-stored";
+    /// `type` of a store that failed or could not be reached (503, with `Retry-After`).
+    pub const STORE_UNAVAILABLE: &'static str = "urn:idem:problem:store-unavailable";
+    /// `type` of a handler served without `idem.layer()` (500).
+    pub const LAYER_MISSING: &'static str = "urn:idem:problem:layer-missing";
+
+    pub(crate) fn key_missing() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            Self::KEY_MISSING,
+            "Idempotency-Key required",
+            "This endpoint requires an Idempotency-Key header. Send a unique value (such as a UUID) and reuse it when you retry the same request.".into(),
+        )
+    }
+
+    pub(crate) fn key_invalid(error: &KeyError) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            Self::KEY_INVALID,
+            "Invalid Idempotency-Key",
+            format!("{error}."),
+        )
+    }
+
+    pub(crate) fn body_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BODY_TOO_LARGE,
+            "Request body too large",
+            format!(
+                "The request body is larger than the {limit} bytes accepted for idempotent requests. Nothing was executed."
+            ),
+        )
+    }
+
+    pub(crate) fn body_unreadable() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            Self::BODY_UNREADABLE,
+            "Request body unreadable",
+            "The request body could not be read to the end. Nothing was executed; send the request again.".into(),
+        )
+    }
+
+    pub(crate) fn key_reused() -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Self::KEY_REUSED,
+            "Idempotency-Key reused",
+            "This Idempotency-Key was already used with a different request (method, path or body). Use a new key for a new request; nothing was executed.".into(),
+        )
+    }
+
+    pub(crate) fn in_flight(retry_after: u64) -> Self {
+        let mut problem = Self::new(
+            StatusCode::CONFLICT,
+            Self::IN_FLIGHT,
+            "Request in progress",
+            format!(
+                "A request with this Idempotency-Key is still being processed. Retry with the same key after {retry_after} second(s) to receive its response."
+            ),
+        );
+        problem.retry_after = Some(retry_after);
+        problem
+    }
+
+    pub(crate) fn response_not_stored(status: StatusCode, body_len: u64) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            Self::RESPONSE_NOT_STORED,
+            "Response not stored",
+            format!(
+                "A request with this Idempotency-Key was already executed and answered {}, but its response body ({body_len} bytes or more) was too large to store for replay. It will not be executed again; look up its result instead of retrying.",
+                status.as_u16()
+            ),
+        )
+    }
+
+    pub(crate) fn store_unavailable(retry_after: u64) -> Self {
+        let mut problem = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Self::STORE_UNAVAILABLE,
+            "Idempotency store unavailable",
+            format!(
+                "The idempotency store could not be reached, so the request was not executed. Retry with the same key after {retry_after} second(s)."
+            ),
+        );
+        problem.retry_after = Some(retry_after);
+        problem
+    }
+
+    pub(crate) fn layer_missing() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Self::LAYER_MISSING,
+            "Idempotency layer missing",
+            "This handler is #[idempotent] but the router has no idempotency layer: add `.layer(idem.layer())` to the Router that serves it.".into(),
+        )
+    }
+
+    fn new(status: StatusCode, kind: &'static str, title: &'static str, detail: String) -> Self {
+        Self {
+            status,
+            kind,
+            title,
+            detail,
+            retry_after: None,
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The `type` URI, one of the constants of [`Problem`].
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// The human-readable explanation.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    fn to_json(&self) -> String {
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            title: &'a str,
+            status: u16,
+            detail: &'a str,
+        }
+        serde_json::to_string(&Body {
+            kind: self.kind,
+            title: self.title,
+            status: self.status.as_u16(),
+            detail: &self.detail,
+        })
+        .unwrap_or_default()
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut response = Response::new(Body::from(self.to_json()));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_body_has_the_rfc_9457_members() {
+        let problem = Problem::in_flight(2);
+        let response = problem.clone().into_response();
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let json: serde_json::Value = serde_json::from_str(&problem.to_json()).unwrap();
+        assert_eq!(json["type"], Problem::IN_FLIGHT);
+        assert_eq!(json["status"], 409);
+        assert_eq!(json["title"], "Request in progress");
+        assert!(json["detail"].as_str().unwrap().contains("Retry"));
+    }
+}

@@ -1,0 +1,428 @@
+//! The record stored under each key, and its versioned binary encoding.
+//!
+//! Layout (all integers big-endian):
+//!
+//! ```text
+//! "idem" | version: u8 | kind: u8 | fingerprint: [u8; 32] | kind-specific part
+//! kind 1, in progress: fencing token [u8; 16]
+//! kind 2, completed:   status u16 | header count u16 | (name_len u16, name, value_len u32, value)*
+//!                      | body_len u64 | body
+//! kind 3, unstorable:  status u16 | body length u64
+//! ```
+//!
+//! An in-progress record is compared byte for byte by the stores' compare-and-set steps,
+//! so its encoding is the claim itself: whoever holds those exact bytes holds the lease.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use crate::fingerprint::Fingerprint;
+
+const MAGIC: &[u8; 4] = b"idem";
+const VERSION: u8 = 1;
+const HEADER_LEN: usize = 4 + 1 + 1 + 32;
+
+const KIND_IN_PROGRESS: u8 = 1;
+const KIND_COMPLETED: u8 = 2;
+const KIND_UNSTORABLE: u8 = 3;
+
+/// A fencing token: unique to one execution of one key.
+///
+/// Completing or releasing a key succeeds only while the stored record still carries the
+/// token of the executor, so a stale executor whose lease ran out can never overwrite the
+/// record of the one that took over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FencingToken(pub(crate) [u8; 16]);
+
+impl FencingToken {
+    /// A token never handed out before by this process, and unpredictable across processes.
+    pub fn generate() -> Self {
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEED: OnceLock<[u8; 8]> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let seed = SEED.get_or_init(|| {
+            let mut seed = [0; 8];
+            if getrandom::fill(&mut seed).is_err() {
+                // No OS randomness: fall back to the clock and process id, still distinct per process.
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                seed = (nanos ^ u64::from(std::process::id()).rotate_left(32)).to_be_bytes();
+            }
+            seed
+        });
+        let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut token = [0; 16];
+        token[..8].copy_from_slice(seed);
+        token[8..].copy_from_slice(&count.to_be_bytes());
+        Self(token)
+    }
+}
+
+/// What a store holds under one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// A request is executing under the key.
+    InProgress {
+        /// Fingerprint of the executing request.
+        fingerprint: Fingerprint,
+        /// Token of the executor that holds the lease.
+        token: FencingToken,
+    },
+    /// The request completed and its response is stored for replay.
+    Completed(StoredResponse),
+    /// The request completed, but its response was too large to store.
+    Unstorable {
+        /// Fingerprint of the request that completed.
+        fingerprint: Fingerprint,
+        /// The status it answered with.
+        status: StatusCode,
+        /// The size of the body that did not fit, in bytes (at least this many).
+        body_len: u64,
+    },
+}
+
+/// A completed response, as stored and replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// Fingerprint of the request that produced it.
+    pub fingerprint: Fingerprint,
+    /// Response status.
+    pub status: StatusCode,
+    /// Response headers kept by the header policy, in order.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Response body.
+    pub body: Bytes,
+}
+
+/// Why bytes under an idem key could not be read as a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The value does not start with idem's marker: something else wrote to this key.
+    #[error("the stored value is not an idem record (foreign data under an idem key)")]
+    Foreign,
+    /// The record was written by a different version of idem.
+    #[error("the stored record has format version {0}, this idem reads version {VERSION}")]
+    UnsupportedVersion(u8),
+    /// The record kind is unknown.
+    #[error("the stored record has unknown kind {0}")]
+    UnknownKind(u8),
+    /// The record ends early or has trailing bytes.
+    #[error("the stored record is truncated or malformed")]
+    Malformed,
+}
+
+impl Record {
+    /// The fingerprint of the request this record belongs to.
+    pub fn fingerprint(&self) -> &Fingerprint {
+        match self {
+            Self::InProgress { fingerprint, .. } | Self::Unstorable { fingerprint, .. } => {
+                fingerprint
+            }
+            Self::Completed(response) => &response.fingerprint,
+        }
+    }
+
+    /// Encodes the record.
+    pub fn encode(&self) -> Bytes {
+        match self {
+            Self::InProgress { fingerprint, token } => {
+                let mut out = start(KIND_IN_PROGRESS, fingerprint, 16);
+                out.put_slice(&token.0);
+                out.freeze()
+            }
+            Self::Completed(response) => {
+                let headers: Vec<_> = response.headers.iter().map(|(n, v)| (n, v)).collect();
+                encode_completed(
+                    &response.fingerprint,
+                    response.status,
+                    &headers,
+                    &response.body,
+                )
+            }
+            Self::Unstorable {
+                fingerprint,
+                status,
+                body_len,
+            } => {
+                let mut out = start(KIND_UNSTORABLE, fingerprint, 10);
+                out.put_u16(status.as_u16());
+                out.put_u64(*body_len);
+                out.freeze()
+            }
+        }
+    }
+
+    /// Decodes a record; the body of a completed record shares `bytes`' memory.
+    pub fn decode(bytes: &Bytes) -> Result<Self, RecordError> {
+        if bytes.len() < 6 || &bytes[..4] != MAGIC {
+            return Err(RecordError::Foreign);
+        }
+        if bytes[4] != VERSION {
+            return Err(RecordError::UnsupportedVersion(bytes[4]));
+        }
+        let kind = bytes[5];
+        if !(KIND_IN_PROGRESS..=KIND_UNSTORABLE).contains(&kind) {
+            return Err(RecordError::UnknownKind(kind));
+        }
+        let mut reader = Reader {
+            bytes,
+            at: HEADER_LEN,
+        };
+        if bytes.len() < HEADER_LEN {
+            return Err(RecordError::Malformed);
+        }
+        let mut fingerprint = [0; 32];
+        fingerprint.copy_from_slice(&bytes[6..HEADER_LEN]);
+        let fingerprint = Fingerprint(fingerprint);
+        let record = match kind {
+            KIND_IN_PROGRESS => {
+                let mut token = [0; 16];
+                token.copy_from_slice(reader.take(16)?);
+                reader.finish()?;
+                Self::InProgress {
+                    fingerprint,
+                    token: FencingToken(token),
+                }
+            }
+            KIND_COMPLETED => {
+                let status = reader.status()?;
+                let count = reader.u16()?;
+                let mut headers = Vec::with_capacity(usize::from(count));
+                for _ in 0..count {
+                    let name_len = usize::from(reader.u16()?);
+                    let name = HeaderName::from_bytes(reader.take(name_len)?)
+                        .map_err(|_| RecordError::Malformed)?;
+                    let value_len = reader.u32()? as usize;
+                    let value = HeaderValue::from_maybe_shared(
+                        bytes.slice(reader.at..reader.at + reader.check(value_len)?),
+                    )
+                    .map_err(|_| RecordError::Malformed)?;
+                    reader.at += value_len;
+                    headers.push((name, value));
+                }
+                let body_len =
+                    usize::try_from(reader.u64()?).map_err(|_| RecordError::Malformed)?;
+                let start = reader.at;
+                reader.take(body_len)?;
+                reader.finish()?;
+                Self::Completed(StoredResponse {
+                    fingerprint,
+                    status,
+                    headers,
+                    body: bytes.slice(start..start + body_len),
+                })
+            }
+            _ => {
+                let status = reader.status()?;
+                let body_len = reader.u64()?;
+                reader.finish()?;
+                Self::Unstorable {
+                    fingerprint,
+                    status,
+                    body_len,
+                }
+            }
+        };
+        Ok(record)
+    }
+}
+
+/// Encodes a completed record straight from response parts, without building a
+/// [`StoredResponse`] first.
+pub(crate) fn encode_completed(
+    fingerprint: &Fingerprint,
+    status: StatusCode,
+    headers: &[(&HeaderName, &HeaderValue)],
+    body: &[u8],
+) -> Bytes {
+    let headers = &headers[..headers.len().min(usize::from(u16::MAX))];
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(n, v)| 6 + n.as_str().len() + v.len())
+        .sum();
+    let mut out = start(KIND_COMPLETED, fingerprint, 12 + header_bytes + body.len());
+    out.put_u16(status.as_u16());
+    out.put_u16(headers.len() as u16);
+    for (name, value) in headers {
+        // Header names are short tokens and hyper bounds header sizes far below u32.
+        out.put_u16(name.as_str().len() as u16);
+        out.put_slice(name.as_str().as_bytes());
+        out.put_u32(value.len() as u32);
+        out.put_slice(value.as_bytes());
+    }
+    out.put_u64(body.len() as u64);
+    out.put_slice(body);
+    out.freeze()
+}
+
+fn start(kind: u8, fingerprint: &Fingerprint, rest: usize) -> BytesMut {
+    let mut out = BytesMut::with_capacity(HEADER_LEN + rest);
+    out.put_slice(MAGIC);
+    out.put_u8(VERSION);
+    out.put_u8(kind);
+    out.put_slice(&fingerprint.0);
+    out
+}
+
+struct Reader<'a> {
+    bytes: &'a Bytes,
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn check(&self, len: usize) -> Result<usize, RecordError> {
+        match self.at.checked_add(len) {
+            Some(end) if end <= self.bytes.len() => Ok(len),
+            _ => Err(RecordError::Malformed),
+        }
+    }
+
+    fn take(&mut self, len: usize) -> Result<&'a [u8], RecordError> {
+        self.check(len)?;
+        let bytes: &'a Bytes = self.bytes;
+        let out = &bytes[self.at..self.at + len];
+        self.at += len;
+        Ok(out)
+    }
+
+    fn u16(&mut self) -> Result<u16, RecordError> {
+        let raw = self.take(2)?;
+        Ok(u16::from_be_bytes([raw[0], raw[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, RecordError> {
+        let raw = self.take(4)?;
+        Ok(u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, RecordError> {
+        let raw = self.take(8)?;
+        let mut out = [0; 8];
+        out.copy_from_slice(raw);
+        Ok(u64::from_be_bytes(out))
+    }
+
+    fn status(&mut self) -> Result<StatusCode, RecordError> {
+        StatusCode::from_u16(self.u16()?).map_err(|_| RecordError::Malformed)
+    }
+
+    fn finish(&self) -> Result<(), RecordError> {
+        if self.at == self.bytes.len() {
+            Ok(())
+        } else {
+            Err(RecordError::Malformed)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fingerprint(seed: u8) -> Fingerprint {
+        Fingerprint([seed; 32])
+    }
+
+    #[test]
+    fn tokens_are_unique() {
+        let a = FencingToken::generate();
+        let b = FencingToken::generate();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn foreign_and_future_values_are_clear_errors() {
+        assert_eq!(
+            Record::decode(&Bytes::from_static(b"hello")),
+            Err(RecordError::Foreign)
+        );
+        assert_eq!(
+            Record::decode(&Bytes::from_static(b"{\"status\":200}")),
+            Err(RecordError::Foreign)
+        );
+        let mut future = Record::InProgress {
+            fingerprint: fingerprint(1),
+            token: FencingToken::generate(),
+        }
+        .encode()
+        .to_vec();
+        future[4] = 9;
+        assert_eq!(
+            Record::decode(&Bytes::from(future.clone())),
+            Err(RecordError::UnsupportedVersion(9))
+        );
+        future[4] = VERSION;
+        future[5] = 7;
+        assert_eq!(
+            Record::decode(&Bytes::from(future)),
+            Err(RecordError::UnknownKind(7))
+        );
+    }
+
+    fn header_strategy() -> impl Strategy<Value = (HeaderName, HeaderValue)> {
+        ("[a-z][a-z0-9-]{0,20}", "[ -~]{0,40}").prop_map(|(name, value)| {
+            (
+                HeaderName::from_bytes(name.as_bytes()).expect("valid name"),
+                HeaderValue::from_str(value.trim()).expect("valid value"),
+            )
+        })
+    }
+
+    fn record_strategy() -> impl Strategy<Value = Record> {
+        let fp = any::<[u8; 32]>().prop_map(Fingerprint);
+        prop_oneof![
+            (fp.clone(), any::<[u8; 16]>()).prop_map(|(fingerprint, token)| Record::InProgress {
+                fingerprint,
+                token: FencingToken(token)
+            }),
+            (
+                fp.clone(),
+                100u16..600,
+                proptest::collection::vec(header_strategy(), 0..8),
+                proptest::collection::vec(any::<u8>(), 0..512)
+            )
+                .prop_map(|(fingerprint, status, headers, body)| {
+                    Record::Completed(StoredResponse {
+                        fingerprint,
+                        status: StatusCode::from_u16(status).expect("valid status"),
+                        headers,
+                        body: Bytes::from(body),
+                    })
+                }),
+            (fp, 100u16..600, any::<u64>()).prop_map(|(fingerprint, status, body_len)| {
+                Record::Unstorable {
+                    fingerprint,
+                    status: StatusCode::from_u16(status).expect("valid status"),
+                    body_len,
+                }
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn records_round_trip(record in record_strategy()) {
+            let encoded = record.encode();
+            prop_assert_eq!(Record::decode(&encoded), Ok(record));
+        }
+
+        #[test]
+        fn truncations_never_panic_or_misread(record in record_strategy(), cut in any::<prop::sample::Index>()) {
+            let encoded = record.encode();
+            let cut = cut.index(encoded.len());
+            prop_assert!(Record::decode(&encoded.slice(..cut)).is_err());
+            let mut longer = encoded.to_vec();
+            longer.push(0);
+            prop_assert_eq!(Record::decode(&Bytes::from(longer)), Err(RecordError::Malformed));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Record::decode(&Bytes::from(raw));
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The embedded in-memory store.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::ops::compute::Op;
+use moka::sync::Cache;
+
+use super::{BoxFuture, Store, StoreError};
+
+/// Default bound on entries.
+pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
+/// Default bound on stored bytes (keys and records).
+pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
+/// An in-process store on a [moka] cache, bounded by entries and bytes, expiring by TTL.
+///
+/// Good for one instance and for tests. It is not shared between processes: behind a
+/// load balancer, use [`RedisStore`](super::RedisStore). When full, the cache evicts the
+/// least useful entries; an evicted key behaves like an unused one.
+#[derive(Clone)]
+pub struct MemoryStore {
+    cache: Cache<String, Entry>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    value: Bytes,
+    expires_at: Instant,
+}
+
+struct Lifetime;
+
+impl moka::Expiry<String, Entry> for Lifetime {
+    fn expire_after_create(&self, _: &String, entry: &Entry, now: Instant) -> Option<Duration> {
+        Some(entry.expires_at.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        entry: &Entry,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.expires_at.saturating_duration_since(now))
+    }
+}
+
+/// Bytes an entry costs beyond its key and value: the cache's own bookkeeping.
+const ENTRY_OVERHEAD: u64 = 160;
+
+impl MemoryStore {
+    /// A store bounded by [`DEFAULT_MAX_ENTRIES`] and [`DEFAULT_MAX_BYTES`].
+    pub fn new() -> Self {
+        Self::with_bounds(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES)
+    }
+
+    /// A store holding at most `max_entries` entries and `max_bytes` bytes (keys, records
+    /// and a fixed per-entry overhead), whichever bound is reached first.
+    pub fn with_bounds(max_entries: u64, max_bytes: u64) -> Self {
+        let max_entries = max_entries.max(1);
+        let max_bytes = max_bytes.max(ENTRY_OVERHEAD);
+        // Each entry weighs at least one "slot" of max_bytes / max_entries, so the total
+        // weight bound keeps both the entry count and the byte count in bounds.
+        let slot = (max_bytes / max_entries).max(1);
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(move |key: &String, entry: &Entry| {
+                let bytes = key.len() as u64 + entry.value.len() as u64 + ENTRY_OVERHEAD;
+                u32::try_from(bytes.max(slot)).unwrap_or(u32::MAX)
+            })
+            .expire_after(Lifetime)
+            .build();
+        Self { cache }
+    }
+
+    /// Entries currently held (approximate while evictions are pending).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// The total weight held: bytes of keys, records and per-entry overhead, or the
+    /// per-entry minimum where that is larger (approximate while evictions are pending).
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
+    /// Applies pending evictions and expirations now (they otherwise run in the background).
+    pub fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks();
+    }
+
+    fn live(&self, key: &str) -> Option<Entry> {
+        self.cache
+            .get(key)
+            .filter(|entry| entry.expires_at > Instant::now())
+    }
+
+    fn compare_and<F>(&self, key: &str, claim: &Bytes, next: F) -> bool
+    where
+        F: FnOnce() -> Option<Entry>,
+    {
+        let mut matched = false;
+        self.cache
+            .entry_by_ref(key)
+            .and_compute_with(|current| match current {
+                Some(current)
+                    if current.value().value == *claim
+                        && current.value().expires_at > Instant::now() =>
+                {
+                    matched = true;
+                    match next() {
+                        Some(entry) => Op::Put(entry),
+                        None => Op::Remove,
+                    }
+                }
+                _ => Op::Nop,
+            });
+        matched
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("entries", &self.cache.entry_count())
+            .field("weighted_size", &self.cache.weighted_size())
+            .finish()
+    }
+}
+
+impl Store for MemoryStore {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        if let Some(existing) = self.live(key) {
+            return Box::pin(std::future::ready(Ok(Some(existing.value))));
+        }
+        let mut existing = None;
+        self.cache
+            .entry_by_ref(key)
+            .and_compute_with(|current| match current {
+                Some(current) if current.value().expires_at > Instant::now() => {
+                    existing = Some(current.into_value().value);
+                    Op::Nop
+                }
+                _ => Op::Put(Entry {
+                    value: claim.clone(),
+                    expires_at: Instant::now() + lease,
+                }),
+            });
+        Box::pin(std::future::ready(Ok(existing)))
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let renewed = self.compare_and(key, claim, || {
+            Some(Entry {
+                value: claim.clone(),
+                expires_at: Instant::now() + lease,
+            })
+        });
+        Box::pin(std::future::ready(Ok(renewed)))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        record: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let completed = self.compare_and(key, claim, || {
+            Some(Entry {
+                value: record,
+                expires_at: Instant::now() + ttl,
+            })
+        });
+        Box::pin(std::future::ready(Ok(completed)))
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let released = self.compare_and(key, claim, || None);
+        Box::pin(std::future::ready(Ok(released)))
+    }
+}
