@@ -1,0 +1,280 @@
+//! A small app with idempotent handlers written by hand, served on either store.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use idem_runtime::store::{MemoryStore, RedisStore, Store};
+use idem_runtime::{Builder, Idempotency, Idempotent};
+use tokio::sync::Notify;
+use tower::ServiceExt;
+
+/// Which store a test runs on.
+#[derive(Clone)]
+pub enum Backend {
+    Memory(MemoryStore),
+    Redis { url: String, prefix: String },
+}
+
+impl Backend {
+    pub fn memory() -> Self {
+        Self::Memory(MemoryStore::new())
+    }
+
+    pub fn redis(test: &str) -> Self {
+        Self::redis_at(&testkit::shared_redis_url(), test)
+    }
+
+    pub fn redis_at(url: &str, test: &str) -> Self {
+        Self::Redis {
+            url: url.to_owned(),
+            prefix: testkit::unique_prefix(test),
+        }
+    }
+
+    /// A builder already holding this backend's store.
+    pub async fn builder(&self) -> Builder {
+        let store: Arc<dyn Store> = match self {
+            Self::Memory(store) => Arc::new(store.clone()),
+            Self::Redis { url, prefix } => Arc::new(
+                RedisStore::builder(url.as_str())
+                    .prefix(prefix.as_str())
+                    .connect()
+                    .await
+                    .unwrap_or_else(|error| panic!("Redis at {url} must be running: {error}")),
+            ),
+        };
+        Idempotency::builder().shared_store(store)
+    }
+
+    /// How many records this backend holds for the test.
+    pub async fn record_count(&self) -> usize {
+        match self {
+            Self::Memory(store) => {
+                store.run_pending_tasks();
+                usize::try_from(store.entry_count()).unwrap_or(usize::MAX)
+            }
+            Self::Redis { url, prefix } => {
+                let mut connection = testkit::redis_connection(url).await;
+                testkit::keys_under(&mut connection, prefix).await.len()
+            }
+        }
+    }
+}
+
+/// Shared state of the test app: execution counters and a gate slow handlers wait on.
+#[derive(Default)]
+pub struct Counters {
+    pub runs: AtomicUsize,
+    pub finished: AtomicUsize,
+    pub gate: Notify,
+}
+
+impl Counters {
+    pub fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+
+    pub fn finished(&self) -> usize {
+        self.finished.load(Ordering::SeqCst)
+    }
+}
+
+pub type AppState = Arc<Counters>;
+
+async fn pay(idem: Idempotent, State(counters): State<AppState>, body: String) -> Response {
+    idem.run(async move {
+        let n = counters.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        counters.finished.fetch_add(1, Ordering::SeqCst);
+        let mut headers = HeaderMap::new();
+        headers.insert("x-run", n.to_string().parse().unwrap());
+        headers.append("x-multi", "one".parse().unwrap());
+        headers.append("x-multi", "two".parse().unwrap());
+        headers.insert(header::SET_COOKIE, "session=abc".parse().unwrap());
+        headers.insert(header::DATE, "Tue, 24 Nov 2026 00:00:00 GMT".parse().unwrap());
+        (
+            StatusCode::CREATED,
+            headers,
+            Json(serde_json::json!({ "payment": n, "request": body })),
+        )
+    })
+    .await
+}
+
+async fn slow(idem: Idempotent, State(counters): State<AppState>, body: String) -> Response {
+    idem.run(async move {
+        let n = counters.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let millis: u64 = body.trim().parse().unwrap_or(200);
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+        counters.finished.fetch_add(1, Ordering::SeqCst);
+        (StatusCode::CREATED, format!("slow run {n}"))
+    })
+    .await
+}
+
+async fn gated(idem: Idempotent, State(counters): State<AppState>) -> Response {
+    idem.run(async move {
+        let n = counters.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        counters.gate.notified().await;
+        counters.finished.fetch_add(1, Ordering::SeqCst);
+        (StatusCode::CREATED, format!("gated run {n}"))
+    })
+    .await
+}
+
+async fn fail(idem: Idempotent, State(counters): State<AppState>) -> Response {
+    idem.run(async move {
+        let n = counters.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == 1 {
+            (StatusCode::SERVICE_UNAVAILABLE, "try again".to_owned())
+        } else {
+            (StatusCode::CREATED, format!("run {n}"))
+        }
+    })
+    .await
+}
+
+async fn panics(idem: Idempotent, State(counters): State<AppState>) -> Response {
+    idem.run(async move {
+        let n = counters.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        assert!(n != 1, "first run panics");
+        (StatusCode::CREATED, format!("run {n}"))
+    })
+    .await
+}
+
+async fn big(idem: Idempotent, State(counters): State<AppState>) -> Response {
+    idem.run(async move {
+        counters.runs.fetch_add(1, Ordering::SeqCst);
+        (StatusCode::CREATED, "x".repeat(4096))
+    })
+    .await
+}
+
+async fn short_ttl(idem: Idempotent<1>, State(counters): State<AppState>) -> Response {
+    idem.run(async move {
+        let n = counters.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        (StatusCode::CREATED, format!("run {n}"))
+    })
+    .await
+}
+
+async fn required(idem: Idempotent<60, true>, State(counters): State<AppState>) -> Response {
+    idem.run(async move {
+        counters.runs.fetch_add(1, Ordering::SeqCst);
+        StatusCode::CREATED
+    })
+    .await
+}
+
+/// The routes, without the layer.
+pub fn routes(counters: AppState) -> Router {
+    Router::new()
+        .route("/pay", post(pay))
+        .route("/pay/other", post(pay))
+        .route("/slow", post(slow))
+        .route("/gated", post(gated))
+        .route("/fail", post(fail))
+        .route("/panic", post(panics))
+        .route("/big", post(big))
+        .route("/short", post(short_ttl))
+        .route("/required", post(required))
+        .with_state(counters)
+}
+
+pub fn app(idem: &Idempotency, counters: AppState) -> Router {
+    routes(counters).layer(idem.layer())
+}
+
+/// A POST request with an optional key.
+pub fn post_with(path: &str, key: Option<&str>, body: &str) -> Request {
+    let mut builder = Request::builder().method(Method::POST).uri(path);
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    builder.body(Body::from(body.to_owned())).unwrap()
+}
+
+/// A response with its body read.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            panic!("body is not JSON: {:?}", String::from_utf8_lossy(&self.body))
+        })
+    }
+
+    pub fn is_replay(&self) -> bool {
+        self.headers.get("idempotent-replayed").is_some_and(|v| v == "true")
+    }
+
+    /// Asserts a problem response of `status` and `kind`.
+    pub fn assert_problem(&self, status: StatusCode, kind: &str) {
+        assert_eq!(self.status, status, "body: {:?}", String::from_utf8_lossy(&self.body));
+        assert_eq!(self.headers[header::CONTENT_TYPE], "application/problem+json");
+        let json = self.json();
+        assert_eq!(json["type"], kind);
+        assert_eq!(json["status"], status.as_u16());
+        assert!(json["title"].is_string());
+        assert!(!json["detail"].as_str().unwrap_or_default().is_empty());
+    }
+}
+
+pub async fn read(response: Response) -> Answer {
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("read body").to_bytes(),
+    }
+}
+
+pub async fn send(app: &Router, request: Request) -> Answer {
+    read(app.clone().oneshot(request).await.expect("infallible")).await
+}
+
+pub async fn send_response(app: &Router, request: Request) -> Response {
+    app.clone().oneshot(request).await.expect("infallible")
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        let mut response = Response::new(Body::from(self.body));
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers;
+        response
+    }
+}
+
+/// Declares one test per store for an `async fn(Backend)` check.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($check:ident),* $(,)?) => {$(
+        mod $check {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$check($crate::common::Backend::memory()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$check($crate::common::Backend::redis(stringify!($check))).await;
+            }
+        }
+    )*};
+}
