@@ -1,9 +1,63 @@
-//! The `#[idempotent]` attribute of idem. Depend on `idem-runtime`, which re-exports it.
+//! The `#[idempotent]` attribute of idem. Depend on `idem-runtime`, which re-exports it
+//! as `idem_runtime::idempotent` and documents every option with examples.
+
+mod args;
+mod expand;
 
 use proc_macro::TokenStream;
 
-/// Makes an axum handler idempotent; see `idem_runtime::idempotent`.
+/// The attribute lives in `idem-macros`; depend on `idem-runtime` and use it as
+/// `idem_runtime::idempotent`, where every option is documented with an example.
+///
+/// # What it generates
+///
+/// The signature keeps its arguments; the [`Idempotent`] extractor is taken together with
+/// the first of them, so the handler keeps its arity (a handler without arguments takes
+/// the extractor alone). The body becomes an inner function
+/// (so `return`, `?` and `impl IntoResponse` keep working) whose future is handed to
+/// [`Idempotent::run`]:
+///
+/// ```text
+/// #[idempotent(ttl = "1h", required = true)]
+/// pub async fn create(State(db): State<Db>, Json(x): Json<X>) -> Result<Json<Y>, AppError> { body }
+///
+/// // becomes
+///
+/// pub async fn create(
+///     __idem_first: (::idem_runtime::Idempotent<3600, true>, State<Db>),
+///     __idem_arg1: Json<X>,
+/// ) -> ::idem_runtime::__private::Response {
+///     async fn __idem_inner(State(db): State<Db>, Json(x): Json<X>) -> Result<Json<Y>, AppError> { body }
+///     // compile-time checks that each argument is an extractor, spanned on its type
+///     let (__idem_guard, __idem_arg0) = __idem_first;
+///     let __idem_work = async move {
+///         let __idem_output = __idem_inner(__idem_arg0, __idem_arg1).await;
+///         ::idem_runtime::__private::into_response(__idem_output)
+///     };
+///     __idem_guard.run(__idem_work).await
+/// }
+/// ```
+///
+/// [`Idempotent`]: https://docs.rs/idem-runtime/latest/idem_runtime/struct.Idempotent.html
+/// [`Idempotent::run`]: https://docs.rs/idem-runtime/latest/idem_runtime/struct.Idempotent.html#method.run
 #[proc_macro_attribute]
-pub fn idempotent(_args: TokenStream, item: TokenStream) -> TokenStream {
-    item
+pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::idempotent(args.into(), item.into()).into()
+}
+
+/// Every error found in one invocation, so that a user fixes them in one pass.
+#[derive(Default)]
+struct Errors(Option<syn::Error>);
+
+impl Errors {
+    fn push(&mut self, error: syn::Error) {
+        match &mut self.0 {
+            Some(errors) => errors.combine(error),
+            None => self.0 = Some(error),
+        }
+    }
+
+    fn into_result(self) -> syn::Result<()> {
+        self.0.map_or(Ok(()), Err)
+    }
 }

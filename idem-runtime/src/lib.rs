@@ -65,6 +65,191 @@ mod record;
 mod scope;
 pub mod store;
 
+/// Makes an axum handler idempotent: the first request carrying an `Idempotency-Key`
+/// runs it and its response is stored; a retry with the same key gets that response
+/// again, byte for byte, with `Idempotent-Replayed: true`, and the handler does not run.
+///
+/// Put it on the `async fn` you route, with any extractors and any return type that
+/// implements `IntoResponse`; route it as usual and add [`Idempotency::layer`] to the
+/// router.
+///
+/// ```
+/// use axum::extract::State;
+/// use axum::http::StatusCode;
+/// use axum::response::{IntoResponse, Response};
+/// use axum::{Json, Router, routing::post};
+/// use idem_runtime::{Idempotency, idempotent};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Clone)]
+/// struct Db;
+///
+/// #[derive(Deserialize)]
+/// struct NewPayment {
+///     amount: u64,
+/// }
+///
+/// #[derive(Serialize)]
+/// struct Payment {
+///     id: String,
+///     amount: u64,
+/// }
+///
+/// enum AppError {
+///     Declined,
+/// }
+///
+/// impl IntoResponse for AppError {
+///     fn into_response(self) -> Response {
+///         (StatusCode::PAYMENT_REQUIRED, "card declined").into_response()
+///     }
+/// }
+///
+/// /// Charges the card once per idempotency key.
+/// #[idempotent(ttl = "24h")]
+/// pub async fn create_payment(
+///     State(_db): State<Db>,
+///     Json(request): Json<NewPayment>,
+/// ) -> Result<(StatusCode, Json<Payment>), AppError> {
+///     if request.amount == 0 {
+///         return Err(AppError::Declined);
+///     }
+///     Ok((StatusCode::CREATED, Json(Payment { id: "pay_1".into(), amount: request.amount })))
+/// }
+///
+/// let idem = Idempotency::in_memory();
+/// let app: Router = Router::new()
+///     .route("/payments", post(create_payment))
+///     .with_state(Db)
+///     .layer(idem.layer());
+/// ```
+///
+/// # Options
+///
+/// Every option is optional and may be given once; anything else is a compile error that
+/// lists the accepted ones.
+///
+/// ## `ttl = "24h"`
+///
+/// How long the response is kept for replays; after it the key is forgotten and runs the
+/// handler afresh. A whole number and a unit (`s`, `m`, `h`, `d`), or several units
+/// largest first: `"90s"`, `"15m"`, `"1h30m"`, `"1d 12h"`, `"7d"`. Default: 24 hours.
+///
+/// ```
+/// # use idem_runtime::idempotent;
+/// #[idempotent(ttl = "1h30m")]
+/// async fn create_order(body: String) -> String {
+///     body
+/// }
+/// ```
+///
+/// The value is checked when the handler compiles: zero, a malformed value or one no
+/// store can keep is an error on the literal.
+///
+/// ```compile_fail
+/// # use idem_runtime::idempotent;
+/// #[idempotent(ttl = "0s")] // error: ttl "0s" is zero
+/// async fn create_order(body: String) -> String {
+///     body
+/// }
+/// ```
+///
+/// ## `required = true`
+///
+/// A request without `Idempotency-Key` is answered `400` with a problem body, and the
+/// handler does not run. Default `false`: such a request runs unprotected, as with Stripe.
+///
+/// ```
+/// # use idem_runtime::idempotent;
+/// #[idempotent(required = true)]
+/// async fn transfer(body: String) -> String {
+///     body
+/// }
+/// ```
+///
+/// ## `state = AppState`
+///
+/// The router's state type. The attribute checks at compile time that every argument is
+/// an extractor for that state, and reports a wrong one on its type. Without the option
+/// the state is taken from a `State<T>` argument, or is `()` where there is none; name it
+/// when an extractor of your own needs the state and the handler takes no `State<AppState>`
+/// (or takes only a substate through `FromRef`).
+///
+/// ```
+/// use axum::extract::FromRequestParts;
+/// use axum::http::{StatusCode, request::Parts};
+/// use axum::{Router, routing::post};
+/// use idem_runtime::{Idempotency, idempotent};
+///
+/// #[derive(Clone)]
+/// struct AppState {
+///     api_key: String,
+/// }
+///
+/// /// A caller that sent the right API key.
+/// struct Caller;
+///
+/// impl FromRequestParts<AppState> for Caller {
+///     type Rejection = StatusCode;
+///
+///     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, StatusCode> {
+///         match parts.headers.get("x-api-key") {
+///             Some(key) if key.as_bytes() == state.api_key.as_bytes() => Ok(Caller),
+///             _ => Err(StatusCode::UNAUTHORIZED),
+///         }
+///     }
+/// }
+///
+/// #[idempotent(state = AppState)]
+/// async fn create_order(_caller: Caller, body: String) -> String {
+///     body
+/// }
+///
+/// let idem = Idempotency::in_memory();
+/// let app: Router = Router::new()
+///     .route("/orders", post(create_order))
+///     .with_state(AppState { api_key: "secret".into() })
+///     .layer(idem.layer());
+/// ```
+///
+/// Without `state = AppState`, `Caller` is reported as no extractor for state `()`:
+///
+/// ```compile_fail,E0277
+/// # use axum::extract::FromRequestParts;
+/// # use axum::http::{StatusCode, request::Parts};
+/// # use idem_runtime::idempotent;
+/// # #[derive(Clone)]
+/// # struct AppState;
+/// # struct Caller;
+/// # impl FromRequestParts<AppState> for Caller {
+/// #     type Rejection = StatusCode;
+/// #     async fn from_request_parts(_: &mut Parts, _: &AppState) -> Result<Self, StatusCode> {
+/// #         Ok(Caller)
+/// #     }
+/// # }
+/// #[idempotent]
+/// async fn create_order(_caller: Caller, body: String) -> String {
+///     body
+/// }
+/// ```
+///
+/// # Handlers it accepts
+///
+/// - Any extractors, up to axum's 16, each an extractor for the router's state; only the
+///   last may read the body (`Json`, `Form`, `String`, `Bytes`, ...). The idempotency
+///   check runs before all of them.
+/// - Any return type that implements `IntoResponse`, including `impl IntoResponse` and
+///   `Result<T, E>`; `return` and `?` work as usual.
+/// - `pub` and doc comments, other attributes, and generic handlers (each type parameter
+///   gets `Send + 'static`, as the work runs in a task of its own).
+/// - `#[axum::debug_handler]` below `#[idempotent]` checks the handler as you wrote it;
+///   above, it works for handlers that take at least one argument.
+///
+/// Not: a method taking `self`, or a function that is not `async`.
+///
+/// The handler's work runs in a task of its own, so a client that disconnects does not
+/// cancel it; see [`Idempotent::run`]. Served without [`Idempotency::layer`], the handler
+/// answers `500` with a problem naming the missing `.layer(idem.layer())`.
 pub use idem_macros::idempotent;
 
 pub use crate::engine::IDEMPOTENT_REPLAYED;
@@ -89,8 +274,6 @@ pub enum Error {
     Redis(#[source] redis::RedisError),
 }
 
-/// What code generated by `#[idempotent]` refers to. Not a public API.
 #[doc(hidden)]
-pub mod __private {
-    pub use axum::response::{IntoResponse, Response};
-}
+#[path = "private.rs"]
+pub mod __private;

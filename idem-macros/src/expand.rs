@@ -1,0 +1,316 @@
+//! Code generation: the handler keeps its name, attributes and arguments; its body runs
+//! under the `Idempotent` guard.
+
+use proc_macro2::{Literal, Span, TokenStream, TokenTree};
+use quote::{ToTokens, quote, quote_spanned};
+use syn::{
+    Attribute, FnArg, GenericArgument, GenericParam, Ident, ItemFn, PatType, PathArguments,
+    ReturnType, Signature, Type, WherePredicate, parse_quote,
+};
+
+use crate::Errors;
+use crate::args::Options;
+
+/// Axum implements `Handler` for functions of up to 16 arguments.
+const MAX_ARGUMENTS: usize = 16;
+
+/// `#[idempotent(args)] item`; on any error, `item` unchanged next to the errors so that
+/// IDEs keep resolving the handler.
+pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
+    let options = Options::parse(args);
+    let function = syn::parse2::<ItemFn>(item.clone())
+        .map_err(|_| not_a_function())
+        .and_then(|function| check_signature(&function.sig).map(|()| function));
+    match (options, function) {
+        (Ok(options), Ok(function)) => generate(&options, &function),
+        (options, function) => {
+            let errors = options.err().into_iter().chain(function.err());
+            let errors = errors.map(syn::Error::into_compile_error);
+            quote!(#item #(#errors)*)
+        }
+    }
+}
+
+fn not_a_function() -> syn::Error {
+    syn::Error::new(
+        Span::call_site(),
+        "`#[idempotent]` goes on an axum handler: an `async fn` with extractor arguments",
+    )
+}
+
+fn check_signature(sig: &Signature) -> syn::Result<()> {
+    let mut errors = Errors::default();
+    if sig.asyncness.is_none() {
+        errors.push(syn::Error::new_spanned(
+            sig.fn_token,
+            "`#[idempotent]` handlers must be `async`: write `async fn`",
+        ));
+    }
+    for input in &sig.inputs {
+        if let FnArg::Receiver(receiver) = input {
+            errors.push(syn::Error::new_spanned(
+                receiver,
+                "`#[idempotent]` cannot take `self`: an axum handler is a free function; \
+                 move it out of the `impl` and take what it needs as extractors, such as `State<AppState>`",
+            ));
+        }
+    }
+    if let Some(extra) = sig.inputs.iter().nth(MAX_ARGUMENTS) {
+        errors.push(syn::Error::new_spanned(
+            extra,
+            "axum handlers take at most 16 arguments; group some into a struct that implements `FromRequestParts`",
+        ));
+    }
+    errors.into_result()
+}
+
+fn generate(options: &Options, function: &ItemFn) -> TokenStream {
+    let ItemFn {
+        attrs,
+        vis,
+        sig,
+        block,
+    } = function;
+    let Signature {
+        constness,
+        asyncness,
+        unsafety,
+        abi,
+        fn_token,
+        ident,
+        generics,
+        output,
+        ..
+    } = sig;
+    // `debug_handler` checks the handler as written, so it goes on the inner function,
+    // whose signature is the user's.
+    let (checker_attrs, attrs): (Vec<&Attribute>, Vec<&Attribute>) =
+        attrs.iter().partition(|attr| is_debug_handler(attr));
+    let arguments: Vec<&PatType> = sig
+        .inputs
+        .iter()
+        .filter_map(|input| match input {
+            FnArg::Typed(argument) => Some(argument),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+
+    let at_name = ident.span();
+    let guard = local("__idem_guard", at_name);
+    let first = local("__idem_first", at_name);
+    let work = local("__idem_work", at_name);
+    let inner = Ident::new("__idem_inner", Span::mixed_site());
+    let names: Vec<Ident> = (0..arguments.len())
+        .map(|index| local(&format!("__idem_arg{index}"), at_name))
+        .collect();
+
+    let ttl = Literal::u64_unsuffixed(options.ttl_secs);
+    let required = options.required;
+    let guard_type = quote!(::idem_runtime::Idempotent<#ttl, #required>);
+    // The guard shares the first argument's slot, as a tuple, so that the handler keeps its
+    // arity: `#[axum::debug_handler]` above this attribute calls it with the user's
+    // argument count.
+    let (params, unpack) = match (arguments.split_first(), names.split_first()) {
+        (Some((head, tail)), Some((head_name, tail_names))) => {
+            let head_type = &head.ty;
+            let tail_types = tail.iter().map(|argument| &argument.ty);
+            (
+                quote!(#first: (#guard_type, #head_type), #(#tail_names: #tail_types),*),
+                quote!(let (#guard, #head_name) = #first;),
+            )
+        }
+        _ => (quote!(#guard: #guard_type), TokenStream::new()),
+    };
+
+    let mut outer_generics = generics.clone();
+    let bounds = send_static_bounds(generics);
+    if !bounds.is_empty() {
+        outer_generics.make_where_clause().predicates.extend(bounds);
+    }
+    let where_clause = &outer_generics.where_clause;
+    let return_start = match output {
+        ReturnType::Type(_, ty) => span_range(ty).0,
+        ReturnType::Default => at_name,
+    };
+    let response = quote_spanned!(return_start=> ::idem_runtime::__private::Response);
+
+    let mut inner_sig = sig.clone();
+    inner_sig.ident = inner.clone();
+    let turbofish = turbofish(generics);
+    let checks = extractor_checks(options, generics, &arguments);
+    // Spanned on the return type without hygiene, so that rustc reports a value that is no
+    // response there rather than on the attribute; the user's body is in `__idem_inner`, out
+    // of this binding's reach.
+    let output_value = Ident::new("__idem_output", return_start);
+    let respond =
+        quote_spanned!(return_start=> ::idem_runtime::__private::into_response(#output_value));
+    let run = quote_spanned!(at_name=> #guard.run(#work).await);
+
+    quote! {
+        #(#attrs)*
+        #vis #constness #asyncness #unsafety #abi #fn_token #ident #generics (#params) -> #response
+        #where_clause
+        {
+            #(#checker_attrs)*
+            #inner_sig #block
+            #(#checks)*
+            #unpack
+            let #work = async move {
+                let #output_value = #inner #turbofish (#(#names),*).await;
+                #respond
+            };
+            #run
+        }
+    }
+}
+
+/// A binding of the generated code, invisible to the user's code, reported at `at`.
+fn local(name: &str, at: Span) -> Ident {
+    Ident::new(name, Span::mixed_site().located_at(at))
+}
+
+fn is_debug_handler(attr: &Attribute) -> bool {
+    attr.path()
+        .segments
+        .last()
+        .is_some_and(|segment| segment.ident == "debug_handler")
+}
+
+/// `T: Send + 'static` for every type parameter: the work runs in a task of its own, which
+/// axum checks only once the handler is instantiated but `Idempotent::run` needs here.
+fn send_static_bounds(generics: &syn::Generics) -> Vec<WherePredicate> {
+    generics
+        .type_params()
+        .map(|param| {
+            let name = &param.ident;
+            parse_quote!(#name: ::core::marker::Send + 'static)
+        })
+        .collect()
+}
+
+/// `::<T, N>` naming the handler's type and const parameters, for the call of the inner
+/// function where inference alone might not find them.
+fn turbofish(generics: &syn::Generics) -> TokenStream {
+    let params = type_and_const_params(generics);
+    if params.is_empty() {
+        TokenStream::new()
+    } else {
+        quote!(::<#(#params),*>)
+    }
+}
+
+fn type_and_const_params(generics: &syn::Generics) -> Vec<&Ident> {
+    generics
+        .params
+        .iter()
+        .filter_map(|param| match param {
+            GenericParam::Type(param) => Some(&param.ident),
+            GenericParam::Const(param) => Some(&param.ident),
+            GenericParam::Lifetime(_) => None,
+        })
+        .collect()
+}
+
+/// One check per argument, reported on its type: the last may consume the body
+/// (`FromRequest`), the others only read the head (`FromRequestParts`), both for the
+/// router's state. Axum's own check at `.route(...)` has to do where the state cannot be
+/// told (several different `State<_>` arguments and no `state = ...`), and for types that
+/// name a generic parameter, which axum checks only once the handler is instantiated.
+fn extractor_checks(
+    options: &Options,
+    generics: &syn::Generics,
+    arguments: &[&PatType],
+) -> Vec<TokenStream> {
+    let state = match &options.state {
+        Some(state) => state.to_token_stream(),
+        None => match state_from_arguments(arguments) {
+            Some(state) => state,
+            None => return Vec::new(),
+        },
+    };
+    let params = type_and_const_params(generics);
+    if mentions_any(state.clone(), &params) {
+        return Vec::new();
+    }
+    let last = arguments.len().saturating_sub(1);
+    arguments
+        .iter()
+        .enumerate()
+        .filter(|(_, argument)| !mentions_any(argument.ty.to_token_stream(), &params))
+        .map(|(index, argument)| {
+            let ty = &argument.ty;
+            let (start, end) = span_range(ty);
+            let (check, infer) = if index == last {
+                (
+                    quote_spanned!(start=> last_extractor),
+                    quote_spanned!(end=> , _),
+                )
+            } else {
+                (quote_spanned!(start=> parts_extractor), TokenStream::new())
+            };
+            let open = quote_spanned!(start=> let _ = ::idem_runtime::__private::#check::<);
+            let close = quote_spanned!(end=> >;);
+            quote!(#open #ty, #state #infer #close)
+        })
+        .collect()
+}
+
+fn mentions_any(tokens: TokenStream, names: &[&Ident]) -> bool {
+    !names.is_empty()
+        && tokens.into_iter().any(|token| match token {
+            TokenTree::Ident(ident) => names.iter().any(|name| **name == ident),
+            TokenTree::Group(group) => mentions_any(group.stream(), names),
+            TokenTree::Punct(_) | TokenTree::Literal(_) => false,
+        })
+}
+
+/// The state a handler is written for: `X` of its `State<X>` arguments, `()` without one,
+/// `None` when they disagree.
+fn state_from_arguments(arguments: &[&PatType]) -> Option<TokenStream> {
+    let mut states: Vec<TokenStream> = Vec::new();
+    for argument in arguments {
+        if let Some(state) = state_type(&argument.ty) {
+            let state = state.to_token_stream();
+            if !states
+                .iter()
+                .any(|seen| seen.to_string() == state.to_string())
+            {
+                states.push(state);
+            }
+        }
+    }
+    match states.len() {
+        0 => Some(quote!(())),
+        1 => states.pop(),
+        _ => None,
+    }
+}
+
+fn state_type(ty: &Type) -> Option<&Type> {
+    let Type::Path(path) = ty else {
+        return None;
+    };
+    let segment = path.path.segments.last()?;
+    let PathArguments::AngleBracketed(generic) = &segment.arguments else {
+        return None;
+    };
+    match generic.args.first() {
+        Some(GenericArgument::Type(state))
+            if segment.ident == "State" && generic.args.len() == 1 =>
+        {
+            Some(state)
+        }
+        _ => None,
+    }
+}
+
+/// The spans of the first and last tokens of `tokens`: generated tokens spanned from one
+/// to the other make rustc underline all of `tokens`.
+fn span_range(tokens: &impl ToTokens) -> (Span, Span) {
+    let mut tokens = tokens.to_token_stream().into_iter();
+    let start = tokens
+        .next()
+        .map_or_else(Span::call_site, |token| token.span());
+    let end = tokens.last().map_or(start, |token| token.span());
+    (start, end)
+}

@@ -1,0 +1,6 @@
+use idem_runtime::idempotent;
+
+#[idempotent]
+struct Handler;
+
+fn main() {}

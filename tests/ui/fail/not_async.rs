@@ -1,0 +1,8 @@
+use idem_runtime::idempotent;
+
+#[idempotent]
+fn create(body: String) -> String {
+    body
+}
+
+fn main() {}
