@@ -49,8 +49,14 @@ async fn replay_is_byte_identical(backend: Backend) {
     }
     let multi: Vec<_> = again.headers.get_all("x-multi").iter().collect();
     assert_eq!(multi, ["one", "two"], "repeated headers keep their order");
-    assert!(again.headers.get(header::SET_COOKIE).is_none(), "Set-Cookie is not replayed");
-    assert!(again.headers.get(header::DATE).is_none(), "Date is not replayed");
+    assert!(
+        again.headers.get(header::SET_COOKIE).is_none(),
+        "Set-Cookie is not replayed"
+    );
+    assert!(
+        again.headers.get(header::DATE).is_none(),
+        "Date is not replayed"
+    );
     assert_eq!(backend.record_count().await, 1);
 }
 
@@ -148,7 +154,11 @@ async fn slow_handler_keeps_its_lease(backend: Backend) {
     }
     let first = slow.await.expect("slow request");
     assert_eq!(first.status, StatusCode::CREATED);
-    assert_eq!(counters.runs(), 1, "no second execution while the first held its lease");
+    assert_eq!(
+        counters.runs(),
+        1,
+        "no second execution while the first held its lease"
+    );
     let replay = send(&app, post_with("/slow", Some("lease"), "1200")).await;
     assert!(replay.is_replay());
 }
@@ -206,17 +216,53 @@ async fn stale_executor_cannot_overwrite(backend: Backend) {
     let key = anonymous_key("fenced");
     let stale = claim_for("/pay", "{}");
     let fresh = claim_for("/pay", "{}");
-    assert!(store.begin(key.as_str(), &stale, Duration::from_millis(200)).await.unwrap().is_none());
+    assert!(
+        store
+            .begin(key.as_str(), &stale, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .is_none()
+    );
     tokio::time::sleep(Duration::from_millis(350)).await;
-    assert!(store.begin(key.as_str(), &fresh, Duration::from_secs(10)).await.unwrap().is_none(), "the lease ran out, so a new executor takes over");
+    assert!(
+        store
+            .begin(key.as_str(), &fresh, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .is_none(),
+        "the lease ran out, so a new executor takes over"
+    );
 
-    assert!(!store.renew(key.as_str(), &stale, Duration::from_secs(10)).await.unwrap(), "the stale executor cannot renew");
+    assert!(
+        !store
+            .renew(key.as_str(), &stale, Duration::from_secs(10))
+            .await
+            .unwrap(),
+        "the stale executor cannot renew"
+    );
     let newer = Bytes::from_static(b"newer record");
-    assert!(store.complete(key.as_str(), &fresh, newer.clone(), Duration::from_secs(10)).await.unwrap());
+    assert!(
+        store
+            .complete(key.as_str(), &fresh, newer.clone(), Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
     let older = Bytes::from_static(b"stale record");
-    assert!(!store.complete(key.as_str(), &stale, older, Duration::from_secs(10)).await.unwrap(), "the stale executor cannot complete");
-    assert!(!store.release(key.as_str(), &stale).await.unwrap(), "nor release");
-    let kept = store.begin(key.as_str(), &stale, Duration::from_secs(1)).await.unwrap();
+    assert!(
+        !store
+            .complete(key.as_str(), &stale, older, Duration::from_secs(10))
+            .await
+            .unwrap(),
+        "the stale executor cannot complete"
+    );
+    assert!(
+        !store.release(key.as_str(), &stale).await.unwrap(),
+        "nor release"
+    );
+    let kept = store
+        .begin(key.as_str(), &stale, Duration::from_secs(1))
+        .await
+        .unwrap();
     assert_eq!(kept, Some(newer), "the newer record is intact");
 }
 
@@ -247,7 +293,11 @@ async fn panic_releases_key(backend: Backend) {
         async move { send(&app, post_with("/panic", Some("boom"), "")).await }
     })
     .await;
-    assert!(panicked.expect_err("the panic reaches the caller").is_panic());
+    assert!(
+        panicked
+            .expect_err("the panic reaches the caller")
+            .is_panic()
+    );
     let retry = send(&app, post_with("/panic", Some("boom"), "")).await;
     assert_eq!(retry.status, StatusCode::CREATED);
     assert_eq!(retry.body, "run 2");
@@ -261,15 +311,60 @@ async fn bad_input_is_refused(backend: Backend) {
     let app = app(&idem, counters.clone());
     let long = "a".repeat(256);
     let cases: Vec<(Vec<&[u8]>, &str, StatusCode, &str)> = vec![
-        (vec![b""], "{}", StatusCode::BAD_REQUEST, Problem::KEY_INVALID),
-        (vec![b"\"\""], "{}", StatusCode::BAD_REQUEST, Problem::KEY_INVALID),
-        (vec![long.as_bytes()], "{}", StatusCode::BAD_REQUEST, Problem::KEY_INVALID),
-        (vec!["clé".as_bytes()], "{}", StatusCode::BAD_REQUEST, Problem::KEY_INVALID),
-        (vec![b"a\tb"], "{}", StatusCode::BAD_REQUEST, Problem::KEY_INVALID),
-        (vec![b"\"unterminated"], "{}", StatusCode::BAD_REQUEST, Problem::KEY_INVALID),
-        (vec![b"\"bad\\escape\""], "{}", StatusCode::BAD_REQUEST, Problem::KEY_INVALID),
-        (vec![b"one", b"two"], "{}", StatusCode::BAD_REQUEST, Problem::KEY_INVALID),
-        (vec![b"ok"], "{\"far\":\"too long a body\"}", StatusCode::PAYLOAD_TOO_LARGE, Problem::BODY_TOO_LARGE),
+        (
+            vec![b""],
+            "{}",
+            StatusCode::BAD_REQUEST,
+            Problem::KEY_INVALID,
+        ),
+        (
+            vec![b"\"\""],
+            "{}",
+            StatusCode::BAD_REQUEST,
+            Problem::KEY_INVALID,
+        ),
+        (
+            vec![long.as_bytes()],
+            "{}",
+            StatusCode::BAD_REQUEST,
+            Problem::KEY_INVALID,
+        ),
+        (
+            vec!["clé".as_bytes()],
+            "{}",
+            StatusCode::BAD_REQUEST,
+            Problem::KEY_INVALID,
+        ),
+        (
+            vec![b"a\tb"],
+            "{}",
+            StatusCode::BAD_REQUEST,
+            Problem::KEY_INVALID,
+        ),
+        (
+            vec![b"\"unterminated"],
+            "{}",
+            StatusCode::BAD_REQUEST,
+            Problem::KEY_INVALID,
+        ),
+        (
+            vec![b"\"bad\\escape\""],
+            "{}",
+            StatusCode::BAD_REQUEST,
+            Problem::KEY_INVALID,
+        ),
+        (
+            vec![b"one", b"two"],
+            "{}",
+            StatusCode::BAD_REQUEST,
+            Problem::KEY_INVALID,
+        ),
+        (
+            vec![b"ok"],
+            "{\"far\":\"too long a body\"}",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Problem::BODY_TOO_LARGE,
+        ),
     ];
     for (keys, body, status, kind) in cases {
         let mut request = post_with("/pay", None, body);
@@ -287,7 +382,11 @@ async fn bad_input_is_refused(backend: Backend) {
     assert_eq!(counters.runs(), 0, "nothing ran");
     assert_eq!(backend.record_count().await, 0, "no record was written");
     let unprotected = send(&app, post_with("/pay", None, "{}")).await;
-    assert_eq!(unprotected.status, StatusCode::CREATED, "no key: runs unprotected");
+    assert_eq!(
+        unprotected.status,
+        StatusCode::CREATED,
+        "no key: runs unprotected"
+    );
     assert_eq!(backend.record_count().await, 0);
 }
 
@@ -298,15 +397,20 @@ async fn scopes_are_isolated(backend: Backend) {
     let app = app(&idem, counters.clone());
     let as_user = |user: &str, body: &str| {
         let mut request = post_with("/pay", Some("shared-key"), body);
-        request
-            .headers_mut()
-            .insert(header::AUTHORIZATION, format!("Bearer {user}").parse().unwrap());
+        request.headers_mut().insert(
+            header::AUTHORIZATION,
+            format!("Bearer {user}").parse().unwrap(),
+        );
         request
     };
     let alice = send(&app, as_user("alice", "{\"a\":1}")).await;
     let bob = send(&app, as_user("bob", "{\"b\":2}")).await;
     assert_eq!(alice.status, StatusCode::CREATED);
-    assert_eq!(bob.status, StatusCode::CREATED, "no 422: bob's key is a fresh key");
+    assert_eq!(
+        bob.status,
+        StatusCode::CREATED,
+        "no 422: bob's key is a fresh key"
+    );
     assert!(!bob.is_replay(), "bob never sees alice's response");
     assert_ne!(alice.body, bob.body);
     assert_eq!(counters.runs(), 2);

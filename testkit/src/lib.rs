@@ -73,7 +73,16 @@ impl RedisServer {
     fn spawn(&mut self) {
         let port = self.port.to_string();
         let child = Command::new("redis-server")
-            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.extra)
@@ -89,7 +98,10 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not come up within 5 s", self.port);
+        panic!(
+            "redis-server on port {} did not come up within 5 s",
+            self.port
+        );
     }
 
     fn answers(&self) -> bool {
@@ -154,7 +166,10 @@ pub async fn redis_connection(url: &str) -> redis::aio::MultiplexedConnection {
 }
 
 /// Every key under `prefix` (by `SCAN`, never `KEYS` on a shared server).
-pub async fn keys_under(connection: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
+pub async fn keys_under(
+    connection: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+) -> Vec<String> {
     let mut cursor: u64 = 0;
     let mut keys = Vec::new();
     loop {
@@ -186,9 +201,89 @@ fn escape_glob(text: &str) -> String {
     out
 }
 
+/// Watches a server with `MONITOR` and tells which commands clients sent: one entry per
+/// round trip, leaving out the commands scripts run inside the server.
+pub struct Monitor {
+    lines: std::sync::mpsc::Receiver<String>,
+    markers: AtomicU64,
+}
+
+impl Monitor {
+    /// Starts monitoring the server on `port`.
+    ///
+    /// # Panics
+    /// If the server does not accept `MONITOR`.
+    pub fn start(port: u16) -> Self {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect for MONITOR");
+        stream.write_all(b"MONITOR\r\n").expect("send MONITOR");
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let reader = std::io::BufReader::new(stream);
+            for line in std::io::BufRead::lines(reader) {
+                let Ok(line) = line else { return };
+                if sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let ok = lines
+            .recv_timeout(Duration::from_secs(5))
+            .expect("MONITOR answers");
+        assert_eq!(ok, "+OK", "MONITOR was refused");
+        Self {
+            lines,
+            markers: AtomicU64::new(0),
+        }
+    }
+
+    /// The names of the commands clients sent since the last call, in order. A marker
+    /// sent through `admin` tells where "now" is in the stream.
+    ///
+    /// # Panics
+    /// If the marker does not come back within five seconds.
+    pub async fn client_commands(
+        &self,
+        admin: &mut redis::aio::MultiplexedConnection,
+    ) -> Vec<String> {
+        let marker = format!(
+            "idem-monitor-marker-{}",
+            self.markers.fetch_add(1, Ordering::Relaxed)
+        );
+        let _: String = redis::cmd("ECHO")
+            .arg(&marker)
+            .query_async(admin)
+            .await
+            .expect("ECHO marker");
+        let mut commands = Vec::new();
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(5))
+                .expect("MONITOR delivers the marker");
+            if line.contains(&marker) {
+                return commands;
+            }
+            let Some((source, command)) = line.split_once("] ") else {
+                continue;
+            };
+            if source.ends_with(" lua") {
+                continue;
+            }
+            let name = command
+                .split('"')
+                .nth(1)
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            commands.push(name);
+        }
+    }
+}
+
 /// Total calls per command since the last `CONFIG RESETSTAT`, from `INFO commandstats`,
 /// leaving out the `INFO` and `CONFIG` calls a test makes to measure.
-pub async fn command_calls(connection: &mut redis::aio::MultiplexedConnection) -> Vec<(String, u64)> {
+pub async fn command_calls(
+    connection: &mut redis::aio::MultiplexedConnection,
+) -> Vec<(String, u64)> {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(connection)

@@ -122,6 +122,14 @@ impl MemoryStore {
     }
 }
 
+/// `now + after`, capped far in the future instead of overflowing.
+fn deadline(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
@@ -157,7 +165,7 @@ impl Store for MemoryStore {
                 }
                 _ => Op::Put(Entry {
                     value: claim.clone(),
-                    expires_at: Instant::now() + lease,
+                    expires_at: deadline(lease),
                 }),
             });
         Box::pin(std::future::ready(Ok(existing)))
@@ -172,7 +180,7 @@ impl Store for MemoryStore {
         let renewed = self.compare_and(key, claim, || {
             Some(Entry {
                 value: claim.clone(),
-                expires_at: Instant::now() + lease,
+                expires_at: deadline(lease),
             })
         });
         Box::pin(std::future::ready(Ok(renewed)))
@@ -188,7 +196,7 @@ impl Store for MemoryStore {
         let completed = self.compare_and(key, claim, || {
             Some(Entry {
                 value: record,
-                expires_at: Instant::now() + ttl,
+                expires_at: deadline(ttl),
             })
         });
         Box::pin(std::future::ready(Ok(completed)))

@@ -100,7 +100,10 @@ async fn pay(idem: Idempotent, State(counters): State<AppState>, body: String) -
         headers.append("x-multi", "one".parse().unwrap());
         headers.append("x-multi", "two".parse().unwrap());
         headers.insert(header::SET_COOKIE, "session=abc".parse().unwrap());
-        headers.insert(header::DATE, "Tue, 24 Nov 2026 00:00:00 GMT".parse().unwrap());
+        headers.insert(
+            header::DATE,
+            "Tue, 24 Nov 2026 00:00:00 GMT".parse().unwrap(),
+        );
         (
             StatusCode::CREATED,
             headers,
@@ -213,20 +216,41 @@ pub struct Answer {
 }
 
 impl Answer {
+    pub fn empty() -> Self {
+        Self {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::new(),
+        }
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|_| {
-            panic!("body is not JSON: {:?}", String::from_utf8_lossy(&self.body))
+            panic!(
+                "body is not JSON: {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 
     pub fn is_replay(&self) -> bool {
-        self.headers.get("idempotent-replayed").is_some_and(|v| v == "true")
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
     }
 
     /// Asserts a problem response of `status` and `kind`.
     pub fn assert_problem(&self, status: StatusCode, kind: &str) {
-        assert_eq!(self.status, status, "body: {:?}", String::from_utf8_lossy(&self.body));
-        assert_eq!(self.headers[header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(
+            self.status,
+            status,
+            "body: {:?}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert_eq!(
+            self.headers[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
         let json = self.json();
         assert_eq!(json["type"], kind);
         assert_eq!(json["status"], status.as_u16());

@@ -1,0 +1,205 @@
+//! Real failures: a killed Redis, a dropped connection; and store round trips counted on
+//! a private Redis server.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{StatusCode, header};
+use common::{Backend, Counters, app, post_with, send};
+use idem_runtime::Problem;
+use testkit::{Monitor, RedisServer, redis_connection};
+use tokio::io::AsyncWriteExt;
+
+/// Polls `condition` every 10 ms for up to `limit`.
+async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    condition()
+}
+
+/// Guards the round-trip floor: 1 for a replay, a 422 and a 409; 2 for a first execution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_round_trips_are_the_floor() {
+    let server = RedisServer::start();
+    let backend = Backend::redis_at(&server.url(), "round-trips");
+    let idem = backend.builder().await.build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let mut admin = redis_connection(&server.url()).await;
+    let monitor = Monitor::start(server.port());
+    monitor.client_commands(&mut admin).await;
+
+    // Round trips are the commands the store sends, as the server's MONITOR sees them
+    // (commands run inside a Lua script are not round trips and are left out).
+    let mut measure = async |request: Option<axum::extract::Request>| {
+        let answer = match request {
+            Some(request) => Some(send(&app, request).await),
+            None => None,
+        };
+        let calls = monitor.client_commands(&mut admin).await;
+        (answer.unwrap_or_else(|| common::Answer::empty()), calls)
+    };
+
+    let (first, calls) = measure(Some(post_with("/pay", Some("rt"), "{}"))).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(calls, ["set", "evalsha"], "first execution");
+
+    let (replay, calls) = measure(Some(post_with("/pay", Some("rt"), "{}"))).await;
+    assert!(replay.is_replay());
+    assert_eq!(calls, ["set"], "replay");
+
+    let (reused, calls) = measure(Some(post_with("/pay", Some("rt"), "{\"x\":1}"))).await;
+    assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(calls, ["set"], "422");
+
+    let gated = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post_with("/gated", Some("gate"), "")).await }
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || counters.runs() == 2).await,
+        "the gated handler started"
+    );
+    let (_, before) = measure(None).await;
+    assert_eq!(before, ["set"], "the gated request claimed its key");
+    let (busy, calls) = measure(Some(post_with("/gated", Some("gate"), ""))).await;
+    assert_eq!(busy.status, StatusCode::CONFLICT);
+    assert_eq!(calls, ["set"], "409");
+    counters.gate.notify_one();
+    assert_eq!(
+        gated.await.expect("gated request").status,
+        StatusCode::CREATED
+    );
+}
+
+/// Guards: with Redis down, requests fail closed (503, nothing runs); after Redis comes
+/// back, the same handle recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_closed_then_recovers() {
+    let mut server = RedisServer::start();
+    let backend = Backend::redis_at(&server.url(), "redis-down");
+    let idem = backend
+        .builder()
+        .await
+        .store_timeout(Duration::from_millis(500))
+        .build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    assert_eq!(
+        send(&app, post_with("/pay", Some("before"), "{}"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+
+    server.kill();
+    for attempt in 0..3 {
+        let down = send(&app, post_with("/pay", Some("during"), "{}")).await;
+        down.assert_problem(StatusCode::SERVICE_UNAVAILABLE, Problem::STORE_UNAVAILABLE);
+        assert!(
+            down.headers.contains_key(header::RETRY_AFTER),
+            "attempt {attempt}"
+        );
+    }
+    assert_eq!(
+        counters.runs(),
+        1,
+        "the handler did not run while Redis was down"
+    );
+
+    server.restart();
+    let mut recovered = None;
+    for _ in 0..100 {
+        let answer = send(&app, post_with("/pay", Some("during"), "{}")).await;
+        if answer.status != StatusCode::SERVICE_UNAVAILABLE {
+            recovered = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recovered = recovered.expect("the handle reconnected within 10 s");
+    assert_eq!(recovered.status, StatusCode::CREATED);
+    assert_eq!(counters.runs(), 2);
+    let replay = send(&app, post_with("/pay", Some("during"), "{}")).await;
+    assert!(replay.is_replay());
+}
+
+/// Guards: fail-open mode runs the handler when the store is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_runs_unprotected() {
+    let mut server = RedisServer::start();
+    let backend = Backend::redis_at(&server.url(), "fail-open");
+    let idem = backend
+        .builder()
+        .await
+        .fail_open(true)
+        .store_timeout(Duration::from_millis(500))
+        .build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    server.kill();
+    let answer = send(&app, post_with("/pay", Some("open"), "{}")).await;
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert_eq!(counters.runs(), 1);
+}
+
+on_both_stores!(disconnected_client_still_gets_replay);
+
+/// Guards: a client that drops its connection mid-request does not cancel the handler;
+/// the work completes, is stored, and the retry gets the replay.
+async fn disconnected_client_still_gets_replay(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let server = tokio::spawn(axum::serve(listener, app.clone()).into_future());
+
+    let mut client = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    client
+        .write_all(
+            b"POST /slow HTTP/1.1\r\nhost: test\r\nidempotency-key: gone\r\ncontent-length: 3\r\n\r\n500",
+        )
+        .await
+        .expect("send request");
+    assert!(
+        eventually(Duration::from_secs(5), || counters.runs() == 1).await,
+        "the handler started"
+    );
+    drop(client);
+    assert_eq!(
+        counters.finished(),
+        0,
+        "the client left before the handler finished"
+    );
+
+    assert!(
+        eventually(Duration::from_secs(5), || counters.finished() == 1).await,
+        "the handler ran to completion after the client left"
+    );
+    let mut retry = None;
+    for _ in 0..100 {
+        let answer = send(&app, post_with("/slow", Some("gone"), "500")).await;
+        if answer.status != StatusCode::CONFLICT {
+            retry = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let retry = retry.expect("the response was stored");
+    assert!(retry.is_replay());
+    assert_eq!(retry.body, "slow run 1");
+    assert_eq!(counters.runs(), 1);
+    server.abort();
+}
