@@ -1,6 +1,8 @@
 //! Real failures: a killed Redis, a dropped connection; and store round trips counted on
 //! a private Redis server.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;
@@ -44,7 +46,7 @@ async fn store_round_trips_are_the_floor() {
             None => None,
         };
         let calls = monitor.client_commands(&mut admin).await;
-        (answer.unwrap_or_else(|| common::Answer::empty()), calls)
+        (answer.unwrap_or_else(common::Answer::empty), calls)
     };
 
     let (first, calls) = measure(Some(post_with("/pay", Some("rt"), "{}"))).await;

@@ -1,5 +1,7 @@
 //! The request protocol end to end, on the memory store and on the real Redis.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;
