@@ -73,6 +73,17 @@ impl Idempotency {
             .build())
     }
 
+    /// A handle on a Redis Cluster reached through any of `urls`, with default settings.
+    /// See [`RedisStore`] for what failover means for a fresh claim.
+    pub async fn redis_cluster<I, U>(urls: I) -> Result<Self, crate::Error>
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        let store = RedisStore::cluster_builder(urls).connect().await?;
+        Ok(Self::builder().store(store).build())
+    }
+
     /// Starts configuring a handle.
     pub fn builder() -> Builder {
         Builder {

@@ -153,6 +153,85 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster of the test's own: `masters` servers on free loopback ports, each in
+/// its own directory, slots spread evenly, no replicas; torn down when dropped.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts the servers, joins them with `redis-cli --cluster create`, and waits until
+    /// every node reports `cluster_state:ok`.
+    ///
+    /// # Panics
+    /// If a server does not start or the cluster does not form within ten seconds.
+    pub fn start(masters: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run redis-cli --cluster create");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let cluster = Self { nodes };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cluster.nodes.iter().all(|node| node.cluster_ok()) {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    /// `redis://127.0.0.1:PORT` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The nodes.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+}
+
+impl RedisServer {
+    fn cluster_ok(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        if stream.write_all(b"CLUSTER INFO\r\n").is_err() {
+            return false;
+        }
+        let mut reply = vec![0u8; 4096];
+        let Ok(n) = stream.read(&mut reply) else {
+            return false;
+        };
+        String::from_utf8_lossy(&reply[..n]).contains("cluster_state:ok")
+    }
+}
+
 /// A plain Redis connection for inspecting what a test wrote.
 ///
 /// # Panics

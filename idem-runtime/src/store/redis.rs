@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::{Client, Script};
 
 use super::{BoxFuture, Store, StoreError};
@@ -44,12 +46,25 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// A store on one Redis or Valkey server (7.0 or newer).
+/// A store on Redis or Valkey (7.0 or newer): one server, or a Redis Cluster.
 ///
 /// Every step is one round trip: `begin` is a single `SET NX GET`, the others are Lua
 /// scripts run by `EVALSHA` (loaded when the store connects, and again by itself after a
 /// server restart). The connection is multiplexed and shared by all requests, and it
 /// reconnects by itself after the server goes away.
+///
+/// On a cluster, one record is one key, so no step ever spans two hash slots; the cluster
+/// client routes each step to the master that owns its key and follows resharding.
+///
+/// # Consistency under failover
+///
+/// Redis replicates asynchronously. If a master fails after acknowledging a fresh claim
+/// but before a replica received it, the promoted replica does not know the key, and a
+/// retry arriving in that window runs the handler a second time. idem cannot close this
+/// window on its own (neither can any Redis-based lock); keep a second guard in the
+/// database for effects that must never repeat, such as a UNIQUE constraint on
+/// [`ScopedKey`](crate::ScopedKey), as the example payments app does. `WAIT`-based
+/// replication would narrow the window at the cost of a round trip per request.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), idem_runtime::Error> {
@@ -60,22 +75,38 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 ///     .connect()
 ///     .await?;
 /// let idem = Idempotency::builder().store(store).build();
+///
+/// let cluster = RedisStore::cluster_builder(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])
+///     .connect()
+///     .await?;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: Connection,
     prefix: Arc<str>,
+}
+
+#[derive(Clone)]
+enum Connection {
+    Server(ConnectionManager),
+    Cluster(ClusterConnection),
 }
 
 /// Sets up a [`RedisStore`].
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct RedisStoreBuilder {
-    url: String,
+    nodes: Nodes,
     prefix: String,
     response_timeout: Duration,
     connection_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+enum Nodes {
+    Server(String),
+    Cluster(Vec<String>),
 }
 
 impl RedisStoreBuilder {
@@ -100,20 +131,40 @@ impl RedisStoreBuilder {
 
     /// Connects, checks that the server answers, and loads the scripts.
     pub async fn connect(self) -> Result<RedisStore, crate::Error> {
-        let client = Client::open(self.url.as_str()).map_err(crate::Error::Redis)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(self.response_timeout))
-            .set_connection_timeout(Some(self.connection_timeout))
-            .set_max_delay(Duration::from_secs(2));
-        let mut connection = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(crate::Error::Redis)?;
+        let mut connection = match &self.nodes {
+            Nodes::Server(url) => {
+                let client = Client::open(url.as_str()).map_err(crate::Error::Redis)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(self.response_timeout))
+                    .set_connection_timeout(Some(self.connection_timeout))
+                    .set_max_delay(Duration::from_secs(2));
+                Connection::Server(
+                    ConnectionManager::new_with_config(client, config)
+                        .await
+                        .map_err(crate::Error::Redis)?,
+                )
+            }
+            Nodes::Cluster(urls) => {
+                let client = ClusterClient::builder(urls.iter().map(String::as_str))
+                    .connection_timeout(self.connection_timeout)
+                    .response_timeout(self.response_timeout)
+                    .build()
+                    .map_err(crate::Error::Redis)?;
+                Connection::Cluster(
+                    client
+                        .get_async_connection()
+                        .await
+                        .map_err(crate::Error::Redis)?,
+                )
+            }
+        };
         for script in [&*RENEW, &*COMPLETE, &*RELEASE] {
-            script
-                .prepare_invoke()
-                .load_async(&mut connection)
-                .await
-                .map_err(crate::Error::Redis)?;
+            let load = script.prepare_invoke();
+            let loaded = match &mut connection {
+                Connection::Server(c) => load.load_async(c).await,
+                Connection::Cluster(c) => load.load_async(c).await,
+            };
+            loaded.map_err(crate::Error::Redis)?;
         }
         Ok(RedisStore {
             connection,
@@ -123,16 +174,30 @@ impl RedisStoreBuilder {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://[user:password@]host:port[/db]`, or `rediss://` for TLS
-    /// where the `tls` feature is on) with the default settings.
+    /// Connects to one server at `url` with the default settings:
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS where the `tls`
+    /// feature is on.
     pub async fn connect(url: &str) -> Result<Self, crate::Error> {
         Self::builder(url).connect().await
     }
 
-    /// Starts configuring a store for `url`.
+    /// Starts configuring a store on one server at `url`.
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        Self::builder_for(Nodes::Server(url.into()))
+    }
+
+    /// Starts configuring a store on a Redis Cluster reached through any of `urls`.
+    pub fn cluster_builder<I, U>(urls: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        Self::builder_for(Nodes::Cluster(urls.into_iter().map(Into::into).collect()))
+    }
+
+    fn builder_for(nodes: Nodes) -> RedisStoreBuilder {
         RedisStoreBuilder {
-            url: url.into(),
+            nodes,
             prefix: DEFAULT_PREFIX.to_owned(),
             response_timeout: Duration::from_secs(2),
             connection_timeout: Duration::from_secs(2),
@@ -146,20 +211,53 @@ impl RedisStore {
         out.push_str(key);
         out
     }
+
+    /// Whether this store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.connection, Connection::Cluster(_))
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, command: Command<'_>) -> Result<T, StoreError> {
+        let result = match &self.connection {
+            Connection::Server(c) => command.run(&mut c.clone()).await,
+            Connection::Cluster(c) => command.run(&mut c.clone()).await,
+        };
+        result.map_err(StoreError::backend)
+    }
+}
+
+/// One protocol step, ready to send on either kind of connection.
+enum Command<'a> {
+    Plain(redis::Cmd),
+    Script(redis::ScriptInvocation<'a>),
+}
+
+impl Command<'_> {
+    async fn run<C, T>(self, connection: &mut C) -> redis::RedisResult<T>
+    where
+        C: redis::aio::ConnectionLike + Send,
+        T: redis::FromRedisValue,
+    {
+        match self {
+            Self::Plain(command) => command.query_async(connection).await,
+            Self::Script(invocation) => invocation.invoke_async(connection).await,
+        }
+    }
 }
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
+            .field("cluster", &self.is_cluster())
             .finish_non_exhaustive()
     }
 }
 
+/// Milliseconds for `PX`/`PEXPIRE`, which take a positive signed 64-bit number.
 fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
+    const MAX: u64 = i64::MAX as u64 / 2;
+    u64::try_from(duration.as_millis()).map_or(MAX, |ms| ms.clamp(1, MAX))
 }
 
 impl Store for RedisStore {
@@ -170,17 +268,15 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
-            redis::cmd("SET")
+            let mut command = redis::cmd("SET");
+            command
                 .arg(self.redis_key(key))
                 .arg(claim.as_ref())
                 .arg("NX")
                 .arg("GET")
                 .arg("PX")
-                .arg(millis(lease))
-                .query_async::<Option<Bytes>>(&mut connection)
-                .await
-                .map_err(StoreError::backend)
+                .arg(millis(lease));
+            self.run(Command::Plain(command)).await
         })
     }
 
@@ -191,14 +287,12 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
-            RENEW
+            let mut invocation = RENEW.prepare_invoke();
+            invocation
                 .key(self.redis_key(key))
                 .arg(claim.as_ref())
-                .arg(millis(lease))
-                .invoke_async::<bool>(&mut connection)
-                .await
-                .map_err(StoreError::backend)
+                .arg(millis(lease));
+            self.run(Command::Script(invocation)).await
         })
     }
 
@@ -210,15 +304,13 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
-            COMPLETE
+            let mut invocation = COMPLETE.prepare_invoke();
+            invocation
                 .key(self.redis_key(key))
                 .arg(claim.as_ref())
                 .arg(record.as_ref())
-                .arg(millis(ttl))
-                .invoke_async::<bool>(&mut connection)
-                .await
-                .map_err(StoreError::backend)
+                .arg(millis(ttl));
+            self.run(Command::Script(invocation)).await
         })
     }
 
@@ -228,13 +320,9 @@ impl Store for RedisStore {
         claim: &'a Bytes,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
-            RELEASE
-                .key(self.redis_key(key))
-                .arg(claim.as_ref())
-                .invoke_async::<bool>(&mut connection)
-                .await
-                .map_err(StoreError::backend)
+            let mut invocation = RELEASE.prepare_invoke();
+            invocation.key(self.redis_key(key)).arg(claim.as_ref());
+            self.run(Command::Script(invocation)).await
         })
     }
 }

@@ -2,6 +2,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod checks;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -23,6 +25,7 @@ use tower::ServiceExt;
 pub enum Backend {
     Memory(MemoryStore),
     Redis { url: String, prefix: String },
+    Cluster { urls: Vec<String>, prefix: String },
 }
 
 impl Backend {
@@ -52,6 +55,13 @@ impl Backend {
                     .await
                     .unwrap_or_else(|error| panic!("Redis at {url} must be running: {error}")),
             ),
+            Self::Cluster { urls, prefix } => Arc::new(
+                RedisStore::cluster_builder(urls.clone())
+                    .prefix(prefix.as_str())
+                    .connect()
+                    .await
+                    .unwrap_or_else(|error| panic!("the Redis Cluster must be up: {error}")),
+            ),
         };
         Idempotency::builder().shared_store(store)
     }
@@ -66,6 +76,14 @@ impl Backend {
             Self::Redis { url, prefix } => {
                 let mut connection = testkit::redis_connection(url).await;
                 testkit::keys_under(&mut connection, prefix).await.len()
+            }
+            Self::Cluster { urls, prefix } => {
+                let mut count = 0;
+                for url in urls {
+                    let mut connection = testkit::redis_connection(url).await;
+                    count += testkit::keys_under(&mut connection, prefix).await.len();
+                }
+                count
             }
         }
     }
