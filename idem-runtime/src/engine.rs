@@ -6,6 +6,7 @@
 //! lease while the handler runs, and ends in one `complete` or `release` round trip.
 
 use std::panic::{AssertUnwindSafe, resume_unwind};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -19,6 +20,7 @@ use crate::body::{Collected, collect_bounded};
 use crate::extract::ScopedKey;
 use crate::fingerprint::Fingerprint;
 use crate::idempotency::Idempotency;
+use crate::local::expiry_ms;
 use crate::problem::Problem;
 use crate::record::{FencingToken, Record, StoredResponse, encode_completed};
 use crate::store::StoreError;
@@ -49,6 +51,13 @@ pub(crate) async fn begin(
         token: FencingToken::generate(),
     }
     .encode();
+    if let Some(copy) = config
+        .local
+        .as_ref()
+        .and_then(|local| local.get(key.as_str()))
+    {
+        return Begun::Respond(completed(&key, &copy, &fingerprint));
+    }
     let wait_until = config.wait_for_in_flight.map(|max| Instant::now() + max);
     let mut backoff = Duration::from_millis(20);
     loop {
@@ -88,8 +97,11 @@ pub(crate) async fn begin(
         }
         match record {
             Record::Completed(stored) => {
-                tracing::info!(target: "idem", key = key.key().as_str(), status = stored.status.as_u16(), "replayed");
-                return Begun::Respond(replay(stored));
+                let stored = Arc::new(stored);
+                if let Some(local) = &config.local {
+                    local.insert(key.as_str(), stored.clone());
+                }
+                return Begun::Respond(completed(&key, &stored, &fingerprint));
             }
             Record::Unstorable {
                 status, body_len, ..
@@ -126,14 +138,24 @@ fn store_failed(idem: &Idempotency, key: &ScopedKey, error: &StoreError) -> Begu
     }
 }
 
+/// The answer to a request whose key holds a completed response: the replay, or `422`.
+fn completed(key: &ScopedKey, stored: &StoredResponse, fingerprint: &Fingerprint) -> Response {
+    if stored.fingerprint != *fingerprint {
+        tracing::warn!(target: "idem", key = key.key().as_str(), "key reused with a different request");
+        return Problem::key_reused().into_response();
+    }
+    tracing::info!(target: "idem", key = key.key().as_str(), status = stored.status.as_u16(), "replayed");
+    replay(stored)
+}
+
 /// A stored response as the client receives it on a replay.
-pub(crate) fn replay(stored: StoredResponse) -> Response {
-    let mut response = HttpResponse::new(Body::from(stored.body));
+pub(crate) fn replay(stored: &StoredResponse) -> Response {
+    let mut response = HttpResponse::new(Body::from(stored.body.clone()));
     *response.status_mut() = stored.status;
     let headers = response.headers_mut();
     headers.reserve(stored.headers.len() + 1);
-    for (name, value) in stored.headers {
-        headers.append(name, value);
+    for (name, value) in &stored.headers {
+        headers.append(name, value.clone());
     }
     headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     response
@@ -227,8 +249,28 @@ impl Execution {
                     .iter()
                     .filter(|(name, _)| config.headers.keeps(name))
                     .collect();
-                let record = encode_completed(&self.fingerprint, parts.status, &kept, &bytes);
-                self.complete(record).await;
+                let expires_at_ms = expiry_ms(self.ttl);
+                let record = encode_completed(
+                    &self.fingerprint,
+                    expires_at_ms,
+                    parts.status,
+                    &kept,
+                    &bytes,
+                );
+                let stored = self.complete(record).await;
+                if stored && let Some(local) = &config.local {
+                    let copy = StoredResponse {
+                        fingerprint: self.fingerprint,
+                        status: parts.status,
+                        headers: kept
+                            .into_iter()
+                            .map(|(n, v)| (n.clone(), v.clone()))
+                            .collect(),
+                        body: bytes.clone(),
+                        expires_at_ms,
+                    };
+                    local.insert(self.key.as_str(), Arc::new(copy));
+                }
                 tracing::debug!(target: "idem", key = self.key.key().as_str(), status = parts.status.as_u16(), "executed and stored");
                 Response::from_parts(parts, Body::from(bytes))
             }
@@ -258,13 +300,14 @@ impl Execution {
     /// Stores `record` if the key still holds this execution's claim. A store failure is
     /// retried in the background while the lease may still hold, so that a retry replays
     /// rather than runs again.
-    async fn complete(&mut self, record: Bytes) {
+    async fn complete(&mut self, record: Bytes) -> bool {
         self.armed = false;
         let config = &self.idem.config;
         match store_completion(&self.idem, &self.key, &self.claim, self.ttl, record.clone()).await {
-            Ok(true) => {}
+            Ok(true) => true,
             Ok(false) => {
                 tracing::warn!(target: "idem", key = self.key.key().as_str(), "lease was lost before completion (fencing); response not stored");
+                false
             }
             Err(error) => {
                 tracing::error!(target: "idem", key = self.key.key().as_str(), %error, "storing the response failed; retrying in the background");
@@ -287,6 +330,7 @@ impl Execution {
                     }
                     tracing::error!(target: "idem", key = key.key().as_str(), "response could not be stored; a retry may run the handler again");
                 });
+                false
             }
         }
     }

@@ -7,8 +7,10 @@ use std::time::Duration;
 use http::HeaderName;
 use http::request::Parts;
 
+use crate::extract::ScopedKey;
 use crate::fingerprint::FingerprintMode;
 use crate::layer::IdempotencyLayer;
+use crate::local::LocalTier;
 use crate::scope::{Scope, ScopeRule};
 use crate::store::{MemoryStore, RedisStore, Store};
 
@@ -55,6 +57,7 @@ pub(crate) struct Config {
     pub(crate) retry_after: Duration,
     pub(crate) wait_for_in_flight: Option<Duration>,
     pub(crate) store_timeout: Duration,
+    pub(crate) local: Option<LocalTier>,
 }
 
 impl Idempotency {
@@ -99,6 +102,7 @@ impl Idempotency {
             retry_after: Duration::from_secs(1),
             wait_for_in_flight: None,
             store_timeout: DEFAULT_STORE_TIMEOUT,
+            local: None,
         }
     }
 
@@ -116,6 +120,14 @@ impl Idempotency {
     /// The scope a request belongs to under this handle's scope rule.
     pub fn scope_of(&self, parts: &Parts) -> Scope {
         self.config.scope.scope_of(parts)
+    }
+
+    /// Drops this instance's local copy of the record under `key`, if the local tier is
+    /// on. Other instances drop theirs when it expires or reaches its maximum age.
+    pub fn forget_local(&self, key: &ScopedKey) {
+        if let Some(local) = &self.config.local {
+            local.forget(key.as_str());
+        }
     }
 
     /// The configured lease.
@@ -154,6 +166,7 @@ pub struct Builder {
     retry_after: Duration,
     wait_for_in_flight: Option<Duration>,
     store_timeout: Duration,
+    local: Option<LocalTier>,
 }
 
 impl Builder {
@@ -261,6 +274,22 @@ impl Builder {
         self
     }
 
+    /// Turns on the local tier: completed records are also kept in this process (at most
+    /// `max_bytes`), so a replay is answered without a store round trip. Claims and
+    /// completions still go to the shared store, so the protocol stays correct across
+    /// instances.
+    ///
+    /// A completed record never changes until it expires, and each local copy is dropped
+    /// when the record expires (the record carries its expiry time) or after `max_age`,
+    /// whichever is sooner. Clocks of instances should agree to well within `max_age`.
+    /// A record deleted by hand from the shared store is still replayed by instances that
+    /// hold a copy, for at most `max_age`; [`Idempotency::forget_local`] drops the copy at
+    /// once on one instance.
+    pub fn local_tier(mut self, max_bytes: u64, max_age: Duration) -> Self {
+        self.local = Some(LocalTier::new(max_bytes, max_age));
+        self
+    }
+
     /// Builds the handle.
     pub fn build(self) -> Idempotency {
         Idempotency {
@@ -277,6 +306,7 @@ impl Builder {
                 retry_after: self.retry_after,
                 wait_for_in_flight: self.wait_for_in_flight,
                 store_timeout: self.store_timeout,
+                local: self.local,
             }),
         }
     }

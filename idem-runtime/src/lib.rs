@@ -60,6 +60,7 @@ mod fingerprint;
 mod idempotency;
 mod key;
 mod layer;
+mod local;
 mod problem;
 mod record;
 mod scope;

@@ -5,7 +5,8 @@
 //! ```text
 //! "idem" | version: u8 | kind: u8 | fingerprint: [u8; 32] | kind-specific part
 //! kind 1, in progress: fencing token [u8; 16]
-//! kind 2, completed:   status u16 | header count u16 | (name_len u16, name, value_len u32, value)*
+//! kind 2, completed:   expires_at_ms u64 | status u16 | header count u16
+//!                      | (name_len u16, name, value_len u32, value)*
 //!                      | body_len u64 | body
 //! kind 3, unstorable:  status u16 | body length u64
 //! ```
@@ -94,6 +95,9 @@ pub struct StoredResponse {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Response body.
     pub body: Bytes,
+    /// When the record expires, in milliseconds since the Unix epoch (wall clock of the
+    /// instance that stored it).
+    pub expires_at_ms: u64,
 }
 
 /// Why bytes under an idem key could not be read as a record.
@@ -137,6 +141,7 @@ impl Record {
                 let headers: Vec<_> = response.headers.iter().map(|(n, v)| (n, v)).collect();
                 encode_completed(
                     &response.fingerprint,
+                    response.expires_at_ms,
                     response.status,
                     &headers,
                     &response.body,
@@ -188,6 +193,7 @@ impl Record {
                 }
             }
             KIND_COMPLETED => {
+                let expires_at_ms = reader.u64()?;
                 let status = reader.status()?;
                 let count = reader.u16()?;
                 let mut headers = Vec::with_capacity(usize::from(count));
@@ -213,6 +219,7 @@ impl Record {
                     status,
                     headers,
                     body: bytes.slice(start..start + body_len),
+                    expires_at_ms,
                 })
             }
             _ => {
@@ -234,6 +241,7 @@ impl Record {
 /// [`StoredResponse`] first.
 pub(crate) fn encode_completed(
     fingerprint: &Fingerprint,
+    expires_at_ms: u64,
     status: StatusCode,
     headers: &[(&HeaderName, &HeaderValue)],
     body: &[u8],
@@ -243,7 +251,8 @@ pub(crate) fn encode_completed(
         .iter()
         .map(|(n, v)| 6 + n.as_str().len() + v.len())
         .sum();
-    let mut out = start(KIND_COMPLETED, fingerprint, 12 + header_bytes + body.len());
+    let mut out = start(KIND_COMPLETED, fingerprint, 20 + header_bytes + body.len());
+    out.put_u64(expires_at_ms);
     out.put_u16(status.as_u16());
     out.put_u16(headers.len() as u16);
     for (name, value) in headers {
@@ -383,14 +392,16 @@ mod tests {
                 fp.clone(),
                 100u16..600,
                 proptest::collection::vec(header_strategy(), 0..8),
-                proptest::collection::vec(any::<u8>(), 0..512)
+                proptest::collection::vec(any::<u8>(), 0..512),
+                any::<u64>()
             )
-                .prop_map(|(fingerprint, status, headers, body)| {
+                .prop_map(|(fingerprint, status, headers, body, expires_at_ms)| {
                     Record::Completed(StoredResponse {
                         fingerprint,
                         status: StatusCode::from_u16(status).expect("valid status"),
                         headers,
                         body: Bytes::from(body),
+                        expires_at_ms,
                     })
                 }),
             (fp, 100u16..600, any::<u64>()).prop_map(|(fingerprint, status, body_len)| {

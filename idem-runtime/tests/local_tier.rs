@@ -1,0 +1,145 @@
+//! The local tier: replays served from process memory, correct across instances.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::{Backend, Counters, app, post_with, send};
+use testkit::{Monitor, RedisServer, keys_under, redis_connection};
+
+/// Guards: with the local tier, a replay and a 422 on a completed key cost no store round
+/// trip; another instance's first replay reads the shared store once, then serves locally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_skip_the_store() {
+    let server = RedisServer::start();
+    let backend = Backend::redis_at(&server.url(), "local-tier");
+    let instance = |backend: Backend| async move {
+        backend
+            .builder()
+            .await
+            .local_tier(16 * 1024 * 1024, Duration::from_secs(60))
+            .build()
+    };
+    let counters = Arc::new(Counters::default());
+    let first_app = app(&instance(backend.clone()).await, counters.clone());
+    let second_app = app(&instance(backend.clone()).await, counters.clone());
+    let mut admin = redis_connection(&server.url()).await;
+    let monitor = Monitor::start(server.port());
+    monitor.client_commands(&mut admin).await;
+
+    let first = send(&first_app, post_with("/pay", Some("local"), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(
+        monitor.client_commands(&mut admin).await,
+        ["set", "evalsha"]
+    );
+
+    for _ in 0..3 {
+        let replay = send(&first_app, post_with("/pay", Some("local"), "{}")).await;
+        assert!(replay.is_replay());
+        assert_eq!(replay.body, first.body);
+    }
+    let reused = send(&first_app, post_with("/pay", Some("local"), "{\"x\":1}")).await;
+    assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        monitor.client_commands(&mut admin).await,
+        Vec::<String>::new(),
+        "replays and the 422 were answered locally"
+    );
+
+    let elsewhere = send(&second_app, post_with("/pay", Some("local"), "{}")).await;
+    assert!(elsewhere.is_replay());
+    assert_eq!(elsewhere.body, first.body);
+    let again = send(&second_app, post_with("/pay", Some("local"), "{}")).await;
+    assert!(again.is_replay());
+    assert_eq!(
+        monitor.client_commands(&mut admin).await,
+        ["set"],
+        "the second instance read the shared store once"
+    );
+    assert_eq!(counters.runs(), 1);
+}
+
+/// Guards: a local copy is dropped when its record expires, so the key runs afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_copies_expire_with_the_record() {
+    for backend in [Backend::memory(), Backend::redis("local-expiry")] {
+        let idem = backend
+            .builder()
+            .await
+            .local_tier(1024 * 1024, Duration::from_secs(60))
+            .build();
+        let counters = Arc::new(Counters::default());
+        let app = app(&idem, counters.clone());
+        assert_eq!(
+            send(&app, post_with("/short", Some("t"), "")).await.body,
+            "run 1"
+        );
+        assert!(
+            send(&app, post_with("/short", Some("t"), ""))
+                .await
+                .is_replay()
+        );
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let fresh = send(&app, post_with("/short", Some("t"), "")).await;
+        assert!(!fresh.is_replay());
+        assert_eq!(fresh.body, "run 2");
+    }
+}
+
+/// Guards: a record deleted by hand from Redis stops being replayed locally within
+/// `max_age`, and at once after `forget_local`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_eviction_takes_effect_within_max_age() {
+    let backend = Backend::redis("local-evict");
+    let idem = backend
+        .builder()
+        .await
+        .local_tier(1024 * 1024, Duration::from_millis(400))
+        .build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let Backend::Redis { url, prefix } = &backend else {
+        unreachable!()
+    };
+    let mut connection = redis_connection(url).await;
+    let delete_all = async |connection: &mut redis::aio::MultiplexedConnection| {
+        for key in keys_under(connection, prefix).await {
+            let _: i64 = redis::cmd("DEL")
+                .arg(key)
+                .query_async(connection)
+                .await
+                .unwrap();
+        }
+    };
+
+    assert_eq!(
+        send(&app, post_with("/pay", Some("e"), "{}")).await.status,
+        StatusCode::CREATED
+    );
+    delete_all(&mut connection).await;
+    assert!(
+        send(&app, post_with("/pay", Some("e"), "{}"))
+            .await
+            .is_replay(),
+        "the local copy still answers"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rerun = send(&app, post_with("/pay", Some("e"), "{}")).await;
+    assert!(!rerun.is_replay(), "after max_age the deletion is seen");
+    assert_eq!(counters.runs(), 2);
+
+    delete_all(&mut connection).await;
+    let key = idem_runtime::ScopedKey::new(
+        idem_runtime::Scope::anonymous(),
+        idem_runtime::IdempotencyKey::parse(b"e").unwrap(),
+    );
+    idem.forget_local(&key);
+    let rerun = send(&app, post_with("/pay", Some("e"), "{}")).await;
+    assert!(!rerun.is_replay(), "forget_local drops the copy at once");
+    assert_eq!(counters.runs(), 3);
+}
