@@ -1,0 +1,242 @@
+//! Load test: serves every row of the benchmark on loopback, drives each with `wrk`
+//! for a fixed time, and prints requests/s, p50, p99 and the ratio of each row to its
+//! floor. Starts and stops its own `redis-server`. Bounded: rows × seconds.
+//!
+//! `cargo run --release -p idem-bench --bin loadtest -- [seconds per row] [connections]`
+
+use std::io::Write;
+use std::process::Command;
+
+use testkit::RedisServer;
+
+struct Row {
+    name: &'static str,
+    path: &'static str,
+    keys: Keys,
+    floor: Option<&'static str>,
+    target: Option<f64>,
+}
+
+#[derive(Clone, Copy)]
+enum Keys {
+    None,
+    Fresh,
+    Same,
+}
+
+struct Measured {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+const ROWS: &[Row] = &[
+    Row {
+        name: "1 bare handler",
+        path: "/bare",
+        keys: Keys::None,
+        floor: None,
+        target: None,
+    },
+    Row {
+        name: "2 bare + 1 Redis GET",
+        path: "/floor/one",
+        keys: Keys::None,
+        floor: None,
+        target: None,
+    },
+    Row {
+        name: "3 bare + 2 Redis cmds",
+        path: "/floor/two",
+        keys: Keys::None,
+        floor: None,
+        target: None,
+    },
+    Row {
+        name: "4 memory miss",
+        path: "/memory",
+        keys: Keys::Fresh,
+        floor: Some("1 bare handler"),
+        target: Some(0.80),
+    },
+    Row {
+        name: "4 memory hit",
+        path: "/memory",
+        keys: Keys::Same,
+        floor: Some("1 bare handler"),
+        target: Some(0.80),
+    },
+    Row {
+        name: "5 redis miss",
+        path: "/redis",
+        keys: Keys::Fresh,
+        floor: Some("3 bare + 2 Redis cmds"),
+        target: Some(0.85),
+    },
+    Row {
+        name: "5 redis hit",
+        path: "/redis",
+        keys: Keys::Same,
+        floor: Some("2 bare + 1 Redis GET"),
+        target: Some(0.90),
+    },
+    Row {
+        name: "6 local-tier hit",
+        path: "/local",
+        keys: Keys::Same,
+        floor: Some("1 bare handler"),
+        target: Some(0.90),
+    },
+];
+
+const SCRIPT: &str = r#"
+local mode = "none"
+local prefix = "k"
+local counter = 0
+local body = '{"amount":2500,"currency":"EUR"}'
+function init(args)
+  mode = args[1] or "none"
+  prefix = args[2] or "k"
+end
+function request()
+  local headers = { ["Content-Type"] = "application/json" }
+  if mode == "fresh" then
+    counter = counter + 1
+    headers["Idempotency-Key"] = prefix .. "-" .. counter
+  elseif mode == "same" then
+    headers["Idempotency-Key"] = prefix
+  end
+  return wrk.format("POST", nil, headers, body)
+end
+"#;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let seconds: u64 = args.next().map_or(Ok(5), |s| s.parse())?;
+    let connections: u64 = args.next().map_or(Ok(32), |s| s.parse())?;
+    if Command::new("wrk").arg("--version").output().is_err() {
+        return Err("wrk is not installed (apt-get install wrk)".into());
+    }
+    let redis = RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let app = runtime.block_on(idem_bench::app(&redis.url()))?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let address = listener.local_addr()?;
+    runtime.spawn(async move { axum::serve(listener, app).await });
+
+    let script = std::env::temp_dir().join(format!("idem-loadtest-{}.lua", std::process::id()));
+    std::fs::write(&script, SCRIPT)?;
+    println!(
+        "wrk: 1 thread, {connections} connections, {seconds} s per row; server: 2 tokio workers; private redis-server"
+    );
+    let mut results: Vec<(&Row, Measured)> = Vec::new();
+    // IDEM_ROWS="redis miss,memory" keeps only rows whose name contains one of the parts.
+    let only = std::env::var("IDEM_ROWS").unwrap_or_default();
+    let selected =
+        |row: &Row| only.is_empty() || only.split(',').any(|part| row.name.contains(part.trim()));
+    for (index, row) in ROWS.iter().enumerate().filter(|(_, row)| selected(row)) {
+        let url = format!("http://{address}{}", row.path);
+        let mode = match row.keys {
+            Keys::None => "none",
+            Keys::Fresh => "fresh",
+            Keys::Same => "same",
+        };
+        let prefix = format!("run{}-row{index}", std::process::id());
+        if let Keys::Same = row.keys {
+            // Prime the key so that every measured request is a hit.
+            run_wrk(&url, &script, mode, &prefix, 1, 1, 1)?;
+        }
+        let measured = run_wrk(&url, &script, mode, &prefix, seconds, connections, 1)?;
+        print!(".");
+        std::io::stdout().flush()?;
+        results.push((row, measured));
+    }
+    println!();
+    println!("| row | requests/s | p50 ms | p99 ms | floor | ratio | target |");
+    println!("| --- | ---: | ---: | ---: | --- | ---: | ---: |");
+    for (row, measured) in &results {
+        let floor = row
+            .floor
+            .and_then(|name| results.iter().find(|(r, _)| r.name == name));
+        let ratio = floor.map(|(_, f)| measured.rps / f.rps);
+        println!(
+            "| {} | {:.0} | {:.3} | {:.3} | {} | {} | {} |",
+            row.name,
+            measured.rps,
+            measured.p50_ms,
+            measured.p99_ms,
+            row.floor.unwrap_or("-"),
+            ratio.map_or("-".to_owned(), |r| format!("{r:.2}")),
+            row.target.map_or("-".to_owned(), |t| format!("≥ {t:.2}")),
+        );
+    }
+    if let (Some((_, miss)), Some((_, floor))) = (
+        results.iter().find(|(r, _)| r.name == "5 redis miss"),
+        results
+            .iter()
+            .find(|(r, _)| r.name == "3 bare + 2 Redis cmds"),
+    ) {
+        println!(
+            "\np99 of the Redis miss path / p99 of row 3: {:.2} (target ≤ 1.50)",
+            miss.p99_ms / floor.p99_ms
+        );
+    }
+    let _ = std::fs::remove_file(&script);
+    Ok(())
+}
+
+fn run_wrk(
+    url: &str,
+    script: &std::path::Path,
+    mode: &str,
+    prefix: &str,
+    seconds: u64,
+    connections: u64,
+    threads: u64,
+) -> Result<Measured, Box<dyn std::error::Error>> {
+    let output = Command::new("wrk")
+        .args(["-t", &threads.to_string(), "-c", &connections.to_string()])
+        .args(["-d", &format!("{seconds}s"), "--latency", "-s"])
+        .arg(script)
+        .arg(url)
+        .args(["--", mode, prefix])
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() || text.contains("Non-2xx") {
+        return Err(format!("wrk against {url} failed or saw non-2xx answers:\n{text}").into());
+    }
+    let rps = text
+        .lines()
+        .find_map(|line| line.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no Requests/sec in wrk output:\n{text}"))?;
+    let percentile = |label: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|line| line.strip_prefix(label))
+            .map(|v| parse_latency(v.trim()))
+            .ok_or_else(|| format!("no {label} latency in wrk output:\n{text}"))
+    };
+    Ok(Measured {
+        rps,
+        p50_ms: percentile("50%")?,
+        p99_ms: percentile("99%")?,
+    })
+}
+
+/// wrk prints latencies as `512.00us`, `1.20ms` or `1.05s`.
+fn parse_latency(text: &str) -> f64 {
+    let (number, scale) = if let Some(v) = text.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = text.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = text.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        (text, 1.0)
+    };
+    number.parse::<f64>().unwrap_or(f64::NAN) * scale
+}

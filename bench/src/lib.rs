@@ -1,0 +1,137 @@
+//! The benchmark app: one handler served bare, beside its floors (the handler plus the
+//! raw Redis commands idem cannot avoid) and under `#[idempotent]` on each store.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use idem_runtime::store::RedisStore;
+use idem_runtime::{Idempotency, idempotent};
+use redis::aio::ConnectionManager;
+use serde_json::{Value, json};
+
+/// What the handlers share: a counter, and a plain Redis connection for the floors.
+#[derive(Clone)]
+pub struct Bench {
+    counter: Arc<AtomicU64>,
+    redis: ConnectionManager,
+}
+
+/// The work every row does: count, and answer a small JSON body.
+fn work(bench: &Bench, request: &Value) -> (StatusCode, Json<Value>) {
+    let n = bench.counter.fetch_add(1, Ordering::Relaxed);
+    (
+        StatusCode::CREATED,
+        Json(json!({ "id": n, "status": "captured", "amount": request["amount"] })),
+    )
+}
+
+async fn bare(State(bench): State<Bench>, Json(request): Json<Value>) -> (StatusCode, Json<Value>) {
+    work(&bench, &request)
+}
+
+async fn floor_one(
+    State(bench): State<Bench>,
+    Json(request): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    let mut redis = bench.redis.clone();
+    let _: Option<Vec<u8>> = redis::cmd("GET")
+        .arg("bench:floor")
+        .query_async(&mut redis)
+        .await
+        .unwrap_or_default();
+    work(&bench, &request)
+}
+
+async fn floor_two(
+    State(bench): State<Bench>,
+    Json(request): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    let mut redis = bench.redis.clone();
+    let n = bench.counter.load(Ordering::Relaxed);
+    let key = format!("bench:floor:{n}");
+    let _: Option<Vec<u8>> = redis::cmd("SET")
+        .arg(&key)
+        .arg("claim")
+        .arg("NX")
+        .arg("GET")
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut redis)
+        .await
+        .unwrap_or_default();
+    let response = work(&bench, &request);
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(response.1.to_string())
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut redis)
+        .await
+        .unwrap_or_default();
+    response
+}
+
+#[idempotent(ttl = "10m")]
+async fn idempotent_handler(
+    State(bench): State<Bench>,
+    Json(request): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    work(&bench, &request)
+}
+
+/// The routes of every row, on a Redis at `redis_url` (keys under `bench:`).
+///
+/// # Errors
+/// If Redis cannot be reached.
+pub async fn app(redis_url: &str) -> Result<Router, idem_runtime::Error> {
+    let client = redis::Client::open(redis_url).map_err(idem_runtime::Error::Redis)?;
+    let redis = ConnectionManager::new(client)
+        .await
+        .map_err(idem_runtime::Error::Redis)?;
+    // The replay floor reads a value as large as a stored response of this handler.
+    let mut setup = redis.clone();
+    let stored_size = vec![b'r'; 160];
+    let () = redis::cmd("SET")
+        .arg("bench:floor")
+        .arg(stored_size)
+        .query_async(&mut setup)
+        .await
+        .map_err(idem_runtime::Error::Redis)?;
+    let bench = Bench {
+        counter: Arc::new(AtomicU64::new(0)),
+        redis,
+    };
+    let memory = Idempotency::in_memory();
+    let on_redis = |prefix: &'static str| async move {
+        RedisStore::builder(redis_url)
+            .prefix(prefix)
+            .connect()
+            .await
+    };
+    let redis_idem = Idempotency::builder()
+        .store(on_redis("bench:idem:").await?)
+        .build();
+    let local_idem = Idempotency::builder()
+        .store(on_redis("bench:local:").await?)
+        .local_tier(64 * 1024 * 1024, Duration::from_secs(60))
+        .build();
+    let plain = Router::new()
+        .route("/bare", post(bare))
+        .route("/floor/one", post(floor_one))
+        .route("/floor/two", post(floor_two));
+    let guarded = |idem: &Idempotency, path: &str| {
+        Router::new()
+            .route(path, post(idempotent_handler))
+            .layer(idem.layer())
+    };
+    Ok(plain
+        .merge(guarded(&memory, "/memory"))
+        .merge(guarded(&redis_idem, "/redis"))
+        .merge(guarded(&local_idem, "/local"))
+        .with_state(bench))
+}
