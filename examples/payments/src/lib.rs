@@ -1,0 +1,196 @@
+//! The example payments app of idem: orders and payments behind `#[idempotent]`, with a
+//! database that guards a second time.
+//!
+//! | route | does |
+//! | --- | --- |
+//! | `POST /orders` | creates a pending order (`#[idempotent(ttl = "24h")]`) |
+//! | `POST /payments` | captures the payment of an order and marks it paid (`#[idempotent(ttl = "24h")]`) |
+//! | `GET /orders/{id}`, `GET /payments/{id}` | read them back |
+//! | `GET /healthz` | `200` while the database answers |
+//!
+//! A retry with the same `Idempotency-Key` gets the stored response from the
+//! idempotency store. Behind it, the `orders` and `payments` tables carry a UNIQUE
+//! constraint on the scoped key ([`idem_runtime::ScopedKey`]): if the store has forgotten
+//! the key (it expired, Redis was flushed, the app moved to a new store), the retry still
+//! finds the row it created and gets it back instead of charging again. A UNIQUE
+//! constraint on `payments.order_id` stops two different keys from paying one order
+//! (`409`). Every error is an RFC 9457 problem.
+//!
+//! The router is built here so tests can serve the real thing:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), payments::StartupError> {
+//! let config = payments::Config::from_env()?;
+//! let router = payments::app(&config).await?;
+//! let listener = tokio::net::TcpListener::bind(config.addr).await?;
+//! axum::serve(listener, router).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! [`client`] holds the retrying client that `pay-client` runs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+use idem_runtime::Idempotency;
+use idem_runtime::store::RedisStore;
+
+pub mod client;
+mod db;
+mod error;
+mod model;
+mod routes;
+
+pub use crate::db::Db;
+pub use crate::error::ApiError;
+pub use crate::model::{
+    Item, NewOrder, NewPayment, ORDER_PAID, ORDER_PENDING, Order, PAYMENT_CAPTURED, Payment,
+};
+
+/// Where the app listens unless `PAYMENTS_ADDR` says otherwise.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:3000";
+/// The database unless `DATABASE_URL` says otherwise: `payments.db` in the working
+/// directory, created if missing.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://payments.db?mode=rwc";
+/// The prefix of the app's keys in Redis.
+pub const DEFAULT_REDIS_PREFIX: &str = "payments:idem:";
+
+/// How the app is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address (`PAYMENTS_ADDR`, default [`DEFAULT_ADDR`]).
+    pub addr: SocketAddr,
+    /// `sqlite://...` or `postgres://...` (`DATABASE_URL`, default [`DEFAULT_DATABASE_URL`]).
+    pub database_url: String,
+    /// The idempotency store: Redis at this URL (`REDIS_URL`), else in memory.
+    pub redis_url: Option<String>,
+    /// The prefix of the app's Redis keys (default [`DEFAULT_REDIS_PREFIX`]).
+    pub redis_prefix: String,
+    /// Test hook (`PAYMENTS_TEST_PAUSE_FILE`): while this file exists, `POST /payments`
+    /// waits before it touches the database (at most a minute), so a fault test can
+    /// kill the process mid-payment. Leave it unset outside tests.
+    pub test_pause_file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            redis_url: None,
+            redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
+            test_pause_file: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `PAYMENTS_ADDR`, `DATABASE_URL`, `REDIS_URL` and `PAYMENTS_TEST_PAUSE_FILE`;
+    /// unset or empty variables keep the defaults.
+    pub fn from_env() -> Result<Self, StartupError> {
+        let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+        let mut config = Self::default();
+        if let Some(addr) = var("PAYMENTS_ADDR") {
+            config.addr = addr
+                .parse()
+                .map_err(|source| StartupError::Addr { addr, source })?;
+        }
+        if let Some(url) = var("DATABASE_URL") {
+            config.database_url = url;
+        }
+        config.redis_url = var("REDIS_URL");
+        config.test_pause_file = var("PAYMENTS_TEST_PAUSE_FILE").map(PathBuf::from);
+        Ok(config)
+    }
+}
+
+/// Why the app could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartupError {
+    /// `PAYMENTS_ADDR` is not a socket address.
+    #[error("PAYMENTS_ADDR={addr:?} is not an address like 127.0.0.1:3000")]
+    Addr {
+        /// The value given.
+        addr: String,
+        /// Why it does not parse.
+        source: std::net::AddrParseError,
+    },
+    /// The database could not be opened or migrated.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Redis could not be reached.
+    #[error("idempotency store: {0}")]
+    Redis(#[from] idem_runtime::Error),
+    /// Listening or serving failed.
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the handlers share: the database and the test hook.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub(crate) db: Db,
+    pub(crate) test_pause_file: Option<Arc<Path>>,
+}
+
+impl AppState {
+    /// State over `db`, without the test hook.
+    pub fn new(db: Db) -> Self {
+        Self {
+            db,
+            test_pause_file: None,
+        }
+    }
+
+    /// Turns on the pause test hook (see [`Config::test_pause_file`]).
+    pub fn with_test_pause_file(mut self, file: impl Into<PathBuf>) -> Self {
+        self.test_pause_file = Some(Arc::from(file.into()));
+        self
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+}
+
+/// Connects the database (running its migrations) and the idempotency store, and builds
+/// the router.
+pub async fn app(config: &Config) -> Result<Router, StartupError> {
+    let db = Db::connect(&config.database_url).await?;
+    let idem = idempotency(config).await?;
+    let mut state = AppState::new(db);
+    if let Some(file) = &config.test_pause_file {
+        state = state.with_test_pause_file(file);
+    }
+    Ok(router(state, &idem))
+}
+
+/// The idempotency handle the config asks for: Redis when `redis_url` is set, else a
+/// fresh in-memory store.
+pub async fn idempotency(config: &Config) -> Result<Idempotency, StartupError> {
+    let Some(url) = &config.redis_url else {
+        return Ok(Idempotency::in_memory());
+    };
+    let store = RedisStore::builder(url.as_str())
+        .prefix(config.redis_prefix.as_str())
+        .connect()
+        .await?;
+    Ok(Idempotency::builder().store(store).build())
+}
+
+/// The routes over `state`, protected by `idem`.
+pub fn router(state: AppState, idem: &Idempotency) -> Router {
+    Router::new()
+        .route("/orders", post(routes::create_order))
+        .route("/orders/{id}", get(routes::get_order))
+        .route("/payments", post(routes::create_payment))
+        .route("/payments/{id}", get(routes::get_payment))
+        .route("/healthz", get(routes::healthz))
+        .with_state(state)
+        .layer(idem.layer())
+}

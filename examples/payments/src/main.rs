@@ -1,0 +1,78 @@
+//! `cargo run -p payments`: serves the example payments app.
+//!
+//! Configured by the environment: `PAYMENTS_ADDR` (default `127.0.0.1:3000`),
+//! `DATABASE_URL` (default `sqlite://payments.db?mode=rwc`; `postgres://...` for
+//! PostgreSQL), `REDIS_URL` (default: the in-memory idempotency store) and `RUST_LOG`.
+
+use std::process::ExitCode;
+
+use payments::{Config, StartupError};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("payments=info,idem=info")),
+        )
+        .init();
+    match serve().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "payments stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve() -> Result<(), StartupError> {
+    let config = Config::from_env()?;
+    let app = payments::app(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.addr).await?;
+    tracing::info!(
+        url = %format!("http://{}", listener.local_addr()?),
+        database = %redact(&config.database_url),
+        idempotency_store = if config.redis_url.is_some() { "redis" } else { "memory" },
+        "payments listening"
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+/// The URL without its password, for the log.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,132 @@
+//! The JSON the API speaks, shared by the server and the client.
+
+use serde::{Deserialize, Serialize};
+
+/// `status` of an order that has not been paid yet.
+pub const ORDER_PENDING: &str = "pending";
+/// `status` of an order with a captured payment.
+pub const ORDER_PAID: &str = "paid";
+/// `status` of a payment: the example captures at once.
+pub const PAYMENT_CAPTURED: &str = "captured";
+
+/// The body of `POST /orders`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewOrder {
+    /// Who places the order.
+    pub customer_id: String,
+    /// What is ordered; at least one line.
+    pub items: Vec<Item>,
+}
+
+/// One line of an order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    /// The product.
+    pub sku: String,
+    /// How many; at least one.
+    pub quantity: i64,
+    /// Price of one unit in cents; not negative.
+    pub unit_price_cents: i64,
+}
+
+/// An order as the API returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    /// `ord_` and 32 hex digits.
+    pub id: String,
+    /// Who placed the order.
+    pub customer_id: String,
+    /// The lines, in the order they were sent.
+    pub items: Vec<Item>,
+    /// Sum of quantity × unit price over the lines.
+    pub total_cents: i64,
+    /// [`ORDER_PENDING`] or [`ORDER_PAID`].
+    pub status: String,
+    /// When the order was created (RFC 3339, UTC).
+    pub created_at: String,
+}
+
+/// The body of `POST /payments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewPayment {
+    /// The order to pay.
+    pub order_id: String,
+    /// Must equal the order's `total_cents`.
+    pub amount_cents: i64,
+    /// ISO 4217 code: three upper-case letters, e.g. `EUR`.
+    pub currency: String,
+}
+
+/// A payment as the API returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payment {
+    /// `pay_` and 32 hex digits.
+    pub id: String,
+    /// The order it pays.
+    pub order_id: String,
+    /// The amount captured, in cents.
+    pub amount_cents: i64,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// [`PAYMENT_CAPTURED`].
+    pub status: String,
+    /// When the payment was captured (RFC 3339, UTC).
+    pub created_at: String,
+}
+
+impl NewOrder {
+    /// Checks the order and returns its total in cents, or says what is wrong.
+    pub fn total_cents(&self) -> Result<i64, String> {
+        if self.customer_id.trim().is_empty() {
+            return Err("`customer_id` must not be empty.".into());
+        }
+        if self.items.is_empty() {
+            return Err("`items` must contain at least one item.".into());
+        }
+        let mut total: i64 = 0;
+        for (index, item) in self.items.iter().enumerate() {
+            if item.sku.trim().is_empty() {
+                return Err(format!("`items[{index}].sku` must not be empty."));
+            }
+            if item.quantity <= 0 {
+                return Err(format!(
+                    "`items[{index}].quantity` must be at least 1, got {}.",
+                    item.quantity
+                ));
+            }
+            if item.unit_price_cents < 0 {
+                return Err(format!(
+                    "`items[{index}].unit_price_cents` must not be negative, got {}.",
+                    item.unit_price_cents
+                ));
+            }
+            total = item
+                .quantity
+                .checked_mul(item.unit_price_cents)
+                .and_then(|line| total.checked_add(line))
+                .ok_or_else(|| {
+                    format!("The order total overflows at `items[{index}]`; order fewer or cheaper items.")
+                })?;
+        }
+        Ok(total)
+    }
+}
+
+impl NewPayment {
+    /// Checks what can be checked without the order, or says what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        if self.amount_cents < 0 {
+            return Err(format!(
+                "`amount_cents` must not be negative, got {}.",
+                self.amount_cents
+            ));
+        }
+        if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(format!(
+                "`currency` must be an ISO 4217 code of three upper-case letters such as \"EUR\", got {:?}.",
+                self.currency
+            ));
+        }
+        Ok(())
+    }
+}

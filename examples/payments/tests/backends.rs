@@ -1,0 +1,609 @@
+//! The payments app end to end, each scenario twice: on a SQLite file with the in-memory
+//! idempotency store, and on PostgreSQL with Redis. The real router is served on a
+//! loopback socket and spoken to over HTTP; rows are counted in the database itself.
+//!
+//! PostgreSQL (`IDEM_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`)
+//! and Redis (`IDEM_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`) must be running:
+//! the tests that need them fail, never skip, when they are not. Each test works in a
+//! schema and under a Redis key prefix of its own and removes only those.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use idem_runtime::{Idempotency, PROBLEM_JSON};
+use payments::client::{PayClient, RetryPolicy, demo, new_key};
+use payments::{AppState, Config, Db, NewOrder, NewPayment, Order, Payment};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::{AnyConnection, Connection, Row};
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    SqliteMemory,
+    PostgresRedis,
+}
+
+/// One test's database and idempotency store, removed when dropped.
+struct Fixture {
+    config: Config,
+    db: Db,
+    cleanup: Cleanup,
+}
+
+/// What a test created: removed when dropped, also when the test fails.
+enum Cleanup {
+    SqliteFile(PathBuf),
+    Postgres {
+        admin_url: String,
+        schema: String,
+        redis_url: String,
+        redis_prefix: String,
+    },
+}
+
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}_{nanos}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn postgres_url() -> String {
+    std::env::var("IDEM_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+impl Fixture {
+    async fn new(backend: Backend, test: &str) -> Self {
+        let mut config = Config::default();
+        let cleanup = match backend {
+            Backend::SqliteMemory => {
+                let file =
+                    std::env::temp_dir().join(format!("payments-{test}-{}.db", unique_suffix()));
+                config.database_url = format!("sqlite://{}?mode=rwc", file.display());
+                Cleanup::SqliteFile(file)
+            }
+            Backend::PostgresRedis => {
+                let redis_url = testkit::shared_redis_url();
+                // Fails the test, with the reason, when Redis is down.
+                testkit::redis_connection(&redis_url).await;
+                config.redis_url = Some(redis_url.clone());
+                config.redis_prefix = testkit::unique_prefix(test);
+                let admin_url = postgres_url();
+                let schema = format!("idem_test_{}", unique_suffix());
+                execute_as_admin(&admin_url, &format!("CREATE SCHEMA {schema}")).await;
+                let separator = if admin_url.contains('?') { '&' } else { '?' };
+                config.database_url =
+                    format!("{admin_url}{separator}options=-csearch_path%3D{schema}");
+                Cleanup::Postgres {
+                    admin_url,
+                    schema,
+                    redis_url,
+                    redis_prefix: config.redis_prefix.clone(),
+                }
+            }
+        };
+        let db = Db::connect(&config.database_url).await.unwrap();
+        Self {
+            config,
+            db,
+            cleanup,
+        }
+    }
+
+    /// The app as `payments::app` builds it from the config.
+    async fn serve(&self) -> Server {
+        Server::start(payments::app(&self.config).await.unwrap()).await
+    }
+
+    /// Makes the idempotency store forget every key, as an expired TTL or a flushed
+    /// Redis would: on Redis the test's keys are deleted; the memory store is replaced by
+    /// a fresh one (a new app on the same database).
+    async fn forget_idempotency_records(&self, server: Server) -> Server {
+        match &self.cleanup {
+            Cleanup::SqliteFile(_) => {
+                drop(server);
+                let router =
+                    payments::router(AppState::new(self.db.clone()), &Idempotency::in_memory());
+                Server::start(router).await
+            }
+            Cleanup::Postgres {
+                redis_url,
+                redis_prefix,
+                ..
+            } => {
+                let deleted = delete_redis_keys(redis_url, redis_prefix).await;
+                assert!(deleted > 0, "the payment left a record in Redis to delete");
+                server
+            }
+        }
+    }
+
+    async fn payments_of(&self, order_id: &str) -> Vec<Payment> {
+        sqlx::query(
+            "SELECT id, order_id, amount_cents, currency, status, created_at \
+             FROM payments WHERE order_id = $1",
+        )
+        .bind(order_id)
+        .fetch_all(self.db.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| Payment {
+            id: row.get("id"),
+            order_id: row.get("order_id"),
+            amount_cents: row.get("amount_cents"),
+            currency: row.get("currency"),
+            status: row.get("status"),
+            created_at: row.get("created_at"),
+        })
+        .collect()
+    }
+
+    async fn order_status(&self, order_id: &str) -> String {
+        sqlx::query("SELECT status FROM orders WHERE id = $1")
+            .bind(order_id)
+            .fetch_one(self.db.pool())
+            .await
+            .unwrap()
+            .get("status")
+    }
+}
+
+async fn delete_redis_keys(url: &str, prefix: &str) -> usize {
+    let mut connection = testkit::redis_connection(url).await;
+    let keys = testkit::keys_under(&mut connection, prefix).await;
+    for key in &keys {
+        let _: i64 = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+    keys.len()
+}
+
+/// Runs one statement on the PostgreSQL server.
+///
+/// # Panics
+/// When PostgreSQL is not running: the test fails, it does not skip.
+async fn execute_as_admin(url: &str, statement: &str) {
+    sqlx::any::install_default_drivers();
+    let mut admin = AnyConnection::connect(url).await.unwrap_or_else(|error| {
+        panic!("PostgreSQL at {url} must be running for this test: {error}")
+    });
+    sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        match self {
+            Cleanup::SqliteFile(file) => {
+                for suffix in ["", "-journal", "-wal", "-shm"] {
+                    let mut path = file.clone().into_os_string();
+                    path.push(suffix);
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            Cleanup::Postgres {
+                admin_url,
+                schema,
+                redis_url,
+                redis_prefix,
+            } => {
+                let what = format!("schema {schema} and Redis keys {redis_prefix}*");
+                let (admin_url, schema, redis_url, redis_prefix) = (
+                    admin_url.clone(),
+                    schema.clone(),
+                    redis_url.clone(),
+                    redis_prefix.clone(),
+                );
+                // Async clean-up from `drop`, on a runtime of its own in a thread of its own.
+                let cleaned = std::thread::spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap()
+                        .block_on(async {
+                            let drop_schema = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+                            execute_as_admin(&admin_url, &drop_schema).await;
+                            delete_redis_keys(&redis_url, &redis_prefix).await;
+                        });
+                })
+                .join();
+                if cleaned.is_err() && !std::thread::panicking() {
+                    panic!("removing {what} failed");
+                }
+            }
+        }
+    }
+}
+
+/// A file that pauses payments (the app's `PAYMENTS_TEST_PAUSE_FILE` hook) until it is
+/// dropped.
+struct PauseFile(PathBuf);
+
+impl PauseFile {
+    fn create() -> Self {
+        let file = std::env::temp_dir().join(format!("payments-pause-{}", unique_suffix()));
+        std::fs::write(&file, b"").unwrap();
+        Self(file)
+    }
+}
+
+impl Drop for PauseFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The router on a loopback socket; stops when dropped.
+struct Server {
+    url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(router: Router) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router).await.unwrap();
+        });
+        Self { url, task }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An HTTP answer as a client sees it.
+struct Answer {
+    status: StatusCode,
+    replayed: bool,
+    content_type: String,
+    retry_after: bool,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
+            panic!(
+                "{error}: {} {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    fn problem_type(&self) -> String {
+        assert_eq!(self.content_type, PROBLEM_JSON, "{}", self.status);
+        let problem: Value = self.json();
+        assert_eq!(problem["status"], self.status.as_u16());
+        assert!(problem["title"].is_string() && problem["detail"].is_string());
+        problem["type"].as_str().unwrap().to_owned()
+    }
+}
+
+async fn post(http: &reqwest::Client, url: &str, key: Option<&str>, body: &Value) -> Answer {
+    let mut request = http.post(url).json(body);
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await.unwrap();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|value| value.to_str().unwrap().to_owned())
+    };
+    Answer {
+        status: response.status(),
+        replayed: header("idempotent-replayed").as_deref() == Some("true"),
+        content_type: header("content-type").unwrap_or_default(),
+        retry_after: header("retry-after").is_some(),
+        body: response.bytes().await.unwrap().to_vec(),
+    }
+}
+
+async fn create_order(http: &reqwest::Client, server: &Server) -> Order {
+    let order = NewOrder {
+        customer_id: "cus_42".into(),
+        items: vec![payments::Item {
+            sku: "BOOK".into(),
+            quantity: 2,
+            unit_price_cents: 1250,
+        }],
+    };
+    let answer = post(
+        http,
+        &format!("{}/orders", server.url),
+        Some(&new_key()),
+        &serde_json::to_value(order).unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED);
+    answer.json()
+}
+
+fn payment_of(order: &Order) -> Value {
+    serde_json::to_value(NewPayment {
+        order_id: order.id.clone(),
+        amount_cents: order.total_cents,
+        currency: "EUR".into(),
+    })
+    .unwrap()
+}
+
+// ---- scenarios ----
+
+async fn concurrent_payments_with_one_key(backend: Backend) {
+    let fixture = Fixture::new(backend, "concurrent").await;
+    // The first payment waits in the handler until the pause file is gone, so all 100
+    // requests are in flight at once.
+    let pause = PauseFile::create();
+    let mut config = fixture.config.clone();
+    config.test_pause_file = Some(pause.0.clone());
+    let server = Server::start(payments::app(&config).await.unwrap()).await;
+    let http = reqwest::Client::new();
+    let order = create_order(&http, &server).await;
+    let key = new_key();
+    let body = payment_of(&order);
+    let url = format!("{}/payments", server.url);
+
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let (http, url, key, body) = (http.clone(), url.clone(), key.clone(), body.clone());
+        requests.spawn(async move { post(&http, &url, Some(&key), &body).await });
+    }
+    let mut answers = Vec::new();
+    while answers.len() < 99 {
+        let next = tokio::time::timeout(Duration::from_secs(30), requests.join_next())
+            .await
+            .expect("99 requests are answered while the first one is paused");
+        answers.push(next.unwrap().unwrap());
+    }
+    drop(pause);
+    answers.push(requests.join_next().await.unwrap().unwrap());
+    let replay = post(&http, &url, Some(&key), &body).await;
+
+    let originals: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED && !a.replayed)
+        .collect();
+    assert_eq!(originals.len(), 1, "exactly one request ran the payment");
+    let original = &originals[0].body;
+    for answer in answers.iter().chain([&replay]) {
+        match answer.status {
+            StatusCode::CREATED => assert_eq!(&answer.body, original, "a replay is byte for byte"),
+            StatusCode::CONFLICT => {
+                assert!(answer.retry_after, "409 carries Retry-After");
+                assert_eq!(answer.problem_type(), "urn:idem:problem:in-flight");
+            }
+            status => panic!(
+                "unexpected {status}: {}",
+                String::from_utf8_lossy(&answer.body)
+            ),
+        }
+    }
+    let conflicts = answers.iter().filter(|a| a.status == StatusCode::CONFLICT);
+    assert_eq!(
+        conflicts.count(),
+        99,
+        "the others found the payment in flight"
+    );
+    assert!(
+        replay.replayed && replay.status == StatusCode::CREATED,
+        "a later retry is replayed"
+    );
+    let payment: Payment = originals[0].json();
+    assert_eq!(fixture.payments_of(&order.id).await, vec![payment]);
+    assert_eq!(fixture.order_status(&order.id).await, "paid");
+}
+
+async fn lost_response_then_retries(backend: Backend) {
+    let fixture = Fixture::new(backend, "lost-response").await;
+    let server = fixture.serve().await;
+    let client = PayClient::new(&server.url)
+        .unwrap()
+        .with_retry(RetryPolicy {
+            attempts: 10,
+            first_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(500),
+            timeout: Duration::from_secs(10),
+        });
+
+    let report = demo(&client).await.unwrap();
+
+    assert!(report.one_payment(), "{report}");
+    assert_eq!(report.retried.value.id, report.again.value.id);
+    assert!(report.again.replayed, "the second retry is a replay");
+    assert_eq!(
+        fixture.payments_of(&report.order.id).await,
+        vec![report.fetched.clone()]
+    );
+    assert_eq!(fixture.order_status(&report.order.id).await, "paid");
+}
+
+async fn same_key_different_amount(backend: Backend) {
+    let fixture = Fixture::new(backend, "different-amount").await;
+    let server = fixture.serve().await;
+    let http = reqwest::Client::new();
+    let order = create_order(&http, &server).await;
+    let key = new_key();
+    let url = format!("{}/payments", server.url);
+    let first = post(&http, &url, Some(&key), &payment_of(&order)).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let before = fixture.payments_of(&order.id).await;
+
+    let mut changed = payment_of(&order);
+    changed["amount_cents"] = json!(order.total_cents - 1);
+    let refused = post(&http, &url, Some(&key), &changed).await;
+
+    assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(refused.problem_type(), "urn:idem:problem:key-reused");
+    assert_eq!(
+        fixture.payments_of(&order.id).await,
+        before,
+        "no row changed"
+    );
+    assert_eq!(before, vec![first.json::<Payment>()]);
+}
+
+async fn second_guard(backend: Backend) {
+    let fixture = Fixture::new(backend, "second-guard").await;
+    let server = fixture.serve().await;
+    let http = reqwest::Client::new();
+    let order = create_order(&http, &server).await;
+    let key = new_key();
+    let first = post(
+        &http,
+        &format!("{}/payments", server.url),
+        Some(&key),
+        &payment_of(&order),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let original: Payment = first.json();
+
+    let server = fixture.forget_idempotency_records(server).await;
+    let url = format!("{}/payments", server.url);
+    let retried = post(&http, &url, Some(&key), &payment_of(&order)).await;
+
+    assert_eq!(retried.status, StatusCode::CREATED);
+    assert!(
+        !retried.replayed,
+        "the store forgot the key: the database answered"
+    );
+    assert_eq!(
+        retried.json::<Payment>(),
+        original,
+        "the original payment, not a new one"
+    );
+    assert_eq!(fixture.payments_of(&order.id).await, vec![original.clone()]);
+
+    // Another key cannot pay the same order again.
+    let other = post(&http, &url, Some(&new_key()), &payment_of(&order)).await;
+    assert_eq!(other.status, StatusCode::CONFLICT);
+    assert_eq!(
+        other.problem_type(),
+        "urn:payments:problem:order-already-paid"
+    );
+    assert_eq!(fixture.payments_of(&order.id).await, vec![original]);
+}
+
+macro_rules! on_both_backends {
+    ($($scenario:ident: $sqlite:ident, $postgres:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            $scenario(Backend::SqliteMemory).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            $scenario(Backend::PostgresRedis).await;
+        }
+    )*};
+}
+
+on_both_backends! {
+    concurrent_payments_with_one_key:
+        hundred_concurrent_payments_with_one_key_make_one_payment_on_sqlite,
+        hundred_concurrent_payments_with_one_key_make_one_payment_on_postgres;
+    lost_response_then_retries:
+        a_lost_response_and_retries_end_with_one_payment_on_sqlite,
+        a_lost_response_and_retries_end_with_one_payment_on_postgres;
+    same_key_different_amount:
+        same_key_with_another_amount_is_refused_and_changes_nothing_on_sqlite,
+        same_key_with_another_amount_is_refused_and_changes_nothing_on_postgres;
+    second_guard:
+        without_the_idempotency_record_the_database_returns_the_original_payment_on_sqlite,
+        without_the_idempotency_record_the_database_returns_the_original_payment_on_postgres;
+}
+
+#[tokio::test]
+async fn bad_requests_are_problems() {
+    let fixture = Fixture::new(Backend::SqliteMemory, "bad-requests").await;
+    let server = fixture.serve().await;
+    let http = reqwest::Client::new();
+    let orders = format!("{}/orders", server.url);
+    let item = |quantity: i64, unit_price_cents: i64| json!({ "customer_id": "cus_1", "items": [{ "sku": "A", "quantity": quantity, "unit_price_cents": unit_price_cents }] });
+    for (body, reason) in [
+        (json!({ "customer_id": "cus_1", "items": [] }), "no items"),
+        (item(0, 100), "zero quantity"),
+        (item(-1, 100), "negative quantity"),
+        (item(1, -1), "negative price"),
+        (item(i64::MAX, 2), "overflowing total"),
+    ] {
+        let answer = post(&http, &orders, None, &body).await;
+        assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY, "{reason}");
+        assert_eq!(
+            answer.problem_type(),
+            "urn:payments:problem:invalid-request",
+            "{reason}"
+        );
+    }
+    let missing_field = post(&http, &orders, None, &json!({ "items": [] })).await;
+    assert_eq!(missing_field.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        missing_field.problem_type(),
+        "urn:payments:problem:bad-body"
+    );
+
+    let order = create_order(&http, &server).await;
+    let payments = format!("{}/payments", server.url);
+    let mut unknown = payment_of(&order);
+    unknown["order_id"] = json!("ord_missing");
+    let answer = post(&http, &payments, Some(&new_key()), &unknown).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        answer.problem_type(),
+        "urn:payments:problem:order-not-found"
+    );
+
+    let mut short = payment_of(&order);
+    short["amount_cents"] = json!(order.total_cents - 1);
+    let answer = post(&http, &payments, Some(&new_key()), &short).await;
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        answer.problem_type(),
+        "urn:payments:problem:amount-mismatch"
+    );
+    assert!(fixture.payments_of(&order.id).await.is_empty());
+
+    let fetched: Order = serde_json::from_slice(
+        &http
+            .get(format!("{}/orders/{}", server.url, order.id))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(fetched, order, "GET returns the order as created");
+    let missing = http
+        .get(format!("{}/payments/pay_missing", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+}
