@@ -28,37 +28,46 @@ pub(crate) async fn collect_bounded(mut body: Body, limit: usize) -> Collected {
             seen,
         };
     }
-    let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    // Most bodies arrive in one chunk: it is kept as it is, with no copy and no queue.
+    let mut first: Option<Bytes> = None;
+    let mut more: VecDeque<Bytes> = VecDeque::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             return Collected::Failed;
         };
-        if let Ok(data) = frame.into_data() {
-            if data.is_empty() {
-                continue;
-            }
-            seen += data.len();
-            chunks.push_back(data);
-            if seen > limit {
-                return Collected::TooLarge {
-                    read: PrefixedBody::new(chunks, body),
-                    seen: seen as u64,
-                };
-            }
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        seen += data.len();
+        match first {
+            None => first = Some(data),
+            Some(_) => more.push_back(data),
+        }
+        if seen > limit {
+            more.extend(first.take());
+            more.rotate_right(1);
+            return Collected::TooLarge {
+                read: PrefixedBody::new(more, body),
+                seen: seen as u64,
+            };
         }
     }
-    Collected::Complete(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop_front().unwrap_or_default(),
-        _ => {
-            let mut joined = BytesMut::with_capacity(seen);
-            for chunk in chunks {
-                joined.extend_from_slice(&chunk);
-            }
-            joined.freeze()
-        }
-    })
+    let Some(first) = first else {
+        return Collected::Complete(Bytes::new());
+    };
+    if more.is_empty() {
+        return Collected::Complete(first);
+    }
+    let mut joined = BytesMut::with_capacity(seen);
+    joined.extend_from_slice(&first);
+    for chunk in more {
+        joined.extend_from_slice(&chunk);
+    }
+    Collected::Complete(joined.freeze())
 }
 
 /// Chunks already read, followed by the rest of the body they came from.

@@ -173,18 +173,25 @@ pub(crate) struct Execution {
 }
 
 impl Execution {
-    /// Runs `handler` to completion in its own task, stores or releases, and answers.
+    /// Runs `handler` to completion, stores or releases, and answers.
+    ///
+    /// The work runs inside the request's own task (no hop to another task on the happy
+    /// path); if that task drops it before it finishes (the client disconnected), the
+    /// rest of the work is moved to a task of its own, so it still completes and its
+    /// response is stored.
     pub(crate) async fn run<F, R>(self, handler: F) -> Response
     where
         F: Future<Output = R> + Send + 'static,
         R: IntoResponse + 'static,
     {
-        let task = tokio::spawn(self.drive(handler));
-        match task.await {
-            Ok(response) => response,
-            Err(error) if error.is_panic() => resume_unwind(error.into_panic()),
-            Err(_) => Problem::store_unavailable(1).into_response(),
-        }
+        let mut work = Detaching(Some(Box::pin(self.drive(handler))));
+        let response = std::future::poll_fn(|cx| match work.0.as_mut() {
+            Some(future) => future.as_mut().poll(cx),
+            None => std::task::Poll::Ready(Problem::store_unavailable(1).into_response()),
+        })
+        .await;
+        work.0 = None;
+        response
     }
 
     async fn drive<F, R>(mut self, handler: F) -> Response
@@ -338,6 +345,24 @@ impl Execution {
     async fn release(&mut self) {
         self.armed = false;
         release(&self.idem, &self.key, &self.claim).await;
+    }
+}
+
+/// Unfinished work that moves to a task of its own when dropped.
+struct Detaching(Option<std::pin::Pin<Box<dyn Future<Output = Response> + Send>>>);
+
+impl Drop for Detaching {
+    fn drop(&mut self) {
+        // While unwinding from a handler panic the work has already released its key and
+        // must not be polled again.
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(work) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(work);
+        }
     }
 }
 

@@ -171,7 +171,8 @@ struct ScopedKeyInner {
 impl ScopedKey {
     /// `key` within `scope`.
     pub fn new(scope: Scope, key: IdempotencyKey) -> Self {
-        let mut joined = scope.to_hex();
+        let mut joined = String::with_capacity(33 + key.as_str().len());
+        crate::scope::push_hex(&mut joined, &scope.0);
         joined.push(':');
         joined.push_str(key.as_str());
         Self(Arc::new(ScopedKeyInner { scope, key, joined }))

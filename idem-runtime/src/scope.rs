@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 /// derived from the `Authorization` header; [`Builder::scope`](crate::Builder::scope)
 /// chooses anything else (tenant, user id, API key).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Scope([u8; 16]);
+pub struct Scope(pub(crate) [u8; 16]);
 
 impl Scope {
     /// The scope of requests that carry no identifying value.
