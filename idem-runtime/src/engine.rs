@@ -58,6 +58,16 @@ pub(crate) async fn begin(
     {
         return Begun::Respond(completed(&key, &copy, &fingerprint));
     }
+    // Armed before the store call: if this future is dropped after the store applied the
+    // claim but before the answer arrived, dropping the execution releases the claim.
+    let mut execution = Execution {
+        idem: idem.clone(),
+        key: key.clone(),
+        claim: claim.clone(),
+        fingerprint,
+        ttl,
+        armed: true,
+    };
     let wait_until = config.wait_for_in_flight.map(|max| Instant::now() + max);
     let mut backoff = Duration::from_millis(20);
     loop {
@@ -73,15 +83,9 @@ pub(crate) async fn begin(
         };
         let Some(found) = found else {
             tracing::debug!(target: "idem", key = key.key().as_str(), "executing");
-            return Begun::Execute(Execution {
-                idem: idem.clone(),
-                key,
-                claim,
-                fingerprint,
-                ttl,
-                armed: true,
-            });
+            return Begun::Execute(execution);
         };
+        execution.armed = false;
         let record = match Record::decode(&found) {
             Ok(record) => record,
             Err(error) => {
@@ -116,6 +120,7 @@ pub(crate) async fn begin(
                     && Instant::now() + backoff < until
                 {
                     sleep(backoff).await;
+                    execution.armed = true;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                     continue;
                 }

@@ -44,7 +44,7 @@ impl Problem {
     pub const LAYER_MISSING: &'static str = "urn:idem:problem:layer-missing";
 
     pub(crate) fn key_missing() -> Self {
-        Self::new(
+        Self::new_internal(
             StatusCode::BAD_REQUEST,
             Self::KEY_MISSING,
             "Idempotency-Key required",
@@ -53,7 +53,7 @@ impl Problem {
     }
 
     pub(crate) fn key_invalid(error: &KeyError) -> Self {
-        Self::new(
+        Self::new_internal(
             StatusCode::BAD_REQUEST,
             Self::KEY_INVALID,
             "Invalid Idempotency-Key",
@@ -62,7 +62,7 @@ impl Problem {
     }
 
     pub(crate) fn body_too_large(limit: usize) -> Self {
-        Self::new(
+        Self::new_internal(
             StatusCode::PAYLOAD_TOO_LARGE,
             Self::BODY_TOO_LARGE,
             "Request body too large",
@@ -73,7 +73,7 @@ impl Problem {
     }
 
     pub(crate) fn body_unreadable() -> Self {
-        Self::new(
+        Self::new_internal(
             StatusCode::BAD_REQUEST,
             Self::BODY_UNREADABLE,
             "Request body unreadable",
@@ -82,7 +82,7 @@ impl Problem {
     }
 
     pub(crate) fn key_reused() -> Self {
-        Self::new(
+        Self::new_internal(
             StatusCode::UNPROCESSABLE_ENTITY,
             Self::KEY_REUSED,
             "Idempotency-Key reused",
@@ -91,7 +91,7 @@ impl Problem {
     }
 
     pub(crate) fn in_flight(retry_after: u64) -> Self {
-        let mut problem = Self::new(
+        let mut problem = Self::new_internal(
             StatusCode::CONFLICT,
             Self::IN_FLIGHT,
             "Request in progress",
@@ -104,7 +104,7 @@ impl Problem {
     }
 
     pub(crate) fn response_not_stored(status: StatusCode, body_len: u64) -> Self {
-        Self::new(
+        Self::new_internal(
             StatusCode::CONFLICT,
             Self::RESPONSE_NOT_STORED,
             "Response not stored",
@@ -116,7 +116,7 @@ impl Problem {
     }
 
     pub(crate) fn store_unavailable(retry_after: u64) -> Self {
-        let mut problem = Self::new(
+        let mut problem = Self::new_internal(
             StatusCode::SERVICE_UNAVAILABLE,
             Self::STORE_UNAVAILABLE,
             "Idempotency store unavailable",
@@ -129,7 +129,7 @@ impl Problem {
     }
 
     pub(crate) fn layer_missing() -> Self {
-        Self::new(
+        Self::new_internal(
             StatusCode::INTERNAL_SERVER_ERROR,
             Self::LAYER_MISSING,
             "Idempotency layer missing",
@@ -137,7 +137,49 @@ impl Problem {
         )
     }
 
-    fn new(status: StatusCode, kind: &'static str, title: &'static str, detail: String) -> Self {
+    /// A problem of the application's own, so that its errors read like idem's:
+    /// `kind` is the `type` URI, `title` a short summary, `detail` what to do.
+    ///
+    /// ```
+    /// use axum::http::StatusCode;
+    /// use idem_runtime::Problem;
+    ///
+    /// let problem = Problem::new(
+    ///     StatusCode::NOT_FOUND,
+    ///     "urn:payments:problem:order-not-found",
+    ///     "Order not found",
+    ///     "No order has this id; create the order first.",
+    /// );
+    /// assert_eq!(problem.status(), StatusCode::NOT_FOUND);
+    /// ```
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            title,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    /// Adds a `Retry-After` header of `seconds` to the response.
+    #[must_use]
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    fn new_internal(
+        status: StatusCode,
+        kind: &'static str,
+        title: &'static str,
+        detail: String,
+    ) -> Self {
         Self {
             status,
             kind,

@@ -1,0 +1,99 @@
+//! A request dropped while its claim is in flight does not leave the key stuck.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use common::{Counters, app, post_with, send};
+use idem_runtime::Idempotency;
+use idem_runtime::store::{BoxFuture, MemoryStore, Store, StoreError};
+
+/// A memory store whose `begin` answers late: the claim is applied at once, the answer
+/// arrives 300 ms later, like a reply lost in a slow network.
+struct LateAnswers(MemoryStore);
+
+impl Store for LateAnswers {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            let found = self.0.begin(key, claim, lease).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            found
+        })
+    }
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.0.renew(key, claim, lease)
+    }
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        record: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.0.complete(key, claim, record, ttl)
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.0.release(key, claim)
+    }
+}
+
+/// Guards: a client that hangs up while the claim is on its way releases the claim, so
+/// its retry runs instead of getting 409 for a whole lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_during_begin_releases_the_claim() {
+    let memory = MemoryStore::new();
+    let idem = Idempotency::builder()
+        .store(LateAnswers(memory.clone()))
+        .build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(100),
+        send(&app, post_with("/pay", Some("hang-up"), "{}")),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the request was dropped while begin was in flight"
+    );
+
+    let mut status = None;
+    for _ in 0..50 {
+        memory.run_pending_tasks();
+        if memory.entry_count() == 0 {
+            status = Some(
+                send(&app, post_with("/pay", Some("hang-up"), "{}"))
+                    .await
+                    .status,
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        status,
+        Some(StatusCode::CREATED),
+        "the claim was released and the retry ran"
+    );
+    assert_eq!(counters.runs(), 1);
+}
