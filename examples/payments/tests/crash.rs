@@ -1,0 +1,443 @@
+//! The real `payments` binary killed (SIGKILL) in the middle of a payment: after idem
+//! claimed the key, before the handler touched the database. The process is held there by
+//! the app's test hook (`PAYMENTS_TEST_PAUSE_FILE`), killed, and started again on the same
+//! SQLite file; the client's retry with the same key must end in exactly one payment.
+//!
+//! Two stores: in memory, where the restart forgets the claim and the retry runs at once;
+//! and a private `redis-server`, where the claim outlives the crash, the retry is told
+//! `409` until the dead process's lease runs out, and then runs once. The app has no
+//! setting for its lease (30 s by default), so the Redis test shortens the claim's TTL in
+//! Redis by hand rather than wait for it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use idem_runtime::PROBLEM_JSON;
+use payments::{DEFAULT_REDIS_PREFIX, Item, NewOrder, NewPayment, ORDER_PAID, Order, Payment};
+use reqwest::StatusCode;
+use sqlx::{AnyPool, Row};
+use testkit::RedisServer;
+
+/// What the app logs when a payment reaches the pause hook, i.e. after idem claimed its
+/// key and before the handler touched the database.
+const PAUSED: &str = "test hook: payment paused until the file is deleted";
+/// The app's default lease: the longest a crashed process's claim can hold a key.
+const DEFAULT_LEASE_MS: i64 = 30_000;
+
+/// A directory of the test's own, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "payments-{name}-{}-{nanos}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One run of the `payments` binary, its output in a log file; killed when dropped.
+struct App {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl App {
+    /// Starts the binary on a free port over `database_url`, and waits until it answers
+    /// `/healthz`.
+    ///
+    /// # Panics
+    /// If it cannot be started, exits, or does not answer within 30 s.
+    async fn start(
+        dir: &Path,
+        run: &str,
+        database_url: &str,
+        redis_url: Option<&str>,
+        pause_file: Option<&Path>,
+    ) -> Self {
+        let addr = format!("127.0.0.1:{}", testkit::free_port());
+        let log = dir.join(format!("{run}.log"));
+        let out = File::create(&log).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_payments"));
+        command
+            .current_dir(dir)
+            .env("PAYMENTS_ADDR", &addr)
+            .env("DATABASE_URL", database_url)
+            .env("RUST_LOG", "payments=info,idem=info")
+            .env("NO_COLOR", "1")
+            .env_remove("REDIS_URL")
+            .env_remove("PAYMENTS_TEST_PAUSE_FILE")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        if let Some(url) = redis_url {
+            command.env("REDIS_URL", url);
+        }
+        if let Some(file) = pause_file {
+            command.env("PAYMENTS_TEST_PAUSE_FILE", file);
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("start the payments binary: {error}"));
+        let mut app = Self {
+            child,
+            url: format!("http://{addr}"),
+            log,
+        };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            app.assert_running();
+            let health = http
+                .get(format!("{}/healthz", app.url))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if health.is_ok_and(|response| response.status().is_success()) {
+                return app;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "payments ({run}) did not answer /healthz within 30 s; its log:\n{}",
+                app.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!(
+                "payments exited early ({status}); its log:\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    /// Waits until the log shows `needle`.
+    async fn wait_for_log(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log_text().contains(needle) {
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "payments did not log {needle:?} within 10 s; its log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown, no clean-up, no response for requests in flight.
+    fn crash(&mut self) {
+        self.child.kill().unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(!status.success(), "killed, not exited: {status}");
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP answer as the client saw it.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    replayed: bool,
+    content_type: String,
+    retry_after: bool,
+    body: String,
+}
+
+async fn pay(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    request: &NewPayment,
+) -> Result<Answer, reqwest::Error> {
+    let response = http
+        .post(format!("{url}/payments"))
+        .header("idempotency-key", key)
+        .json(request)
+        .timeout(Duration::from_secs(90))
+        .send()
+        .await?;
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    let status = response.status();
+    let replayed = header("idempotent-replayed").as_deref() == Some("true");
+    let content_type = header("content-type").unwrap_or_default();
+    let retry_after = header("retry-after").is_some();
+    Ok(Answer {
+        status,
+        replayed,
+        content_type,
+        retry_after,
+        body: response.text().await?,
+    })
+}
+
+/// Retries the payment with the same key, with backoff, until it is settled (not `409`,
+/// not `503`, not a transport error); at most 20 attempts or 15 s.
+async fn pay_until_settled(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    request: &NewPayment,
+) -> (Answer, u32) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=20 {
+        let result = pay(http, url, key, request).await;
+        let last = attempt == 20 || Instant::now() >= deadline;
+        match result {
+            Ok(answer)
+                if !matches!(
+                    answer.status,
+                    StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE
+                ) =>
+            {
+                return (answer, attempt);
+            }
+            Ok(answer) if last => panic!("the payment did not settle: {answer:?}"),
+            Err(error) if last => panic!("the payment did not settle: {error}"),
+            _ => {}
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+    unreachable!()
+}
+
+/// The payments rows of `order_id`: (id, idempotency key).
+async fn payments_of(database_url: &str, order_id: &str) -> Vec<(String, Option<String>)> {
+    sqlx::any::install_default_drivers();
+    let pool = AnyPool::connect(database_url).await.unwrap();
+    let rows = sqlx::query("SELECT id, idempotency_key FROM payments WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get("id"), row.get("idempotency_key")))
+        .collect();
+    pool.close().await;
+    rows
+}
+
+/// Which store the app runs on in a scenario.
+enum Store {
+    Memory,
+    Redis(RedisServer),
+}
+
+/// Kill the app mid-payment, restart it, retry with the same key: one payment.
+async fn crash_mid_payment_then_retry(store: Store) {
+    let dir = TempDir::new("crash");
+    let database_url = format!("sqlite://{}?mode=rwc", dir.0.join("p.db").display());
+    let redis_url = match &store {
+        Store::Memory => None,
+        Store::Redis(server) => Some(server.url()),
+    };
+    let pause_file = dir.0.join("pause");
+    std::fs::write(&pause_file, b"").unwrap();
+    let http = reqwest::Client::new();
+
+    let mut first = App::start(
+        &dir.0,
+        "first",
+        &database_url,
+        redis_url.as_deref(),
+        Some(&pause_file),
+    )
+    .await;
+    let response = http
+        .post(format!("{}/orders", first.url))
+        .json(&NewOrder {
+            customer_id: "cus_crash".into(),
+            items: vec![Item {
+                sku: "LAMP".into(),
+                quantity: 1,
+                unit_price_cents: 4_200,
+            }],
+        })
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let order: Order = response.json().await.unwrap();
+    let key = format!("crash-{}", uuid::Uuid::new_v4());
+    let request = NewPayment {
+        order_id: order.id.clone(),
+        amount_cents: order.total_cents,
+        currency: "EUR".into(),
+    };
+
+    // The payment claims its key and stops at the hook.
+    let in_flight = tokio::spawn({
+        let (http, url, key, request) = (
+            http.clone(),
+            first.url.clone(),
+            key.clone(),
+            request.clone(),
+        );
+        async move { pay(&http, &url, &key, &request).await }
+    });
+    first.wait_for_log(PAUSED).await;
+    let held = pay(&http, &first.url, &key, &request).await.unwrap();
+    assert_eq!(
+        held.status,
+        StatusCode::CONFLICT,
+        "the paused payment holds its key: {held:?}"
+    );
+    assert_eq!(held.content_type, PROBLEM_JSON);
+    assert!(held.retry_after, "a 409 says when to retry");
+    assert!(
+        payments_of(&database_url, &order.id).await.is_empty(),
+        "nothing is written while the payment is paused"
+    );
+
+    // SIGKILL mid-payment: the client gets no answer, and nothing was written.
+    first.crash();
+    let lost = in_flight.await.unwrap();
+    assert!(
+        lost.is_err(),
+        "the killed process answered the payment: {lost:?}"
+    );
+    assert!(
+        payments_of(&database_url, &order.id).await.is_empty(),
+        "the killed payment wrote nothing"
+    );
+    std::fs::remove_file(&pause_file).unwrap();
+
+    let second = App::start(&dir.0, "second", &database_url, redis_url.as_deref(), None).await;
+    if let Store::Redis(server) = &store {
+        // The claim outlived the crash: the retry is told to wait, and the key frees
+        // itself only when the dead process's lease runs out.
+        let early = pay(&http, &second.url, &key, &request).await.unwrap();
+        assert_eq!(
+            early.status,
+            StatusCode::CONFLICT,
+            "the crashed claim still holds the key: {early:?}"
+        );
+        assert_eq!(early.content_type, PROBLEM_JSON);
+        assert!(early.retry_after, "a 409 says when to retry");
+        let mut redis = testkit::redis_connection(&server.url()).await;
+        let claims: Vec<String> = testkit::keys_under(&mut redis, DEFAULT_REDIS_PREFIX)
+            .await
+            .into_iter()
+            .filter(|k| k.ends_with(&format!(":{key}")))
+            .collect();
+        assert_eq!(claims.len(), 1, "one claim for the key: {claims:?}");
+        let ttl_ms: i64 = redis::cmd("PTTL")
+            .arg(&claims[0])
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert!(
+            ttl_ms > 0 && ttl_ms <= DEFAULT_LEASE_MS,
+            "the crashed claim expires with its lease, in {ttl_ms} ms"
+        );
+        // Fast-forward the lease: the app has no setting to make it short.
+        let shortened: i64 = redis::cmd("PEXPIRE")
+            .arg(&claims[0])
+            .arg(1)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(shortened, 1);
+    }
+
+    // The retry with the same key runs the payment, once.
+    let (answer, attempts) = pay_until_settled(&http, &second.url, &key, &request).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::CREATED,
+        "the retry pays: {answer:?}"
+    );
+    assert!(!answer.replayed, "nothing was stored before the crash");
+    let payment: Payment = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!(payment.order_id, order.id);
+    let rows = payments_of(&database_url, &order.id).await;
+    assert_eq!(rows.len(), 1, "exactly one payment: {rows:?}");
+    assert_eq!(rows[0].0, payment.id);
+    assert!(
+        rows[0]
+            .1
+            .as_deref()
+            .is_some_and(|scoped| scoped.ends_with(&format!(":{key}"))),
+        "the payment carries the client's key: {rows:?}"
+    );
+    let paid: Order = http
+        .get(format!("{}/orders/{}", second.url, order.id))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(paid.status, ORDER_PAID);
+
+    // And the key now replays that payment.
+    let again = pay(&http, &second.url, &key, &request).await.unwrap();
+    assert_eq!(again.status, StatusCode::CREATED, "{again:?}");
+    assert!(again.replayed, "the second retry is a replay: {again:?}");
+    let replayed: Payment = serde_json::from_str(&again.body).unwrap();
+    assert_eq!(replayed.id, payment.id);
+    assert_eq!(payments_of(&database_url, &order.id).await.len(), 1);
+    eprintln!(
+        "crash: retry settled after {attempts} attempt(s), payment {}",
+        payment.id
+    );
+
+    drop(second);
+    drop(first);
+    drop(store);
+    drop(dir);
+}
+
+/// A payment whose process is SIGKILLed after idem claimed the key runs exactly once when
+/// the client retries against the restarted app (in-memory store: the claim dies too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_killed_mid_flight_runs_once_after_restart_on_the_memory_store() {
+    crash_mid_payment_then_retry(Store::Memory).await;
+}
+
+/// A payment whose process is SIGKILLed keeps its claim in Redis (retries get 409) until
+/// the lease ends, and then the retry with the same key runs it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_killed_mid_flight_holds_its_redis_claim_until_the_lease_ends_then_runs_once() {
+    crash_mid_payment_then_retry(Store::Redis(RedisServer::start())).await;
+}
