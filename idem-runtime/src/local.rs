@@ -12,6 +12,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use moka::sync::Cache;
 
+/// A fast hasher, seeded at random per process so that keys chosen by clients cannot be
+/// aimed at one bucket.
+type Hasher = foldhash::quality::RandomState;
+
 use crate::record::StoredResponse;
 
 #[derive(Clone)]
@@ -31,7 +35,7 @@ impl moka::Expiry<String, Copy> for Lifetime {
 /// The bounded cache behind the local tier.
 #[derive(Clone)]
 pub(crate) struct LocalTier {
-    cache: Cache<String, Copy>,
+    cache: Cache<String, Copy, Hasher>,
     max_age: Duration,
 }
 
@@ -50,7 +54,7 @@ impl LocalTier {
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .expire_after(Lifetime)
-            .build();
+            .build_with_hasher(Hasher::default());
         Self { cache, max_age }
     }
 

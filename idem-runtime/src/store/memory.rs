@@ -7,6 +7,10 @@ use bytes::Bytes;
 use moka::ops::compute::Op;
 use moka::sync::Cache;
 
+/// A fast hasher, seeded at random per process so that keys chosen by clients cannot be
+/// aimed at one bucket.
+type Hasher = foldhash::quality::RandomState;
+
 use super::{BoxFuture, Store, StoreError};
 
 /// Default bound on entries.
@@ -21,7 +25,7 @@ pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// least useful entries; an evicted key behaves like an unused one.
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: Cache<String, Entry>,
+    cache: Cache<String, Entry, Hasher>,
 }
 
 #[derive(Clone)]
@@ -75,7 +79,7 @@ impl MemoryStore {
                 u32::try_from(bytes.max(slot)).unwrap_or(u32::MAX)
             })
             .expire_after(Lifetime)
-            .build();
+            .build_with_hasher(Hasher::default());
         Self { cache }
     }
 
