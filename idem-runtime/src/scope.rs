@@ -19,7 +19,8 @@ pub struct Scope(pub(crate) [u8; 16]);
 impl Scope {
     /// The scope of requests that carry no identifying value.
     pub fn anonymous() -> Self {
-        Self::digest(0, b"")
+        static ANONYMOUS: std::sync::OnceLock<Scope> = std::sync::OnceLock::new();
+        *ANONYMOUS.get_or_init(|| Self::digest(0, b""))
     }
 
     /// The scope of a client identified by `value` (an API key, a tenant id, ...).

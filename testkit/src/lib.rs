@@ -70,6 +70,99 @@ impl RedisServer {
         server
     }
 
+    /// Starts a server that speaks only TLS on its port, with a fresh private CA and a
+    /// certificate for `127.0.0.1` made by `openssl`. Returns the server and the CA
+    /// certificate (PEM) a client must trust.
+    ///
+    /// # Panics
+    /// If `openssl` or a TLS-capable `redis-server` is missing.
+    pub fn start_tls() -> (Self, Vec<u8>) {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("idem-redis-tls-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create a directory for redis-server");
+        let openssl = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("run openssl (is it installed?)");
+            assert!(status.success(), "openssl {args:?} failed");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=idem test CA",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")
+            .expect("write san.ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let extra = vec![
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            path("server.crt"),
+            "--tls-key-file".to_owned(),
+            path("server.key"),
+            "--tls-ca-cert-file".to_owned(),
+            path("ca.crt"),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let ca = std::fs::read(dir.join("ca.crt")).expect("read ca.crt");
+        let mut server = Self {
+            port,
+            dir,
+            extra,
+            child: None,
+        };
+        server.spawn();
+        (server, ca)
+    }
+
     fn spawn(&mut self) {
         let port = self.port.to_string();
         let child = Command::new("redis-server")
@@ -108,6 +201,10 @@ impl RedisServer {
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
+        if self.extra.iter().any(|arg| arg == "--tls-port") {
+            // A TLS port that accepts connections is up; PING would need a handshake.
+            return true;
+        }
         let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
         if stream.write_all(b"PING\r\n").is_err() {
             return false;

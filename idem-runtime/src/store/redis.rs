@@ -101,6 +101,8 @@ pub struct RedisStoreBuilder {
     prefix: String,
     response_timeout: Duration,
     connection_timeout: Duration,
+    #[cfg(feature = "tls")]
+    root_certificate: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,11 +131,44 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Trusts this root certificate (PEM) for `rediss://` connections instead of the
+    /// Web PKI roots: for servers with certificates of a private CA.
+    #[cfg(feature = "tls")]
+    pub fn root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificate = Some(pem.into());
+        self
+    }
+
+    #[cfg(feature = "tls")]
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        // rustls needs a process-wide crypto provider; installing it twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        self.root_certificate
+            .as_ref()
+            .map(|root| redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root.clone()),
+            })
+    }
+
+    #[cfg(feature = "tls")]
+    fn client(&self, url: &str) -> redis::RedisResult<Client> {
+        match self.certificates() {
+            Some(certificates) => Client::build_with_tls(url, certificates),
+            None => Client::open(url),
+        }
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn client(&self, url: &str) -> redis::RedisResult<Client> {
+        Client::open(url)
+    }
+
     /// Connects, checks that the server answers, and loads the scripts.
     pub async fn connect(self) -> Result<RedisStore, crate::Error> {
         let mut connection = match &self.nodes {
             Nodes::Server(url) => {
-                let client = Client::open(url.as_str()).map_err(crate::Error::Redis)?;
+                let client = self.client(url).map_err(crate::Error::Redis)?;
                 let config = ConnectionManagerConfig::new()
                     .set_response_timeout(Some(self.response_timeout))
                     .set_connection_timeout(Some(self.connection_timeout))
@@ -145,11 +180,15 @@ impl RedisStoreBuilder {
                 )
             }
             Nodes::Cluster(urls) => {
-                let client = ClusterClient::builder(urls.iter().map(String::as_str))
+                #[allow(unused_mut)]
+                let mut builder = ClusterClient::builder(urls.iter().map(String::as_str))
                     .connection_timeout(self.connection_timeout)
-                    .response_timeout(self.response_timeout)
-                    .build()
-                    .map_err(crate::Error::Redis)?;
+                    .response_timeout(self.response_timeout);
+                #[cfg(feature = "tls")]
+                if let Some(certificates) = self.certificates() {
+                    builder = builder.certs(certificates);
+                }
+                let client = builder.build().map_err(crate::Error::Redis)?;
                 Connection::Cluster(
                     client
                         .get_async_connection()
@@ -175,8 +214,9 @@ impl RedisStoreBuilder {
 
 impl RedisStore {
     /// Connects to one server at `url` with the default settings:
-    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS where the `tls`
-    /// feature is on.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://...` for TLS with the `tls`
+    /// feature of this crate. A password in the URL authenticates (`AUTH`); a server that
+    /// requires one refuses a URL without it with an error that says so.
     pub async fn connect(url: &str) -> Result<Self, crate::Error> {
         Self::builder(url).connect().await
     }
@@ -201,6 +241,8 @@ impl RedisStore {
             prefix: DEFAULT_PREFIX.to_owned(),
             response_timeout: Duration::from_secs(2),
             connection_timeout: Duration::from_secs(2),
+            #[cfg(feature = "tls")]
+            root_certificate: None,
         }
     }
 
