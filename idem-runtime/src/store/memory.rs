@@ -4,7 +4,6 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use moka::ops::compute::Op;
 use moka::sync::Cache;
 
 /// A fast hasher, seeded at random per process so that keys chosen by clients cannot be
@@ -26,7 +25,14 @@ pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 #[derive(Clone)]
 pub struct MemoryStore {
     cache: Cache<String, Entry, Hasher>,
+    locks: std::sync::Arc<[std::sync::Mutex<()>; LOCK_SHARDS]>,
+    shard_hasher: Hasher,
 }
+
+/// Each step reads and then writes one key under the lock of the key's shard, which
+/// makes the step atomic against every other step at the price of two plain cache
+/// operations (cheaper than the cache's own per-key compute).
+const LOCK_SHARDS: usize = 64;
 
 #[derive(Clone)]
 struct Entry {
@@ -80,7 +86,20 @@ impl MemoryStore {
             })
             .expire_after(Lifetime)
             .build_with_hasher(Hasher::default());
-        Self { cache }
+        Self {
+            cache,
+            locks: std::sync::Arc::new(std::array::from_fn(|_| std::sync::Mutex::new(()))),
+            shard_hasher: Hasher::default(),
+        }
+    }
+
+    fn lock(&self, key: &str) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::BuildHasher;
+        let shard = self.shard_hasher.hash_one(key) as usize % LOCK_SHARDS;
+        // The lock guards no data, so a poisoned one is as good as a healthy one.
+        self.locks[shard]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Entries currently held (approximate while evictions are pending).
@@ -109,23 +128,17 @@ impl MemoryStore {
     where
         F: FnOnce() -> Option<Entry>,
     {
-        let mut matched = false;
-        self.cache
-            .entry_by_ref(key)
-            .and_compute_with(|current| match current {
-                Some(current)
-                    if current.value().value == *claim
-                        && current.value().expires_at > Instant::now() =>
-                {
-                    matched = true;
-                    match next() {
-                        Some(entry) => Op::Put(entry),
-                        None => Op::Remove,
-                    }
+        let _shard = self.lock(key);
+        match self.live(key) {
+            Some(current) if current.value == *claim => {
+                match next() {
+                    Some(entry) => self.cache.insert(key.to_owned(), entry),
+                    None => self.cache.invalidate(key),
                 }
-                _ => Op::Nop,
-            });
-        matched
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -159,22 +172,24 @@ impl Store for MemoryStore {
         claim: &'a Bytes,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        // A record already there is returned without the lock: reading it is atomic.
         if let Some(existing) = self.live(key) {
             return Box::pin(std::future::ready(Ok(Some(existing.value))));
         }
-        let mut existing = None;
-        self.cache
-            .entry_by_ref(key)
-            .and_compute_with(|current| match current {
-                Some(current) if current.value().expires_at > Instant::now() => {
-                    existing = Some(current.into_value().value);
-                    Op::Nop
+        let existing = {
+            let _shard = self.lock(key);
+            match self.live(key) {
+                Some(existing) => Some(existing.value),
+                None => {
+                    let entry = Entry {
+                        value: claim.clone(),
+                        expires_at: deadline(lease),
+                    };
+                    self.cache.insert(key.to_owned(), entry);
+                    None
                 }
-                _ => Op::Put(Entry {
-                    value: claim.clone(),
-                    expires_at: deadline(lease),
-                }),
-            });
+            }
+        };
         Box::pin(std::future::ready(Ok(existing)))
     }
 
