@@ -4,16 +4,11 @@
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::Router;
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
-use axum::routing::post;
-use bytes::Bytes;
+use axum::http::Method;
 use criterion::{Criterion, criterion_group, criterion_main};
-use idem_runtime::{Fingerprint, FingerprintMode, Idempotency, IdempotencyKey, idempotent};
+use idem_bench::in_process::{BODY, request, router};
+use idem_runtime::{Fingerprint, FingerprintMode, IdempotencyKey};
 use tower::ServiceExt;
-
-const BODY: &str = r#"{"order_id":"ord_8e03978e","amount_cents":2500,"currency":"EUR"}"#;
 
 fn parsing(c: &mut Criterion) {
     c.bench_function("key/parse quoted uuid", |b| {
@@ -41,44 +36,12 @@ fn parsing(c: &mut Criterion) {
     });
 }
 
-async fn bare(body: Bytes) -> (StatusCode, Bytes) {
-    (StatusCode::CREATED, body)
-}
-
-#[idempotent]
-async fn guarded(body: Bytes) -> (StatusCode, Bytes) {
-    (StatusCode::CREATED, body)
-}
-
-fn request(path: &str, key: Option<String>) -> Request<Body> {
-    let mut builder = Request::builder().method(Method::POST).uri(path);
-    if let Some(key) = key {
-        builder = builder.header("idempotency-key", key);
-    }
-    builder.body(Body::from(BODY)).expect("request")
-}
-
 fn requests(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let memory = Idempotency::in_memory();
-    let local = Idempotency::builder()
-        .local_tier(64 * 1024 * 1024, std::time::Duration::from_secs(60))
-        .build();
-    let app = Router::new()
-        .route("/bare", post(bare))
-        .merge(
-            Router::new()
-                .route("/memory", post(guarded))
-                .layer(memory.layer()),
-        )
-        .merge(
-            Router::new()
-                .route("/local", post(guarded))
-                .layer(local.layer()),
-        );
+    let app = router();
     let counter = AtomicU64::new(0);
     let mut group = c.benchmark_group("request");
     group.bench_function("bare", |b| {

@@ -135,3 +135,59 @@ pub async fn app(redis_url: &str) -> Result<Router, idem_runtime::Error> {
         .merge(guarded(&local_idem, "/local"))
         .with_state(bench))
 }
+
+/// The in-process router of the criterion benchmarks and the instruction counts: one
+/// handler bare, under `#[idempotent]` on the memory store, and with the local tier.
+pub mod in_process {
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::body::{Body, Bytes};
+    use axum::http::{Method, Request, StatusCode};
+    use axum::routing::post;
+    use idem_runtime::{Idempotency, idempotent};
+
+    /// The request body of every benchmark request.
+    pub const BODY: &str = r#"{"order_id":"ord_8e03978e","amount_cents":2500,"currency":"EUR"}"#;
+
+    async fn bare(body: Bytes) -> (StatusCode, Bytes) {
+        (StatusCode::CREATED, body)
+    }
+
+    #[idempotent]
+    async fn guarded(body: Bytes) -> (StatusCode, Bytes) {
+        (StatusCode::CREATED, body)
+    }
+
+    /// `/bare`, `/memory` (memory store) and `/local` (memory store and local tier).
+    pub fn router() -> Router {
+        let memory = Idempotency::in_memory();
+        let local = Idempotency::builder()
+            .local_tier(64 * 1024 * 1024, Duration::from_secs(60))
+            .build();
+        Router::new()
+            .route("/bare", post(bare))
+            .merge(
+                Router::new()
+                    .route("/memory", post(guarded))
+                    .layer(memory.layer()),
+            )
+            .merge(
+                Router::new()
+                    .route("/local", post(guarded))
+                    .layer(local.layer()),
+            )
+    }
+
+    /// A POST of [`BODY`] to `path`, with `key` as its `Idempotency-Key`.
+    ///
+    /// # Panics
+    /// Never for the paths and keys the benchmarks use.
+    pub fn request(path: &str, key: Option<String>) -> Request<Body> {
+        let mut builder = Request::builder().method(Method::POST).uri(path);
+        if let Some(key) = key {
+            builder = builder.header("idempotency-key", key);
+        }
+        builder.body(Body::from(BODY)).expect("request")
+    }
+}

@@ -8,22 +8,9 @@ mod common;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::Request;
-use axum::http::{StatusCode, header};
-use common::{Backend, Counters, app, send};
+use axum::http::StatusCode;
+use common::{Backend, Counters, app, as_client, send};
 use testkit::{keys_under, redis_connection};
-
-fn as_client(token: &str, key: &str, body: &str) -> Request {
-    let mut request = common::post_with("/pay", None, body);
-    request
-        .headers_mut()
-        .insert("idempotency-key", key.parse().unwrap());
-    request.headers_mut().insert(
-        header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    request
-}
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);

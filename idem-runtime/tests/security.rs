@@ -7,24 +7,11 @@ mod common;
 
 use std::sync::Arc;
 
-use axum::extract::Request;
-use axum::http::{StatusCode, header};
-use common::{Answer, Backend, Counters, app, send};
+use axum::http::StatusCode;
+use common::{Answer, Backend, Counters, app, as_client, send};
 use idem_runtime::store::RedisStore;
 use idem_runtime::{IdempotencyKey, Scope, ScopedKey};
 use testkit::RedisServer;
-
-fn as_client(token: &str, key: &str, body: &str) -> Request {
-    let mut request = common::post_with("/pay", None, body);
-    request
-        .headers_mut()
-        .insert("idempotency-key", key.parse().unwrap());
-    request.headers_mut().insert(
-        header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    request
-}
 
 fn hostile_keys(alice_key: &str) -> Vec<String> {
     let alice_scope = Scope::of("Bearer alice").to_hex();

@@ -6,56 +6,16 @@
 //! values of N: the difference of the totals divided by the difference of N is the cost
 //! of one request, without start-up.
 
-use std::time::Duration;
-
-use axum::Router;
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
-use axum::routing::post;
-use bytes::Bytes;
-use idem_runtime::{Idempotency, idempotent};
+use axum::http::StatusCode;
+use idem_bench::in_process::{request, router};
 use tower::ServiceExt;
-
-const BODY: &str = r#"{"order_id":"ord_8e03978e","amount_cents":2500,"currency":"EUR"}"#;
-
-async fn bare(body: Bytes) -> (StatusCode, Bytes) {
-    (StatusCode::CREATED, body)
-}
-
-#[idempotent]
-async fn guarded(body: Bytes) -> (StatusCode, Bytes) {
-    (StatusCode::CREATED, body)
-}
-
-fn request(path: &str, key: Option<String>) -> Request<Body> {
-    let mut builder = Request::builder().method(Method::POST).uri(path);
-    if let Some(key) = key {
-        builder = builder.header("idempotency-key", key);
-    }
-    builder.body(Body::from(BODY)).expect("request")
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mut args = std::env::args().skip(1);
     let row = args.next().unwrap_or_else(|| "memory-miss".to_owned());
     let count: u64 = args.next().and_then(|n| n.parse().ok()).unwrap_or(1000);
-    let memory = Idempotency::in_memory();
-    let local = Idempotency::builder()
-        .local_tier(64 * 1024 * 1024, Duration::from_secs(60))
-        .build();
-    let app = Router::new()
-        .route("/bare", post(bare))
-        .merge(
-            Router::new()
-                .route("/memory", post(guarded))
-                .layer(memory.layer()),
-        )
-        .merge(
-            Router::new()
-                .route("/local", post(guarded))
-                .layer(local.layer()),
-        );
+    let app = router();
     for (path, key) in [("/memory", "hit"), ("/local", "hit")] {
         let primed = app.clone().oneshot(request(path, Some(key.into()))).await;
         assert_eq!(primed.map(|r| r.status()).ok(), Some(StatusCode::CREATED));

@@ -9,17 +9,19 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
 use idem_runtime::{Idempotency, PROBLEM_JSON};
 use payments::client::{PayClient, RetryPolicy, demo, new_key};
 use payments::{AppState, Config, Db, NewOrder, NewPayment, Order, Payment};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Connection, Row};
+use support::Server;
 
 #[derive(Clone, Copy, Debug)]
 enum Backend {
@@ -247,29 +249,6 @@ impl PauseFile {
 impl Drop for PauseFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// The router on a loopback socket; stops when dropped.
-struct Server {
-    url: String,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Server {
-    async fn start(router: Router) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let task = tokio::spawn(async move {
-            axum::serve(listener, router).await.unwrap();
-        });
-        Self { url, task }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

@@ -4,31 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod support;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sqlx::{AnyPool, Row};
-
-/// An empty directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!("payments-bin-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use support::TempDir;
 
 /// The app's process, killed when dropped.
 struct App(Child);
@@ -42,7 +24,7 @@ impl Drop for App {
 
 #[tokio::test]
 async fn the_binary_starts_with_no_set_up_and_the_client_pays_once() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("bin");
     let addr = format!("127.0.0.1:{}", testkit::free_port());
     let mut app = App(Command::new(env!("CARGO_BIN_EXE_payments"))
         .current_dir(&dir.0)

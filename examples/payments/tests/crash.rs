@@ -11,16 +11,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use idem_runtime::PROBLEM_JSON;
 use payments::{DEFAULT_REDIS_PREFIX, Item, NewOrder, NewPayment, ORDER_PAID, Order, Payment};
 use reqwest::StatusCode;
 use sqlx::{AnyPool, Row};
+use support::TempDir;
 use testkit::RedisServer;
 
 /// What the app logs when a payment reaches the pause hook, i.e. after idem claimed its
@@ -28,31 +30,6 @@ use testkit::RedisServer;
 const PAUSED: &str = "test hook: payment paused until the file is deleted";
 /// The app's default lease: the longest a crashed process's claim can hold a key.
 const DEFAULT_LEASE_MS: i64 = 30_000;
-
-/// A directory of the test's own, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "payments-{name}-{}-{nanos}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// One run of the `payments` binary, its output in a log file; killed when dropped.
 struct App {

@@ -225,6 +225,16 @@ pub fn post_with(path: &str, key: Option<&str>, body: &str) -> Request {
     builder.body(Body::from(body.to_owned())).unwrap()
 }
 
+/// A POST to `/pay` with a key, as the client holding `token` (`Authorization: Bearer`).
+pub fn as_client(token: &str, key: &str, body: &str) -> Request {
+    let mut request = post_with("/pay", Some(key), body);
+    request.headers_mut().insert(
+        header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header value"),
+    );
+    request
+}
+
 /// A response with its body read.
 #[derive(Debug, Clone)]
 pub struct Answer {
