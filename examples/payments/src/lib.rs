@@ -73,6 +73,10 @@ pub struct Config {
     /// waits before it touches the database (at most a minute), so a fault test can
     /// kill the process mid-payment. Leave it unset outside tests.
     pub test_pause_file: Option<PathBuf>,
+    /// How long a payment in progress holds its key between renewals
+    /// (`PAYMENTS_IDEM_LEASE_MS`, default idem's [`idem_runtime::DEFAULT_LEASE`]): after a
+    /// crash, the key is free again within one lease.
+    pub lease: std::time::Duration,
 }
 
 impl Default for Config {
@@ -83,6 +87,7 @@ impl Default for Config {
             redis_url: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             test_pause_file: None,
+            lease: idem_runtime::DEFAULT_LEASE,
         }
     }
 }
@@ -103,6 +108,14 @@ impl Config {
         }
         config.redis_url = var("REDIS_URL");
         config.test_pause_file = var("PAYMENTS_TEST_PAUSE_FILE").map(PathBuf::from);
+        if let Some(lease) = var("PAYMENTS_IDEM_LEASE_MS") {
+            let millis = lease
+                .parse::<u64>()
+                .ok()
+                .filter(|&ms| ms >= 100)
+                .ok_or(StartupError::Lease { lease })?;
+            config.lease = std::time::Duration::from_millis(millis);
+        }
         Ok(config)
     }
 }
@@ -118,6 +131,12 @@ pub enum StartupError {
         addr: String,
         /// Why it does not parse.
         source: std::net::AddrParseError,
+    },
+    /// `PAYMENTS_IDEM_LEASE_MS` is not a whole number of milliseconds of at least 100.
+    #[error("PAYMENTS_IDEM_LEASE_MS={lease:?} is not a number of milliseconds (at least 100)")]
+    Lease {
+        /// The value given.
+        lease: String,
     },
     /// The database could not be opened or migrated.
     #[error("database: {0}")]
@@ -173,14 +192,15 @@ pub async fn app(config: &Config) -> Result<Router, StartupError> {
 /// The idempotency handle the config asks for: Redis when `redis_url` is set, else a
 /// fresh in-memory store.
 pub async fn idempotency(config: &Config) -> Result<Idempotency, StartupError> {
+    let builder = Idempotency::builder().lease(config.lease);
     let Some(url) = &config.redis_url else {
-        return Ok(Idempotency::in_memory());
+        return Ok(builder.build());
     };
     let store = RedisStore::builder(url.as_str())
         .prefix(config.redis_prefix.as_str())
         .connect()
         .await?;
-    Ok(Idempotency::builder().store(store).build())
+    Ok(builder.store(store).build())
 }
 
 /// The routes over `state`, protected by `idem`.
