@@ -46,11 +46,6 @@ pub(crate) async fn begin(
     ttl: Duration,
 ) -> Begun {
     let config = &idem.config;
-    let claim = Record::InProgress {
-        fingerprint,
-        token: FencingToken::generate(),
-    }
-    .encode();
     if let Some(copy) = config
         .local
         .as_ref()
@@ -58,6 +53,11 @@ pub(crate) async fn begin(
     {
         return Begun::Respond(completed(&key, &copy, &fingerprint));
     }
+    let claim = Record::InProgress {
+        fingerprint,
+        token: FencingToken::generate(),
+    }
+    .encode();
     // Armed before the store call: if this future is dropped after the store applied the
     // claim but before the answer arrived, dropping the execution releases the claim.
     let mut execution = Execution {
