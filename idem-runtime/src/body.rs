@@ -15,8 +15,8 @@ pub(crate) enum Collected {
     Complete(Bytes),
     /// More than the limit: what was read, and the rest still to be read.
     TooLarge { read: PrefixedBody, seen: u64 },
-    /// Reading failed.
-    Failed,
+    /// Reading failed: what was read, then the error, for a reader that wants to see it.
+    Failed(PrefixedBody),
 }
 
 /// Reads `body` to its end while it stays within `limit` bytes. Trailers are not kept.
@@ -33,8 +33,16 @@ pub(crate) async fn collect_bounded(mut body: Body, limit: usize) -> Collected {
     let mut more: VecDeque<Bytes> = VecDeque::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else {
-            return Collected::Failed;
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(error) => {
+                more.extend(first.take());
+                more.rotate_right(1);
+                let failing = Body::from_stream(futures_util::stream::once(async move {
+                    Err::<Bytes, axum::Error>(error)
+                }));
+                return Collected::Failed(PrefixedBody::new(more, failing));
+            }
         };
         let Ok(data) = frame.into_data() else {
             continue;

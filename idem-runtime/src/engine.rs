@@ -23,7 +23,7 @@ use crate::idempotency::Idempotency;
 use crate::local::expiry_ms;
 use crate::problem::Problem;
 use crate::record::{FencingToken, Record, StoredResponse, encode_completed};
-use crate::store::StoreError;
+use crate::store::{BoxFuture, StoreError};
 
 /// The header added to every replayed response.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
@@ -89,10 +89,7 @@ pub(crate) async fn begin(
         let record = match Record::decode(&found) {
             Ok(record) => record,
             Err(error) => {
-                tracing::error!(target: "idem", key = key.key().as_str(), %error, "unreadable record under key; answering 503");
-                return Begun::Respond(
-                    Problem::store_unavailable(config.retry_after_secs()).into_response(),
-                );
+                return store_failed(idem, &key, &StoreError::backend(error));
             }
         };
         if *record.fingerprint() != fingerprint {
@@ -215,32 +212,44 @@ impl Execution {
         }
     }
 
-    /// Polls `work` while renewing the lease every third of it.
+    /// Polls `work` while renewing the lease every third of it. A renewal runs beside the
+    /// work (the work is never paused for it); a failed one is retried soon, not a whole
+    /// period later, so a store that comes back within the lease keeps the key held.
     async fn renewing<T>(&self, work: impl Future<Output = T>) -> T {
         let config = &self.idem.config;
         let period = config.lease / 3;
+        let retry = period.min(Duration::from_millis(250));
         let mut next = Instant::now() + period;
         let mut holding = true;
+        let mut renewal: Option<BoxFuture<'_, Result<bool, StoreError>>> = None;
         let mut work = std::pin::pin!(work);
         loop {
             tokio::select! {
                 biased;
                 out = &mut work => return out,
-                () = sleep_until(next), if holding => {
-                    next += period;
-                    let renewed = timeout(
-                        config.store_timeout,
-                        config.store.renew(self.key.as_str(), &self.claim, config.lease),
-                    ).await;
+                renewed = async { renewal.as_mut().expect("guarded by is_some").await }, if renewal.is_some() => {
+                    renewal = None;
                     match renewed {
-                        Ok(Ok(true)) => {}
-                        Ok(Ok(false)) => {
+                        Ok(true) => next = Instant::now() + period,
+                        Ok(false) => {
                             tracing::warn!(target: "idem", key = self.key.key().as_str(), "lease lost while the handler runs; its response will not be stored");
                             holding = false;
                         }
-                        Ok(Err(error)) => tracing::warn!(target: "idem", key = self.key.key().as_str(), %error, "lease renewal failed; retrying"),
-                        Err(_) => tracing::warn!(target: "idem", key = self.key.key().as_str(), "lease renewal timed out; retrying"),
+                        Err(error) => {
+                            tracing::warn!(target: "idem", key = self.key.key().as_str(), %error, "lease renewal failed; retrying");
+                            next = Instant::now() + retry;
+                        }
                     }
+                }
+                () = sleep_until(next), if holding && renewal.is_none() => {
+                    renewal = Some(Box::pin(async move {
+                        timeout(
+                            config.store_timeout,
+                            config.store.renew(self.key.as_str(), &self.claim, config.lease),
+                        )
+                        .await
+                        .unwrap_or(Err(StoreError::Timeout(config.store_timeout)))
+                    }));
                 }
             }
         }
@@ -254,7 +263,11 @@ impl Execution {
             self.release().await;
             return Response::from_parts(parts, body);
         }
-        match collect_bounded(body, config.max_response_bytes).await {
+        // Buffering a streamed body is part of the work: the lease stays renewed meanwhile.
+        match self
+            .renewing(collect_bounded(body, config.max_response_bytes))
+            .await
+        {
             Collected::Complete(bytes) => {
                 let kept: Vec<_> = parts
                     .headers
@@ -296,7 +309,7 @@ impl Execution {
                 self.complete(record.encode()).await;
                 Response::from_parts(parts, read.into_body())
             }
-            Collected::Failed => {
+            Collected::Failed(_) => {
                 tracing::warn!(target: "idem", key = self.key.key().as_str(), "response body failed; a retry will be told the response was not stored");
                 let record = Record::Unstorable {
                     fingerprint: self.fingerprint,
@@ -304,7 +317,7 @@ impl Execution {
                     body_len: 0,
                 };
                 self.complete(record.encode()).await;
-                Response::from_parts(parts, Body::empty())
+                Problem::response_lost(parts.status).into_response()
             }
         }
     }

@@ -127,10 +127,15 @@ where
         let config = &idem.config;
         let fingerprint = match parts.extensions.get::<BufferedBody>() {
             Some(BufferedBody::Complete(body)) => {
-                let path = parts
-                    .uri
+                // Behind `Router::nest` the URI is shortened; the original one tells two
+                // nested copies of a route apart.
+                let uri = parts
+                    .extensions
+                    .get::<axum::extract::OriginalUri>()
+                    .map_or(&parts.uri, |original| &original.0);
+                let path = uri
                     .path_and_query()
-                    .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
+                    .map_or_else(|| uri.path(), |pq| pq.as_str());
                 Fingerprint::of(&config.fingerprint, &parts.method, path, body)
             }
             Some(BufferedBody::TooLarge) => {

@@ -80,7 +80,7 @@ where
                     (BufferedBody::Complete(bytes.clone()), Body::from(bytes))
                 }
                 Collected::TooLarge { read, .. } => (BufferedBody::TooLarge, read.into_body()),
-                Collected::Failed => (BufferedBody::Failed, Body::empty()),
+                Collected::Failed(read) => (BufferedBody::Failed, read.into_body()),
             };
             parts.extensions.insert(buffered);
             inner.call(Request::from_parts(parts, body)).await

@@ -115,6 +115,18 @@ impl Problem {
         )
     }
 
+    pub(crate) fn response_lost(status: StatusCode) -> Self {
+        Self::new_internal(
+            StatusCode::BAD_GATEWAY,
+            Self::RESPONSE_NOT_STORED,
+            "Response lost",
+            format!(
+                "The request was executed (status {}), but its response body failed while it was being read, so it could not be sent or stored. It will not be executed again; look up its result instead of retrying.",
+                status.as_u16()
+            ),
+        )
+    }
+
     pub(crate) fn store_unavailable(retry_after: u64) -> Self {
         let mut problem = Self::new_internal(
             StatusCode::SERVICE_UNAVAILABLE,

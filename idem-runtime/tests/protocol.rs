@@ -21,4 +21,7 @@ on_both_stores!(
     oversized_response_is_never_rerun,
     waiting_for_in_flight_replays,
     rejected_extractor_releases_key,
+    slow_body_keeps_its_lease,
+    failed_body_is_a_problem_not_a_rerun,
+    nested_routes_are_told_apart,
 );

@@ -85,6 +85,9 @@ impl MemoryStore {
                 u32::try_from(bytes.max(slot)).unwrap_or(u32::MAX)
             })
             .expire_after(Lifetime)
+            // LRU, not TinyLFU: TinyLFU may refuse to admit a new entry when the cache is
+            // full, and a refused claim would let a second request run the handler.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build_with_hasher(Hasher::default());
         Self {
             cache,
@@ -231,5 +234,39 @@ impl Store for MemoryStore {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         let released = self.compare_and(key, claim, || None);
         Box::pin(std::future::ready(Ok(released)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guards: a full store admits every new claim (a refused claim would let a second
+    /// request run), however often the entries already there were read.
+    #[tokio::test]
+    async fn a_full_store_admits_new_claims() {
+        let store = MemoryStore::with_bounds(50, 1 << 30);
+        let lease = Duration::from_secs(60);
+        for n in 0..50 {
+            let key = format!("old-{n}");
+            let value = Bytes::from(format!("value-{n}"));
+            store.begin(&key, &value, lease).await.unwrap();
+            for _ in 0..5 {
+                assert!(store.begin(&key, &value, lease).await.unwrap().is_some());
+            }
+        }
+        store.run_pending_tasks();
+        for n in 0..50 {
+            let key = format!("new-{n}");
+            let claim = Bytes::from(format!("claim-{n}"));
+            assert_eq!(store.begin(&key, &claim, lease).await.unwrap(), None);
+            store.run_pending_tasks();
+            let other = Bytes::from_static(b"second request");
+            assert_eq!(
+                store.begin(&key, &other, lease).await.unwrap(),
+                Some(claim),
+                "claim {n} was kept"
+            );
+        }
     }
 }

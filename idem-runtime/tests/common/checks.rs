@@ -485,3 +485,57 @@ pub async fn many_keys(backend: Backend, count: usize) {
     assert_eq!(counters.runs(), count);
     assert_eq!(backend.record_count().await, count);
 }
+
+/// Guards: a streamed body slower than the lease keeps the key held while it is read.
+pub async fn slow_body_keeps_its_lease(backend: Backend) {
+    let idem = backend
+        .builder()
+        .await
+        .lease(Duration::from_millis(300))
+        .build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post_with("/stream", Some("body"), "1000")).await }
+    });
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let probe = send(&app, post_with("/stream", Some("body"), "1000")).await;
+        probe.assert_problem(StatusCode::CONFLICT, Problem::IN_FLIGHT);
+    }
+    let first = first.await.unwrap();
+    assert_eq!(first.body, "stream run 1: done");
+    assert_eq!(counters.runs(), 1);
+    let replay = send(&app, post_with("/stream", Some("body"), "1000")).await;
+    assert!(replay.is_replay());
+    assert_eq!(replay.body, first.body);
+}
+
+/// Guards: a response body that fails is answered with a problem, never a truncated
+/// success, and the request is not run again.
+pub async fn failed_body_is_a_problem_not_a_rerun(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let first = send(&app, post_with("/broken", Some("broken"), "")).await;
+    first.assert_problem(StatusCode::BAD_GATEWAY, Problem::RESPONSE_NOT_STORED);
+    let retry = send(&app, post_with("/broken", Some("broken"), "")).await;
+    retry.assert_problem(StatusCode::CONFLICT, Problem::RESPONSE_NOT_STORED);
+    assert_eq!(counters.runs(), 1);
+}
+
+/// Guards: two nested copies of a route under one layer are different requests.
+pub async fn nested_routes_are_told_apart(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let counters = Arc::new(Counters::default());
+    let app = axum::Router::new()
+        .nest("/eu", super::routes(counters.clone()))
+        .nest("/us", super::routes(counters.clone()))
+        .layer(idem.layer());
+    let eu = send(&app, post_with("/eu/pay", Some("region"), "{}")).await;
+    assert_eq!(eu.status, StatusCode::CREATED);
+    let us = send(&app, post_with("/us/pay", Some("region"), "{}")).await;
+    us.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Problem::KEY_REUSED);
+    assert_eq!(counters.runs(), 1);
+}

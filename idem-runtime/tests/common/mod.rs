@@ -197,6 +197,40 @@ async fn required(idem: Idempotent<60, true>, State(counters): State<AppState>) 
     .await
 }
 
+async fn stream(idem: Idempotent, State(counters): State<AppState>, body: String) -> Response {
+    idem.run(async move {
+        let n = counters.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let millis: u64 = body.trim().parse().unwrap_or(200);
+        let chunks = futures_util::stream::unfold(0u8, move |step| async move {
+            match step {
+                0 => Some((
+                    Ok::<_, std::io::Error>(bytes::Bytes::from(format!("stream run {n}: "))),
+                    1,
+                )),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(millis)).await;
+                    Some((Ok(bytes::Bytes::from_static(b"done")), 2))
+                }
+                _ => None,
+            }
+        });
+        (StatusCode::CREATED, Body::from_stream(chunks))
+    })
+    .await
+}
+
+async fn broken(idem: Idempotent, State(counters): State<AppState>) -> Response {
+    idem.run(async move {
+        counters.runs.fetch_add(1, Ordering::SeqCst);
+        let chunks = futures_util::stream::iter([
+            Ok(bytes::Bytes::from_static(b"partial")),
+            Err(std::io::Error::other("the body broke")),
+        ]);
+        (StatusCode::OK, Body::from_stream(chunks))
+    })
+    .await
+}
+
 /// The routes, without the layer.
 pub fn routes(counters: AppState) -> Router {
     Router::new()
@@ -209,6 +243,8 @@ pub fn routes(counters: AppState) -> Router {
         .route("/big", post(big))
         .route("/short", post(short_ttl))
         .route("/required", post(required))
+        .route("/stream", post(stream))
+        .route("/broken", post(broken))
         .with_state(counters)
 }
 
