@@ -117,8 +117,15 @@ pub async fn key_expires_after_ttl(backend: Backend) {
     assert_eq!(counters.runs(), 2);
 }
 
-/// Guards: renewal keeps the key of a handler that runs longer than its lease.
-pub async fn slow_handler_keeps_its_lease(backend: Backend) {
+/// Sends one request to `path` that outlasts a 300 ms lease and probes its key every
+/// 250 ms while it runs: every probe must be told the request is still in flight.
+/// Returns the first request's answer, the app and its counters.
+async fn outlast_the_lease(
+    backend: &Backend,
+    path: &'static str,
+    body: &'static str,
+    probes: usize,
+) -> (super::Answer, axum::Router, Arc<Counters>) {
     let idem = backend
         .builder()
         .await
@@ -126,17 +133,22 @@ pub async fn slow_handler_keeps_its_lease(backend: Backend) {
         .build();
     let counters = Arc::new(Counters::default());
     let app = app(&idem, counters.clone());
-
-    let slow = tokio::spawn({
+    let first = tokio::spawn({
         let app = app.clone();
-        async move { send(&app, post_with("/slow", Some("lease"), "1200")).await }
+        async move { send(&app, post_with(path, Some("lease"), body)).await }
     });
-    for _ in 0..4 {
+    for _ in 0..probes {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let probe = send(&app, post_with("/slow", Some("lease"), "1200")).await;
+        let probe = send(&app, post_with(path, Some("lease"), body)).await;
         probe.assert_problem(StatusCode::CONFLICT, Problem::IN_FLIGHT);
     }
-    let first = slow.await.expect("slow request");
+    let first = first.await.expect("first request");
+    (first, app, counters)
+}
+
+/// Guards: renewal keeps the key of a handler that runs longer than its lease.
+pub async fn slow_handler_keeps_its_lease(backend: Backend) {
+    let (first, app, counters) = outlast_the_lease(&backend, "/slow", "1200", 4).await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert_eq!(
         counters.runs(),
@@ -488,26 +500,10 @@ pub async fn many_keys(backend: Backend, count: usize) {
 
 /// Guards: a streamed body slower than the lease keeps the key held while it is read.
 pub async fn slow_body_keeps_its_lease(backend: Backend) {
-    let idem = backend
-        .builder()
-        .await
-        .lease(Duration::from_millis(300))
-        .build();
-    let counters = Arc::new(Counters::default());
-    let app = app(&idem, counters.clone());
-    let first = tokio::spawn({
-        let app = app.clone();
-        async move { send(&app, post_with("/stream", Some("body"), "1000")).await }
-    });
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let probe = send(&app, post_with("/stream", Some("body"), "1000")).await;
-        probe.assert_problem(StatusCode::CONFLICT, Problem::IN_FLIGHT);
-    }
-    let first = first.await.unwrap();
+    let (first, app, counters) = outlast_the_lease(&backend, "/stream", "1000", 3).await;
     assert_eq!(first.body, "stream run 1: done");
     assert_eq!(counters.runs(), 1);
-    let replay = send(&app, post_with("/stream", Some("body"), "1000")).await;
+    let replay = send(&app, post_with("/stream", Some("lease"), "1000")).await;
     assert!(replay.is_replay());
     assert_eq!(replay.body, first.body);
 }
