@@ -34,7 +34,7 @@ pub struct IdempotencyKey(String);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
-    /// The key is empty (or only quotes or white space).
+    /// The key is empty (or only quotes or spaces).
     #[error("the Idempotency-Key is empty; send a unique value such as a UUID")]
     Empty,
     /// The key is longer than [`MAX_KEY_LEN`].
@@ -77,7 +77,8 @@ impl IdempotencyKey {
             Some(b'"') => parse_quoted(value)?,
             _ => parse_bare(value)?,
         };
-        if key.is_empty() {
+        // A quoted key of spaces alone is as empty as no key.
+        if key.bytes().all(|b| b == b' ') {
             return Err(KeyError::Empty);
         }
         if key.len() > MAX_KEY_LEN {
@@ -211,6 +212,7 @@ mod tests {
     fn rejects_each_bad_form_with_its_reason() {
         assert_eq!(IdempotencyKey::parse(b""), Err(KeyError::Empty));
         assert_eq!(IdempotencyKey::parse(b"\"\""), Err(KeyError::Empty));
+        assert_eq!(IdempotencyKey::parse(b"\"   \""), Err(KeyError::Empty));
         assert_eq!(
             IdempotencyKey::parse(&[b'a'; 256]),
             Err(KeyError::TooLong { len: 256 })
@@ -261,12 +263,13 @@ mod tests {
     proptest! {
         #[test]
         fn quoting_round_trips(key in "[ -~]{1,255}") {
+            prop_assume!(key.bytes().any(|b| b != b' '));
             let parsed = IdempotencyKey::parse(key.as_bytes());
             let quoted = IdempotencyKey(key.clone()).to_header_value();
             let reparsed = IdempotencyKey::parse(quoted.as_bytes()).expect("quoted form parses");
             prop_assert_eq!(reparsed.as_str(), key.as_str());
-            if let Ok(bare) = parsed {
-                prop_assert!(!key.starts_with('"'));
+            // Unquoted, an accepted key is the value without surrounding spaces.
+            if let (false, Ok(bare)) = (key.trim_start().starts_with('"'), parsed) {
                 prop_assert_eq!(bare.as_str(), key.trim_matches(|c| c == ' '));
             }
         }
