@@ -23,7 +23,7 @@ use crate::idempotency::Idempotency;
 use crate::local::expiry_ms;
 use crate::problem::Problem;
 use crate::record::{FencingToken, Record, StoredResponse, encode_completed};
-use crate::store::{BoxFuture, StoreError};
+use crate::store::StoreError;
 
 /// The header added to every replayed response.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
@@ -67,52 +67,41 @@ pub(crate) async fn begin(
         fingerprint,
         ttl,
         armed: true,
+        keeper: None,
     };
-    let wait_until = config.wait_for_in_flight.map(|max| Instant::now() + max);
+    let wait_until = config
+        .wait_for_in_flight
+        .map(|max| later(Instant::now(), max));
     let mut backoff = Duration::from_millis(20);
+    // Once this request has seen the key in flight, a store failure never runs it
+    // unprotected (fail-open): the other request may still be running.
+    let mut seen_in_flight = false;
     loop {
-        let found = match timeout(
+        let answer = timeout(
             config.store_timeout,
             config.store.begin(key.as_str(), &claim, config.lease),
         )
         .await
-        {
-            Ok(Ok(found)) => found,
-            Ok(Err(error)) => return store_failed(idem, &key, &error),
-            Err(_) => return store_failed(idem, &key, &StoreError::Timeout(config.store_timeout)),
+        .unwrap_or(Err(StoreError::Timeout(config.store_timeout)));
+        let found = match answer {
+            Ok(found) => found,
+            Err(error) => return store_failed(idem, &key, &error, seen_in_flight),
         };
-        let Some(found) = found else {
-            tracing::debug!(target: "idem", key = key.key().as_str(), "executing");
-            return Begun::Execute(execution);
-        };
-        execution.armed = false;
-        let record = match Record::decode(&found) {
-            Ok(record) => record,
-            Err(error) => {
-                return store_failed(idem, &key, &StoreError::backend(error));
-            }
-        };
-        if *record.fingerprint() != fingerprint {
-            tracing::warn!(target: "idem", key = key.key().as_str(), "key reused with a different request");
-            return Begun::Respond(Problem::key_reused().into_response());
-        }
-        match record {
-            Record::Completed(stored) => {
-                let stored = Arc::new(stored);
-                if let Some(local) = &config.local {
-                    local.insert(key.as_str(), stored.clone());
+        // The store may hand back this request's own claim: a `begin` applied twice
+        // because a client library re-sent it after losing the answer.
+        match found {
+            None => {}
+            Some(found) if found == claim => {}
+            Some(found) => {
+                execution.armed = false;
+                match answer_found(idem, &key, &fingerprint, &found) {
+                    Found::Respond(response) => return Begun::Respond(response),
+                    Found::Failed(error) => {
+                        return store_failed(idem, &key, &error, seen_in_flight);
+                    }
+                    Found::InFlight => {}
                 }
-                return Begun::Respond(completed(&key, &stored, &fingerprint));
-            }
-            Record::Unstorable {
-                status, body_len, ..
-            } => {
-                tracing::info!(target: "idem", key = key.key().as_str(), "already executed; its response was not stored");
-                return Begun::Respond(
-                    Problem::response_not_stored(status, body_len).into_response(),
-                );
-            }
-            Record::InProgress { .. } => {
+                seen_in_flight = true;
                 if let Some(until) = wait_until
                     && Instant::now() + backoff < until
                 {
@@ -127,11 +116,64 @@ pub(crate) async fn begin(
                 );
             }
         }
+        tracing::debug!(target: "idem", key = key.key().as_str(), "executing");
+        execution.keeper = Some(LeaseKeeper::start(idem, &key, &claim));
+        return Begun::Execute(execution);
     }
 }
 
-fn store_failed(idem: &Idempotency, key: &ScopedKey, error: &StoreError) -> Begun {
-    if idem.config.fail_open {
+/// What a record found under the key means for this request.
+enum Found {
+    Respond(Response),
+    Failed(StoreError),
+    InFlight,
+}
+
+fn answer_found(
+    idem: &Idempotency,
+    key: &ScopedKey,
+    fingerprint: &Fingerprint,
+    found: &Bytes,
+) -> Found {
+    let record = match Record::decode(found) {
+        Ok(record) => record,
+        Err(error) => return Found::Failed(StoreError::backend(error)),
+    };
+    if *record.fingerprint() != *fingerprint {
+        tracing::warn!(target: "idem", key = key.key().as_str(), "key reused with a different request");
+        return Found::Respond(Problem::key_reused().into_response());
+    }
+    match record {
+        Record::Completed(stored) => {
+            let stored = Arc::new(stored);
+            if let Some(local) = &idem.config.local {
+                local.insert(key.as_str(), stored.clone());
+            }
+            Found::Respond(completed(key, &stored, fingerprint))
+        }
+        Record::Unstorable {
+            status, body_len, ..
+        } => {
+            tracing::info!(target: "idem", key = key.key().as_str(), "already executed; its response was not stored");
+            Found::Respond(Problem::response_not_stored(status, body_len).into_response())
+        }
+        Record::InProgress { .. } => Found::InFlight,
+    }
+}
+
+/// The answer when the store fails during `begin`. A request that has seen the key in
+/// flight answers `409` whatever the mode: running it unprotected could run it beside the
+/// request it saw.
+fn store_failed(
+    idem: &Idempotency,
+    key: &ScopedKey,
+    error: &StoreError,
+    seen_in_flight: bool,
+) -> Begun {
+    if seen_in_flight {
+        tracing::warn!(target: "idem", key = key.key().as_str(), %error, "store failed while waiting for a request in flight; answering 409");
+        Begun::Respond(Problem::in_flight(idem.config.retry_after_secs()).into_response())
+    } else if idem.config.fail_open {
         tracing::warn!(target: "idem", key = key.key().as_str(), %error, "store failed; running unprotected (fail-open)");
         Begun::Unprotected
     } else {
@@ -172,6 +214,8 @@ pub(crate) struct Execution {
     fingerprint: Fingerprint,
     ttl: Duration,
     armed: bool,
+    /// Renews the lease from the moment of the claim until the execution ends.
+    keeper: Option<LeaseKeeper>,
 }
 
 impl Execution {
@@ -202,55 +246,12 @@ impl Execution {
         R: IntoResponse + 'static,
     {
         let handler = AssertUnwindSafe(async move { handler.await.into_response() }).catch_unwind();
-        match self.renewing(handler).await {
+        match handler.await {
             Ok(response) => self.finish(response).await,
             Err(panic) => {
                 tracing::warn!(target: "idem", key = self.key.key().as_str(), "handler panicked; releasing the key");
                 self.release().await;
                 resume_unwind(panic)
-            }
-        }
-    }
-
-    /// Polls `work` while renewing the lease every third of it. A renewal runs beside the
-    /// work (the work is never paused for it); a failed one is retried soon, not a whole
-    /// period later, so a store that comes back within the lease keeps the key held.
-    async fn renewing<T>(&self, work: impl Future<Output = T>) -> T {
-        let config = &self.idem.config;
-        let period = config.lease / 3;
-        let retry = period.min(Duration::from_millis(250));
-        let mut next = Instant::now() + period;
-        let mut holding = true;
-        let mut renewal: Option<BoxFuture<'_, Result<bool, StoreError>>> = None;
-        let mut work = std::pin::pin!(work);
-        loop {
-            tokio::select! {
-                biased;
-                out = &mut work => return out,
-                renewed = async { renewal.as_mut().expect("guarded by is_some").await }, if renewal.is_some() => {
-                    renewal = None;
-                    match renewed {
-                        Ok(true) => next = Instant::now() + period,
-                        Ok(false) => {
-                            tracing::warn!(target: "idem", key = self.key.key().as_str(), "lease lost while the handler runs; its response will not be stored");
-                            holding = false;
-                        }
-                        Err(error) => {
-                            tracing::warn!(target: "idem", key = self.key.key().as_str(), %error, "lease renewal failed; retrying");
-                            next = Instant::now() + retry;
-                        }
-                    }
-                }
-                () = sleep_until(next), if holding && renewal.is_none() => {
-                    renewal = Some(Box::pin(async move {
-                        timeout(
-                            config.store_timeout,
-                            config.store.renew(self.key.as_str(), &self.claim, config.lease),
-                        )
-                        .await
-                        .unwrap_or(Err(StoreError::Timeout(config.store_timeout)))
-                    }));
-                }
             }
         }
     }
@@ -264,10 +265,7 @@ impl Execution {
             return Response::from_parts(parts, body);
         }
         // Buffering a streamed body is part of the work: the lease stays renewed meanwhile.
-        match self
-            .renewing(collect_bounded(body, config.max_response_bytes))
-            .await
-        {
+        match collect_bounded(body, config.max_response_bytes).await {
             Collected::Complete(bytes) => {
                 let kept: Vec<_> = parts
                     .headers
@@ -282,8 +280,12 @@ impl Execution {
                     &kept,
                     &bytes,
                 );
-                let stored = self.complete(record).await;
-                if stored && let Some(local) = &config.local {
+                let stored = self
+                    .complete(record, parts.status, bytes.len() as u64)
+                    .await;
+                if stored == Completion::Stored
+                    && let Some(local) = &config.local
+                {
                     let copy = StoredResponse {
                         fingerprint: self.fingerprint,
                         status: parts.status,
@@ -301,69 +303,207 @@ impl Execution {
             }
             Collected::TooLarge { read, seen } => {
                 tracing::warn!(target: "idem", key = self.key.key().as_str(), limit = config.max_response_bytes, "response too large to store; a retry will be told so and not run again");
-                let record = Record::Unstorable {
-                    fingerprint: self.fingerprint,
-                    status: parts.status,
-                    body_len: seen,
-                };
-                self.complete(record.encode()).await;
+                let record = self.unstorable(parts.status, seen);
+                self.complete(record, parts.status, seen).await;
                 Response::from_parts(parts, read.into_body())
             }
             Collected::Failed(_) => {
                 tracing::warn!(target: "idem", key = self.key.key().as_str(), "response body failed; a retry will be told the response was not stored");
-                let record = Record::Unstorable {
-                    fingerprint: self.fingerprint,
-                    status: parts.status,
-                    body_len: 0,
-                };
-                self.complete(record.encode()).await;
+                let record = self.unstorable(parts.status, 0);
+                self.complete(record, parts.status, 0).await;
                 Problem::response_lost(parts.status).into_response()
             }
         }
     }
 
-    /// Stores `record` if the key still holds this execution's claim. A store failure is
-    /// retried in the background while the lease may still hold, so that a retry replays
+    fn unstorable(&self, status: http::StatusCode, body_len: u64) -> Bytes {
+        Record::Unstorable {
+            fingerprint: self.fingerprint,
+            status,
+            body_len,
+        }
+        .encode()
+    }
+
+    /// Stores `record` if the key still holds this execution's claim. A record the store
+    /// cannot keep is replaced by one saying the response was not stored. A store failure
+    /// is retried in the background, the lease still renewed, so that a retry replays
     /// rather than runs again.
-    async fn complete(&mut self, record: Bytes) -> bool {
+    async fn complete(
+        &mut self,
+        record: Bytes,
+        status: http::StatusCode,
+        body_len: u64,
+    ) -> Completion {
         self.armed = false;
-        let config = &self.idem.config;
-        match store_completion(&self.idem, &self.key, &self.claim, self.ttl, record.clone()).await {
-            Ok(true) => true,
+        let mut record = record;
+        let mut outcome =
+            store_completion(&self.idem, &self.key, &self.claim, self.ttl, record.clone()).await;
+        if let Err(StoreError::RecordTooLarge { size, limit }) = outcome {
+            tracing::warn!(target: "idem", key = self.key.key().as_str(), size, limit, "the store cannot keep this response; a retry will be told it was not stored");
+            record = self.unstorable(status, body_len);
+            outcome =
+                store_completion(&self.idem, &self.key, &self.claim, self.ttl, record.clone())
+                    .await;
+            if outcome.is_ok() {
+                return match outcome {
+                    Ok(true) => Completion::NotStored,
+                    _ => Completion::Lost,
+                };
+            }
+        }
+        match outcome {
+            Ok(true) => Completion::Stored,
             Ok(false) => {
                 tracing::warn!(target: "idem", key = self.key.key().as_str(), "lease was lost before completion (fencing); response not stored");
-                false
+                Completion::Lost
             }
             Err(error) => {
-                tracing::error!(target: "idem", key = self.key.key().as_str(), %error, "storing the response failed; retrying in the background");
+                tracing::warn!(target: "idem", key = self.key.key().as_str(), %error, "storing the response failed; retrying in the background while the lease is held");
                 let (idem, key, claim, ttl) = (
                     self.idem.clone(),
                     self.key.clone(),
                     self.claim.clone(),
                     self.ttl,
                 );
-                let give_up = Instant::now() + config.lease;
+                let keeper = self.keeper.take();
                 tokio::spawn(async move {
                     let mut delay = Duration::from_millis(100);
-                    while Instant::now() + delay < give_up {
+                    let mut attempts = 1u32;
+                    loop {
                         sleep(delay).await;
+                        attempts += 1;
                         match store_completion(&idem, &key, &claim, ttl, record.clone()).await {
-                            Ok(true) => return,
-                            Ok(false) => break,
-                            Err(_) => delay = (delay * 2).min(Duration::from_secs(2)),
+                            Ok(true) => {
+                                tracing::info!(target: "idem", key = key.key().as_str(), attempts, "response stored after retrying");
+                                break;
+                            }
+                            Ok(false) => {
+                                tracing::error!(target: "idem", key = key.key().as_str(), attempts, "the lease ran out before the response could be stored; a retry may run the handler again");
+                                break;
+                            }
+                            Err(error) => {
+                                if keeper.as_ref().is_none_or(|keeper| !keeper.holds()) {
+                                    tracing::error!(target: "idem", key = key.key().as_str(), attempts, %error, "the response could not be stored before the lease ran out; a retry may run the handler again");
+                                    break;
+                                }
+                                delay = (delay * 2).min(Duration::from_secs(2));
+                            }
                         }
                     }
-                    tracing::error!(target: "idem", key = key.key().as_str(), "response could not be stored; a retry may run the handler again");
+                    drop(keeper);
                 });
-                false
+                Completion::Pending
             }
         }
     }
 
     async fn release(&mut self) {
         self.armed = false;
+        self.keeper = None;
         release(&self.idem, &self.key, &self.claim).await;
     }
+}
+
+/// How a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Completion {
+    /// The response is stored for replay.
+    Stored,
+    /// The key records that the request ran, without its response.
+    NotStored,
+    /// The claim was gone (fencing): nothing was stored.
+    Lost,
+    /// The store failed; the completion is retried in the background.
+    Pending,
+}
+
+/// Renews a claim's lease every third of it, from the claim until it is dropped, in a
+/// task of its own: the lease holds however long extractors, the handler, a streamed
+/// body or a completion retried after a store failure take.
+pub(crate) struct LeaseKeeper {
+    _stop: tokio::sync::oneshot::Sender<()>,
+    state: Arc<LeaseState>,
+}
+
+struct LeaseState {
+    /// When the lease surely ends unless renewed: the start of the last renewal that
+    /// succeeded, plus the lease.
+    held_until: std::sync::Mutex<Instant>,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl LeaseKeeper {
+    fn start(idem: &Idempotency, key: &ScopedKey, claim: &Bytes) -> Self {
+        let config = &idem.config;
+        let claimed_at = Instant::now();
+        let state = Arc::new(LeaseState {
+            held_until: std::sync::Mutex::new(later(claimed_at, config.lease)),
+            lost: std::sync::atomic::AtomicBool::new(false),
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (idem, key, claim, shared) = (idem.clone(), key.clone(), claim.clone(), state.clone());
+        tokio::spawn(async move {
+            let mut stopped = std::pin::pin!(stopped);
+            let config = &idem.config;
+            let period = config.lease / 3;
+            let retry = period.min(Duration::from_millis(250));
+            let mut next = later(claimed_at, period);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    () = sleep_until(next) => {}
+                }
+                let started = Instant::now();
+                let renewed = tokio::select! {
+                    _ = &mut stopped => return,
+                    renewed = timeout(
+                        config.store_timeout,
+                        config.store.renew(key.as_str(), &claim, config.lease),
+                    ) => renewed.unwrap_or(Err(StoreError::Timeout(config.store_timeout))),
+                };
+                match renewed {
+                    Ok(true) => {
+                        *shared
+                            .held_until
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            later(started, config.lease);
+                        next = later(started, period);
+                    }
+                    Ok(false) => {
+                        tracing::warn!(target: "idem", key = key.key().as_str(), "lease lost while the request runs; its response will not be stored");
+                        shared
+                            .lost
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::warn!(target: "idem", key = key.key().as_str(), %error, "lease renewal failed; retrying");
+                        next = later(Instant::now(), retry);
+                    }
+                }
+            }
+        });
+        Self { _stop: stop, state }
+    }
+
+    /// Whether the lease may still be held.
+    fn holds(&self) -> bool {
+        !self.state.lost.load(std::sync::atomic::Ordering::Relaxed)
+            && Instant::now()
+                < *self
+                    .state
+                    .held_until
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// `at + after`, or far in the future where that overflows.
+fn later(at: Instant, after: Duration) -> Instant {
+    at.checked_add(after)
+        .unwrap_or_else(|| at + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// Unfinished work that moves to a task of its own when dropped.

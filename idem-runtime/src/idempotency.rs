@@ -316,7 +316,7 @@ impl Config {
     pub(crate) fn retry_after_secs(&self) -> u64 {
         let secs = self.retry_after.as_secs();
         if self.retry_after.subsec_nanos() > 0 {
-            secs + 1
+            secs.saturating_add(1)
         } else {
             secs.max(1)
         }

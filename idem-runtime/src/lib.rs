@@ -273,6 +273,26 @@ pub enum Error {
     /// The Redis URL is invalid or the server could not be reached.
     #[error("cannot connect to Redis: {0}")]
     Redis(#[source] redis::RedisError),
+    /// The server may evict idem's keys, which could run a request twice.
+    #[error(
+        "Redis evicts keys under maxmemory-policy `{policy}`: it could drop a claim in flight or a stored response and run a request twice; \
+         set `maxmemory-policy noeviction` (or give idem an instance of its own), or accept the risk with `RedisStoreBuilder::allow_eviction(true)`"
+    )]
+    RedisEvicts {
+        /// The server's `maxmemory-policy`.
+        policy: String,
+    },
+    /// The server (or the user idem connects as) refused a command the protocol needs.
+    #[error(
+        "Redis refused idem's {step} step: {source}; idem needs SET, EVALSHA, EVAL and SCRIPT LOAD on keys under its prefix, and INFO"
+    )]
+    RedisRefused {
+        /// The step and the command it sends.
+        step: &'static str,
+        /// What the server answered.
+        #[source]
+        source: store::StoreError,
+    },
 }
 
 #[doc(hidden)]

@@ -83,7 +83,7 @@ async fn main() {
     match mode.as_str() {
         "bound" => {
             let max_bytes = 64 * 1024 * 1024;
-            let store = MemoryStore::with_bounds(1_000_000, max_bytes);
+            let store = MemoryStore::with_bounds(1_000_000, max_bytes).expect("bounds");
             fill(&store, 1_000_000, 100, 100_000).await;
             store.run_pending_tasks();
             println!(
@@ -95,7 +95,7 @@ async fn main() {
             );
         }
         _ => {
-            let store = MemoryStore::with_bounds(200_000, 1 << 30);
+            let store = MemoryStore::with_bounds(200_000, 1 << 30).expect("bounds");
             fill(&store, 100_000, 1024, 25_000).await;
             store.run_pending_tasks();
             let grown = resident_bytes() - before;

@@ -1,6 +1,9 @@
 //! The embedded in-memory store.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,32 +15,59 @@ type Hasher = foldhash::quality::RandomState;
 
 use super::{BoxFuture, Store, StoreError};
 
-/// Default bound on entries.
+/// Default bound on completed records held.
 pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
-/// Default bound on stored bytes (keys and records).
+/// Default bound on the bytes of completed records (keys, records and overhead).
 pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Default bound on claims held at once: executions in flight.
+pub const DEFAULT_MAX_CLAIMS: usize = 10_000;
+/// The smallest byte bound a store accepts: room for one completed record of the
+/// longest key, a small response and the per-entry overhead.
+pub const MIN_BYTES: u64 = 1024;
 
-/// An in-process store on a [moka] cache, bounded by entries and bytes, expiring by TTL.
+/// An in-process store, bounded by entries and bytes, expiring by TTL.
 ///
 /// Good for one instance and for tests. It is not shared between processes: behind a
-/// load balancer, use [`RedisStore`](super::RedisStore). When full, the cache evicts the
-/// least useful entries; an evicted key behaves like an unused one.
+/// load balancer, use [`RedisStore`](super::RedisStore).
+///
+/// Claims (executions in flight) and completed records are held apart:
+///
+/// - A **claim** is never evicted: it stays until its execution completes or releases
+///   it, or its lease runs out. Claims are bounded by count ([`DEFAULT_MAX_CLAIMS`]);
+///   when that many executions are in flight, a new one is refused with a store error
+///   (the request is answered `503`, never run unprotected).
+/// - **Completed records** live in a [moka] cache bounded by entries and bytes. When it is
+///   full, the least recently used records are evicted before their TTL, and an evicted
+///   key behaves like an unused one: size the bounds for the traffic of one TTL. A record
+///   too heavy for the byte bound is refused at completion, which idem records as a
+///   response that was not stored (a retry is told so; the handler never runs again).
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: Cache<String, Entry, Hasher>,
-    locks: std::sync::Arc<[std::sync::Mutex<()>; LOCK_SHARDS]>,
+    records: Cache<String, Entry, Hasher>,
+    shards: Arc<[Mutex<Claims>; SHARDS]>,
+    claims: Arc<AtomicUsize>,
+    max_claims: usize,
+    max_record_weight: u64,
+    slot: u64,
     shard_hasher: Hasher,
 }
 
-/// Each step reads and then writes one key under the lock of the key's shard, which
-/// makes the step atomic against every other step at the price of two plain cache
-/// operations (cheaper than the cache's own per-key compute).
-const LOCK_SHARDS: usize = 64;
+/// Claims live in shards, each behind its lock; a step reads and writes one key under the
+/// lock of its shard, which makes it atomic against every other step on that key.
+const SHARDS: usize = 64;
+
+type Claims = HashMap<String, Entry, Hasher>;
 
 #[derive(Clone)]
 struct Entry {
     value: Bytes,
     expires_at: Instant,
+}
+
+impl Entry {
+    fn is_live(&self, now: Instant) -> bool {
+        self.expires_at > now
+    }
 }
 
 struct Lifetime;
@@ -63,86 +93,189 @@ impl moka::Expiry<String, Entry> for Lifetime {
 /// `memory` benchmark (resident growth per entry minus key and record bytes).
 const ENTRY_OVERHEAD: u64 = 640;
 
+/// Bounds a [`MemoryStore`] cannot work with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BoundsError {
+    /// The entry bound is zero.
+    #[error("a memory store must hold at least 1 entry (got max_entries = 0)")]
+    NoEntries,
+    /// The byte bound cannot hold one record.
+    #[error(
+        "a memory store bound of {0} bytes cannot hold a record: the minimum is {MIN_BYTES} bytes"
+    )]
+    TooFewBytes(u64),
+    /// The claim bound is zero.
+    #[error("a memory store must hold at least 1 claim (got max_claims = 0)")]
+    NoClaims,
+}
+
 impl MemoryStore {
-    /// A store bounded by [`DEFAULT_MAX_ENTRIES`] and [`DEFAULT_MAX_BYTES`].
+    /// A store bounded by [`DEFAULT_MAX_ENTRIES`], [`DEFAULT_MAX_BYTES`] and
+    /// [`DEFAULT_MAX_CLAIMS`].
     pub fn new() -> Self {
-        Self::with_bounds(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES)
+        Self::build(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, DEFAULT_MAX_CLAIMS)
     }
 
-    /// A store holding at most `max_entries` entries and `max_bytes` bytes, whichever
-    /// bound is reached first. Bytes count keys, records and a measured per-entry
-    /// overhead, so that `max_bytes` tracks the resident memory the store adds.
-    pub fn with_bounds(max_entries: u64, max_bytes: u64) -> Self {
-        let max_entries = max_entries.max(1);
-        let max_bytes = max_bytes.max(ENTRY_OVERHEAD);
-        // Each entry weighs at least one "slot" of max_bytes / max_entries, so the total
+    /// A store holding at most `max_entries` completed records and `max_bytes` bytes of
+    /// them, whichever bound is reached first, and [`DEFAULT_MAX_CLAIMS`] claims. Bytes
+    /// count keys, records and a measured per-entry overhead, so that `max_bytes` tracks
+    /// the resident memory the store adds.
+    ///
+    /// ```
+    /// use idem_runtime::store::MemoryStore;
+    /// use idem_runtime::store::memory::MIN_BYTES;
+    ///
+    /// let store = MemoryStore::with_bounds(10_000, 64 << 20)?;
+    /// assert!(MemoryStore::with_bounds(10_000, MIN_BYTES - 1).is_err());
+    /// # Ok::<(), idem_runtime::store::memory::BoundsError>(())
+    /// ```
+    pub fn with_bounds(max_entries: u64, max_bytes: u64) -> Result<Self, BoundsError> {
+        Self::with_limits(max_entries, max_bytes, DEFAULT_MAX_CLAIMS)
+    }
+
+    /// [`with_bounds`](Self::with_bounds), and at most `max_claims` executions in flight
+    /// at once; one more is refused with a store error (`503`).
+    pub fn with_limits(
+        max_entries: u64,
+        max_bytes: u64,
+        max_claims: usize,
+    ) -> Result<Self, BoundsError> {
+        if max_entries == 0 {
+            return Err(BoundsError::NoEntries);
+        }
+        if max_bytes < MIN_BYTES {
+            return Err(BoundsError::TooFewBytes(max_bytes));
+        }
+        if max_claims == 0 {
+            return Err(BoundsError::NoClaims);
+        }
+        Ok(Self::build(max_entries, max_bytes, max_claims))
+    }
+
+    fn build(max_entries: u64, max_bytes: u64, max_claims: usize) -> Self {
+        // Each record weighs at least one "slot" of max_bytes / max_entries, so the total
         // weight bound keeps both the entry count and the byte count in bounds.
         let slot = (max_bytes / max_entries).max(1);
-        let cache = Cache::builder()
+        let records = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(move |key: &String, entry: &Entry| {
-                let bytes = key.len() as u64 + entry.value.len() as u64 + ENTRY_OVERHEAD;
-                u32::try_from(bytes.max(slot)).unwrap_or(u32::MAX)
+                u32::try_from(weight(key, &entry.value, slot)).unwrap_or(u32::MAX)
             })
             .expire_after(Lifetime)
-            // LRU, not TinyLFU: TinyLFU may refuse to admit a new entry when the cache is
-            // full, and a refused claim would let a second request run the handler.
+            // LRU, not TinyLFU: TinyLFU may refuse to admit a new record when the cache is
+            // full, and a record refused after its completion was confirmed would let a
+            // retry run the handler again.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build_with_hasher(Hasher::default());
         Self {
-            cache,
-            locks: std::sync::Arc::new(std::array::from_fn(|_| std::sync::Mutex::new(()))),
+            records,
+            shards: Arc::new(std::array::from_fn(|_| {
+                Mutex::new(HashMap::with_hasher(Hasher::default()))
+            })),
+            claims: Arc::new(AtomicUsize::new(0)),
+            max_claims,
+            // moka drops an entry heavier than its whole capacity, and weights are u32.
+            max_record_weight: max_bytes.min(u64::from(u32::MAX)),
+            slot,
             shard_hasher: Hasher::default(),
         }
     }
 
-    fn lock(&self, key: &str) -> std::sync::MutexGuard<'_, ()> {
+    fn shard(&self, key: &str) -> MutexGuard<'_, Claims> {
         use std::hash::BuildHasher;
-        let shard = self.shard_hasher.hash_one(key) as usize % LOCK_SHARDS;
-        // The lock guards no data, so a poisoned one is as good as a healthy one.
-        self.locks[shard]
+        let shard = self.shard_hasher.hash_one(key) as usize % SHARDS;
+        // Every step leaves a shard consistent before it can panic, so a poisoned lock
+        // guards a consistent map.
+        self.shards[shard]
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Entries currently held (approximate while evictions are pending).
+    /// Completed records currently held (approximate while evictions are pending).
     pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
+        self.records.entry_count()
     }
 
-    /// The total weight held: bytes of keys, records and per-entry overhead, or the
-    /// per-entry minimum where that is larger (approximate while evictions are pending).
+    /// Claims currently held: executions in flight (and claims whose lease ran out and
+    /// that no step has looked at since).
+    pub fn claim_count(&self) -> usize {
+        self.claims.load(Ordering::Relaxed)
+    }
+
+    /// The total weight of completed records: bytes of keys, records and per-entry
+    /// overhead, or the per-entry minimum where that is larger (approximate while
+    /// evictions are pending).
     pub fn weighted_size(&self) -> u64 {
-        self.cache.weighted_size()
+        self.records.weighted_size()
     }
 
     /// Applies pending evictions and expirations now (they otherwise run in the background).
     pub fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks();
+        self.records.run_pending_tasks();
     }
 
-    fn live(&self, key: &str) -> Option<Entry> {
-        self.cache
+    fn record(&self, key: &str, now: Instant) -> Option<Bytes> {
+        self.records
             .get(key)
-            .filter(|entry| entry.expires_at > Instant::now())
+            .filter(|entry| entry.is_live(now))
+            .map(|entry| entry.value)
     }
 
-    fn compare_and<F>(&self, key: &str, claim: &Bytes, next: F) -> bool
-    where
-        F: FnOnce() -> Option<Entry>,
-    {
-        let _shard = self.lock(key);
-        match self.live(key) {
-            Some(current) if current.value == *claim => {
-                match next() {
-                    Some(entry) => self.cache.insert(key.to_owned(), entry),
-                    None => self.cache.invalidate(key),
-                }
-                true
-            }
-            _ => false,
+    /// The live claim under `key`, dropping one whose lease ran out.
+    fn live_claim<'s>(&self, claims: &'s mut Claims, key: &str, now: Instant) -> Option<&'s Entry> {
+        if claims.get(key).is_some_and(|entry| !entry.is_live(now)) {
+            claims.remove(key);
+            self.claims.fetch_sub(1, Ordering::Relaxed);
+        }
+        claims.get(key)
+    }
+
+    /// Drops every claim whose lease ran out, one shard at a time.
+    fn sweep_expired_claims(&self) {
+        let now = Instant::now();
+        for shard in self.shards.iter() {
+            let mut claims = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let before = claims.len();
+            claims.retain(|_, entry| entry.is_live(now));
+            self.claims
+                .fetch_sub(before - claims.len(), Ordering::Relaxed);
         }
     }
+
+    fn try_claim(&self, key: &str, claim: &Bytes, lease: Duration) -> ClaimAttempt {
+        let now = Instant::now();
+        let mut claims = self.shard(key);
+        if let Some(existing) = self.live_claim(&mut claims, key, now) {
+            return ClaimAttempt::Found(existing.value.clone());
+        }
+        // A completion may have landed since the caller's look without the lock.
+        if let Some(existing) = self.record(key, now) {
+            return ClaimAttempt::Found(existing);
+        }
+        if self.claims.load(Ordering::Relaxed) >= self.max_claims {
+            return ClaimAttempt::Full;
+        }
+        self.claims.fetch_add(1, Ordering::Relaxed);
+        claims.insert(
+            key.to_owned(),
+            Entry {
+                value: claim.clone(),
+                expires_at: deadline(lease),
+            },
+        );
+        ClaimAttempt::Taken
+    }
+}
+
+enum ClaimAttempt {
+    Taken,
+    Found(Bytes),
+    Full,
+}
+
+fn weight(key: &str, value: &Bytes, slot: u64) -> u64 {
+    (key.len() as u64 + value.len() as u64 + ENTRY_OVERHEAD).max(slot)
 }
 
 /// `now + after`, capped far in the future instead of overflowing.
@@ -162,11 +295,17 @@ impl Default for MemoryStore {
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("entries", &self.cache.entry_count())
-            .field("weighted_size", &self.cache.weighted_size())
+            .field("entries", &self.records.entry_count())
+            .field("weighted_size", &self.records.weighted_size())
+            .field("claims", &self.claim_count())
             .finish()
     }
 }
+
+/// The error of a claim refused because [`MemoryStore`] holds its maximum of claims.
+#[derive(Debug, thiserror::Error)]
+#[error("the memory store holds its maximum of {0} executions in flight")]
+struct ClaimsFull(usize);
 
 impl Store for MemoryStore {
     fn begin<'a>(
@@ -175,25 +314,23 @@ impl Store for MemoryStore {
         claim: &'a Bytes,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
-        // A record already there is returned without the lock: reading it is atomic.
-        if let Some(existing) = self.live(key) {
-            return Box::pin(std::future::ready(Ok(Some(existing.value))));
-        }
-        let existing = {
-            let _shard = self.lock(key);
-            match self.live(key) {
-                Some(existing) => Some(existing.value),
-                None => {
-                    let entry = Entry {
-                        value: claim.clone(),
-                        expires_at: deadline(lease),
-                    };
-                    self.cache.insert(key.to_owned(), entry);
-                    None
+        // A completed record is returned without the lock: reading it is atomic.
+        let found = match self.record(key, Instant::now()) {
+            Some(existing) => Ok(Some(existing)),
+            None => match self.try_claim(key, claim, lease) {
+                ClaimAttempt::Taken => Ok(None),
+                ClaimAttempt::Found(existing) => Ok(Some(existing)),
+                ClaimAttempt::Full => {
+                    self.sweep_expired_claims();
+                    match self.try_claim(key, claim, lease) {
+                        ClaimAttempt::Taken => Ok(None),
+                        ClaimAttempt::Found(existing) => Ok(Some(existing)),
+                        ClaimAttempt::Full => Err(StoreError::backend(ClaimsFull(self.max_claims))),
+                    }
                 }
-            }
+            },
         };
-        Box::pin(std::future::ready(Ok(existing)))
+        Box::pin(std::future::ready(found))
     }
 
     fn renew<'a>(
@@ -202,12 +339,17 @@ impl Store for MemoryStore {
         claim: &'a Bytes,
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        let renewed = self.compare_and(key, claim, || {
-            Some(Entry {
-                value: claim.clone(),
-                expires_at: deadline(lease),
-            })
-        });
+        let now = Instant::now();
+        let mut claims = self.shard(key);
+        let renewed = match self.live_claim(&mut claims, key, now) {
+            Some(current) if current.value == *claim => {
+                if let Some(entry) = claims.get_mut(key) {
+                    entry.expires_at = deadline(lease);
+                }
+                true
+            }
+            _ => false,
+        };
         Box::pin(std::future::ready(Ok(renewed)))
     }
 
@@ -218,13 +360,32 @@ impl Store for MemoryStore {
         record: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        let completed = self.compare_and(key, claim, || {
-            Some(Entry {
-                value: record,
-                expires_at: deadline(ttl),
-            })
-        });
-        Box::pin(std::future::ready(Ok(completed)))
+        let now = Instant::now();
+        let mut claims = self.shard(key);
+        let completed = match self.live_claim(&mut claims, key, now) {
+            Some(current) if current.value == *claim => {
+                let weight = weight(key, &record, self.slot);
+                if weight > self.max_record_weight {
+                    Err(StoreError::RecordTooLarge {
+                        size: weight,
+                        limit: self.max_record_weight,
+                    })
+                } else {
+                    let entry = Entry {
+                        value: record,
+                        expires_at: deadline(ttl),
+                    };
+                    self.records.insert(key.to_owned(), entry);
+                    claims.remove(key);
+                    self.claims.fetch_sub(1, Ordering::Relaxed);
+                    Ok(true)
+                }
+            }
+            Some(_) => Ok(false),
+            // Applied already (a step sent twice): the record is there.
+            None => Ok(self.record(key, now).is_some_and(|stored| stored == record)),
+        };
+        Box::pin(std::future::ready(completed))
     }
 
     fn release<'a>(
@@ -232,7 +393,16 @@ impl Store for MemoryStore {
         key: &'a str,
         claim: &'a Bytes,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        let released = self.compare_and(key, claim, || None);
+        let now = Instant::now();
+        let mut claims = self.shard(key);
+        let released = match self.live_claim(&mut claims, key, now) {
+            Some(current) if current.value == *claim => {
+                claims.remove(key);
+                self.claims.fetch_sub(1, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        };
         Box::pin(std::future::ready(Ok(released)))
     }
 }
@@ -245,7 +415,7 @@ mod tests {
     /// request run), however often the entries already there were read.
     #[tokio::test]
     async fn a_full_store_admits_new_claims() {
-        let store = MemoryStore::with_bounds(50, 1 << 30);
+        let store = MemoryStore::with_bounds(50, 1 << 30).unwrap();
         let lease = Duration::from_secs(60);
         for n in 0..50 {
             let key = format!("old-{n}");

@@ -21,6 +21,11 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The storage protocol behind idem: four atomic steps on one key.
 ///
+/// Every step must be safe to apply twice, because a client library may re-send a command
+/// whose answer was lost: a `begin` that finds `claim` itself returns it (idem knows its
+/// own claim), a repeated `renew` extends again, a repeated `complete` finds `record` and
+/// reports success, a repeated `release` finds nothing and reports `false`.
+///
 /// `claim` is the encoded in-progress record of one execution; it holds a unique fencing
 /// token, so "the stored value equals `claim`" means "this executor still holds the lease".
 /// Keys arrive already namespaced by scope; a store may add its own prefix.
@@ -73,7 +78,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
     /// If `key` still holds `claim`, replaces it with `record` for `ttl` and returns `true`;
-    /// otherwise changes nothing and returns `false` (fencing). Atomic.
+    /// if it already holds `record` (this step applied before, its answer lost), returns
+    /// `true`; otherwise changes nothing and returns `false` (fencing). Atomic. A store that
+    /// cannot keep `record` answers [`StoreError::RecordTooLarge`] and leaves the claim.
     fn complete<'a>(
         &'a self,
         key: &'a str,
@@ -101,6 +108,16 @@ pub enum StoreError {
     /// The backend did not answer in time.
     #[error("idempotency store did not answer within {0:?}")]
     Timeout(Duration),
+    /// `complete` refused a record the store cannot keep (it would be evicted at once).
+    /// The claim is left in place; idem then completes the key with a small record that
+    /// says the response was not stored, so a retry never runs the handler again.
+    #[error("idempotency store cannot keep a record of {size} bytes (its limit is {limit})")]
+    RecordTooLarge {
+        /// What the record would cost the store.
+        size: u64,
+        /// The most the store can keep for one record.
+        limit: u64,
+    },
 }
 
 impl StoreError {

@@ -27,10 +27,15 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+// A completion applied twice (re-sent after a lost answer) finds its own record: success.
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+        "local current = redis.call('GET', KEYS[1]) \
+         if current == ARGV[1] then \
            redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) \
+           return 1 \
+         end \
+         if current == ARGV[2] then \
            return 1 \
          end \
          return 0",
@@ -65,6 +70,21 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 /// database for effects that must never repeat, such as a UNIQUE constraint on
 /// [`ScopedKey`](crate::ScopedKey), as the example payments app does. `WAIT`-based
 /// replication would narrow the window at the cost of a round trip per request.
+///
+/// # Eviction
+///
+/// A Redis that evicts keys under memory pressure can drop a claim while its handler runs
+/// or a stored response before its TTL, and then run a request twice. Run idem on a
+/// server with `maxmemory-policy noeviction` (the Redis default), or on an instance of its
+/// own. [`connect`](RedisStoreBuilder::connect) reads the policy and refuses any other,
+/// unless [`allow_eviction`](RedisStoreBuilder::allow_eviction) accepts the risk.
+///
+/// # Permissions
+///
+/// idem needs `SET`, `EVALSHA`, `EVAL` and `SCRIPT LOAD` on keys under its prefix, and
+/// `INFO` to read the eviction policy. `connect` runs every protocol step once on a probe
+/// key under the prefix and fails with the refused command named, rather than letting
+/// every completion fail later.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), idem_runtime::Error> {
@@ -101,6 +121,7 @@ pub struct RedisStoreBuilder {
     prefix: String,
     response_timeout: Duration,
     connection_timeout: Duration,
+    allow_eviction: bool,
     #[cfg(feature = "tls")]
     root_certificate: Option<Vec<u8>>,
 }
@@ -128,6 +149,15 @@ impl RedisStoreBuilder {
     /// How long connecting may take (default 2 s).
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
+        self
+    }
+
+    /// Accepts a server whose `maxmemory-policy` may evict idem's keys (default `false`:
+    /// [`connect`](Self::connect) refuses it). An evicted claim or record lets a request
+    /// run twice; accept this only where a second guard (a UNIQUE constraint) catches it.
+    /// A warning is logged at connect.
+    pub fn allow_eviction(mut self, allow: bool) -> Self {
+        self.allow_eviction = allow;
         self
     }
 
@@ -164,7 +194,9 @@ impl RedisStoreBuilder {
         Client::open(url)
     }
 
-    /// Connects, checks that the server answers, and loads the scripts.
+    /// Connects, checks that the server keeps idem's keys (its eviction policy), loads
+    /// the scripts and runs every protocol step once on a probe key, so that a server or
+    /// user that refuses one fails here, with the command named.
     pub async fn connect(self) -> Result<RedisStore, crate::Error> {
         let mut connection = match &self.nodes {
             Nodes::Server(url) => {
@@ -205,10 +237,13 @@ impl RedisStoreBuilder {
             };
             loaded.map_err(crate::Error::Redis)?;
         }
-        Ok(RedisStore {
+        let store = RedisStore {
             connection,
             prefix: self.prefix.into(),
-        })
+        };
+        store.check_eviction(self.allow_eviction).await?;
+        store.probe().await?;
+        Ok(store)
     }
 }
 
@@ -241,6 +276,7 @@ impl RedisStore {
             prefix: DEFAULT_PREFIX.to_owned(),
             response_timeout: Duration::from_secs(2),
             connection_timeout: Duration::from_secs(2),
+            allow_eviction: false,
             #[cfg(feature = "tls")]
             root_certificate: None,
         }
@@ -257,6 +293,70 @@ impl RedisStore {
     /// Whether this store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         matches!(self.connection, Connection::Cluster(_))
+    }
+
+    /// Refuses a server (every node of a cluster) whose eviction policy can drop keys.
+    async fn check_eviction(&self, allow: bool) -> Result<(), crate::Error> {
+        let info: Result<redis::Value, StoreError> = self
+            .run(Command::Plain(redis::cmd("INFO").arg("memory").to_owned()))
+            .await;
+        let mut policies = Vec::new();
+        match info {
+            Ok(value) => collect_policies(&value, &mut policies),
+            Err(error) if allow => {
+                tracing::warn!(target: "idem", %error, "could not read Redis' eviction policy (INFO); accepted by allow_eviction");
+                return Ok(());
+            }
+            Err(error) => {
+                return Err(crate::Error::RedisRefused {
+                    step: "INFO memory (reading maxmemory-policy)",
+                    source: error,
+                });
+            }
+        }
+        let Some(policy) = policies.into_iter().find(|policy| policy != "noeviction") else {
+            return Ok(());
+        };
+        if allow {
+            tracing::warn!(target: "idem", policy, "Redis may evict idem's keys; a request may run twice (accepted by allow_eviction)");
+            Ok(())
+        } else {
+            Err(crate::Error::RedisEvicts { policy })
+        }
+    }
+
+    /// Runs begin, renew, release and complete once on a probe key, and leaves nothing.
+    async fn probe(&self) -> Result<(), crate::Error> {
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|error| crate::Error::RedisRefused {
+            step: "probe",
+            source: StoreError::backend(error.to_string()),
+        })?;
+        let key = format!("__probe:{:016x}", u64::from_le_bytes(nonce));
+        let claim = Bytes::from_static(b"idem probe claim");
+        let record = Bytes::from_static(b"idem probe record");
+        let lease = Duration::from_secs(10);
+        let refused = |step| move |source| crate::Error::RedisRefused { step, source };
+        self.begin(&key, &claim, lease)
+            .await
+            .map_err(refused("begin (SET NX GET PX)"))?;
+        self.renew(&key, &claim, lease)
+            .await
+            .map_err(refused("renew (EVALSHA)"))?;
+        self.release(&key, &claim)
+            .await
+            .map_err(refused("release (EVALSHA)"))?;
+        self.begin(&key, &claim, lease)
+            .await
+            .map_err(refused("begin (SET NX GET PX)"))?;
+        self.complete(&key, &claim, record.clone(), lease)
+            .await
+            .map_err(refused("complete (EVALSHA)"))?;
+        // The probe record goes the way a claim does: released when it holds this value.
+        self.release(&key, &record)
+            .await
+            .map_err(refused("release (EVALSHA)"))?;
+        Ok(())
     }
 
     async fn run<T: redis::FromRedisValue>(&self, command: Command<'_>) -> Result<T, StoreError> {
@@ -294,6 +394,34 @@ impl fmt::Debug for RedisStore {
             .field("cluster", &self.is_cluster())
             .finish_non_exhaustive()
     }
+}
+
+/// Every `maxmemory_policy:` value in an `INFO` answer (one per node of a cluster).
+fn collect_policies(value: &redis::Value, out: &mut Vec<String>) {
+    match value {
+        redis::Value::BulkString(bytes) => {
+            collect_policy_lines(&String::from_utf8_lossy(bytes), out)
+        }
+        redis::Value::VerbatimString { text, .. } | redis::Value::SimpleString(text) => {
+            collect_policy_lines(text, out);
+        }
+        redis::Value::Array(values) | redis::Value::Set(values) => {
+            values.iter().for_each(|value| collect_policies(value, out));
+        }
+        redis::Value::Map(pairs) => pairs.iter().for_each(|(key, value)| {
+            collect_policies(key, out);
+            collect_policies(value, out);
+        }),
+        _ => {}
+    }
+}
+
+fn collect_policy_lines(text: &str, out: &mut Vec<String>) {
+    out.extend(
+        text.lines()
+            .filter_map(|line| line.trim().strip_prefix("maxmemory_policy:"))
+            .map(str::to_owned),
+    );
 }
 
 /// Milliseconds for `PX`/`PEXPIRE`, which take a positive signed 64-bit number.

@@ -71,7 +71,7 @@ impl Backend {
         match self {
             Self::Memory(store) => {
                 store.run_pending_tasks();
-                usize::try_from(store.entry_count()).unwrap_or(usize::MAX)
+                usize::try_from(store.entry_count()).unwrap_or(usize::MAX) + store.claim_count()
             }
             Self::Redis { url, prefix } => {
                 let mut connection = testkit::redis_connection(url).await;
@@ -365,4 +365,9 @@ macro_rules! on_both_stores {
             }
         }
     )*};
+}
+
+/// The builder every test starts from: `builder` with the test defaults.
+pub fn test_builder(builder: Builder) -> Builder {
+    builder
 }
