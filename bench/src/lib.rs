@@ -106,7 +106,7 @@ pub async fn app(redis_url: &str) -> Result<Router, idem_runtime::Error> {
         counter: Arc::new(AtomicU64::new(0)),
         redis,
     };
-    let memory = Idempotency::in_memory();
+    let memory = Idempotency::builder().shared_scope(true).build();
     let on_redis = |prefix: &'static str| async move {
         RedisStore::builder(redis_url)
             .prefix(prefix)
@@ -114,9 +114,11 @@ pub async fn app(redis_url: &str) -> Result<Router, idem_runtime::Error> {
             .await
     };
     let redis_idem = Idempotency::builder()
+        .shared_scope(true)
         .store(on_redis("bench:idem:").await?)
         .build();
     let local_idem = Idempotency::builder()
+        .shared_scope(true)
         .store(on_redis("bench:local:").await?)
         .local_tier(64 * 1024 * 1024, Duration::from_secs(60))
         .build();
@@ -161,8 +163,9 @@ pub mod in_process {
 
     /// `/bare`, `/memory` (memory store) and `/local` (memory store and local tier).
     pub fn router() -> Router {
-        let memory = Idempotency::in_memory();
+        let memory = Idempotency::builder().shared_scope(true).build();
         let local = Idempotency::builder()
+            .shared_scope(true)
             .local_tier(64 * 1024 * 1024, Duration::from_secs(60))
             .build();
         Router::new()

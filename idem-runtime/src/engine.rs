@@ -7,6 +7,7 @@
 
 use std::panic::{AssertUnwindSafe, resume_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -52,6 +53,10 @@ pub(crate) async fn begin(
         .and_then(|local| local.get(key.as_str()))
     {
         return Begun::Respond(completed(&key, &copy, &fingerprint));
+    }
+    if config.detached.load(Ordering::Relaxed) >= config.max_detached {
+        tracing::warn!(target: "idem", key = key.key().as_str(), limit = config.max_detached, "too much detached work running; answering 503");
+        return Begun::Respond(Problem::overloaded(config.retry_after_secs()).into_response());
     }
     let claim = Record::InProgress {
         fingerprint,
@@ -230,13 +235,17 @@ impl Execution {
         F: Future<Output = R> + Send + 'static,
         R: IntoResponse + 'static,
     {
-        let mut work = Detaching(Some(Box::pin(self.drive(handler))));
-        let response = std::future::poll_fn(|cx| match work.0.as_mut() {
+        let detached = self.idem.config.detached.clone();
+        let mut work = Detaching {
+            work: Some(Box::pin(self.drive(handler))),
+            detached,
+        };
+        let response = std::future::poll_fn(|cx| match work.work.as_mut() {
             Some(future) => future.as_mut().poll(cx),
             None => std::task::Poll::Ready(Problem::store_unavailable(1).into_response()),
         })
         .await;
-        work.0 = None;
+        work.work = None;
         response
     }
 
@@ -506,8 +515,12 @@ fn later(at: Instant, after: Duration) -> Instant {
         .unwrap_or_else(|| at + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
-/// Unfinished work that moves to a task of its own when dropped.
-struct Detaching(Option<std::pin::Pin<Box<dyn Future<Output = Response> + Send>>>);
+/// Unfinished work that moves to a task of its own when dropped, counted in `detached`
+/// while it runs there.
+struct Detaching {
+    work: Option<std::pin::Pin<Box<dyn Future<Output = Response> + Send>>>,
+    detached: Arc<AtomicUsize>,
+}
 
 impl Drop for Detaching {
     fn drop(&mut self) {
@@ -516,11 +529,25 @@ impl Drop for Detaching {
         if std::thread::panicking() {
             return;
         }
-        if let Some(work) = self.0.take()
+        if let Some(work) = self.work.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            runtime.spawn(work);
+            self.detached.fetch_add(1, Ordering::Relaxed);
+            let counted = Counted(self.detached.clone());
+            runtime.spawn(async move {
+                let _counted = counted;
+                work.await
+            });
         }
+    }
+}
+
+/// One detached execution, uncounted when it ends (however it ends).
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -145,7 +145,11 @@ where
                 return Err(Problem::body_unreadable().into_response());
             }
         };
-        let key = ScopedKey::new(config.scope.scope_of(parts), key);
+        let Some(scope) = config.scope.scope_of(parts) else {
+            tracing::warn!(target: "idem", path = parts.uri.path(), "keyed request without an identity to scope it by; answering 400 (see Builder::scope, Principal, Builder::shared_scope)");
+            return Err(Problem::scope_missing().into_response());
+        };
+        let key = ScopedKey::new(scope, key);
         parts.extensions.insert(key.clone());
         match engine::begin(&idem, key.clone(), fingerprint, ttl).await {
             Begun::Execute(execution) => Ok(Self {

@@ -22,43 +22,35 @@ impl Fingerprint {
         hasher.update(b"\0");
         hasher.update(path_and_query);
         hasher.update(b"\0");
+        let raw = |hasher: &mut Sha256| {
+            hasher.update(b"raw\0");
+            hasher.update(body);
+        };
         match mode {
-            FingerprintMode::Exact => {
-                hasher.update(b"raw\0");
-                hasher.update(body);
-            }
-            FingerprintMode::CanonicalJson => match canonical_json(body) {
+            FingerprintMode::Exact => raw(&mut hasher),
+            FingerprintMode::CanonicalJson => match canonical::document(body) {
                 Some(canonical) => {
-                    hasher.update(b"jcs\0");
+                    hasher.update(b"jcs2\0");
                     hasher.update(canonical);
                 }
-                None => {
-                    hasher.update(b"raw\0");
-                    hasher.update(body);
-                }
+                None => raw(&mut hasher),
             },
-            FingerprintMode::JsonFields(pointers) => {
-                match serde_json::from_slice::<serde_json::Value>(body) {
-                    Ok(value) => {
-                        hasher.update(b"fields\0");
-                        for pointer in pointers {
-                            let field = value.pointer(pointer);
-                            let canonical = field
-                                .and_then(|field| serde_json_canonicalizer::to_vec(field).ok())
-                                .unwrap_or_default();
-                            hasher.update((pointer.len() as u64).to_be_bytes());
-                            hasher.update(pointer);
-                            hasher.update([u8::from(field.is_some())]);
-                            hasher.update((canonical.len() as u64).to_be_bytes());
-                            hasher.update(canonical);
-                        }
-                    }
-                    Err(_) => {
-                        hasher.update(b"raw\0");
-                        hasher.update(body);
+            FingerprintMode::JsonFields(fields) => match canonical::parse(body) {
+                Some(document) => {
+                    hasher.update(b"fields2\0");
+                    for pointer in &fields.pointers {
+                        let field = canonical::pointer(document, pointer)
+                            .and_then(|field| canonical::value(field.get()));
+                        hasher.update((pointer.len() as u64).to_be_bytes());
+                        hasher.update(pointer);
+                        hasher.update([u8::from(field.is_some())]);
+                        let field = field.unwrap_or_default();
+                        hasher.update((field.len() as u64).to_be_bytes());
+                        hasher.update(field);
                     }
                 }
-            }
+                None => raw(&mut hasher),
+            },
         }
         Self(hasher.finalize().into())
     }
@@ -77,24 +69,236 @@ impl fmt::Debug for Fingerprint {
     }
 }
 
-fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    serde_json_canonicalizer::to_vec(&value).ok()
-}
-
 /// Which parts of the body count towards the fingerprint.
+///
+/// In both JSON modes numbers are compared exactly, as decimal values, never through
+/// floating point: `9007199254740993` and `9007199254740992` differ, `1.50` and `1.5` and
+/// `15e-1` do not.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum FingerprintMode {
     /// Every byte of the body (the default).
     #[default]
     Exact,
-    /// The body as canonical JSON (RFC 8785): object key order and white space are
-    /// ignored, array order is kept. A body that is not JSON counts byte for byte.
+    /// The body as canonical JSON: object key order and white space are ignored, array
+    /// order is kept, numbers compare by value. A body that is not JSON counts byte for
+    /// byte.
     CanonicalJson,
-    /// Only the JSON fields at these JSON pointers (RFC 6901), such as `/amount_cents`;
-    /// a missing field counts as missing. A body that is not JSON counts byte for byte.
-    JsonFields(Vec<String>),
+    /// Only the JSON fields at these JSON pointers (RFC 6901); made by
+    /// [`FingerprintMode::json_fields`], which checks them.
+    JsonFields(JsonFields),
+}
+
+impl FingerprintMode {
+    /// Only the fields at these JSON pointers (RFC 6901, such as `/amount_cents` or
+    /// `/items/0/sku`) count, each as canonical JSON; a missing field counts as missing.
+    /// A body that is not JSON counts byte for byte.
+    ///
+    /// A pointer that is not RFC 6901 (one without its leading `/`, or with a `~` not
+    /// followed by `0` or `1`) is refused, with the pointer named.
+    ///
+    /// ```
+    /// use idem_runtime::FingerprintMode;
+    ///
+    /// let mode = FingerprintMode::json_fields(["/amount_cents", "/currency"])?;
+    /// let error = FingerprintMode::json_fields(["amount_cents"]).unwrap_err();
+    /// assert!(error.to_string().contains("\"amount_cents\""));
+    /// # Ok::<(), idem_runtime::fingerprint::PointerError>(())
+    /// ```
+    pub fn json_fields<I, P>(pointers: I) -> Result<Self, PointerError>
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        let pointers = pointers
+            .into_iter()
+            .map(|pointer| {
+                let pointer = pointer.into();
+                if is_json_pointer(&pointer) {
+                    Ok(pointer)
+                } else {
+                    Err(PointerError { pointer })
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self::JsonFields(JsonFields { pointers }))
+    }
+}
+
+/// The checked JSON pointers of [`FingerprintMode::JsonFields`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonFields {
+    pointers: Vec<String>,
+}
+
+impl JsonFields {
+    /// The pointers, in the order given.
+    pub fn pointers(&self) -> &[String] {
+        &self.pointers
+    }
+}
+
+/// A string that is not an RFC 6901 JSON pointer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{pointer:?} is not a JSON pointer: write it as \"/field\" or \"/outer/inner\" (RFC 6901; `~` only as `~0` or `~1`)"
+)]
+pub struct PointerError {
+    pointer: String,
+}
+
+fn is_json_pointer(pointer: &str) -> bool {
+    if pointer.is_empty() {
+        return true;
+    }
+    if !pointer.starts_with('/') {
+        return false;
+    }
+    let mut chars = pointer.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Canonical JSON with exact numbers, on serde_json's parser: each value is read once as
+/// raw text, containers are opened level by level, and numbers are rewritten from their
+/// digits, never through floating point.
+mod canonical {
+    use std::collections::BTreeMap;
+
+    use serde_json::value::RawValue;
+
+    /// The body parsed just enough to walk it, or `None` where it is not JSON.
+    pub(super) fn parse(body: &[u8]) -> Option<&RawValue> {
+        serde_json::from_slice::<&RawValue>(body).ok()
+    }
+
+    /// The canonical form of a whole body, or `None` where it is not JSON.
+    pub(super) fn document(body: &[u8]) -> Option<Vec<u8>> {
+        value(parse(body)?.get())
+    }
+
+    /// The canonical form of one JSON value given as valid JSON text.
+    pub(super) fn value(raw: &str) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(raw.len());
+        write(raw, &mut out)?;
+        Some(out)
+    }
+
+    fn write(raw: &str, out: &mut Vec<u8>) -> Option<()> {
+        match raw.as_bytes().first()? {
+            b'{' => {
+                let object: BTreeMap<String, &RawValue> = serde_json::from_str(raw).ok()?;
+                out.push(b'{');
+                for (n, (name, value)) in object.iter().enumerate() {
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    serde_json::to_writer(&mut *out, name).ok()?;
+                    out.push(b':');
+                    write(value.get(), out)?;
+                }
+                out.push(b'}');
+            }
+            b'[' => {
+                let array: Vec<&RawValue> = serde_json::from_str(raw).ok()?;
+                out.push(b'[');
+                for (n, value) in array.iter().enumerate() {
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    write(value.get(), out)?;
+                }
+                out.push(b']');
+            }
+            b'"' => {
+                let string: String = serde_json::from_str(raw).ok()?;
+                serde_json::to_writer(&mut *out, &string).ok()?;
+            }
+            b't' | b'f' | b'n' => out.extend_from_slice(raw.as_bytes()),
+            _ => number(raw, out),
+        }
+        Some(())
+    }
+
+    /// A JSON number as `[-]digits e exponent`, with no leading or trailing zeros in the
+    /// digits: one form per decimal value (`1.50`, `1.5` and `15e-1` meet; `-0` is `0`).
+    /// An exponent too large for 64 bits keeps the number's text as it was written.
+    fn number(raw: &str, out: &mut Vec<u8>) {
+        let (negative, unsigned) = match raw.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, raw),
+        };
+        let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
+            Some(at) => (&unsigned[..at], &unsigned[at + 1..]),
+            None => (unsigned, "0"),
+        };
+        let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        let exponent = exponent
+            .strip_prefix('+')
+            .unwrap_or(exponent)
+            .parse::<i64>()
+            .ok()
+            .and_then(|e| e.checked_sub(i64::try_from(fraction.len()).ok()?));
+        let Some(mut exponent) = exponent else {
+            out.extend_from_slice(b"n:");
+            out.extend_from_slice(raw.as_bytes());
+            return;
+        };
+        let digits: Vec<u8> = whole.bytes().chain(fraction.bytes()).collect();
+        let start = digits.iter().position(|&d| d != b'0');
+        let Some(start) = start else {
+            out.push(b'0');
+            return;
+        };
+        let end = digits
+            .iter()
+            .rposition(|&d| d != b'0')
+            .map_or(start, |e| e + 1);
+        let Some(shifted) = i64::try_from(digits.len() - end)
+            .ok()
+            .and_then(|zeros| exponent.checked_add(zeros))
+        else {
+            out.extend_from_slice(b"n:");
+            out.extend_from_slice(raw.as_bytes());
+            return;
+        };
+        exponent = shifted;
+        if negative {
+            out.push(b'-');
+        }
+        out.extend_from_slice(&digits[start..end]);
+        out.push(b'e');
+        out.extend_from_slice(exponent.to_string().as_bytes());
+    }
+
+    /// The value at an RFC 6901 `pointer` (already checked) in `document`.
+    pub(super) fn pointer<'a>(document: &'a RawValue, pointer: &str) -> Option<&'a RawValue> {
+        let mut current = document;
+        for token in pointer.split('/').skip(1) {
+            let token = token.replace("~1", "/").replace("~0", "~");
+            current = match current.get().as_bytes().first()? {
+                b'{' => {
+                    let object: BTreeMap<String, &'a RawValue> =
+                        serde_json::from_str(current.get()).ok()?;
+                    *object.get(&token)?
+                }
+                b'[' => {
+                    if token.len() > 1 && token.starts_with('0') {
+                        return None;
+                    }
+                    let index: usize = token.parse().ok()?;
+                    let array: Vec<&'a RawValue> = serde_json::from_str(current.get()).ok()?;
+                    *array.get(index)?
+                }
+                _ => return None,
+            };
+        }
+        Some(current)
+    }
 }
 
 /// Holds a request body that the layer buffered, for the fingerprint.
@@ -147,7 +351,7 @@ mod tests {
 
     #[test]
     fn chosen_fields_only() {
-        let m = FingerprintMode::JsonFields(vec!["/amount".into(), "/currency".into()]);
+        let m = FingerprintMode::json_fields(["/amount", "/currency"]).unwrap();
         let base = fp(
             &m,
             Method::POST,

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use http::HeaderName;
@@ -11,7 +12,7 @@ use crate::extract::ScopedKey;
 use crate::fingerprint::FingerprintMode;
 use crate::layer::IdempotencyLayer;
 use crate::local::LocalTier;
-use crate::scope::{Scope, ScopeRule};
+use crate::scope::{Identity, Scope, ScopeRule};
 use crate::store::{MemoryStore, RedisStore, Store};
 
 /// Default lease: how long an execution holds its key without renewing it.
@@ -22,6 +23,10 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// Default time allowed for one store step.
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default bound on executions detached from clients that hung up.
+pub const DEFAULT_MAX_DETACHED: usize = 256;
+/// The longest any duration setting is taken to be; longer values are clamped to it.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// A cheap-to-clone handle to idem's configuration and store.
 ///
@@ -58,6 +63,9 @@ pub(crate) struct Config {
     pub(crate) wait_for_in_flight: Option<Duration>,
     pub(crate) store_timeout: Duration,
     pub(crate) local: Option<LocalTier>,
+    pub(crate) max_detached: usize,
+    /// Executions now running in tasks of their own, detached from clients that hung up.
+    pub(crate) detached: Arc<AtomicUsize>,
 }
 
 impl Idempotency {
@@ -91,7 +99,7 @@ impl Idempotency {
     pub fn builder() -> Builder {
         Builder {
             store: None,
-            scope: ScopeRule::Authorization,
+            scope: ScopeRule::default(),
             lease: DEFAULT_LEASE,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
@@ -103,6 +111,7 @@ impl Idempotency {
             wait_for_in_flight: None,
             store_timeout: DEFAULT_STORE_TIMEOUT,
             local: None,
+            max_detached: DEFAULT_MAX_DETACHED,
         }
     }
 
@@ -117,8 +126,10 @@ impl Idempotency {
         &self.config.store
     }
 
-    /// The scope a request belongs to under this handle's scope rule.
-    pub fn scope_of(&self, parts: &Parts) -> Scope {
+    /// The scope a request belongs to under this handle's scope rule; `None` where the
+    /// request carries no identity and no shared scope was opted in to (idem answers such
+    /// a keyed request with a `400` problem).
+    pub fn scope_of(&self, parts: &Parts) -> Option<Scope> {
         self.config.scope.scope_of(parts)
     }
 
@@ -167,6 +178,7 @@ pub struct Builder {
     wait_for_in_flight: Option<Duration>,
     store_timeout: Duration,
     local: Option<LocalTier>,
+    max_detached: usize,
 }
 
 impl Builder {
@@ -183,33 +195,64 @@ impl Builder {
     }
 
     /// Scopes keys by a value derived from the request (tenant, API key, user id) instead
-    /// of the default, a hash of the `Authorization` header. Only a digest of the value is
-    /// stored.
+    /// of the default (a [`Principal`](crate::Principal) in the request's extensions,
+    /// else a digest of the `Authorization` header). `None` means the request has no
+    /// identity: a keyed request is then answered `400`, unless
+    /// [`shared_scope`](Self::shared_scope) is on. Only a digest of the value is kept.
     ///
     /// ```
     /// use idem_runtime::Idempotency;
     ///
     /// let idem = Idempotency::builder()
-    ///     .scope(|parts| {
-    ///         parts.headers.get("x-tenant-id").map(|v| v.as_bytes().to_vec()).unwrap_or_default()
-    ///     })
+    ///     .scope(|parts| parts.headers.get("x-tenant-id").map(|v| v.as_bytes().to_vec()))
     ///     .build();
     /// # drop(idem);
     /// ```
     pub fn scope<F, T>(mut self, rule: F) -> Self
     where
-        F: Fn(&Parts) -> T + Send + Sync + 'static,
+        F: Fn(&Parts) -> Option<T> + Send + Sync + 'static,
         T: AsRef<[u8]>,
     {
-        self.scope = ScopeRule::Custom(Arc::new(move |parts| Scope::of(rule(parts))));
+        self.scope.identity = Identity::Custom(Arc::new(move |parts| rule(parts).map(Scope::of)));
+        self
+    }
+
+    /// Puts every keyed request that carries no identity into one shared scope instead of
+    /// refusing it (default `false`). Only for a single-tenant or internal service where
+    /// every caller may see every other caller's responses: two clients sending the same
+    /// key and request then get one response.
+    pub fn shared_scope(mut self, shared: bool) -> Self {
+        self.scope.shared = shared;
+        self
+    }
+
+    /// Whether the host a request was sent to (`Host`, or the URI's authority) is part of
+    /// its scope (default `true`): with the same credentials and key, requests to two
+    /// hosts (two tenants of one deployment) never share a response. Turn it off where one
+    /// client reaches one service under several host names and may retry through another.
+    pub fn scope_by_host(mut self, by_host: bool) -> Self {
+        self.scope.by_host = by_host;
+        self
+    }
+
+    /// How many executions may run detached from clients that hung up (default
+    /// [`DEFAULT_MAX_DETACHED`]). A handler whose client disconnects is never cancelled:
+    /// it runs to the end in a task of its own, outside the app's own concurrency limits.
+    /// While this many are running, new keyed requests are refused with `503` and
+    /// `Retry-After`, so clients that hang up cannot pile up unbounded work. (A request
+    /// admitted just before the bound was reached may still detach: the bound is exceeded
+    /// by at most the requests in flight at that moment.)
+    pub fn max_detached(mut self, max: usize) -> Self {
+        self.max_detached = max;
         self
     }
 
     /// How long an execution holds its key between renewals (default 30 s, at least
-    /// 100 ms). The lease is renewed every third of it while the handler runs, so a slow
-    /// handler never loses its key; after a crash the key is free again within one lease.
+    /// 100 ms, at most [`MAX_DURATION`]). The lease is renewed every third of it from the
+    /// claim until the response is stored, so a slow handler never loses its key; after a
+    /// crash the key is free again within one lease.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease.max(Duration::from_millis(100));
+        self.lease = lease.clamp(Duration::from_millis(100), MAX_DURATION);
         self
     }
 
@@ -256,21 +299,24 @@ impl Builder {
     }
 
     /// The `Retry-After` sent with `409` and `503` (default 1 s, rounded up to seconds).
+    /// Clamped to [`MAX_DURATION`].
     pub fn retry_after(mut self, after: Duration) -> Self {
-        self.retry_after = after;
+        self.retry_after = after.min(MAX_DURATION);
         self
     }
 
     /// Instead of answering `409` at once, waits up to `max` for a request in flight with
-    /// the same key to finish, and replays its response (default: off).
+    /// the same key to finish, and replays its response (default: off). Clamped to
+    /// [`MAX_DURATION`].
     pub fn wait_for_in_flight(mut self, max: Duration) -> Self {
-        self.wait_for_in_flight = Some(max);
+        self.wait_for_in_flight = Some(max.min(MAX_DURATION));
         self
     }
 
-    /// Time allowed for one store step before it counts as a failure (default 2 s).
+    /// Time allowed for one store step before it counts as a failure (default 2 s,
+    /// clamped to [`MAX_DURATION`]).
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
-        self.store_timeout = timeout;
+        self.store_timeout = timeout.min(MAX_DURATION);
         self
     }
 
@@ -286,7 +332,7 @@ impl Builder {
     /// hold a copy, for at most `max_age`; [`Idempotency::forget_local`] drops the copy at
     /// once on one instance.
     pub fn local_tier(mut self, max_bytes: u64, max_age: Duration) -> Self {
-        self.local = Some(LocalTier::new(max_bytes, max_age));
+        self.local = Some(LocalTier::new(max_bytes, max_age.min(MAX_DURATION)));
         self
     }
 
@@ -307,6 +353,8 @@ impl Builder {
                 wait_for_in_flight: self.wait_for_in_flight,
                 store_timeout: self.store_timeout,
                 local: self.local,
+                max_detached: self.max_detached,
+                detached: Arc::new(AtomicUsize::new(0)),
             }),
         }
     }

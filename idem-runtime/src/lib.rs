@@ -30,8 +30,10 @@
 //! 1. The key is read from `Idempotency-Key` ([`IdempotencyKey`]): a quoted Structured
 //!    Field string or a bare token. A bad key answers `400`; no key runs the handler
 //!    unprotected, or answers `400` with `required = true`.
-//! 2. The key is namespaced by a [`Scope`] (default: a digest of `Authorization`), so one
-//!    client never sees or blocks another's response.
+//! 2. The key is namespaced by a [`Scope`]: the [`Principal`] your authentication put in
+//!    the request's extensions (recommended), else a digest of `Authorization`, and the
+//!    host. A keyed request with no identity is refused, unless one shared scope was
+//!    opted in to. One client never sees or blocks another's response.
 //! 3. The request is fingerprinted ([`Fingerprint`]): method, path and query, body.
 //! 4. One store round trip claims the key or returns what is there: a completed response
 //!    is replayed, a different fingerprint answers `422`, a request in flight `409`.
@@ -56,7 +58,7 @@
 mod body;
 mod engine;
 mod extract;
-mod fingerprint;
+pub mod fingerprint;
 mod idempotency;
 mod key;
 mod layer;
@@ -257,14 +259,14 @@ pub use crate::engine::IDEMPOTENT_REPLAYED;
 pub use crate::extract::{DEFAULT_TTL_SECS, Idempotent, ScopedKey};
 pub use crate::fingerprint::{Fingerprint, FingerprintMode};
 pub use crate::idempotency::{
-    Builder, DEFAULT_LEASE, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_RESPONSE_BYTES,
-    DEFAULT_STORE_TIMEOUT, HeaderPolicy, Idempotency,
+    Builder, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_STORE_TIMEOUT, HeaderPolicy, Idempotency, MAX_DURATION,
 };
 pub use crate::key::{IDEMPOTENCY_KEY, IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use crate::layer::{IdempotencyLayer, IdempotencyService};
 pub use crate::problem::{PROBLEM_JSON, Problem};
 pub use crate::record::{FencingToken, Record, RecordError, StoredResponse};
-pub use crate::scope::Scope;
+pub use crate::scope::{Principal, Scope};
 
 /// Errors from setting idem up.
 #[derive(Debug, thiserror::Error)]

@@ -42,6 +42,33 @@ impl Problem {
     pub const STORE_UNAVAILABLE: &'static str = "urn:idem:problem:store-unavailable";
     /// `type` of a handler served without `idem.layer()` (500).
     pub const LAYER_MISSING: &'static str = "urn:idem:problem:layer-missing";
+    /// `type` of a keyed request that carries nothing identifying its client (400).
+    pub const SCOPE_MISSING: &'static str = "urn:idem:problem:scope-missing";
+    /// `type` of a keyed request refused because too much work detached from clients that
+    /// hung up is still running (503, with `Retry-After`).
+    pub const OVERLOADED: &'static str = "urn:idem:problem:overloaded";
+
+    pub(crate) fn scope_missing() -> Self {
+        Self::new_internal(
+            StatusCode::BAD_REQUEST,
+            Self::SCOPE_MISSING,
+            "Idempotency-Key without an identity",
+            "This request carries an Idempotency-Key but nothing identifies the client it belongs to, so its response could be replayed to another client; nothing was executed. Send the request with your credentials (an Authorization header). For the service: scope keys by the authenticated user (insert idem_runtime::Principal into the request extensions in your auth middleware), set a scope rule with Builder::scope, or, for a single-tenant service, opt in to one shared scope with Builder::shared_scope(true).".into(),
+        )
+    }
+
+    pub(crate) fn overloaded(retry_after: u64) -> Self {
+        let mut problem = Self::new_internal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Self::OVERLOADED,
+            "Too much work in flight",
+            format!(
+                "The service is finishing too many requests whose clients hung up, so this request was not executed. Retry with the same key after {retry_after} second(s)."
+            ),
+        );
+        problem.retry_after = Some(retry_after);
+        problem
+    }
 
     pub(crate) fn key_missing() -> Self {
         Self::new_internal(

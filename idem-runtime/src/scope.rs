@@ -9,30 +9,53 @@ use sha2::{Digest, Sha256};
 /// The namespace an idempotency key lives in, so that one client can never see or block
 /// another client's response under the same key.
 ///
-/// A scope is a 128-bit digest of whatever identifies the client; the identifying value
-/// itself (an `Authorization` header, an API key) is never stored. The default scope is
-/// derived from the `Authorization` header; [`Builder::scope`](crate::Builder::scope)
-/// chooses anything else (tenant, user id, API key).
+/// A scope is a 128-bit digest of whatever identifies the client, and of the host the
+/// request was sent to; the identifying value itself (an `Authorization` header, a user
+/// id) is never stored. How a request's scope is found:
+///
+/// 1. A [`Principal`] in the request's extensions, put there by the application's
+///    authentication middleware: the recommended setup.
+/// 2. Otherwise a digest of the `Authorization` header: right for long-lived API keys,
+///    wrong for short-lived tokens (a refreshed token would make a retry a new request).
+/// 3. Otherwise the request has no identity and is refused with a problem response,
+///    unless the application opted in to one shared scope
+///    ([`Builder::shared_scope`](crate::Builder::shared_scope)).
+///
+/// [`Builder::scope`](crate::Builder::scope) replaces 1 and 2 by a rule of your own.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Scope(pub(crate) [u8; 16]);
 
 impl Scope {
-    /// The scope of requests that carry no identifying value.
+    /// The scope of requests that carry no identifying value, where the application
+    /// opted in to one shared scope.
     pub fn anonymous() -> Self {
         static ANONYMOUS: std::sync::OnceLock<Scope> = std::sync::OnceLock::new();
-        *ANONYMOUS.get_or_init(|| Self::digest(0, b""))
+        *ANONYMOUS.get_or_init(|| Self::digest(0, b"", b""))
     }
 
     /// The scope of a client identified by `value` (an API key, a tenant id, ...).
     pub fn of(value: impl AsRef<[u8]>) -> Self {
-        Self::digest(1, value.as_ref())
+        Self::digest(1, value.as_ref(), b"")
     }
 
-    fn digest(tag: u8, value: &[u8]) -> Self {
+    /// This scope on `host`: requests to different hosts never share a scope. An empty
+    /// host leaves the scope as it is. Host names compare without case.
+    pub fn on_host(self, host: impl AsRef<[u8]>) -> Self {
+        let host = host.as_ref();
+        if host.is_empty() {
+            return self;
+        }
+        let lower = host.to_ascii_lowercase();
+        Self::digest(2, &self.0, &lower)
+    }
+
+    fn digest(tag: u8, value: &[u8], host: &[u8]) -> Self {
         let mut hasher = Sha256::new();
         hasher.update(b"idem-scope-v1");
         hasher.update([tag]);
+        hasher.update((value.len() as u64).to_be_bytes());
         hasher.update(value);
+        hasher.update(host);
         let digest = hasher.finalize();
         let mut out = [0; 16];
         out.copy_from_slice(&digest[..16]);
@@ -61,31 +84,130 @@ pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
     }
 }
 
-/// How the scope of a request is found.
+/// The authenticated client a request belongs to, as the application's authentication
+/// resolved it: put it in the request's extensions, and idem scopes keys by it.
+///
+/// Use a stable identity (a user or account id), never a credential: a refreshed token
+/// must not turn a retry into a new request.
+///
+/// ```
+/// use axum::{Router, extract::Request, middleware::{self, Next}, response::Response, routing::post};
+/// use idem_runtime::{Idempotency, Principal, idempotent};
+///
+/// /// The app's own authentication: here, a made-up `x-user-id` header set by a gateway.
+/// async fn authenticate(mut request: Request, next: Next) -> Response {
+///     if let Some(user) = request.headers().get("x-user-id").cloned() {
+///         request.extensions_mut().insert(Principal::new(user.as_bytes()));
+///     }
+///     next.run(request).await
+/// }
+///
+/// #[idempotent]
+/// async fn transfer(body: String) -> String {
+///     body
+/// }
+///
+/// let idem = Idempotency::in_memory();
+/// let app: Router = Router::new()
+///     .route("/transfers", post(transfer))
+///     .layer(idem.layer())
+///     .layer(middleware::from_fn(authenticate)); // runs before idem's layer
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Principal(Scope);
+
+impl Principal {
+    /// The principal identified by `id` (only its digest is kept).
+    pub fn new(id: impl AsRef<[u8]>) -> Self {
+        Self(Scope::of(id))
+    }
+
+    /// The scope of this principal, before the host is taken into account.
+    pub fn scope(&self) -> Scope {
+        self.0
+    }
+}
+
+impl fmt::Debug for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Principal").field(&self.0).finish()
+    }
+}
+
+/// How the scope of a request is found: the rule, and what to do without an identity.
 #[derive(Clone)]
-pub(crate) enum ScopeRule {
-    Authorization,
-    Custom(Arc<dyn Fn(&Parts) -> Scope + Send + Sync>),
+pub(crate) struct ScopeRule {
+    pub(crate) identity: Identity,
+    pub(crate) shared: bool,
+    pub(crate) by_host: bool,
+}
+
+/// An application's rule from a request to the scope of its client, if it has one.
+pub(crate) type IdentityRule = dyn Fn(&Parts) -> Option<Scope> + Send + Sync;
+
+#[derive(Clone)]
+pub(crate) enum Identity {
+    /// A [`Principal`] extension, else the `Authorization` header.
+    Default,
+    Custom(Arc<IdentityRule>),
+}
+
+impl Default for ScopeRule {
+    fn default() -> Self {
+        Self {
+            identity: Identity::Default,
+            shared: false,
+            by_host: true,
+        }
+    }
 }
 
 impl ScopeRule {
-    pub(crate) fn scope_of(&self, parts: &Parts) -> Scope {
-        match self {
-            Self::Authorization => parts
-                .headers
-                .get(http::header::AUTHORIZATION)
-                .map_or_else(Scope::anonymous, |value| Scope::of(value.as_bytes())),
-            Self::Custom(rule) => rule(parts),
+    /// The scope of the request, or `None` where it has no identity and no shared scope
+    /// was opted in to.
+    pub(crate) fn scope_of(&self, parts: &Parts) -> Option<Scope> {
+        let identity = match &self.identity {
+            Identity::Default => parts
+                .extensions
+                .get::<Principal>()
+                .map(Principal::scope)
+                .or_else(|| {
+                    parts
+                        .headers
+                        .get(http::header::AUTHORIZATION)
+                        .map(|value| Scope::of(value.as_bytes()))
+                }),
+            Identity::Custom(rule) => rule(parts),
+        };
+        let scope = match identity {
+            Some(scope) => scope,
+            None if self.shared => Scope::anonymous(),
+            None => return None,
+        };
+        if !self.by_host {
+            return Some(scope);
         }
+        let host = parts
+            .headers
+            .get(http::header::HOST)
+            .map(http::HeaderValue::as_bytes)
+            .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()))
+            .unwrap_or_default();
+        Some(scope.on_host(host))
     }
 }
 
 impl fmt::Debug for ScopeRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Authorization => f.write_str("Authorization"),
-            Self::Custom(_) => f.write_str("Custom"),
-        }
+        let identity = match self.identity {
+            Identity::Default => "Principal or Authorization",
+            Identity::Custom(_) => "Custom",
+        };
+        f.debug_struct("ScopeRule")
+            .field("identity", &identity)
+            .field("shared", &self.shared)
+            .field("by_host", &self.by_host)
+            .finish()
     }
 }
 
@@ -99,18 +221,31 @@ mod tests {
         assert_eq!(Scope::of("a"), Scope::of("a"));
         assert_ne!(Scope::of("a"), Scope::of("b"));
         assert_eq!(Scope::of("a").to_hex().len(), 32);
+        assert_eq!(Scope::of("a").on_host(""), Scope::of("a"));
+        assert_ne!(Scope::of("a").on_host("x"), Scope::of("a"));
+        assert_eq!(
+            Scope::of("a").on_host("X.example"),
+            Scope::of("a").on_host("x.example")
+        );
     }
 
     #[test]
-    fn default_rule_hashes_authorization() {
+    fn default_rule_prefers_the_principal_then_authorization() {
         let (mut parts, ()) = http::Request::new(()).into_parts();
-        let rule = ScopeRule::Authorization;
-        assert_eq!(rule.scope_of(&parts), Scope::anonymous());
+        let rule = ScopeRule::default();
+        assert_eq!(rule.scope_of(&parts), None, "no identity, no shared scope");
+        let shared = ScopeRule {
+            shared: true,
+            ..ScopeRule::default()
+        };
+        assert_eq!(shared.scope_of(&parts), Some(Scope::anonymous()));
         parts
             .headers
             .insert(http::header::AUTHORIZATION, "Bearer alice".parse().unwrap());
-        let alice = rule.scope_of(&parts);
+        let alice = rule.scope_of(&parts).unwrap();
         assert_eq!(alice, Scope::of("Bearer alice"));
         assert!(!alice.to_hex().contains("alice"));
+        parts.extensions.insert(Principal::new("user-1"));
+        assert_eq!(rule.scope_of(&parts), Some(Scope::of("user-1")));
     }
 }

@@ -192,7 +192,12 @@ async fn disconnected_client_still_gets_replay(backend: Backend) {
     );
     let mut retry = None;
     for _ in 0..100 {
-        let answer = send(&app, post_with("/slow", Some("gone"), "500")).await;
+        let mut request = post_with("/slow", Some("gone"), "500");
+        // The same host as the first request: the host is part of the scope.
+        request
+            .headers_mut()
+            .insert(header::HOST, "test".parse().unwrap());
+        let answer = send(&app, request).await;
         if answer.status != StatusCode::CONFLICT {
             retry = Some(answer);
             break;

@@ -99,6 +99,12 @@ async fn send(app: &Router, path: &str, key: Option<&str>, body: &str) -> Reply 
     }
 }
 
+/// The in-memory handle of these tests: their requests carry no credentials, so they use
+/// one shared scope.
+fn in_memory() -> Idempotency {
+    Idempotency::builder().shared_scope(true).build()
+}
+
 /// A store under a prefix of its own on the shared Redis server, so tests never see each
 /// other's keys; `cleanup` deletes only that prefix.
 struct Redis {
@@ -123,7 +129,10 @@ impl Redis {
             .get_multiplexed_async_connection()
             .await
             .expect("these tests need Redis at 127.0.0.1:6379");
-        let idem = Idempotency::builder().store(store).build();
+        let idem = Idempotency::builder()
+            .store(store)
+            .shared_scope(true)
+            .build();
         (Self { prefix, connection }, idem)
     }
 
@@ -228,7 +237,7 @@ async fn requests_without_a_key_run_unprotected(idem: Idempotency) {
 
 #[tokio::test]
 async fn memory_first_call_runs_and_retry_replays() {
-    first_call_runs_and_retry_replays(Idempotency::in_memory()).await;
+    first_call_runs_and_retry_replays(in_memory()).await;
 }
 
 #[tokio::test]
@@ -240,7 +249,7 @@ async fn redis_first_call_runs_and_retry_replays() {
 
 #[tokio::test]
 async fn memory_same_key_with_another_body_is_refused() {
-    same_key_with_another_body_is_refused(Idempotency::in_memory()).await;
+    same_key_with_another_body_is_refused(in_memory()).await;
 }
 
 #[tokio::test]
@@ -252,7 +261,7 @@ async fn redis_same_key_with_another_body_is_refused() {
 
 #[tokio::test]
 async fn memory_required_key_is_enforced() {
-    required_key_is_enforced(Idempotency::in_memory()).await;
+    required_key_is_enforced(in_memory()).await;
 }
 
 #[tokio::test]
@@ -264,7 +273,7 @@ async fn redis_required_key_is_enforced() {
 
 #[tokio::test]
 async fn memory_requests_without_a_key_run_unprotected() {
-    requests_without_a_key_run_unprotected(Idempotency::in_memory()).await;
+    requests_without_a_key_run_unprotected(in_memory()).await;
 }
 
 #[tokio::test]

@@ -63,7 +63,7 @@ impl Backend {
                     .unwrap_or_else(|error| panic!("the Redis Cluster must be up: {error}")),
             ),
         };
-        Idempotency::builder().shared_store(store)
+        test_builder(Idempotency::builder().shared_store(store))
     }
 
     /// How many records this backend holds for the test.
@@ -367,7 +367,8 @@ macro_rules! on_both_stores {
     )*};
 }
 
-/// The builder every test starts from: `builder` with the test defaults.
+/// The builder every test starts from: `builder` with the test defaults. Test requests
+/// carry no credentials unless a test gives them, so tests opt in to one shared scope.
 pub fn test_builder(builder: Builder) -> Builder {
-    builder
+    builder.shared_scope(true)
 }
