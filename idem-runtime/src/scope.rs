@@ -38,8 +38,9 @@ impl Scope {
         Self::digest(1, value.as_ref(), b"")
     }
 
-    /// This scope on `host`: requests to different hosts never share a scope. An empty
-    /// host leaves the scope as it is. Host names compare without case.
+    /// This scope on `host` (a host name, without a port): requests to different hosts
+    /// never share a scope. An empty host leaves the scope as it is. Host names compare
+    /// without case; idem leaves the request's port out.
     pub fn on_host(self, host: impl AsRef<[u8]>) -> Self {
         let host = host.as_ref();
         if host.is_empty() {
@@ -193,7 +194,22 @@ impl ScopeRule {
             .map(http::HeaderValue::as_bytes)
             .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()))
             .unwrap_or_default();
-        Some(scope.on_host(host))
+        Some(scope.on_host(without_port(host)))
+    }
+}
+
+/// `host` without a `:port`: the same host reached on its default port with or without
+/// the port written is one host.
+fn without_port(host: &[u8]) -> &[u8] {
+    if host.first() == Some(&b'[') {
+        return host
+            .iter()
+            .position(|&b| b == b']')
+            .map_or(host, |end| &host[..=end]);
+    }
+    match host.iter().rposition(|&b| b == b':') {
+        Some(colon) if host[colon + 1..].iter().all(u8::is_ascii_digit) => &host[..colon],
+        _ => host,
     }
 }
 
@@ -247,5 +263,21 @@ mod tests {
         assert!(!alice.to_hex().contains("alice"));
         parts.extensions.insert(Principal::new("user-1"));
         assert_eq!(rule.scope_of(&parts), Some(Scope::of("user-1")));
+        parts
+            .headers
+            .insert(http::header::HOST, "Api.Example:443".parse().unwrap());
+        let on_host = Scope::of("user-1").on_host("api.example");
+        assert_eq!(
+            rule.scope_of(&parts),
+            Some(on_host),
+            "port and case ignored"
+        );
+        parts
+            .headers
+            .insert(http::header::HOST, "[::1]:8080".parse().unwrap());
+        assert_eq!(
+            rule.scope_of(&parts),
+            Some(Scope::of("user-1").on_host("[::1]"))
+        );
     }
 }

@@ -123,6 +123,7 @@ pub struct PayClient {
     base: Url,
     http: reqwest::Client,
     retry: RetryPolicy,
+    api_key: String,
 }
 
 impl PayClient {
@@ -137,7 +138,15 @@ impl PayClient {
             base,
             http: reqwest::Client::new(),
             retry: RetryPolicy::default(),
+            api_key: crate::DEMO_API_KEYS[0].0.to_owned(),
         })
+    }
+
+    /// Authenticates with `api_key` (default the first of [`crate::DEMO_API_KEYS`]).
+    #[must_use]
+    pub fn with_api_key(mut self, api_key: impl Into<String>) -> Self {
+        self.api_key = api_key.into();
+        self
     }
 
     /// Uses `policy` for retries.
@@ -191,8 +200,9 @@ impl PayClient {
         let ip_or_name = host.trim_start_matches('[').trim_end_matches(']');
         let mut stream = tokio::net::TcpStream::connect((ip_or_name, port)).await?;
         let head = format!(
-            "POST {} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{IDEMPOTENCY_KEY}: \"{key}\"\r\nContent-Length: {}\r\n\r\n",
+            "POST {} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\n{IDEMPOTENCY_KEY}: \"{key}\"\r\nContent-Length: {}\r\n\r\n",
             url.path(),
+            self.api_key,
             body.len()
         );
         stream.write_all(head.as_bytes()).await?;
@@ -215,6 +225,7 @@ impl PayClient {
         let response = self
             .http
             .get(self.url(path))
+            .bearer_auth(&self.api_key)
             .timeout(self.retry.timeout)
             .send()
             .await?;
@@ -245,6 +256,7 @@ impl PayClient {
             let sent = self
                 .http
                 .post(self.url(path))
+                .bearer_auth(&self.api_key)
                 .header(&IDEMPOTENCY_KEY, &key_header)
                 .header(CONTENT_TYPE, "application/json")
                 .body(body.clone())
@@ -383,6 +395,7 @@ impl fmt::Display for Demo {
 pub async fn demo(client: &PayClient) -> Result<Demo, ClientError> {
     let new_order = NewOrder {
         customer_id: "cus_demo".into(),
+        currency: crate::DEFAULT_CURRENCY.into(),
         items: vec![
             Item {
                 sku: "BOOK-RUST".into(),

@@ -17,11 +17,18 @@ use crate::model::{
 
 /// The migrations, embedded in the binary; the files follow sqlx-cli's naming, so
 /// `sqlx migrate run --source examples/payments/migrations` applies the same ones.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "orders and payments",
-    include_str!("../migrations/0001_orders_and_payments.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "orders and payments",
+        include_str!("../migrations/0001_orders_and_payments.sql"),
+    ),
+    (
+        2,
+        "order currency",
+        include_str!("../migrations/0002_order_currency.sql"),
+    ),
+];
 
 /// A pool of connections to the app's database, SQLite or PostgreSQL.
 #[derive(Clone, Debug)]
@@ -69,18 +76,20 @@ impl Db {
             customer_id: request.customer_id.clone(),
             items: request.items.clone(),
             total_cents,
+            currency: request.currency.clone(),
             status: ORDER_PENDING.to_owned(),
             created_at: now(),
         };
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO orders (id, idempotency_key, customer_id, total_cents, status, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO orders (id, idempotency_key, customer_id, total_cents, currency, status, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&order.id)
         .bind(key)
         .bind(&order.customer_id)
         .bind(order.total_cents)
+        .bind(&order.currency)
         .bind(&order.status)
         .bind(&order.created_at)
         .execute(&mut *tx)
@@ -123,7 +132,10 @@ impl Db {
             .order(&id)
             .await?
             .ok_or_else(|| ApiError::OrderNotFound(id))?;
-        if existing.customer_id != request.customer_id || existing.items != request.items {
+        if existing.customer_id != request.customer_id
+            || existing.items != request.items
+            || existing.currency != request.currency
+        {
             return Err(ApiError::KeyReused);
         }
         tracing::info!(order_id = %existing.id, "second guard: this key already created the order; returning it");
@@ -133,7 +145,7 @@ impl Db {
     /// The order with this id, with its items.
     pub async fn order(&self, id: &str) -> Result<Option<Order>, sqlx::Error> {
         let Some(row) = sqlx::query(
-            "SELECT id, customer_id, total_cents, status, created_at FROM orders WHERE id = $1",
+            "SELECT id, customer_id, total_cents, currency, status, created_at FROM orders WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -162,6 +174,7 @@ impl Db {
             customer_id: row.try_get("customer_id")?,
             items,
             total_cents: row.try_get("total_cents")?,
+            currency: row.try_get("currency")?,
             status: row.try_get("status")?,
             created_at: row.try_get("created_at")?,
         }))
@@ -180,6 +193,12 @@ impl Db {
             return Err(ApiError::AmountMismatch {
                 total_cents: order.total_cents,
                 amount_cents: request.amount_cents,
+            });
+        }
+        if request.currency != order.currency {
+            return Err(ApiError::CurrencyMismatch {
+                order: order.currency,
+                payment: request.currency.clone(),
             });
         }
         let payment = Payment {

@@ -37,6 +37,17 @@ pub enum ApiError {
         /// What the request offered.
         amount_cents: i64,
     },
+    /// The payment's currency is not the order's (422).
+    #[error("currency {payment} does not match the order's {order}")]
+    CurrencyMismatch {
+        /// The order's currency.
+        order: String,
+        /// What the request offered.
+        payment: String,
+    },
+    /// The API key is missing or unknown (401).
+    #[error("unauthenticated")]
+    Unauthenticated,
     /// The order was already paid under another idempotency key (409).
     #[error("order {0:?} is already paid")]
     AlreadyPaid(String),
@@ -85,6 +96,20 @@ impl ApiError {
                 detail: format!(
                     "The order totals {total_cents} cents but the payment offers {amount_cents}. Pay exactly the order total; nothing was charged."
                 ),
+            },
+            Self::CurrencyMismatch { order, payment } => Problem {
+                kind: "urn:payments:problem:currency-mismatch",
+                title: "Currency does not match the order",
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                detail: format!(
+                    "The order is priced in {order} but the payment is in {payment}. Pay in the order's currency; nothing was charged."
+                ),
+            },
+            Self::Unauthenticated => Problem {
+                kind: "urn:payments:problem:unauthenticated",
+                title: "API key required",
+                status: StatusCode::UNAUTHORIZED,
+                detail: "Send your API key as `Authorization: Bearer <key>`. Out of the box the app accepts `sk_test_demo`.".into(),
             },
             Self::AlreadyPaid(id) => Problem {
                 kind: "urn:payments:problem:order-already-paid",

@@ -38,16 +38,19 @@ use axum::routing::{get, post};
 use idem_runtime::Idempotency;
 use idem_runtime::store::RedisStore;
 
+mod auth;
 pub mod client;
 mod db;
 mod error;
 mod model;
 mod routes;
 
+pub use crate::auth::{ApiKeys, DEMO_API_KEYS};
 pub use crate::db::Db;
 pub use crate::error::ApiError;
 pub use crate::model::{
-    Item, NewOrder, NewPayment, ORDER_PAID, ORDER_PENDING, Order, PAYMENT_CAPTURED, Payment,
+    DEFAULT_CURRENCY, ISO_4217, Item, NewOrder, NewPayment, ORDER_PAID, ORDER_PENDING, Order,
+    PAYMENT_CAPTURED, Payment,
 };
 
 /// Where the app listens unless `PAYMENTS_ADDR` says otherwise.
@@ -77,6 +80,10 @@ pub struct Config {
     /// (`PAYMENTS_IDEM_LEASE_MS`, default idem's [`idem_runtime::DEFAULT_LEASE`]): after a
     /// crash, the key is free again within one lease.
     pub lease: std::time::Duration,
+    /// The API keys the app accepts and the account each belongs to
+    /// (`PAYMENTS_API_KEYS`, `key=account` pairs separated by commas; default
+    /// [`DEMO_API_KEYS`]).
+    pub api_keys: ApiKeys,
 }
 
 impl Default for Config {
@@ -88,6 +95,7 @@ impl Default for Config {
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             test_pause_file: None,
             lease: idem_runtime::DEFAULT_LEASE,
+            api_keys: ApiKeys::demo(),
         }
     }
 }
@@ -108,6 +116,9 @@ impl Config {
         }
         config.redis_url = var("REDIS_URL");
         config.test_pause_file = var("PAYMENTS_TEST_PAUSE_FILE").map(PathBuf::from);
+        if let Some(keys) = var("PAYMENTS_API_KEYS") {
+            config.api_keys = ApiKeys::parse(&keys).ok_or(StartupError::ApiKeys)?;
+        }
         if let Some(lease) = var("PAYMENTS_IDEM_LEASE_MS") {
             let millis = lease
                 .parse::<u64>()
@@ -138,6 +149,11 @@ pub enum StartupError {
         /// The value given.
         lease: String,
     },
+    /// `PAYMENTS_API_KEYS` is not a list of `key=account` pairs.
+    #[error(
+        "PAYMENTS_API_KEYS must be `key=account` pairs separated by commas, such as `sk_live_1=acct_1,sk_live_2=acct_2`"
+    )]
+    ApiKeys,
     /// The database could not be opened or migrated.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
@@ -186,7 +202,7 @@ pub async fn app(config: &Config) -> Result<Router, StartupError> {
     if let Some(file) = &config.test_pause_file {
         state = state.with_test_pause_file(file);
     }
-    Ok(router(state, &idem))
+    Ok(authenticated_router(state, &idem, config.api_keys.clone()))
 }
 
 /// The idempotency handle the config asks for: Redis when `redis_url` is set, else a
@@ -203,7 +219,27 @@ pub async fn idempotency(config: &Config) -> Result<Idempotency, StartupError> {
     Ok(builder.store(store).build())
 }
 
-/// The routes over `state`, protected by `idem`.
+/// The database URL as it may be logged: scheme, host, port and database only. User
+/// names, passwords and every query parameter (`password=...`, `sslpassword=...`) are
+/// left out.
+pub fn loggable_database_url(url: &str) -> String {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return "(unparsable database URL)".to_owned();
+    };
+    let mut shown = format!("{}://", parsed.scheme());
+    if let Some(host) = parsed.host_str() {
+        shown.push_str(host);
+    }
+    if let Some(port) = parsed.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    shown.push_str(parsed.path());
+    shown
+}
+
+/// The routes over `state`, protected by `idem`, without authentication: requests must
+/// carry their own identity for idem to scope their keys ([`authenticated_router`] is
+/// what [`app`] serves).
 pub fn router(state: AppState, idem: &Idempotency) -> Router {
     Router::new()
         .route("/orders", post(routes::create_order))
@@ -213,4 +249,9 @@ pub fn router(state: AppState, idem: &Idempotency) -> Router {
         .route("/healthz", get(routes::healthz))
         .with_state(state)
         .layer(idem.layer())
+}
+
+/// [`router`] behind API-key authentication with `keys`, as [`app`] serves it.
+pub fn authenticated_router(state: AppState, idem: &Idempotency, keys: ApiKeys) -> Router {
+    auth::protect(router(state, idem), keys)
 }

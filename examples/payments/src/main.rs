@@ -32,7 +32,7 @@ async fn serve() -> Result<(), StartupError> {
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     tracing::info!(
         url = %format!("http://{}", listener.local_addr()?),
-        database = %redact(&config.database_url),
+        database = %payments::loggable_database_url(&config.database_url),
         idempotency_store = if config.redis_url.is_some() { "redis" } else { "memory" },
         "payments listening"
     );
@@ -40,17 +40,6 @@ async fn serve() -> Result<(), StartupError> {
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     Ok(())
-}
-
-/// The URL without its password, for the log.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-            None => url.to_owned(),
-        },
-        _ => url.to_owned(),
-    }
 }
 
 async fn shutdown_signal() {

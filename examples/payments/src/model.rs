@@ -9,6 +9,31 @@ pub const ORDER_PAID: &str = "paid";
 /// `status` of a payment: the example captures at once.
 pub const PAYMENT_CAPTURED: &str = "captured";
 
+/// The currency of an order that names none.
+pub const DEFAULT_CURRENCY: &str = "EUR";
+
+/// The ISO 4217 codes of the currencies in use (funds, precious metals and the testing
+/// and no-currency codes `XTS` and `XXX` left out).
+pub const ISO_4217: &[&str] = &[
+    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT",
+    "BGN", "BHD", "BIF", "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD",
+    "CDF", "CHF", "CLP", "CNY", "COP", "CRC", "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD",
+    "EGP", "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GNF", "GTQ",
+    "GYD", "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IQD", "IRR", "ISK", "JMD", "JOD",
+    "JPY", "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK", "LBP", "LKR",
+    "LRD", "LSL", "LYD", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR",
+    "MWK", "MXN", "MYR", "MZN", "NAD", "NGN", "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN",
+    "PGK", "PHP", "PKR", "PLN", "PYG", "QAR", "RON", "RSD", "RUB", "RWF", "SAR", "SBD", "SCR",
+    "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP", "SZL", "THB",
+    "TJS", "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "UGX", "USD", "UYU", "UZS",
+    "VED", "VES", "VND", "VUV", "WST", "XAF", "XCD", "XCG", "XOF", "XPF", "YER", "ZAR", "ZMW",
+    "ZWG",
+];
+
+fn default_currency() -> String {
+    DEFAULT_CURRENCY.to_owned()
+}
+
 /// The body of `POST /orders`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewOrder {
@@ -16,6 +41,9 @@ pub struct NewOrder {
     pub customer_id: String,
     /// What is ordered; at least one line.
     pub items: Vec<Item>,
+    /// ISO 4217 code of the prices (default [`DEFAULT_CURRENCY`]); a payment must be in it.
+    #[serde(default = "default_currency")]
+    pub currency: String,
 }
 
 /// One line of an order.
@@ -40,6 +68,8 @@ pub struct Order {
     pub items: Vec<Item>,
     /// Sum of quantity × unit price over the lines.
     pub total_cents: i64,
+    /// ISO 4217 code of the prices.
+    pub currency: String,
     /// [`ORDER_PENDING`] or [`ORDER_PAID`].
     pub status: String,
     /// When the order was created (RFC 3339, UTC).
@@ -53,7 +83,7 @@ pub struct NewPayment {
     pub order_id: String,
     /// Must equal the order's `total_cents`.
     pub amount_cents: i64,
-    /// ISO 4217 code: three upper-case letters, e.g. `EUR`.
+    /// ISO 4217 code, e.g. `EUR`; must be the order's.
     pub currency: String,
 }
 
@@ -80,6 +110,8 @@ impl NewOrder {
         if self.customer_id.trim().is_empty() {
             return Err("`customer_id` must not be empty.".into());
         }
+        printable("customer_id", &self.customer_id)?;
+        currency(&self.currency)?;
         if self.items.is_empty() {
             return Err("`items` must contain at least one item.".into());
         }
@@ -88,6 +120,7 @@ impl NewOrder {
             if item.sku.trim().is_empty() {
                 return Err(format!("`items[{index}].sku` must not be empty."));
             }
+            printable(&format!("items[{index}].sku"), &item.sku)?;
             if item.quantity <= 0 {
                 return Err(format!(
                     "`items[{index}].quantity` must be at least 1, got {}.",
@@ -121,12 +154,25 @@ impl NewPayment {
                 self.amount_cents
             ));
         }
-        if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(format!(
-                "`currency` must be an ISO 4217 code of three upper-case letters such as \"EUR\", got {:?}.",
-                self.currency
-            ));
-        }
+        printable("order_id", &self.order_id)?;
+        currency(&self.currency)
+    }
+}
+
+/// Refuses control characters (NUL above all, which PostgreSQL cannot store in text).
+fn printable(field: &str, value: &str) -> Result<(), String> {
+    if value.chars().any(char::is_control) {
+        return Err(format!("`{field}` must not contain control characters."));
+    }
+    Ok(())
+}
+
+fn currency(code: &str) -> Result<(), String> {
+    if ISO_4217.contains(&code) {
         Ok(())
+    } else {
+        Err(format!(
+            "`currency` must be an ISO 4217 currency code such as \"EUR\" or \"USD\", got {code:?}."
+        ))
     }
 }

@@ -49,6 +49,9 @@ pub(crate) async fn get_order(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Order>, ApiError> {
+    if id.chars().any(char::is_control) {
+        return Err(ApiError::OrderNotFound(id));
+    }
     match state.db.order(&id).await? {
         Some(order) => Ok(Json(order)),
         None => Err(ApiError::OrderNotFound(id)),
@@ -60,6 +63,9 @@ pub(crate) async fn get_payment(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Payment>, ApiError> {
+    if id.chars().any(char::is_control) {
+        return Err(ApiError::PaymentNotFound(id));
+    }
     match state.db.payment(&id).await? {
         Some(payment) => Ok(Json(payment)),
         None => Err(ApiError::PaymentNotFound(id)),

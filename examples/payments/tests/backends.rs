@@ -114,8 +114,11 @@ impl Fixture {
         match &self.cleanup {
             Cleanup::SqliteFile(_) => {
                 drop(server);
-                let router =
-                    payments::router(AppState::new(self.db.clone()), &Idempotency::in_memory());
+                let router = payments::authenticated_router(
+                    AppState::new(self.db.clone()),
+                    &Idempotency::in_memory(),
+                    payments::ApiKeys::demo(),
+                );
                 Server::start(router).await
             }
             Cleanup::Postgres {
@@ -305,6 +308,7 @@ async fn post(http: &reqwest::Client, url: &str, key: Option<&str>, body: &Value
 async fn create_order(http: &reqwest::Client, server: &Server) -> Order {
     let order = NewOrder {
         customer_id: "cus_42".into(),
+        currency: "EUR".into(),
         items: vec![payments::Item {
             sku: "BOOK".into(),
             quantity: 2,
@@ -341,7 +345,7 @@ async fn concurrent_payments_with_one_key(backend: Backend) {
     let mut config = fixture.config.clone();
     config.test_pause_file = Some(pause.0.clone());
     let server = Server::start(payments::app(&config).await.unwrap()).await;
-    let http = reqwest::Client::new();
+    let http = support::http();
     let order = create_order(&http, &server).await;
     let key = new_key();
     let body = payment_of(&order);
@@ -424,7 +428,7 @@ async fn lost_response_then_retries(backend: Backend) {
 async fn same_key_different_amount(backend: Backend) {
     let fixture = Fixture::new(backend, "different-amount").await;
     let server = fixture.serve().await;
-    let http = reqwest::Client::new();
+    let http = support::http();
     let order = create_order(&http, &server).await;
     let key = new_key();
     let url = format!("{}/payments", server.url);
@@ -449,7 +453,7 @@ async fn same_key_different_amount(backend: Backend) {
 async fn second_guard(backend: Backend) {
     let fixture = Fixture::new(backend, "second-guard").await;
     let server = fixture.serve().await;
-    let http = reqwest::Client::new();
+    let http = support::http();
     let order = create_order(&http, &server).await;
     let key = new_key();
     let first = post(
@@ -502,7 +506,97 @@ macro_rules! on_both_backends {
     )*};
 }
 
+/// Guards: hostile or careless input never reaches the database as a charge or a 500:
+/// an unknown currency, a currency other than the order's, and NUL characters are 422s
+/// on both databases, and nothing is charged.
+async fn hostile_input_is_refused(backend: Backend) {
+    let fixture = Fixture::new(backend, "hostile").await;
+    let server = fixture.serve().await;
+    let http = support::http();
+    let order = create_order(&http, &server).await;
+    assert_eq!(
+        order.currency, "EUR",
+        "an order without a currency is in EUR"
+    );
+    let payments = format!("{}/payments", server.url);
+    for (currency, reason) in [
+        ("XXX", "not a currency"),
+        ("ABC", "not ISO 4217"),
+        ("USD", "not the order's"),
+    ] {
+        let mut body = payment_of(&order);
+        body["currency"] = json!(currency);
+        let answer = post(&http, &payments, Some(&new_key()), &body).await;
+        assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY, "{reason}");
+        assert!(answer.content_type.contains("problem+json"), "{reason}");
+    }
+    let mut nul = payment_of(&order);
+    nul["order_id"] = json!(format!("{}\u{0}", order.id));
+    let answer = post(&http, &payments, Some(&new_key()), &nul).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "NUL in order_id"
+    );
+    assert!(
+        fixture.payments_of(&order.id).await.is_empty(),
+        "nothing was charged"
+    );
+
+    let orders = format!("{}/orders", server.url);
+    for body in [
+        json!({ "customer_id": "cus\u{0}1", "items": [{ "sku": "A", "quantity": 1, "unit_price_cents": 1 }] }),
+        json!({ "customer_id": "cus_1", "items": [{ "sku": "A\u{0}", "quantity": 1, "unit_price_cents": 1 }] }),
+        json!({ "customer_id": "cus_1", "currency": "XXX", "items": [{ "sku": "A", "quantity": 1, "unit_price_cents": 1 }] }),
+    ] {
+        let answer = post(&http, &orders, Some(&new_key()), &body).await;
+        assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    }
+    let usd = json!({ "customer_id": "cus_1", "currency": "USD", "items": [{ "sku": "A", "quantity": 2, "unit_price_cents": 5 }] });
+    let usd: Order = post(&http, &orders, Some(&new_key()), &usd).await.json();
+    let mut in_eur = payment_of(&usd);
+    in_eur["currency"] = json!("EUR");
+    let refused = post(&http, &payments, Some(&new_key()), &in_eur).await;
+    assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let mut in_usd = payment_of(&usd);
+    in_usd["currency"] = json!("USD");
+    let paid = post(&http, &payments, Some(&new_key()), &in_usd).await;
+    assert_eq!(paid.status, StatusCode::CREATED);
+}
+
+/// Guards: idempotency keys are scoped by the API key's account: a request without
+/// credentials is refused (401) before anything runs, and two accounts sending the same
+/// key and body each get their own order.
+async fn keys_are_scoped_by_account(backend: Backend) {
+    let fixture = Fixture::new(backend, "scoped").await;
+    let server = fixture.serve().await;
+    let orders = format!("{}/orders", server.url);
+    let body = json!({ "customer_id": "cus_1", "items": [{ "sku": "A", "quantity": 1, "unit_price_cents": 100 }] });
+    let anonymous = post(&reqwest::Client::new(), &orders, Some("same-key"), &body).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    let a = post(&support::http(), &orders, Some("same-key"), &body).await;
+    let b = post(
+        &support::http_as("sk_test_other"),
+        &orders,
+        Some("same-key"),
+        &body,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::CREATED);
+    assert_eq!(b.status, StatusCode::CREATED);
+    assert!(!b.replayed, "account B got account A's response");
+    assert_ne!(a.json::<Order>().id, b.json::<Order>().id);
+    let a_again = post(&support::http(), &orders, Some("same-key"), &body).await;
+    assert!(a_again.replayed);
+}
+
 on_both_backends! {
+    hostile_input_is_refused:
+        hostile_input_is_refused_on_sqlite,
+        hostile_input_is_refused_on_postgres;
+    keys_are_scoped_by_account:
+        keys_are_scoped_by_account_on_sqlite,
+        keys_are_scoped_by_account_on_postgres;
     concurrent_payments_with_one_key:
         hundred_concurrent_payments_with_one_key_make_one_payment_on_sqlite,
         hundred_concurrent_payments_with_one_key_make_one_payment_on_postgres;
@@ -521,7 +615,7 @@ on_both_backends! {
 async fn bad_requests_are_problems() {
     let fixture = Fixture::new(Backend::SqliteMemory, "bad-requests").await;
     let server = fixture.serve().await;
-    let http = reqwest::Client::new();
+    let http = support::http();
     let orders = format!("{}/orders", server.url);
     let item = |quantity: i64, unit_price_cents: i64| json!({ "customer_id": "cus_1", "items": [{ "sku": "A", "quantity": quantity, "unit_price_cents": unit_price_cents }] });
     for (body, reason) in [

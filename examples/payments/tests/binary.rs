@@ -36,7 +36,7 @@ async fn the_binary_starts_with_no_set_up_and_the_client_pays_once() {
         .spawn()
         .unwrap());
     let url = format!("http://{addr}");
-    let http = reqwest::Client::new();
+    let http = support::http();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = app.0.try_wait().unwrap() {

@@ -83,7 +83,7 @@ impl App {
             url: format!("http://{addr}"),
             log,
         };
-        let http = reqwest::Client::new();
+        let http = support::http();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             app.assert_running();
@@ -253,7 +253,7 @@ async fn crash_mid_payment_then_retry(store: Store) {
     };
     let pause_file = dir.0.join("pause");
     std::fs::write(&pause_file, b"").unwrap();
-    let http = reqwest::Client::new();
+    let http = support::http();
 
     let mut first = App::start(
         &dir.0,
@@ -267,6 +267,7 @@ async fn crash_mid_payment_then_retry(store: Store) {
         .post(format!("{}/orders", first.url))
         .json(&NewOrder {
             customer_id: "cus_crash".into(),
+            currency: "EUR".into(),
             items: vec![Item {
                 sku: "LAMP".into(),
                 quantity: 1,

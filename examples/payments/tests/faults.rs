@@ -294,8 +294,14 @@ async fn soak() {
         .store_timeout(Duration::from_millis(500))
         .lease(Duration::from_secs(2))
         .build();
-    let server = Server::start(payments::router(AppState::new(db.clone()), &idem)).await;
+    let server = Server::start(payments::authenticated_router(
+        AppState::new(db.clone()),
+        &idem,
+        payments::ApiKeys::demo(),
+    ))
+    .await;
     let http = reqwest::Client::builder()
+        .default_headers(support::auth_headers(support::DEMO_API_KEY))
         .timeout(REQUEST_TIMEOUT)
         .build()
         .unwrap();
@@ -305,6 +311,7 @@ async fn soak() {
     for index in 0..CLIENTS {
         let new_order = NewOrder {
             customer_id: format!("cus_soak_{index}"),
+            currency: "EUR".into(),
             items: vec![Item {
                 sku: "SOCK".into(),
                 quantity: 1 + i64::try_from(index % 3).unwrap(),

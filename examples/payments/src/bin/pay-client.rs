@@ -1,6 +1,7 @@
 //! `cargo run -p payments --bin pay-client`: pays an order over a network that loses the
 //! first response, retrying with the same `Idempotency-Key`, and shows that exactly one
-//! payment exists. Talks to `PAYMENTS_URL` (default `http://127.0.0.1:3000`).
+//! payment exists. Talks to `PAYMENTS_URL` (default `http://127.0.0.1:3000`) with the API
+//! key `PAYMENTS_API_KEY` (default the demo key `sk_test_demo`).
 
 use std::process::ExitCode;
 
@@ -19,8 +20,17 @@ async fn main() -> ExitCode {
         .ok()
         .filter(|url| !url.is_empty())
         .unwrap_or_else(|| "http://127.0.0.1:3000".to_owned());
+    let api_key = std::env::var("PAYMENTS_API_KEY")
+        .ok()
+        .filter(|key| !key.is_empty());
     let report = match PayClient::new(&url) {
-        Ok(client) => demo(&client).await,
+        Ok(client) => {
+            let client = match api_key {
+                Some(key) => client.with_api_key(key),
+                None => client,
+            };
+            demo(&client).await
+        }
         Err(error) => Err(error),
     };
     match report {

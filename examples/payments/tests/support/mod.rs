@@ -58,3 +58,29 @@ impl Drop for Server {
         self.task.abort();
     }
 }
+
+/// The API key the app accepts out of the box (`PAYMENTS_API_KEYS` unset).
+pub const DEMO_API_KEY: &str = "sk_test_demo";
+
+/// An HTTP client that authenticates with [`DEMO_API_KEY`] on every request.
+pub fn http() -> reqwest::Client {
+    http_as(DEMO_API_KEY)
+}
+
+/// An HTTP client that authenticates with `api_key` on every request.
+pub fn http_as(api_key: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .default_headers(auth_headers(api_key))
+        .build()
+        .expect("an HTTP client")
+}
+
+/// `Authorization: Bearer <api_key>`, as default headers of a client.
+pub fn auth_headers(api_key: &str) -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {api_key}").parse().expect("a header value"),
+    );
+    headers
+}
