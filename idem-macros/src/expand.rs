@@ -97,7 +97,7 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
 
     let at_name = ident.span();
     let guard = local("__idem_guard", at_name);
-    let first = local("__idem_first", at_name);
+    let first = local("__idem_last", at_name);
     let work = local("__idem_work", at_name);
     let inner = Ident::new("__idem_inner", Span::mixed_site());
     let names: Vec<Ident> = (0..arguments.len())
@@ -107,16 +107,18 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
     let ttl = Literal::u64_unsuffixed(options.ttl_secs);
     let required = options.required;
     let guard_type = quote!(::idem_runtime::Idempotent<#ttl, #required>);
-    // The guard shares the first argument's slot, as a tuple, so that the handler keeps its
-    // arity: `#[axum::debug_handler]` above this attribute calls it with the user's
-    // argument count.
-    let (params, unpack) = match (arguments.split_first(), names.split_first()) {
-        (Some((head, tail)), Some((head_name, tail_names))) => {
-            let head_type = &head.ty;
-            let tail_types = tail.iter().map(|argument| &argument.ty);
+    // The guard shares the last argument's slot, as a tuple, so that the handler keeps its
+    // arity (`#[axum::debug_handler]` above this attribute calls it with the user's argument
+    // count) and every other extractor, authentication included, runs before it: a request
+    // they reject never reaches idem. The guard claims nothing when extracted; the claim is
+    // made in `run`, once the body extractor has accepted the request too.
+    let (params, unpack) = match (arguments.split_last(), names.split_last()) {
+        (Some((last, init)), Some((last_name, init_names))) => {
+            let last_type = &last.ty;
+            let init_types = init.iter().map(|argument| &argument.ty);
             (
-                quote!(#first: (#guard_type, #head_type), #(#tail_names: #tail_types),*),
-                quote!(let (#guard, #head_name) = #first;),
+                quote!(#(#init_names: #init_types,)* #first: (#guard_type, #last_type)),
+                quote!(let (#guard, #last_name) = #first;),
             )
         }
         _ => (quote!(#guard: #guard_type), TokenStream::new()),

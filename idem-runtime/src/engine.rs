@@ -82,6 +82,8 @@ pub(crate) async fn begin(
     // unprotected (fail-open): the other request may still be running.
     let mut seen_in_flight = false;
     loop {
+        // The lease runs from when the claim is sent, not from when its answer arrives.
+        let sent_at = Instant::now();
         let answer = timeout(
             config.store_timeout,
             config.store.begin(key.as_str(), &claim, config.lease),
@@ -121,8 +123,38 @@ pub(crate) async fn begin(
                 );
             }
         }
+        // An answer that took half the lease or more may describe a claim that has lapsed
+        // since and been taken over: confirm it with a renewal before running anything.
+        let mut held_from = sent_at;
+        if sent_at.elapsed() >= config.lease / 2 {
+            let renewed_at = Instant::now();
+            match store_step(
+                config,
+                config.store.renew(key.as_str(), &claim, config.lease),
+            )
+            .await
+            {
+                Ok(true) if renewed_at.elapsed() < config.lease / 2 => held_from = renewed_at,
+                Ok(true) => {
+                    tracing::warn!(target: "idem", key = key.key().as_str(), "the store answers too slowly to hold a lease; answering 503");
+                    release(idem, &key, &claim).await;
+                    execution.armed = false;
+                    return Begun::Respond(
+                        Problem::store_unavailable(config.retry_after_secs()).into_response(),
+                    );
+                }
+                Ok(false) => {
+                    tracing::warn!(target: "idem", key = key.key().as_str(), "the claim lapsed before its answer arrived; answering 409");
+                    execution.armed = false;
+                    return Begun::Respond(
+                        Problem::in_flight(config.retry_after_secs()).into_response(),
+                    );
+                }
+                Err(error) => return store_failed(idem, &key, &error, true),
+            }
+        }
         tracing::debug!(target: "idem", key = key.key().as_str(), "executing");
-        execution.keeper = Some(LeaseKeeper::start(idem, &key, &claim));
+        execution.keeper = Some(LeaseKeeper::start(idem, &key, &claim, held_from));
         return Begun::Execute(execution);
     }
 }
@@ -178,6 +210,9 @@ fn store_failed(
     if seen_in_flight {
         tracing::warn!(target: "idem", key = key.key().as_str(), %error, "store failed while waiting for a request in flight; answering 409");
         Begun::Respond(Problem::in_flight(idem.config.retry_after_secs()).into_response())
+    } else if matches!(error, StoreError::Full(_)) {
+        tracing::warn!(target: "idem", key = key.key().as_str(), %error, "store full; answering 503");
+        Begun::Respond(Problem::store_unavailable(idem.config.retry_after_secs()).into_response())
     } else if idem.config.fail_open {
         tracing::warn!(target: "idem", key = key.key().as_str(), %error, "store failed; running unprotected (fail-open)");
         Begun::Unprotected
@@ -345,24 +380,22 @@ impl Execution {
         body_len: u64,
     ) -> Completion {
         self.armed = false;
+        let unstorable = self.unstorable(status, body_len);
         let mut record = record;
+        let mut stored_whole = true;
         let mut outcome =
             store_completion(&self.idem, &self.key, &self.claim, self.ttl, record.clone()).await;
-        if let Err(StoreError::RecordTooLarge { size, limit }) = outcome {
-            tracing::warn!(target: "idem", key = self.key.key().as_str(), size, limit, "the store cannot keep this response; a retry will be told it was not stored");
-            record = self.unstorable(status, body_len);
+        if let Err(error @ StoreError::RecordRefused { .. }) = &outcome {
+            tracing::warn!(target: "idem", key = self.key.key().as_str(), %error, "the store cannot keep this response; a retry will be told it was not stored");
+            record = unstorable.clone();
+            stored_whole = false;
             outcome =
                 store_completion(&self.idem, &self.key, &self.claim, self.ttl, record.clone())
                     .await;
-            if outcome.is_ok() {
-                return match outcome {
-                    Ok(true) => Completion::NotStored,
-                    _ => Completion::Lost,
-                };
-            }
         }
         match outcome {
-            Ok(true) => Completion::Stored,
+            Ok(true) if stored_whole => Completion::Stored,
+            Ok(true) => Completion::NotStored,
             Ok(false) => {
                 tracing::warn!(target: "idem", key = self.key.key().as_str(), "lease was lost before completion (fencing); response not stored");
                 Completion::Lost
@@ -377,30 +410,7 @@ impl Execution {
                 );
                 let keeper = self.keeper.take();
                 tokio::spawn(async move {
-                    let mut delay = Duration::from_millis(100);
-                    let mut attempts = 1u32;
-                    loop {
-                        sleep(delay).await;
-                        attempts += 1;
-                        match store_completion(&idem, &key, &claim, ttl, record.clone()).await {
-                            Ok(true) => {
-                                tracing::info!(target: "idem", key = key.key().as_str(), attempts, "response stored after retrying");
-                                break;
-                            }
-                            Ok(false) => {
-                                tracing::error!(target: "idem", key = key.key().as_str(), attempts, "the lease ran out before the response could be stored; a retry may run the handler again");
-                                break;
-                            }
-                            Err(error) => {
-                                if keeper.as_ref().is_none_or(|keeper| !keeper.holds()) {
-                                    tracing::error!(target: "idem", key = key.key().as_str(), attempts, %error, "the response could not be stored before the lease ran out; a retry may run the handler again");
-                                    break;
-                                }
-                                delay = (delay * 2).min(Duration::from_secs(2));
-                            }
-                        }
-                    }
-                    drop(keeper);
+                    retry_completion(&idem, &key, &claim, ttl, record, unstorable, keeper).await;
                 });
                 Completion::Pending
             }
@@ -412,6 +422,68 @@ impl Execution {
         self.keeper = None;
         release(&self.idem, &self.key, &self.claim).await;
     }
+}
+
+/// How long a completion is retried in the background after the store failed, at most.
+/// The lease is renewed meanwhile, so the key stays held; past this the key is let go
+/// (its lease runs out) rather than held for ever by a store that refuses every write.
+const COMPLETION_RETRY_LIMIT: Duration = Duration::from_secs(30);
+
+/// Retries storing `record` after a store failure, while the lease holds. A store that
+/// refuses the record for good gets `unstorable` instead (a retry is told the response was
+/// not stored, and never runs the handler again).
+async fn retry_completion(
+    idem: &Idempotency,
+    key: &ScopedKey,
+    claim: &Bytes,
+    ttl: Duration,
+    mut record: Bytes,
+    unstorable: Bytes,
+    keeper: Option<LeaseKeeper>,
+) {
+    let give_up = later(Instant::now(), COMPLETION_RETRY_LIMIT);
+    let mut delay = Duration::from_millis(100);
+    let mut attempts = 1u32;
+    loop {
+        sleep(delay).await;
+        attempts += 1;
+        let attempted_at = Instant::now();
+        match store_completion(idem, key, claim, ttl, record.clone()).await {
+            Ok(true) => {
+                tracing::info!(target: "idem", key = key.key().as_str(), attempts, "response stored after retrying");
+                break;
+            }
+            Ok(false) => {
+                tracing::error!(target: "idem", key = key.key().as_str(), attempts, "the lease ran out before the response could be stored; a retry may run the handler again");
+                break;
+            }
+            Err(StoreError::RecordRefused { .. }) if record != unstorable => {
+                record = unstorable.clone();
+                delay = Duration::ZERO;
+            }
+            Err(error) => {
+                let holds = keeper.as_ref().is_some_and(LeaseKeeper::holds);
+                // The store renews the lease but refuses this record: it will not take
+                // it, so the key records that the request ran, without its response.
+                if record != unstorable
+                    && keeper
+                        .as_ref()
+                        .is_some_and(|keeper| keeper.renewed_since(attempted_at))
+                {
+                    tracing::warn!(target: "idem", key = key.key().as_str(), %error, "the store renews the lease but refuses the response; a retry will be told it was not stored");
+                    record = unstorable.clone();
+                    delay = Duration::ZERO;
+                    continue;
+                }
+                if !holds || Instant::now() >= give_up {
+                    tracing::error!(target: "idem", key = key.key().as_str(), attempts, %error, "the response could not be stored; the key is let go when its lease runs out, and a retry may run the handler again");
+                    break;
+                }
+                delay = (delay * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
+            }
+        }
+    }
+    drop(keeper);
 }
 
 /// How a completion ended.
@@ -439,15 +511,17 @@ struct LeaseState {
     /// When the lease surely ends unless renewed: the start of the last renewal that
     /// succeeded, plus the lease.
     held_until: std::sync::Mutex<Instant>,
+    /// When the last renewal that succeeded started.
+    renewed_at: std::sync::Mutex<Option<Instant>>,
     lost: std::sync::atomic::AtomicBool,
 }
 
 impl LeaseKeeper {
-    fn start(idem: &Idempotency, key: &ScopedKey, claim: &Bytes) -> Self {
+    fn start(idem: &Idempotency, key: &ScopedKey, claim: &Bytes, claimed_at: Instant) -> Self {
         let config = &idem.config;
-        let claimed_at = Instant::now();
         let state = Arc::new(LeaseState {
             held_until: std::sync::Mutex::new(later(claimed_at, config.lease)),
+            renewed_at: std::sync::Mutex::new(None),
             lost: std::sync::atomic::AtomicBool::new(false),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -478,6 +552,10 @@ impl LeaseKeeper {
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner) =
                             later(started, config.lease);
+                        *shared
+                            .renewed_at
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(started);
                         next = later(started, period);
                     }
                     Ok(false) => {
@@ -495,6 +573,15 @@ impl LeaseKeeper {
             }
         });
         Self { _stop: stop, state }
+    }
+
+    /// Whether a renewal that started after `at` succeeded: the store answers.
+    fn renewed_since(&self, at: Instant) -> bool {
+        self.state
+            .renewed_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|renewed| renewed > at)
     }
 
     /// Whether the lease may still be held.
@@ -551,6 +638,16 @@ impl Drop for Counted {
     }
 }
 
+/// One store step, failed with [`StoreError::Timeout`] when it does not answer in time.
+async fn store_step<T>(
+    config: &crate::idempotency::Config,
+    step: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    timeout(config.store_timeout, step)
+        .await
+        .unwrap_or(Err(StoreError::Timeout(config.store_timeout)))
+}
+
 async fn store_completion(
     idem: &Idempotency,
     key: &ScopedKey,
@@ -567,22 +664,33 @@ async fn store_completion(
     .unwrap_or(Err(StoreError::Timeout(config.store_timeout)))
 }
 
+/// Releases the claim. A release the store does not take is retried in the background
+/// until it is taken or the lease has run out anyway, so a store that comes back frees the
+/// key at once rather than after a whole lease.
 async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes) {
     let config = &idem.config;
-    match timeout(
-        config.store_timeout,
-        config.store.release(key.as_str(), claim),
-    )
-    .await
-    {
-        Ok(Ok(_)) => {}
-        Ok(Err(error)) => {
-            tracing::warn!(target: "idem", key = key.key().as_str(), %error, "releasing the key failed; it frees itself when the lease ends");
+    let started = Instant::now();
+    let Err(error) = store_step(config, config.store.release(key.as_str(), claim)).await else {
+        return;
+    };
+    tracing::warn!(target: "idem", key = key.key().as_str(), %error, "releasing the key failed; retrying until its lease ends");
+    let (idem, key, claim) = (idem.clone(), key.clone(), claim.clone());
+    tokio::spawn(async move {
+        let config = &idem.config;
+        let lease_ends = later(started, config.lease);
+        let mut delay = Duration::from_millis(100);
+        while Instant::now() + delay < lease_ends {
+            sleep(delay).await;
+            if store_step(config, config.store.release(key.as_str(), &claim))
+                .await
+                .is_ok()
+            {
+                tracing::info!(target: "idem", key = key.key().as_str(), "key released after retrying");
+                return;
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
         }
-        Err(_) => {
-            tracing::warn!(target: "idem", key = key.key().as_str(), "releasing the key timed out; it frees itself when the lease ends");
-        }
-    }
+    });
 }
 
 impl Drop for Execution {

@@ -3,13 +3,14 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 
-use crate::engine::{self, Begun, Execution};
+use crate::engine::{self, Begun};
 use crate::fingerprint::{BufferedBody, Fingerprint};
 use crate::idempotency::Idempotency;
 use crate::key::IdempotencyKey;
@@ -21,10 +22,16 @@ pub const DEFAULT_TTL_SECS: u64 = 24 * 60 * 60;
 
 /// Makes one handler idempotent; this is what `#[idempotent]` writes for you.
 ///
-/// Put it first among the handler's arguments, so that a replay or a refusal is answered
-/// before any other extractor runs, and pass the handler's work to [`run`](Self::run).
+/// Take it as an argument of the handler, after the extractors that authenticate the
+/// request (it reads the key, the scope and the fingerprint, and claims nothing), and pass
+/// the handler's work to [`run`](Self::run): that is where the key is claimed, a replay or
+/// a refusal answered, or the work run. A request that an extractor rejects (a missing
+/// token, malformed JSON) is rejected exactly as without idem and leaves its key unused.
 /// `TTL_SECS` is how long the response is kept (default 24 h); with `REQUIRED`, a request
 /// without a key gets `400` instead of running unprotected.
+///
+/// An extractor that authenticates may put a [`Principal`](crate::Principal) in the
+/// request's extensions; taken after it, this guard scopes the key by that principal.
 ///
 /// The router must carry [`Idempotency::layer`]; without it this extractor answers `500`
 /// with a problem naming the fix.
@@ -38,13 +45,27 @@ pub const DEFAULT_TTL_SECS: u64 = 24 * 60 * 60;
 ///     idem.run(async move { (StatusCode::CREATED, Json(order)) }).await
 /// }
 ///
-/// let idem = Idempotency::in_memory();
+/// let idem = Idempotency::builder().shared_scope(true).build();
 /// let app: Router = Router::new().route("/orders", post(create_order)).layer(idem.layer());
 /// ```
 pub struct Idempotent<const TTL_SECS: u64 = DEFAULT_TTL_SECS, const REQUIRED: bool = false> {
-    execution: Option<Execution>,
+    prepared: Option<Prepared>,
     key: Option<ScopedKey>,
 }
+
+/// A keyed request ready to be claimed.
+struct Prepared {
+    idem: Idempotency,
+    key: ScopedKey,
+    fingerprint: Fingerprint,
+    /// Shared by every guard of one request: the first `run` protects, any other runs its
+    /// work as it is (a guard taken by hand beside the attribute never locks it out).
+    slot: Arc<AtomicBool>,
+}
+
+/// Marks a request whose key a guard already prepared.
+#[derive(Clone)]
+struct GuardSlot(Arc<AtomicBool>);
 
 impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
     const TTL: Duration = {
@@ -55,20 +76,37 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         Duration::from_secs(TTL_SECS)
     };
 
-    /// Runs the handler's work and answers with its response, stored for replay.
+    /// Claims the key and runs the handler's work, or answers without running it: the
+    /// stored response on a retry ([`IDEMPOTENT_REPLAYED`](crate::IDEMPOTENT_REPLAYED)),
+    /// `422` for the key reused with another request, `409` while the first request still
+    /// runs.
     ///
-    /// The work runs in a task of its own: if the client disconnects, it still runs to
-    /// the end and its response is stored, so the retry gets the replay. While it runs its
-    /// lease is renewed. A `5xx` response or a panic releases the key (the panic is then
-    /// resumed), so a retry runs again.
+    /// The work runs to the end even if the client disconnects (it then continues in a
+    /// task of its own), and its response is stored, so the retry gets the replay. The
+    /// lease is renewed from the claim on. A `5xx` response or a panic releases the key
+    /// (the panic is then resumed), so a retry runs again.
     pub async fn run<F, R>(self, work: F) -> Response
     where
         F: Future<Output = R> + Send + 'static,
         R: IntoResponse + 'static,
     {
-        match self.execution {
-            Some(execution) => execution.run(work).await,
-            None => work.await.into_response(),
+        let Some(prepared) = self.prepared else {
+            return work.await.into_response();
+        };
+        if prepared.slot.swap(true, Ordering::AcqRel) {
+            return work.await.into_response();
+        }
+        match engine::begin(
+            &prepared.idem,
+            prepared.key,
+            prepared.fingerprint,
+            Self::TTL,
+        )
+        .await
+        {
+            Begun::Execute(execution) => execution.run(work).await,
+            Begun::Respond(response) => response,
+            Begun::Unprotected => work.await.into_response(),
         }
     }
 
@@ -77,14 +115,15 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         self.key.as_ref()
     }
 
-    /// Whether the request is protected (it carried a valid key and the store answered).
+    /// Whether the request carried a valid key, so that [`run`](Self::run) claims it
+    /// (unless the store fails in fail-open mode).
     pub fn is_protected(&self) -> bool {
-        self.execution.is_some()
+        self.prepared.is_some()
     }
 
     fn unprotected(key: Option<ScopedKey>) -> Self {
         Self {
-            execution: None,
+            prepared: None,
             key,
         }
     }
@@ -96,7 +135,7 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> fmt::Debug for Idempotent<TTL_SE
             .field("ttl_secs", &TTL_SECS)
             .field("required", &REQUIRED)
             .field("key", &self.key)
-            .field("protected", &self.execution.is_some())
+            .field("protected", &self.prepared.is_some())
             .finish()
     }
 }
@@ -109,7 +148,6 @@ where
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
-        let ttl = Self::TTL;
         let Some(idem) = parts.extensions.get::<Idempotency>().cloned() else {
             tracing::error!(
                 target: "idem",
@@ -151,22 +189,32 @@ where
         };
         let key = ScopedKey::new(scope, key);
         parts.extensions.insert(key.clone());
-        match engine::begin(&idem, key.clone(), fingerprint, ttl).await {
-            Begun::Execute(execution) => Ok(Self {
-                execution: Some(execution),
-                key: Some(key),
+        let slot = match parts.extensions.get::<GuardSlot>() {
+            Some(GuardSlot(slot)) => slot.clone(),
+            None => {
+                let slot = Arc::new(AtomicBool::new(false));
+                parts.extensions.insert(GuardSlot(slot.clone()));
+                slot
+            }
+        };
+        Ok(Self {
+            prepared: Some(Prepared {
+                idem,
+                key: key.clone(),
+                fingerprint,
+                slot,
             }),
-            Begun::Respond(response) => Err(response),
-            Begun::Unprotected => Ok(Self::unprotected(Some(key))),
-        }
+            key: Some(key),
+        })
     }
 }
 
 /// The idempotency key of a request together with its scope: the stable identity of
 /// "this client's attempt", e.g. for a UNIQUE column that guards a table a second time.
 ///
-/// Extract it after [`Idempotent`] (or in an `#[idempotent]` handler): as `ScopedKey` it
-/// answers `400` when the request has no key; as `Option<ScopedKey>` it is `None` then.
+/// Extract it in an `#[idempotent]` handler (or beside [`Idempotent`]): as `ScopedKey` it
+/// answers `400` when the request has no key (or no identity to scope it by); as
+/// `Option<ScopedKey>` it is `None` then.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ScopedKey(Arc<ScopedKeyInner>);
 
@@ -216,15 +264,23 @@ impl fmt::Display for ScopedKey {
     }
 }
 
+/// The request's scoped key: the one a guard already found, else found the same way
+/// (whichever order the handler takes its arguments in).
+fn scoped_key_of(parts: &Parts) -> Option<ScopedKey> {
+    if let Some(key) = parts.extensions.get::<ScopedKey>() {
+        return Some(key.clone());
+    }
+    let idem = parts.extensions.get::<Idempotency>()?;
+    let key = IdempotencyKey::from_headers(&parts.headers).ok()??;
+    let scope = idem.config.scope.scope_of(parts)?;
+    Some(ScopedKey::new(scope, key))
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for ScopedKey {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
-        parts
-            .extensions
-            .get::<ScopedKey>()
-            .cloned()
-            .ok_or_else(|| Problem::key_missing().into_response())
+        scoped_key_of(parts).ok_or_else(|| Problem::key_missing().into_response())
     }
 }
 
@@ -235,6 +291,6 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for ScopedKey {
         parts: &mut Parts,
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
-        Ok(parts.extensions.get::<ScopedKey>().cloned())
+        Ok(scoped_key_of(parts))
     }
 }

@@ -39,8 +39,13 @@ impl Fingerprint {
                 Some(document) => {
                     hasher.update(b"fields2\0");
                     for pointer in &fields.pointers {
-                        let field = canonical::pointer(document, pointer)
-                            .and_then(|field| canonical::value(field.get()));
+                        // A field too deep to canonicalize counts by its text, never as
+                        // missing.
+                        let field = canonical::pointer(document, pointer).map(|field| {
+                            canonical::value(field.get()).unwrap_or_else(|| {
+                                [b"raw:".as_slice(), field.get().as_bytes()].concat()
+                            })
+                        });
                         hasher.update((pointer.len() as u64).to_be_bytes());
                         hasher.update(pointer);
                         hasher.update([u8::from(field.is_some())]);
@@ -181,15 +186,23 @@ mod canonical {
         value(parse(body)?.get())
     }
 
+    /// How deeply arrays and objects may nest: serde_json's own limit. A deeper body is
+    /// fingerprinted byte for byte (never parsed level by level without bound).
+    const MAX_DEPTH: usize = 128;
+
     /// The canonical form of one JSON value given as valid JSON text.
     pub(super) fn value(raw: &str) -> Option<Vec<u8>> {
         let mut out = Vec::with_capacity(raw.len());
-        write(raw, &mut out)?;
+        write(raw, &mut out, 0)?;
         Some(out)
     }
 
-    fn write(raw: &str, out: &mut Vec<u8>) -> Option<()> {
-        match raw.as_bytes().first()? {
+    fn write(raw: &str, out: &mut Vec<u8>, depth: usize) -> Option<()> {
+        let first = *raw.as_bytes().first()?;
+        if matches!(first, b'{' | b'[') && depth >= MAX_DEPTH {
+            return None;
+        }
+        match first {
             b'{' => {
                 let object: BTreeMap<String, &RawValue> = serde_json::from_str(raw).ok()?;
                 out.push(b'{');
@@ -199,7 +212,7 @@ mod canonical {
                     }
                     serde_json::to_writer(&mut *out, name).ok()?;
                     out.push(b':');
-                    write(value.get(), out)?;
+                    write(value.get(), out, depth + 1)?;
                 }
                 out.push(b'}');
             }
@@ -210,7 +223,7 @@ mod canonical {
                     if n > 0 {
                         out.push(b',');
                     }
-                    write(value.get(), out)?;
+                    write(value.get(), out, depth + 1)?;
                 }
                 out.push(b']');
             }

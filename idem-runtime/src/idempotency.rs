@@ -241,9 +241,9 @@ impl Builder {
     /// While this many are running, new keyed requests are refused with `503` and
     /// `Retry-After`, so clients that hang up cannot pile up unbounded work. (A request
     /// admitted just before the bound was reached may still detach: the bound is exceeded
-    /// by at most the requests in flight at that moment.)
+    /// by at most the requests in flight at that moment.) At least 1: a `0` is taken as 1.
     pub fn max_detached(mut self, max: usize) -> Self {
-        self.max_detached = max;
+        self.max_detached = max.max(1);
         self
     }
 

@@ -37,8 +37,9 @@
 //! 3. The request is fingerprinted ([`Fingerprint`]): method, path and query, body.
 //! 4. One store round trip claims the key or returns what is there: a completed response
 //!    is replayed, a different fingerprint answers `422`, a request in flight `409`.
-//! 5. The handler runs in its own task with its lease renewed, so a slow handler keeps its
-//!    key and a disconnecting client does not cancel it.
+//! 5. The handler's own extractors run first (authentication included); then, in
+//!    [`Idempotent::run`], the key is claimed and the handler runs with its lease renewed,
+//!    so a slow handler keeps its key and a disconnecting client does not cancel it.
 //! 6. One round trip stores the response for the `ttl`, fenced by the execution's token.
 //!    A `5xx` or a panic releases the key instead, so a retry runs again.
 //!
@@ -52,8 +53,8 @@
 //!
 //! # Without the macro
 //!
-//! `#[idempotent]` only rewrites the handler to take an [`Idempotent`] extractor first and
-//! pass its body to [`Idempotent::run`]; the same can be written by hand.
+//! `#[idempotent]` only rewrites the handler to take an [`Idempotent`] extractor beside its
+//! last argument and pass its body to [`Idempotent::run`]; the same can be written by hand.
 
 mod body;
 mod engine;
@@ -239,8 +240,11 @@ pub mod store;
 /// # Handlers it accepts
 ///
 /// - Any extractors, up to axum's 16, each an extractor for the router's state; only the
-///   last may read the body (`Json`, `Form`, `String`, `Bytes`, ...). The idempotency
-///   check runs before all of them.
+///   last may read the body (`Json`, `Form`, `String`, `Bytes`, ...). Every one of them,
+///   authentication included, runs before idem claims the key or replays: a request they
+///   reject is answered exactly as without idem, and leaves its key unused (a corrected
+///   retry with the same key runs). An extractor may put a [`Principal`] in the request's
+///   extensions to scope the key by the user it authenticated.
 /// - Any return type that implements `IntoResponse`, including `impl IntoResponse` and
 ///   `Result<T, E>`; `return` and `?` work as usual.
 /// - `pub` and doc comments, other attributes, and generic handlers (each type parameter

@@ -33,9 +33,22 @@ impl Scope {
         *ANONYMOUS.get_or_init(|| Self::digest(0, b"", b""))
     }
 
-    /// The scope of a client identified by `value` (an API key, a tenant id, ...).
+    /// The scope of a client identified by `value` (an API key, a tenant id, ...), as a
+    /// [`Builder::scope`](crate::Builder::scope) rule returns it. Each source of identity
+    /// hashes into a domain of its own: a value equal to a principal's id or to another
+    /// client's `Authorization` header never yields that client's scope.
     pub fn of(value: impl AsRef<[u8]>) -> Self {
         Self::digest(1, value.as_ref(), b"")
+    }
+
+    /// The scope of an `Authorization` header value.
+    pub(crate) fn of_authorization(value: &[u8]) -> Self {
+        Self::digest(3, value, b"")
+    }
+
+    /// The scope of a [`Principal`]'s id.
+    pub(crate) fn of_principal(id: &[u8]) -> Self {
+        Self::digest(4, id, b"")
     }
 
     /// This scope on `host` (a host name, without a port): requests to different hosts
@@ -120,7 +133,7 @@ pub struct Principal(Scope);
 impl Principal {
     /// The principal identified by `id` (only its digest is kept).
     pub fn new(id: impl AsRef<[u8]>) -> Self {
-        Self(Scope::of(id))
+        Self(Scope::of_principal(id.as_ref()))
     }
 
     /// The scope of this principal, before the host is taken into account.
@@ -176,7 +189,7 @@ impl ScopeRule {
                     parts
                         .headers
                         .get(http::header::AUTHORIZATION)
-                        .map(|value| Scope::of(value.as_bytes()))
+                        .map(|value| Scope::of_authorization(value.as_bytes()))
                 }),
             Identity::Custom(rule) => rule(parts),
         };
@@ -259,14 +272,14 @@ mod tests {
             .headers
             .insert(http::header::AUTHORIZATION, "Bearer alice".parse().unwrap());
         let alice = rule.scope_of(&parts).unwrap();
-        assert_eq!(alice, Scope::of("Bearer alice"));
+        assert_eq!(alice, Scope::of_authorization(b"Bearer alice"));
         assert!(!alice.to_hex().contains("alice"));
         parts.extensions.insert(Principal::new("user-1"));
-        assert_eq!(rule.scope_of(&parts), Some(Scope::of("user-1")));
+        assert_eq!(rule.scope_of(&parts), Some(Scope::of_principal(b"user-1")));
         parts
             .headers
             .insert(http::header::HOST, "Api.Example:443".parse().unwrap());
-        let on_host = Scope::of("user-1").on_host("api.example");
+        let on_host = Scope::of_principal(b"user-1").on_host("api.example");
         assert_eq!(
             rule.scope_of(&parts),
             Some(on_host),
@@ -277,7 +290,7 @@ mod tests {
             .insert(http::header::HOST, "[::1]:8080".parse().unwrap());
         assert_eq!(
             rule.scope_of(&parts),
-            Some(Scope::of("user-1").on_host("[::1]"))
+            Some(Scope::of_principal(b"user-1").on_host("[::1]"))
         );
     }
 }

@@ -14,7 +14,15 @@ use idem_runtime::{IdempotencyKey, Scope, ScopedKey};
 use testkit::RedisServer;
 
 fn hostile_keys(alice_key: &str) -> Vec<String> {
-    let alice_scope = Scope::of("Bearer alice").to_hex();
+    let (parts, ()) = axum::http::Request::builder()
+        .header("authorization", "Bearer alice")
+        .body(())
+        .unwrap()
+        .into_parts();
+    let alice_scope = idem_runtime::Idempotency::in_memory()
+        .scope_of(&parts)
+        .expect("alice has a scope")
+        .to_hex();
     vec![
         alice_key.to_owned(),
         format!("{alice_scope}:{alice_key}"),

@@ -156,7 +156,8 @@ impl MemoryStore {
     fn build(max_entries: u64, max_bytes: u64, max_claims: usize) -> Self {
         // Each record weighs at least one "slot" of max_bytes / max_entries, so the total
         // weight bound keeps both the entry count and the byte count in bounds.
-        let slot = (max_bytes / max_entries).max(1);
+        // Weights are u32: the slot is capped there, as is the heaviest record kept.
+        let slot = (max_bytes / max_entries).clamp(1, u64::from(u32::MAX));
         let records = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(move |key: &String, entry: &Entry| {
@@ -302,11 +303,6 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
-/// The error of a claim refused because [`MemoryStore`] holds its maximum of claims.
-#[derive(Debug, thiserror::Error)]
-#[error("the memory store holds its maximum of {0} executions in flight")]
-struct ClaimsFull(usize);
-
 impl Store for MemoryStore {
     fn begin<'a>(
         &'a self,
@@ -325,7 +321,10 @@ impl Store for MemoryStore {
                     match self.try_claim(key, claim, lease) {
                         ClaimAttempt::Taken => Ok(None),
                         ClaimAttempt::Found(existing) => Ok(Some(existing)),
-                        ClaimAttempt::Full => Err(StoreError::backend(ClaimsFull(self.max_claims))),
+                        ClaimAttempt::Full => Err(StoreError::Full(format!(
+                            "the memory store holds its maximum of {} executions in flight",
+                            self.max_claims
+                        ))),
                     }
                 }
             },
@@ -366,9 +365,12 @@ impl Store for MemoryStore {
             Some(current) if current.value == *claim => {
                 let weight = weight(key, &record, self.slot);
                 if weight > self.max_record_weight {
-                    Err(StoreError::RecordTooLarge {
-                        size: weight,
-                        limit: self.max_record_weight,
+                    Err(StoreError::RecordRefused {
+                        size: record.len() as u64,
+                        reason: format!(
+                            "with its key and overhead it weighs {weight} bytes, over the store's bound of {}",
+                            self.max_record_weight
+                        ),
                     })
                 } else {
                     let entry = Entry {

@@ -80,7 +80,7 @@ pub trait Store: Send + Sync + 'static {
     /// If `key` still holds `claim`, replaces it with `record` for `ttl` and returns `true`;
     /// if it already holds `record` (this step applied before, its answer lost), returns
     /// `true`; otherwise changes nothing and returns `false` (fencing). Atomic. A store that
-    /// cannot keep `record` answers [`StoreError::RecordTooLarge`] and leaves the claim.
+    /// cannot keep `record` answers [`StoreError::RecordRefused`] and leaves the claim.
     fn complete<'a>(
         &'a self,
         key: &'a str,
@@ -108,15 +108,19 @@ pub enum StoreError {
     /// The backend did not answer in time.
     #[error("idempotency store did not answer within {0:?}")]
     Timeout(Duration),
+    /// The store holds as many executions in flight as it may: the request is refused with
+    /// `503`, even in fail-open mode (running it unprotected could run a key twice).
+    #[error("idempotency store is full: {0}")]
+    Full(String),
     /// `complete` refused a record the store cannot keep (it would be evicted at once).
     /// The claim is left in place; idem then completes the key with a small record that
     /// says the response was not stored, so a retry never runs the handler again.
-    #[error("idempotency store cannot keep a record of {size} bytes (its limit is {limit})")]
-    RecordTooLarge {
-        /// What the record would cost the store.
+    #[error("idempotency store cannot keep a record of {size} bytes: {reason}")]
+    RecordRefused {
+        /// The record's size.
         size: u64,
-        /// The most the store can keep for one record.
-        limit: u64,
+        /// Why the store cannot keep it (its bound, its memory limit).
+        reason: String,
     },
 }
 

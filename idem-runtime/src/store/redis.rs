@@ -105,7 +105,12 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 pub struct RedisStore {
     connection: Connection,
     prefix: Arc<str>,
+    /// The longest value the server accepts (`proto-max-bulk-len`).
+    max_bulk: u64,
 }
+
+/// Redis' default `proto-max-bulk-len`, assumed where the server does not say.
+const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
 
 #[derive(Clone)]
 enum Connection {
@@ -237,10 +242,12 @@ impl RedisStoreBuilder {
             };
             loaded.map_err(crate::Error::Redis)?;
         }
-        let store = RedisStore {
+        let mut store = RedisStore {
             connection,
             prefix: self.prefix.into(),
+            max_bulk: DEFAULT_MAX_BULK,
         };
+        store.max_bulk = store.read_max_bulk().await;
         store.check_eviction(self.allow_eviction).await?;
         store.probe().await?;
         Ok(store)
@@ -325,6 +332,24 @@ impl RedisStore {
         }
     }
 
+    /// The server's `proto-max-bulk-len` (the smallest over a cluster's nodes), or Redis'
+    /// default where `CONFIG GET` is not allowed.
+    async fn read_max_bulk(&self) -> u64 {
+        let answer: Result<redis::Value, StoreError> = self
+            .run(Command::Plain(
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("proto-max-bulk-len")
+                    .to_owned(),
+            ))
+            .await;
+        let mut numbers = Vec::new();
+        if let Ok(value) = answer {
+            collect_numbers(&value, &mut numbers);
+        }
+        numbers.into_iter().min().unwrap_or(DEFAULT_MAX_BULK)
+    }
+
     /// Runs begin, renew, release and complete once on a probe key, and leaves nothing.
     async fn probe(&self) -> Result<(), crate::Error> {
         let mut nonce = [0u8; 8];
@@ -360,11 +385,17 @@ impl RedisStore {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, command: Command<'_>) -> Result<T, StoreError> {
-        let result = match &self.connection {
+        self.run_raw(command).await.map_err(StoreError::backend)
+    }
+
+    async fn run_raw<T: redis::FromRedisValue>(
+        &self,
+        command: Command<'_>,
+    ) -> redis::RedisResult<T> {
+        match &self.connection {
             Connection::Server(c) => command.run(&mut c.clone()).await,
             Connection::Cluster(c) => command.run(&mut c.clone()).await,
-        };
-        result.map_err(StoreError::backend)
+        }
     }
 }
 
@@ -416,6 +447,29 @@ fn collect_policies(value: &redis::Value, out: &mut Vec<String>) {
     }
 }
 
+/// Every number in a `CONFIG GET` answer (one pair per node of a cluster).
+fn collect_numbers(value: &redis::Value, out: &mut Vec<u64>) {
+    match value {
+        redis::Value::BulkString(bytes) => {
+            out.extend(
+                std::str::from_utf8(bytes)
+                    .ok()
+                    .and_then(|text| text.parse::<u64>().ok()),
+            );
+        }
+        redis::Value::SimpleString(text) => out.extend(text.parse::<u64>().ok()),
+        redis::Value::Int(number) => out.extend(u64::try_from(*number).ok()),
+        redis::Value::Array(values) | redis::Value::Set(values) => {
+            values.iter().for_each(|value| collect_numbers(value, out));
+        }
+        redis::Value::Map(pairs) => pairs.iter().for_each(|(key, value)| {
+            collect_numbers(key, out);
+            collect_numbers(value, out);
+        }),
+        _ => {}
+    }
+}
+
 fn collect_policy_lines(text: &str, out: &mut Vec<String>) {
     out.extend(
         text.lines()
@@ -446,7 +500,25 @@ impl Store for RedisStore {
                 .arg("GET")
                 .arg("PX")
                 .arg(millis(lease));
-            self.run(Command::Plain(command)).await
+            match self.run_raw(Command::Plain(command)).await {
+                Ok(found) => Ok(found),
+                // At its `maxmemory` the server refuses the `SET` even where the key holds
+                // a record: read it, so a completed request is replayed, never run again.
+                Err(error) if error.code() == Some("OOM") => {
+                    let found: Option<Bytes> = self
+                        .run(Command::Plain(
+                            redis::cmd("GET").arg(self.redis_key(key)).to_owned(),
+                        ))
+                        .await?;
+                    match found {
+                        Some(found) => Ok(Some(found)),
+                        None => Err(StoreError::Full(format!(
+                            "Redis is at its maxmemory and cannot take a new claim: {error}"
+                        ))),
+                    }
+                }
+                Err(error) => Err(StoreError::backend(error)),
+            }
         })
     }
 
@@ -474,13 +546,32 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
+            if record.len() as u64 > self.max_bulk {
+                return Err(StoreError::RecordRefused {
+                    size: record.len() as u64,
+                    reason: format!(
+                        "over the server's proto-max-bulk-len of {} bytes",
+                        self.max_bulk
+                    ),
+                });
+            }
             let mut invocation = COMPLETE.prepare_invoke();
             invocation
                 .key(self.redis_key(key))
                 .arg(claim.as_ref())
                 .arg(record.as_ref())
                 .arg(millis(ttl));
-            self.run(Command::Script(invocation)).await
+            // A server at its `maxmemory` (under `noeviction`) refuses the write for good:
+            // idem then records a small "not stored" marker instead.
+            self.run_raw(Command::Script(invocation))
+                .await
+                .map_err(|error| match error.code() {
+                    Some("OOM") => StoreError::RecordRefused {
+                        size: record.len() as u64,
+                        reason: error.to_string(),
+                    },
+                    _ => StoreError::backend(error),
+                })
         })
     }
 
