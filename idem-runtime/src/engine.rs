@@ -47,12 +47,8 @@ pub(crate) async fn begin(
     ttl: Duration,
 ) -> Begun {
     let config = &idem.config;
-    if let Some(copy) = config
-        .local
-        .as_ref()
-        .and_then(|local| local.get(key.as_str()))
-    {
-        return Begun::Respond(completed(&key, &copy, &fingerprint));
+    if let Some(response) = local_replay(idem, &key, &fingerprint) {
+        return Begun::Respond(response);
     }
     if config.detached.load(Ordering::Relaxed) >= config.max_detached {
         tracing::warn!(target: "idem", key = key.key().as_str(), limit = config.max_detached, "too much detached work running; answering 503");
@@ -220,6 +216,17 @@ fn store_failed(
         tracing::error!(target: "idem", key = key.key().as_str(), %error, "store failed; answering 503");
         Begun::Respond(Problem::store_unavailable(idem.config.retry_after_secs()).into_response())
     }
+}
+
+/// The answer from this process's local tier, where it holds the key's completed record:
+/// no store round trip, and nothing claimed.
+pub(crate) fn local_replay(
+    idem: &Idempotency,
+    key: &ScopedKey,
+    fingerprint: &Fingerprint,
+) -> Option<Response> {
+    let copy = idem.config.local.as_ref()?.get(key.as_str())?;
+    Some(completed(key, &copy, fingerprint))
 }
 
 /// The answer to a request whose key holds a completed response: the replay, or `422`.

@@ -188,6 +188,12 @@ where
             return Err(Problem::scope_missing().into_response());
         };
         let key = ScopedKey::new(scope, key);
+        // Every extractor before this guard (authentication) accepted the request: a copy
+        // in the local tier answers now, before the body is parsed again. Nothing else is
+        // decided here; the claim waits for `run`.
+        if let Some(response) = engine::local_replay(&idem, &key, &fingerprint) {
+            return Err(response);
+        }
         parts.extensions.insert(key.clone());
         let slot = match parts.extensions.get::<GuardSlot>() {
             Some(GuardSlot(slot)) => slot.clone(),
