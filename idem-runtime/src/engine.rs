@@ -220,7 +220,7 @@ fn store_failed(
 
 /// The answer from this process's local tier, where it holds the key's completed record:
 /// no store round trip, and nothing claimed.
-pub(crate) fn local_replay(
+fn local_replay(
     idem: &Idempotency,
     key: &ScopedKey,
     fingerprint: &Fingerprint,

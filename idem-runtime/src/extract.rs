@@ -188,11 +188,14 @@ where
             return Err(Problem::scope_missing().into_response());
         };
         let key = ScopedKey::new(scope, key);
-        // Every extractor before this guard (authentication) accepted the request: a copy
-        // in the local tier answers now, before the body is parsed again. Nothing else is
-        // decided here; the claim waits for `run`.
-        if let Some(response) = engine::local_replay(&idem, &key, &fingerprint) {
-            return Err(response);
+        // A `ScopedKey` taken by an earlier argument, before the extractor that put the
+        // principal in, names another scope than this record: a database guard keyed by it
+        // would not catch a retry. Refuse loudly rather than run on two identities.
+        if let Some(earlier) = parts.extensions.get::<ScopedKey>()
+            && *earlier != key
+        {
+            tracing::error!(target: "idem", path = parts.uri.path(), "`ScopedKey` was extracted before the extractor that authenticates the request; take it after that extractor");
+            return Err(Problem::scope_conflict().into_response());
         }
         parts.extensions.insert(key.clone());
         let slot = match parts.extensions.get::<GuardSlot>() {
@@ -270,8 +273,9 @@ impl fmt::Display for ScopedKey {
     }
 }
 
-/// The request's scoped key: the one a guard already found, else found the same way
-/// (whichever order the handler takes its arguments in).
+/// The request's scoped key: the one a guard already found, else found the same way. Take
+/// it after the extractor that authenticates the request: one taken before it, where the
+/// two scopes differ, makes the guard answer `500` rather than run on two identities.
 fn scoped_key_of(parts: &Parts) -> Option<ScopedKey> {
     if let Some(key) = parts.extensions.get::<ScopedKey>() {
         return Some(key.clone());
@@ -286,7 +290,9 @@ impl<S: Send + Sync> FromRequestParts<S> for ScopedKey {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
-        scoped_key_of(parts).ok_or_else(|| Problem::key_missing().into_response())
+        let key = scoped_key_of(parts).ok_or_else(|| Problem::key_missing().into_response())?;
+        parts.extensions.insert(key.clone());
+        Ok(key)
     }
 }
 
@@ -297,6 +303,10 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for ScopedKey {
         parts: &mut Parts,
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
-        Ok(scoped_key_of(parts))
+        let key = scoped_key_of(parts);
+        if let Some(key) = &key {
+            parts.extensions.insert(key.clone());
+        }
+        Ok(key)
     }
 }

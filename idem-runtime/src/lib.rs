@@ -245,6 +245,11 @@ pub mod store;
 ///   reject is answered exactly as without idem, and leaves its key unused (a corrected
 ///   retry with the same key runs). An extractor may put a [`Principal`] in the request's
 ///   extensions to scope the key by the user it authenticated.
+/// - The guard shares the slot of the handler's **last** argument and is extracted just
+///   before it. Put the extractor that authenticates anywhere but last (in a handler
+///   without a body: `async fn cancel(caller: Caller, State(db): State<Db>)`), and take
+///   [`ScopedKey`] after it: one taken before, naming another scope than idem's record, is
+///   refused with `500` (`urn:idem:problem:scope-conflict`) rather than run.
 /// - Any return type that implements `IntoResponse`, including `impl IntoResponse` and
 ///   `Result<T, E>`; `return` and `?` work as usual.
 /// - `pub` and doc comments, other attributes, and generic handlers (each type parameter

@@ -44,6 +44,9 @@ impl Problem {
     pub const LAYER_MISSING: &'static str = "urn:idem:problem:layer-missing";
     /// `type` of a keyed request that carries nothing identifying its client (400).
     pub const SCOPE_MISSING: &'static str = "urn:idem:problem:scope-missing";
+    /// `type` of a handler that took `ScopedKey` before the extractor that authenticates
+    /// the request, so that its key and idem's record name different scopes (500).
+    pub const SCOPE_CONFLICT: &'static str = "urn:idem:problem:scope-conflict";
     /// `type` of a keyed request refused because too much work detached from clients that
     /// hung up is still running (503, with `Retry-After`).
     pub const OVERLOADED: &'static str = "urn:idem:problem:overloaded";
@@ -54,6 +57,15 @@ impl Problem {
             Self::SCOPE_MISSING,
             "Idempotency-Key without an identity",
             "This request carries an Idempotency-Key but nothing identifies the client it belongs to, so its response could be replayed to another client; nothing was executed. Send the request with your credentials (an Authorization header). For the service: scope keys by the authenticated user (insert idem_runtime::Principal into the request extensions in your auth middleware), set a scope rule with Builder::scope, or, for a single-tenant service, opt in to one shared scope with Builder::shared_scope(true).".into(),
+        )
+    }
+
+    pub(crate) fn scope_conflict() -> Self {
+        Self::new_internal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Self::SCOPE_CONFLICT,
+            "Idempotency scope conflict",
+            "This handler read its idempotency key before authenticating the request, so the key it sees and the key idem records belong to different scopes; nothing was executed. For the service: take `ScopedKey` after the extractor that puts the `Principal` in.".into(),
         )
     }
 
