@@ -262,6 +262,13 @@ pub mod store;
 /// The handler's work runs in a task of its own, so a client that disconnects does not
 /// cancel it; see [`Idempotent::run`]. Served without [`Idempotency::layer`], the handler
 /// answers `500` with a problem naming the missing `.layer(idem.layer())`.
+///
+/// # Testing an annotated handler
+///
+/// The attribute changes the function's signature (its last argument shares a slot with
+/// the guard, and it returns `Response`), so it cannot be called directly in a unit test.
+/// Test it through a `Router` with the layer (`tower::ServiceExt::oneshot`), or keep the
+/// business logic in a plain function that the handler calls and test that.
 pub use idem_macros::idempotent;
 
 pub use crate::engine::IDEMPOTENT_REPLAYED;
