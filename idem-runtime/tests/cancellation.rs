@@ -8,61 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use bytes::Bytes;
-use common::{Counters, app, post_with, send};
+use common::{Counters, SlowAnswers, app, post_with, send};
 use idem_runtime::Idempotency;
-use idem_runtime::store::{BoxFuture, MemoryStore, Store, StoreError};
-
-/// A memory store whose `begin` answers late: the claim is applied at once, the answer
-/// arrives 300 ms later, like a reply lost in a slow network.
-struct LateAnswers(MemoryStore);
-
-impl Store for LateAnswers {
-    fn begin<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
-        Box::pin(async move {
-            let found = self.0.begin(key, claim, lease).await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            found
-        })
-    }
-    fn renew<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.0.renew(key, claim, lease)
-    }
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        record: Bytes,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.0.complete(key, claim, record, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.0.release(key, claim)
-    }
-}
+use idem_runtime::store::MemoryStore;
 
 /// Guards: a client that hangs up while the claim is on its way releases the claim, so
 /// its retry runs instead of getting 409 for a whole lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_during_begin_releases_the_claim() {
     let memory = MemoryStore::new();
-    let idem =
-        common::test_builder(Idempotency::builder().store(LateAnswers(memory.clone()))).build();
+    let idem = common::test_builder(Idempotency::builder().store(SlowAnswers::new(
+        std::sync::Arc::new(memory.clone()),
+        Duration::from_millis(300),
+    )))
+    .build();
     let counters = Arc::new(Counters::default());
     let app = app(&idem, counters.clone());
 

@@ -9,22 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{StatusCode, header};
-use common::{Backend, Counters, app, post_with, send};
+use common::{Backend, Counters, app, eventually, post_with, send};
 use idem_runtime::Problem;
 use testkit::{Monitor, RedisServer, redis_connection};
 use tokio::io::AsyncWriteExt;
-
-/// Polls `condition` every 10 ms for up to `limit`.
-async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    condition()
-}
 
 /// Guards the round-trip floor: 1 for a replay, a 422 and a 409; 2 for a first execution.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,58 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use bytes::Bytes;
-use common::{Backend, Counters, app, post_with, send};
-use idem_runtime::store::{BoxFuture, Store, StoreError};
+use common::{Backend, Counters, SlowAnswers, app, post_with, send};
+use idem_runtime::store::Store;
 use idem_runtime::{Idempotency, Problem};
-
-/// A store whose `begin` is applied at once but answered `.1` later (a slow network or a
-/// busy server), well within the default 2 s store timeout.
-struct SlowAnswers(Arc<dyn Store>, Duration);
-
-impl Store for SlowAnswers {
-    fn begin<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
-        Box::pin(async move {
-            let found = self.0.begin(key, claim, lease).await;
-            tokio::time::sleep(self.1).await;
-            found
-        })
-    }
-    fn renew<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.0.renew(key, claim, lease)
-    }
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        record: Bytes,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.0.complete(key, claim, record, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.0.release(key, claim)
-    }
-}
 
 /// A retry is sent while the first request of `key` runs; every retry must be 409.
 async fn one_run_despite_slow_begin(backend: Backend, delay: Duration) {
     let inner = backend.builder().await.build();
-    let store: Arc<dyn Store> = Arc::new(SlowAnswers(inner.store().clone(), delay));
+    let store: Arc<dyn Store> = Arc::new(SlowAnswers::new(inner.store().clone(), delay));
     let idem = common::test_builder(Idempotency::builder().shared_store(store))
         .lease(Duration::from_millis(300))
         .build();
@@ -116,7 +72,7 @@ async fn slow_begin_answer_keeps_the_lease(backend: Backend) {
 /// answered 409 and nothing runs.
 async fn begin_answered_after_the_lease_never_executes(backend: Backend) {
     let inner = backend.builder().await.build();
-    let store: Arc<dyn Store> = Arc::new(SlowAnswers(
+    let store: Arc<dyn Store> = Arc::new(SlowAnswers::new(
         inner.store().clone(),
         Duration::from_millis(400),
     ));

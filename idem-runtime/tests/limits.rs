@@ -8,21 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::{Counters, app, post_with, send};
+use common::{Counters, app, eventually, post_with, send};
 use idem_runtime::Idempotency;
 use idem_runtime::store::MemoryStore;
-
-/// Polls `condition` every 5 ms for up to `limit`; returns whether it held.
-async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    condition()
-}
 
 /// Guards (a defect once shown): `max_detached(0)` ("no detached work") refuses every keyed request with 503,
 /// even with nothing detached at all.

@@ -15,23 +15,11 @@ use axum::http::request::Parts;
 use axum::response::Response;
 use axum::routing::post;
 use bytes::Bytes;
-use common::{Backend, Counters, app, post_with, send};
+use common::{Backend, Counters, app, post_with, send, until};
 use idem_runtime::store::{BoxFuture, MemoryStore, RedisStore, Store, StoreError};
 use idem_runtime::{Idempotency, Idempotent, Problem};
 use testkit::{RedisServer, redis_connection};
 use tokio::sync::Notify;
-
-/// Polls `condition` every 5 ms for up to 10 s.
-async fn until(mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the awaited event did not happen"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 /// Guards: other keys' traffic never evicts a claim whose handler is still running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

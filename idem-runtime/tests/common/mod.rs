@@ -14,8 +14,9 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use bytes::Bytes;
 use http_body_util::BodyExt;
-use idem_runtime::store::{MemoryStore, RedisStore, Store};
+use idem_runtime::store::{BoxFuture, MemoryStore, RedisStore, Store, StoreError};
 use idem_runtime::{Builder, Idempotency, Idempotent};
 use tokio::sync::Notify;
 use tower::ServiceExt;
@@ -365,6 +366,75 @@ macro_rules! on_both_stores {
             }
         }
     )*};
+}
+
+/// A store whose `begin` is applied at once but answered some time later: a slow network,
+/// a busy server, or a reply on its way when the caller gives up.
+pub struct SlowAnswers(Arc<dyn Store>, Duration);
+
+impl SlowAnswers {
+    pub fn new(inner: Arc<dyn Store>, delay: Duration) -> Self {
+        Self(inner, delay)
+    }
+}
+
+impl Store for SlowAnswers {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            let found = self.0.begin(key, claim, lease).await;
+            tokio::time::sleep(self.1).await;
+            found
+        })
+    }
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.0.renew(key, claim, lease)
+    }
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        record: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.0.complete(key, claim, record, ttl)
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.0.release(key, claim)
+    }
+}
+
+/// Polls `condition` every 5 ms for up to `limit`; returns whether it held.
+pub async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    condition()
+}
+
+/// Waits (up to 10 s, else fails the test) until `condition` holds.
+pub async fn until(condition: impl FnMut() -> bool) {
+    assert!(
+        eventually(Duration::from_secs(10), condition).await,
+        "the awaited event did not happen"
+    );
 }
 
 /// The builder every test starts from: `builder` with the test defaults. Test requests
