@@ -20,7 +20,16 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     let options = Options::parse(args);
     let function = syn::parse2::<ItemFn>(item.clone())
         .map_err(|_| not_a_function())
-        .and_then(|function| check_signature(&function.sig).map(|()| function));
+        .and_then(|function| {
+            let mut errors = Errors::default();
+            if let Err(error) = check_signature(&function.sig) {
+                errors.push(error);
+            }
+            if let Err(error) = repeated_attribute(&function) {
+                errors.push(error);
+            }
+            errors.into_result().map(|()| function)
+        });
     match (options, function) {
         (Ok(options), Ok(function)) => generate(&options, &function),
         (options, function) => {
@@ -28,6 +37,27 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
             let errors = errors.map(syn::Error::into_compile_error);
             quote!(#item #(#errors)*)
         }
+    }
+}
+
+/// Whether `ty` is a path whose last segment is `name` (`Idempotent`, `idem::Idempotent<60>`).
+fn names_type(ty: &Type, name: &str) -> bool {
+    matches!(ty, Type::Path(path) if path.path.segments.last().is_some_and(|segment| segment.ident == name))
+}
+
+/// An error on a second `#[idempotent]` among the function's attributes.
+fn repeated_attribute(function: &ItemFn) -> syn::Result<()> {
+    match function.attrs.iter().find(|attr| {
+        attr.path()
+            .segments
+            .last()
+            .is_some_and(|segment| segment.ident == "idempotent")
+    }) {
+        Some(attr) => Err(syn::Error::new_spanned(
+            attr,
+            "`#[idempotent]` is applied twice: remove one (each would guard the same key)",
+        )),
+        None => Ok(()),
     }
 }
 
@@ -52,6 +82,17 @@ fn check_signature(sig: &Signature) -> syn::Result<()> {
                 receiver,
                 "`#[idempotent]` cannot take `self`: an axum handler is a free function; \
                  move it out of the `impl` and take what it needs as extractors, such as `State<AppState>`",
+            ));
+        }
+    }
+    for input in &sig.inputs {
+        if let FnArg::Typed(argument) = input
+            && names_type(&argument.ty, "Idempotent")
+        {
+            errors.push(syn::Error::new_spanned(
+                &argument.ty,
+                "`#[idempotent]` already takes the `Idempotent` guard: drop this argument \
+                 (read the key with `ScopedKey`), or drop the attribute and call `run` yourself",
             ));
         }
     }

@@ -12,8 +12,10 @@ use proc_macro::TokenStream;
 /// # What it generates
 ///
 /// The signature keeps its arguments; the [`Idempotent`] extractor is taken together with
-/// the first of them, so the handler keeps its arity (a handler without arguments takes
-/// the extractor alone). The body becomes an inner function
+/// the last of them, so the handler keeps its arity and every other extractor
+/// (authentication above all) runs before it (a handler without arguments takes the
+/// extractor alone). The key is claimed in [`Idempotent::run`], once the last argument
+/// (the body) has been extracted too. The body becomes an inner function
 /// (so `return`, `?` and `impl IntoResponse` keep working) whose future is handed to
 /// [`Idempotent::run`]:
 ///
@@ -24,12 +26,12 @@ use proc_macro::TokenStream;
 /// // becomes
 ///
 /// pub async fn create(
-///     __idem_first: (::idem_runtime::Idempotent<3600, true>, State<Db>),
-///     __idem_arg1: Json<X>,
+///     __idem_arg0: State<Db>,
+///     __idem_last: (::idem_runtime::Idempotent<3600, true>, Json<X>),
 /// ) -> ::idem_runtime::__private::Response {
 ///     async fn __idem_inner(State(db): State<Db>, Json(x): Json<X>) -> Result<Json<Y>, AppError> { body }
 ///     // compile-time checks that each argument is an extractor, spanned on its type
-///     let (__idem_guard, __idem_arg0) = __idem_first;
+///     let (__idem_guard, __idem_arg1) = __idem_last;
 ///     let __idem_work = async move {
 ///         let __idem_output = __idem_inner(__idem_arg0, __idem_arg1).await;
 ///         ::idem_runtime::__private::into_response(__idem_output)

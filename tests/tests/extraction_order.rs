@@ -82,12 +82,25 @@ async fn pay_plain(
     StatusCode::CREATED
 }
 
-/// `Idempotent` written by hand next to the attribute: the second guard must not block
-/// the first.
-#[idempotent(state = AppState)]
-async fn doubled(_guard: Idempotent, State(state): State<AppState>, body: String) -> String {
-    let run = state.runs.fetch_add(1, Ordering::SeqCst) + 1;
-    format!("run {run}: {body}")
+/// Two guards on one request, one run inside the other (the attribute refuses a guard
+/// beside it at compile time; written by hand, nothing stops it): the second must not
+/// block the first.
+async fn doubled(
+    outer: Idempotent,
+    inner: Idempotent,
+    State(state): State<AppState>,
+    body: String,
+) -> Response {
+    outer
+        .run(async move {
+            inner
+                .run(async move {
+                    let run = state.runs.fetch_add(1, Ordering::SeqCst) + 1;
+                    format!("run {run}: {body}")
+                })
+                .await
+        })
+        .await
 }
 
 fn app(idem: &Idempotency, state: &AppState) -> Router {
