@@ -329,3 +329,31 @@ async fn extreme_durations_never_panic() {
     counters.gate.notify_one();
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
 }
+
+/// Guards: an unauthenticated client sending `Authorization: <victim's user id>` never
+/// lands in the scope of the principal of that id (each source of identity hashes in a
+/// domain of its own).
+#[tokio::test]
+async fn an_authorization_value_never_reaches_a_principals_scope() {
+    let idem = Idempotency::in_memory();
+    let counters = Arc::new(Counters::default());
+    let app = common::routes(counters.clone())
+        .layer(idem.layer())
+        .layer(middleware::from_fn(resolve_user));
+    let with_auth = |authorization: &str| {
+        with_header(
+            post_with("/pay", Some("order-1"), "{\"amount\":5}"),
+            header::AUTHORIZATION,
+            authorization,
+        )
+    };
+    let victim = send(&app, with_auth("Bearer alice.secret-token")).await;
+    assert_eq!(victim.status, StatusCode::CREATED);
+    // No valid token: no principal; idem falls back to the `Authorization` digest.
+    let attacker = send(&app, with_auth("alice")).await;
+    assert!(
+        !attacker.is_replay(),
+        "a client without alice's token got alice's stored response: {:?}",
+        String::from_utf8_lossy(&attacker.body)
+    );
+}

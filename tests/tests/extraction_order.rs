@@ -4,21 +4,22 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Request, StatusCode, header};
+use axum::http::{Request, StatusCode, header};
 use axum::response::Response;
 use axum::{Json, Router, routing::post};
-use http_body_util::BodyExt;
 use idem_runtime::store::RedisStore;
 use idem_runtime::{Idempotency, Idempotent, Principal, idempotent};
 use serde_json::{Value, json};
-use tower::ServiceExt;
+use support::{Reply, reply};
 
 #[derive(Clone, Default)]
 struct AppState {
@@ -112,20 +113,6 @@ fn app(idem: &Idempotency, state: &AppState) -> Router {
         .layer(idem.layer())
 }
 
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn replayed(&self) -> bool {
-        self.headers
-            .get("idempotent-replayed")
-            .is_some_and(|value| value == "true")
-    }
-}
-
 async fn send(app: &Router, path: &str, token: Option<&str>, key: &str, body: &str) -> Reply {
     let mut request = Request::post(path)
         .header(header::CONTENT_TYPE, "application/json")
@@ -133,21 +120,13 @@ async fn send(app: &Router, path: &str, token: Option<&str>, key: &str, body: &s
     if let Some(token) = token {
         request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
     }
-    let response: Response = app
-        .clone()
-        .oneshot(
-            request
-                .body(Body::from(body.to_owned()))
-                .expect("a request"),
-        )
-        .await
-        .expect("routers are infallible");
-    let (parts, body) = response.into_parts();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.expect("a body").to_bytes(),
-    }
+    reply(
+        app,
+        request
+            .body(Body::from(body.to_owned()))
+            .expect("a request"),
+    )
+    .await
 }
 
 async fn on_redis(test: &str) -> Idempotency {

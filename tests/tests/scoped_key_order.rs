@@ -4,20 +4,20 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Request, StatusCode, header};
-use axum::response::Response;
+use axum::http::{Request, StatusCode, header};
 use axum::{Router, routing::post};
-use http_body_util::BodyExt;
 use idem_runtime::{Idempotency, Principal, ScopedKey, idempotent};
-use tower::ServiceExt;
+use support::{Reply, reply};
 
 #[derive(Clone, Default)]
 struct AppState {
@@ -121,36 +121,12 @@ fn app(idem: &Idempotency, state: &AppState) -> Router {
         .layer(idem.layer())
 }
 
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn replayed(&self) -> bool {
-        self.headers
-            .get("idempotent-replayed")
-            .is_some_and(|v| v == "true")
-    }
-}
-
 async fn send(app: &Router, path: &str, auth: &[(&str, String)], key: &str) -> Reply {
     let mut request = Request::post(path).header("idempotency-key", key);
     for (name, value) in auth {
         request = request.header(*name, value.as_str());
     }
-    let response: Response = app
-        .clone()
-        .oneshot(request.body(Body::from("{}")).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
+    reply(app, request.body(Body::from("{}")).unwrap()).await
 }
 
 fn bearer(token: &str) -> Vec<(&'static str, String)> {
