@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::http::Method;
 use criterion::{Criterion, criterion_group, criterion_main};
 use idem_bench::in_process::{BODY, request, router};
-use idem_runtime::{Fingerprint, FingerprintMode, IdempotencyKey};
+use idem_runtime::{FingerprintMode, IdempotencyKey, fingerprint::Fingerprint};
 use tower::ServiceExt;
 
 fn parsing(c: &mut Criterion) {

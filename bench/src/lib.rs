@@ -88,11 +88,11 @@ async fn idempotent_handler(
 ///
 /// # Errors
 /// If Redis cannot be reached.
-pub async fn app(redis_url: &str) -> Result<Router, idem_runtime::Error> {
-    let client = redis::Client::open(redis_url).map_err(idem_runtime::Error::Redis)?;
+pub async fn app(redis_url: &str) -> Result<Router, idem_runtime::ConnectError> {
+    let client = redis::Client::open(redis_url).map_err(idem_runtime::ConnectError::Redis)?;
     let redis = ConnectionManager::new(client)
         .await
-        .map_err(idem_runtime::Error::Redis)?;
+        .map_err(idem_runtime::ConnectError::Redis)?;
     // The replay floor reads a value as large as a stored response of this handler.
     let mut setup = redis.clone();
     let stored_size = vec![b'r'; 160];
@@ -101,7 +101,7 @@ pub async fn app(redis_url: &str) -> Result<Router, idem_runtime::Error> {
         .arg(stored_size)
         .query_async(&mut setup)
         .await
-        .map_err(idem_runtime::Error::Redis)?;
+        .map_err(idem_runtime::ConnectError::Redis)?;
     let bench = Bench {
         counter: Arc::new(AtomicU64::new(0)),
         redis,

@@ -8,9 +8,6 @@ use syn::{Expr, ExprLit, Lit, LitStr, Token, Type};
 
 use crate::Errors;
 
-/// How long a response is kept when the attribute does not say: 24 hours.
-const DEFAULT_TTL_SECS: u64 = 24 * 60 * 60;
-
 /// The longest ttl a store can keep: Redis counts expiry in signed milliseconds.
 const MAX_TTL_SECS: u64 = i64::MAX as u64 / 1000;
 
@@ -21,7 +18,8 @@ const TTL_FORMS: &str = "expected `ttl = \"24h\"`-style duration (s, m, h, d): a
 /// The options of one `#[idempotent(...)]`, defaults filled in.
 pub(crate) struct Options {
     /// How long the response is kept, in seconds; at least 1.
-    pub(crate) ttl_secs: u64,
+    /// The ttl in seconds; `None` for idem's default.
+    pub(crate) ttl_secs: Option<u64>,
     /// Whether a request without a key is refused with 400.
     pub(crate) required: bool,
     /// The router's state type, named by the user, for the extractor checks.
@@ -60,7 +58,7 @@ impl Options {
         }
         errors.into_result()?;
         Ok(Self {
-            ttl_secs: ttl.value.unwrap_or(DEFAULT_TTL_SECS),
+            ttl_secs: ttl.value,
             required: required.value.unwrap_or(false),
             state: state.value,
         })
@@ -314,7 +312,7 @@ mod tests {
     #[test]
     fn options_default_to_24h_and_not_required() -> syn::Result<()> {
         let options = Options::parse(TokenStream::new())?;
-        assert_eq!(options.ttl_secs, 86_400);
+        assert_eq!(options.ttl_secs, None);
         assert!(!options.required);
         assert!(options.state.is_none());
         Ok(())
@@ -340,7 +338,7 @@ mod tests {
     fn state_takes_a_type_with_generics() -> syn::Result<()> {
         let args: TokenStream = syn::parse_quote! { state = Shared<Db, Cache>, ttl = "1h" };
         let options = Options::parse(args)?;
-        assert_eq!(options.ttl_secs, 3_600);
+        assert_eq!(options.ttl_secs, Some(3_600));
         assert!(options.state.is_some());
         Ok(())
     }

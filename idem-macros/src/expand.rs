@@ -145,9 +145,18 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
         .map(|index| local(&format!("__idem_arg{index}"), at_name))
         .collect();
 
-    let ttl = Literal::u64_unsuffixed(options.ttl_secs);
+    // Without a ttl the guard keeps the runtime's default, written in one place there.
     let required = options.required;
-    let guard_type = quote!(::idem_runtime::Idempotent<#ttl, #required>);
+    let guard_type = match options.ttl_secs {
+        Some(secs) => {
+            let ttl = Literal::u64_unsuffixed(secs);
+            quote!(::idem_runtime::Idempotent<#ttl, #required>)
+        }
+        None if required => {
+            quote!(::idem_runtime::Idempotent<{ ::idem_runtime::__private::DEFAULT_TTL_SECS }, true>)
+        }
+        None => quote!(::idem_runtime::Idempotent),
+    };
     // The guard shares the last argument's slot, as a tuple, so that the handler keeps its
     // arity (`#[axum::debug_handler]` above this attribute calls it with the user's argument
     // count) and every other extractor, authentication included, runs before it: a request

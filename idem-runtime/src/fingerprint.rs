@@ -2,7 +2,6 @@
 
 use std::fmt;
 
-use bytes::Bytes;
 use http::Method;
 use sha2::{Digest, Sha256};
 
@@ -312,14 +311,6 @@ mod canonical {
         }
         Some(current)
     }
-}
-
-/// Holds a request body that the layer buffered, for the fingerprint.
-#[derive(Debug, Clone)]
-pub(crate) enum BufferedBody {
-    Complete(Bytes),
-    TooLarge,
-    Failed,
 }
 
 #[cfg(test)]

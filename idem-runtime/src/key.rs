@@ -1,15 +1,16 @@
-//! Parsing the `Idempotency-Key` request header.
+//! Idempotency keys: parsing the `Idempotency-Key` request header, and a key within its
+//! scope.
 
 use std::fmt;
+use std::sync::Arc;
 
 use http::HeaderMap;
 use http::header::HeaderName;
 
+use crate::scope::Scope;
+
 /// The request header that carries the idempotency key.
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-
-/// The longest key accepted, in characters.
-pub const MAX_KEY_LEN: usize = 255;
 
 /// A validated idempotency key, as the client sent it (without Structured Field quotes).
 ///
@@ -37,8 +38,11 @@ pub enum KeyError {
     /// The key is empty (or only quotes or spaces).
     #[error("the Idempotency-Key is empty; send a unique value such as a UUID")]
     Empty,
-    /// The key is longer than [`MAX_KEY_LEN`].
-    #[error("the Idempotency-Key is {len} characters long; at most {MAX_KEY_LEN} are accepted")]
+    /// The key is longer than [`IdempotencyKey::MAX_LEN`].
+    #[error(
+        "the Idempotency-Key is {len} characters long; at most {} are accepted",
+        IdempotencyKey::MAX_LEN
+    )]
     TooLong {
         /// The length of the key that was sent.
         len: usize,
@@ -70,6 +74,9 @@ pub enum KeyError {
 }
 
 impl IdempotencyKey {
+    /// The longest key accepted, in characters.
+    pub const MAX_LEN: usize = 255;
+
     /// Parses one header value.
     pub fn parse(value: &[u8]) -> Result<Self, KeyError> {
         let value = trim_ows(value);
@@ -81,7 +88,7 @@ impl IdempotencyKey {
         if key.bytes().all(|b| b == b' ') {
             return Err(KeyError::Empty);
         }
-        if key.len() > MAX_KEY_LEN {
+        if key.len() > Self::MAX_LEN {
             return Err(KeyError::TooLong { len: key.len() });
         }
         Ok(Self(key))
@@ -129,6 +136,61 @@ impl fmt::Debug for IdempotencyKey {
 impl fmt::Display for IdempotencyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// The idempotency key of a request together with its scope: the stable identity of
+/// "this client's attempt", e.g. for a UNIQUE column that guards a table a second time.
+///
+/// Extract it in an `#[idempotent]` handler (or beside [`Idempotent`](crate::Idempotent)): as `ScopedKey` it
+/// answers `400` when the request has no key (or no identity to scope it by); as
+/// `Option<ScopedKey>` it is `None` then.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ScopedKey(Arc<ScopedKeyInner>);
+
+#[derive(PartialEq, Eq, Hash)]
+struct ScopedKeyInner {
+    scope: Scope,
+    key: IdempotencyKey,
+    joined: String,
+}
+
+impl ScopedKey {
+    /// `key` within `scope`.
+    pub fn new(scope: Scope, key: IdempotencyKey) -> Self {
+        let mut joined = String::with_capacity(33 + key.as_str().len());
+        crate::scope::push_hex(&mut joined, &scope.0);
+        joined.push(':');
+        joined.push_str(key.as_str());
+        Self(Arc::new(ScopedKeyInner { scope, key, joined }))
+    }
+
+    /// `scope-hex:key`: the name under which the store keeps the record. Unambiguous, as
+    /// the scope part has a fixed length.
+    pub fn as_str(&self) -> &str {
+        &self.0.joined
+    }
+
+    /// The scope.
+    pub fn scope(&self) -> Scope {
+        self.0.scope
+    }
+
+    /// The key as the client sent it.
+    pub fn key(&self) -> &IdempotencyKey {
+        &self.0.key
+    }
+}
+
+impl fmt::Debug for ScopedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ScopedKey").field(&self.0.joined).finish()
+    }
+}
+
+impl fmt::Display for ScopedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.joined)
     }
 }
 
@@ -278,7 +340,7 @@ mod tests {
         fn never_panics_and_accepts_only_valid_keys(raw in proptest::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(key) = IdempotencyKey::parse(&raw) {
                 prop_assert!(!key.as_str().is_empty());
-                prop_assert!(key.as_str().len() <= MAX_KEY_LEN);
+                prop_assert!(key.as_str().len() <= IdempotencyKey::MAX_LEN);
                 prop_assert!(key.as_str().bytes().all(|b| (b' '..=b'~').contains(&b)));
             }
         }

@@ -17,7 +17,7 @@
 //!     (StatusCode::CREATED, Json(json!({ "id": "pay_1", "amount": request["amount"] })))
 //! }
 //!
-//! # async fn serve() -> Result<(), idem_runtime::Error> {
+//! # async fn serve() -> Result<(), idem_runtime::ConnectError> {
 //! let idem = Idempotency::in_memory(); // or Idempotency::redis("redis://127.0.0.1:6379").await?
 //! let app: Router = Router::new()
 //!     .route("/payments", post(create_payment))
@@ -27,45 +27,63 @@
 //!
 //! # How a request is handled
 //!
-//! 1. The key is read from `Idempotency-Key` ([`IdempotencyKey`]): a quoted Structured
-//!    Field string or a bare token. A bad key answers `400`; no key runs the handler
-//!    unprotected, or answers `400` with `required = true`.
-//! 2. The key is namespaced by a [`Scope`]: the [`Principal`] your authentication put in
-//!    the request's extensions (recommended), else a digest of `Authorization`, and the
-//!    host. A keyed request with no identity is refused, unless one shared scope was
-//!    opted in to. One client never sees or blocks another's response.
-//! 3. The request is fingerprinted ([`Fingerprint`]): method, path and query, body.
-//! 4. One store round trip claims the key or returns what is there: a completed response
-//!    is replayed, a different fingerprint answers `422`, a request in flight `409`.
-//! 5. The handler's own extractors run first (authentication included); then, in
-//!    [`Idempotent::run`], the key is claimed and the handler runs with its lease renewed,
-//!    so a slow handler keeps its key and a disconnecting client does not cancel it.
-//! 6. One round trip stores the response for the `ttl`, fenced by the execution's token.
-//!    A `5xx` or a panic releases the key instead, so a retry runs again.
+//! 1. The layer ([`http::IdempotencyLayer`]) reads the key from `Idempotency-Key`
+//!    ([`IdempotencyKey`]): a quoted Structured Field string or a bare token. A bad key
+//!    answers `400` before the body is read; no key runs the handler unprotected, or
+//!    answers `400` with `required = true`. For a keyed request it buffers the body, up to
+//!    the limit.
+//! 2. The handler's own extractors run, authentication included. A request they reject is
+//!    answered exactly as without idem and leaves its key unused.
+//! 3. The guard ([`Idempotent`]) namespaces the key by a [`Scope`]: the [`Principal`]
+//!    your authentication put in the request's extensions (recommended), else a digest of
+//!    `Authorization`, and the host. A keyed request with no identity is refused, unless
+//!    one shared scope was opted in to. One client never sees or blocks another's
+//!    response. It fingerprints the request
+//!    ([`Fingerprint`](fingerprint::Fingerprint)): method, path and query, body.
+//! 4. [`Idempotent::run`] makes one store round trip that claims the key or returns what
+//!    is there: a completed response is replayed, a different fingerprint answers `422`,
+//!    a request in flight `409`.
+//! 5. The first execution runs the handler with its lease renewed, so a slow handler keeps
+//!    its key and a disconnecting client does not cancel it; then one round trip stores
+//!    the response for the `ttl`, fenced by the execution's token. A `5xx` or a panic
+//!    releases the key instead, so a retry runs again.
 //!
 //! Every response idem produces itself is an RFC 9457 [`Problem`].
+//!
+//! # Reading the source
+//!
+//! The folders follow the architecture:
+//!
+//! - `protocol/`: the protocol every front door runs, with no HTTP in it: `begin` (claim
+//!   the key or find what it holds; the one place where a stored fingerprint meets the new
+//!   one), `Execution` (the lease kept beside the work, then `complete` or `release` under
+//!   the fencing check), and work that outlives a caller that went away.
+//! - `http/`: the HTTP front door. What happens on a **first execution** is
+//!   `first_execution` in `http/execute.rs`; what happens on a **replay** is `replay` in
+//!   `http/replay.rs`, beside `answer`, which turns every other outcome into a problem.
+//! - [`store`]: the [`Store`](store::Store) trait (four atomic steps) and the stores.
+//! - [`record`]: the versioned encoding of what a store holds under a key.
+//! - `config.rs`: the [`Idempotency`] handle, its builder, and every default ([`defaults`]).
 //!
 //! # Stores
 //!
 //! [`MemoryStore`](store::MemoryStore) is the embedded default, for one instance.
-//! [`RedisStore`](store::RedisStore) shares keys between instances behind a load balancer.
-//! Any other backend can implement [`Store`](store::Store).
+//! [`RedisStore`](store::RedisStore) (cargo feature `redis`, on by default) shares keys
+//! between instances behind a load balancer. Any other backend can implement
+//! [`Store`](store::Store).
 //!
 //! # Without the macro
 //!
 //! `#[idempotent]` only rewrites the handler to take an [`Idempotent`] extractor beside its
 //! last argument and pass its body to [`Idempotent::run`]; the same can be written by hand.
 
-mod body;
-mod engine;
-mod extract;
+mod config;
 pub mod fingerprint;
-mod idempotency;
+pub mod http;
 mod key;
-mod layer;
 mod local;
-mod problem;
-mod record;
+mod protocol;
+pub mod record;
 mod scope;
 pub mod store;
 
@@ -271,47 +289,12 @@ pub mod store;
 /// business logic in a plain function that the handler calls and test that.
 pub use idem_macros::idempotent;
 
-pub use crate::engine::IDEMPOTENT_REPLAYED;
-pub use crate::extract::{DEFAULT_TTL_SECS, Idempotent, ScopedKey};
-pub use crate::fingerprint::{Fingerprint, FingerprintMode};
-pub use crate::idempotency::{
-    Builder, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_REQUEST_BYTES,
-    DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_STORE_TIMEOUT, HeaderPolicy, Idempotency, MAX_DURATION,
-};
-pub use crate::key::{IDEMPOTENCY_KEY, IdempotencyKey, KeyError, MAX_KEY_LEN};
-pub use crate::layer::{IdempotencyLayer, IdempotencyService};
-pub use crate::problem::{PROBLEM_JSON, Problem};
-pub use crate::record::{FencingToken, Record, RecordError, StoredResponse};
+pub use crate::config::{HeaderPolicy, Idempotency, IdempotencyBuilder, defaults};
+pub use crate::fingerprint::FingerprintMode;
+pub use crate::http::{Idempotent, Problem};
+pub use crate::key::{IdempotencyKey, KeyError, ScopedKey};
 pub use crate::scope::{Principal, Scope};
-
-/// Errors from setting idem up.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The Redis URL is invalid or the server could not be reached.
-    #[error("cannot connect to Redis: {0}")]
-    Redis(#[source] redis::RedisError),
-    /// The server may evict idem's keys, which could run a request twice.
-    #[error(
-        "Redis evicts keys under maxmemory-policy `{policy}`: it could drop a claim in flight or a stored response and run a request twice; \
-         set `maxmemory-policy noeviction` (or give idem an instance of its own), or accept the risk with `RedisStoreBuilder::allow_eviction(true)`"
-    )]
-    RedisEvicts {
-        /// The server's `maxmemory-policy`.
-        policy: String,
-    },
-    /// The server (or the user idem connects as) refused a command the protocol needs.
-    #[error(
-        "Redis refused idem's {step} step: {source}; idem needs SET, EVALSHA, EVAL and SCRIPT LOAD on keys under its prefix, and INFO"
-    )]
-    RedisRefused {
-        /// The step and the command it sends.
-        step: &'static str,
-        /// What the server answered.
-        #[source]
-        source: store::StoreError,
-    },
-}
+pub use crate::store::ConnectError;
 
 #[doc(hidden)]
 #[path = "private.rs"]

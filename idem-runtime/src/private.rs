@@ -64,3 +64,6 @@ impl<T: IntoResponse> HandlerResponse for T {
 pub fn into_response<R: HandlerResponse>(output: R) -> Response {
     output.into_handler_response()
 }
+
+/// The ttl of a handler whose attribute names none, in seconds.
+pub const DEFAULT_TTL_SECS: u64 = crate::defaults::TTL.as_secs();

@@ -13,6 +13,10 @@
 //!
 //! An in-progress record is compared byte for byte by the stores' compare-and-set steps,
 //! so its encoding is the claim itself: whoever holds those exact bytes holds the lease.
+//!
+//! The protocol reads only a record's head: its kind, the fingerprint of its
+//! request and, for a completed one, its expiry. The rest belongs to the front door that
+//! wrote it (the HTTP layer stores a response).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, StatusCode};
@@ -59,6 +63,70 @@ impl FencingToken {
         token[8..].copy_from_slice(&count.to_be_bytes());
         Self(token)
     }
+}
+
+/// The kinds of record, as the protocol sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A claim: an execution holds the key.
+    InProgress,
+    /// The work ran and its result is stored for replay.
+    Completed,
+    /// The work ran, but its result could not be stored.
+    NotStored,
+}
+
+/// What the protocol needs of a record, read without decoding the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Head {
+    pub(crate) kind: Kind,
+    /// The fingerprint of the request the record belongs to.
+    pub(crate) fingerprint: Fingerprint,
+    /// When a completed record expires, in milliseconds since the Unix epoch.
+    pub(crate) expires_at_ms: Option<u64>,
+}
+
+/// Reads the head of an encoded record.
+pub(crate) fn head(bytes: &[u8]) -> Result<Head, RecordError> {
+    if bytes.len() < 6 || &bytes[..4] != MAGIC {
+        return Err(RecordError::Foreign);
+    }
+    if bytes[4] != VERSION {
+        return Err(RecordError::UnsupportedVersion(bytes[4]));
+    }
+    let kind = match bytes[5] {
+        KIND_IN_PROGRESS => Kind::InProgress,
+        KIND_COMPLETED => Kind::Completed,
+        KIND_UNSTORABLE => Kind::NotStored,
+        other => return Err(RecordError::UnknownKind(other)),
+    };
+    let mut fingerprint = [0; 32];
+    fingerprint.copy_from_slice(bytes.get(6..HEADER_LEN).ok_or(RecordError::Malformed)?);
+    let expires_at_ms = match kind {
+        Kind::Completed => {
+            let raw = bytes
+                .get(HEADER_LEN..HEADER_LEN + 8)
+                .ok_or(RecordError::Malformed)?;
+            let mut expiry = [0; 8];
+            expiry.copy_from_slice(raw);
+            Some(u64::from_be_bytes(expiry))
+        }
+        Kind::InProgress | Kind::NotStored => None,
+    };
+    Ok(Head {
+        kind,
+        fingerprint: Fingerprint(fingerprint),
+        expires_at_ms,
+    })
+}
+
+/// The claim of one execution: an in-progress record with a fresh fencing token.
+pub(crate) fn new_claim(fingerprint: Fingerprint) -> Bytes {
+    Record::InProgress {
+        fingerprint,
+        token: FencingToken::generate(),
+    }
+    .encode()
 }
 
 /// What a store holds under one key.

@@ -19,9 +19,9 @@ use sha2::{Digest, Sha256};
 ///    wrong for short-lived tokens (a refreshed token would make a retry a new request).
 /// 3. Otherwise the request has no identity and is refused with a problem response,
 ///    unless the application opted in to one shared scope
-///    ([`Builder::shared_scope`](crate::Builder::shared_scope)).
+///    ([`IdempotencyBuilder::shared_scope`](crate::IdempotencyBuilder::shared_scope)).
 ///
-/// [`Builder::scope`](crate::Builder::scope) replaces 1 and 2 by a rule of your own.
+/// [`IdempotencyBuilder::scope`](crate::IdempotencyBuilder::scope) replaces 1 and 2 by a rule of your own.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Scope(pub(crate) [u8; 16]);
 
@@ -34,7 +34,7 @@ impl Scope {
     }
 
     /// The scope of a client identified by `value` (an API key, a tenant id, ...), as a
-    /// [`Builder::scope`](crate::Builder::scope) rule returns it. Each source of identity
+    /// [`IdempotencyBuilder::scope`](crate::IdempotencyBuilder::scope) rule returns it. Each source of identity
     /// hashes into a domain of its own: a value equal to a principal's id or to another
     /// client's `Authorization` header never yields that client's scope.
     pub fn of(value: impl AsRef<[u8]>) -> Self {

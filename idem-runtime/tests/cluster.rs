@@ -1,5 +1,6 @@
 //! The same protocol on a 3-master Redis Cluster of the test's own.
 
+#![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)]
 
 mod common;

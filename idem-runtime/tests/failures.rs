@@ -1,6 +1,7 @@
 //! Real failures: a killed Redis, a dropped connection; and store round trips counted on
 //! a private Redis server.
 
+#![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -10,8 +10,8 @@
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use bytes::Bytes;
 use idem_runtime::{
-    FencingToken, Fingerprint, FingerprintMode, IDEMPOTENCY_KEY, IdempotencyKey, KeyError,
-    MAX_KEY_LEN, Record, StoredResponse,
+    FingerprintMode, IdempotencyKey, KeyError, fingerprint::Fingerprint, http::IDEMPOTENCY_KEY,
+    record::FencingToken, record::Record, record::StoredResponse,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -52,12 +52,12 @@ fn fuzz_key_parsing() {
             match IdempotencyKey::parse(&raw) {
                 Ok(key) => {
                     let text = key.as_str();
-                    prop_assert!(!text.is_empty() && text.len() <= MAX_KEY_LEN);
+                    prop_assert!(!text.is_empty() && text.len() <= IdempotencyKey::MAX_LEN);
                     prop_assert!(text.bytes().all(|b| (b' '..=b'~').contains(&b)));
                     let again = IdempotencyKey::parse(key.to_header_value().as_bytes()).unwrap();
                     prop_assert_eq!(again.as_str(), text);
                 }
-                Err(KeyError::TooLong { len }) => prop_assert!(len > MAX_KEY_LEN),
+                Err(KeyError::TooLong { len }) => prop_assert!(len > IdempotencyKey::MAX_LEN),
                 Err(_) => {}
             }
             Ok(())

@@ -1,5 +1,6 @@
 //! The local tier: replays served from process memory, correct across instances.
 
+#![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -1,6 +1,7 @@
 //! Secrets never leave the request: not into Redis, not into the logs. A test binary of
 //! its own, so that its global log subscriber sees every event.
 
+#![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)]
 
 mod common;

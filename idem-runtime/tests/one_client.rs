@@ -15,7 +15,9 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::post;
 use common::{Counters, app, post_with, send};
-use idem_runtime::{Fingerprint, FingerprintMode, Idempotency, Idempotent, Principal, Problem};
+use idem_runtime::{
+    FingerprintMode, Idempotency, Idempotent, Principal, Problem, fingerprint::Fingerprint,
+};
 use tokio::sync::Notify;
 
 fn with_header(mut request: Request, name: header::HeaderName, value: &str) -> Request {

@@ -1,6 +1,7 @@
 //! Regressions of one execution with a Redis that refuses writes: at its `maxmemory`, or
 //! refusing a bulk longer than its `proto-max-bulk-len`.
 
+#![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -1,5 +1,6 @@
 //! Regressions of "no stuck keys": a completion Redis refuses for good.
 
+#![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -1,6 +1,7 @@
 //! Scopes hold against hostile keys, secrets never leave the request, and Redis
 //! authentication works through the URL.
 
+#![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)]
 
 mod common;

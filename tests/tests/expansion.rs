@@ -12,7 +12,9 @@ use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::{Json, Router, routing::post};
 use http_body_util::BodyExt;
 use idem_runtime::store::RedisStore;
-use idem_runtime::{IDEMPOTENT_REPLAYED, Idempotency, PROBLEM_JSON, Problem, Scope, idempotent};
+use idem_runtime::{
+    Idempotency, Problem, Scope, http::IDEMPOTENT_REPLAYED, http::PROBLEM_JSON, idempotent,
+};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use idem_runtime::store::{MemoryStore, Store};
-use idem_runtime::{FencingToken, Fingerprint, FingerprintMode, Record, StoredResponse};
+use idem_runtime::{
+    FingerprintMode, fingerprint::Fingerprint, record::FencingToken, record::Record,
+    record::StoredResponse,
+};
 
 fn resident_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

@@ -15,7 +15,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use idem_runtime::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+use idem_runtime::{http::IDEMPOTENCY_KEY, http::IDEMPOTENT_REPLAYED};
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 use serde::Serialize;

@@ -5,7 +5,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use idem_runtime::PROBLEM_JSON;
+use idem_runtime::http::PROBLEM_JSON;
 use serde::Serialize;
 
 /// An error a handler answers with, as `application/problem+json`.

@@ -77,7 +77,7 @@ pub struct Config {
     /// kill the process mid-payment. Leave it unset outside tests.
     pub test_pause_file: Option<PathBuf>,
     /// How long a payment in progress holds its key between renewals
-    /// (`PAYMENTS_IDEM_LEASE_MS`, default idem's [`idem_runtime::DEFAULT_LEASE`]): after a
+    /// (`PAYMENTS_IDEM_LEASE_MS`, default idem's [`idem_runtime::defaults::LEASE`]): after a
     /// crash, the key is free again within one lease.
     pub lease: std::time::Duration,
     /// The API keys the app accepts and the account each belongs to
@@ -94,7 +94,7 @@ impl Default for Config {
             redis_url: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             test_pause_file: None,
-            lease: idem_runtime::DEFAULT_LEASE,
+            lease: idem_runtime::defaults::LEASE,
             api_keys: ApiKeys::demo(),
         }
     }
@@ -159,7 +159,7 @@ pub enum StartupError {
     Database(#[from] sqlx::Error),
     /// Redis could not be reached.
     #[error("idempotency store: {0}")]
-    Redis(#[from] idem_runtime::Error),
+    Redis(#[from] idem_runtime::ConnectError),
     /// Listening or serving failed.
     #[error("server: {0}")]
     Io(#[from] std::io::Error),

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use idem_runtime::{Idempotency, PROBLEM_JSON};
+use idem_runtime::{Idempotency, http::PROBLEM_JSON};
 use payments::client::{PayClient, RetryPolicy, demo, new_key};
 use payments::{AppState, Config, Db, NewOrder, NewPayment, Order, Payment};
 use reqwest::StatusCode;

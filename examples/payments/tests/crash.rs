@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use idem_runtime::PROBLEM_JSON;
+use idem_runtime::http::PROBLEM_JSON;
 use payments::{DEFAULT_REDIS_PREFIX, Item, NewOrder, NewPayment, ORDER_PAID, Order, Payment};
 use reqwest::StatusCode;
 use sqlx::{AnyPool, Row};

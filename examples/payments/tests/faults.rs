@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use idem_runtime::store::RedisStore;
-use idem_runtime::{Idempotency, PROBLEM_JSON};
+use idem_runtime::{Idempotency, http::PROBLEM_JSON};
 use payments::{AppState, Db, Item, NewOrder, NewPayment, Order, Payment};
 use reqwest::StatusCode;
 use sqlx::Row;

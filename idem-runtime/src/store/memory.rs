@@ -15,16 +15,6 @@ type Hasher = foldhash::quality::RandomState;
 
 use super::{BoxFuture, Store, StoreError};
 
-/// Default bound on completed records held.
-pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
-/// Default bound on the bytes of completed records (keys, records and overhead).
-pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
-/// Default bound on claims held at once: executions in flight.
-pub const DEFAULT_MAX_CLAIMS: usize = 10_000;
-/// The smallest byte bound a store accepts: room for one completed record of the
-/// longest key, a small response and the per-entry overhead.
-pub const MIN_BYTES: u64 = 1024;
-
 /// An in-process store, bounded by entries and bytes, expiring by TTL.
 ///
 /// Good for one instance and for tests. It is not shared between processes: behind a
@@ -33,7 +23,7 @@ pub const MIN_BYTES: u64 = 1024;
 /// Claims (executions in flight) and completed records are held apart:
 ///
 /// - A **claim** is never evicted: it stays until its execution completes or releases
-///   it, or its lease runs out. Claims are bounded by count ([`DEFAULT_MAX_CLAIMS`]);
+///   it, or its lease runs out. Claims are bounded by count ([`MemoryStore::DEFAULT_MAX_CLAIMS`]);
 ///   when that many executions are in flight, a new one is refused with a store error
 ///   (the request is answered `503`, never run unprotected).
 /// - **Completed records** live in a [moka] cache bounded by entries and bytes. When it is
@@ -102,7 +92,8 @@ pub enum BoundsError {
     NoEntries,
     /// The byte bound cannot hold one record.
     #[error(
-        "a memory store bound of {0} bytes cannot hold a record: the minimum is {MIN_BYTES} bytes"
+        "a memory store bound of {0} bytes cannot hold a record: the minimum is {min} bytes",
+        min = MemoryStore::MIN_BYTES
     )]
     TooFewBytes(u64),
     /// The claim bound is zero.
@@ -111,27 +102,40 @@ pub enum BoundsError {
 }
 
 impl MemoryStore {
-    /// A store bounded by [`DEFAULT_MAX_ENTRIES`], [`DEFAULT_MAX_BYTES`] and
-    /// [`DEFAULT_MAX_CLAIMS`].
+    /// Default bound on completed records held.
+    pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
+    /// Default bound on the bytes of completed records (keys, records and overhead).
+    pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
+    /// Default bound on claims held at once: executions in flight.
+    pub const DEFAULT_MAX_CLAIMS: usize = 10_000;
+    /// The smallest byte bound a store accepts: room for one completed record of the
+    /// longest key, a small response and the per-entry overhead.
+    pub const MIN_BYTES: u64 = 1024;
+
+    /// A store bounded by [`MemoryStore::DEFAULT_MAX_ENTRIES`], [`MemoryStore::DEFAULT_MAX_BYTES`] and
+    /// [`MemoryStore::DEFAULT_MAX_CLAIMS`].
     pub fn new() -> Self {
-        Self::build(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, DEFAULT_MAX_CLAIMS)
+        Self::build(
+            Self::DEFAULT_MAX_ENTRIES,
+            Self::DEFAULT_MAX_BYTES,
+            Self::DEFAULT_MAX_CLAIMS,
+        )
     }
 
     /// A store holding at most `max_entries` completed records and `max_bytes` bytes of
-    /// them, whichever bound is reached first, and [`DEFAULT_MAX_CLAIMS`] claims. Bytes
+    /// them, whichever bound is reached first, and [`MemoryStore::DEFAULT_MAX_CLAIMS`] claims. Bytes
     /// count keys, records and a measured per-entry overhead, so that `max_bytes` tracks
     /// the resident memory the store adds.
     ///
     /// ```
     /// use idem_runtime::store::MemoryStore;
-    /// use idem_runtime::store::memory::MIN_BYTES;
     ///
     /// let store = MemoryStore::with_bounds(10_000, 64 << 20)?;
-    /// assert!(MemoryStore::with_bounds(10_000, MIN_BYTES - 1).is_err());
-    /// # Ok::<(), idem_runtime::store::memory::BoundsError>(())
+    /// assert!(MemoryStore::with_bounds(10_000, MemoryStore::MIN_BYTES - 1).is_err());
+    /// # Ok::<(), idem_runtime::store::BoundsError>(())
     /// ```
     pub fn with_bounds(max_entries: u64, max_bytes: u64) -> Result<Self, BoundsError> {
-        Self::with_limits(max_entries, max_bytes, DEFAULT_MAX_CLAIMS)
+        Self::with_limits(max_entries, max_bytes, Self::DEFAULT_MAX_CLAIMS)
     }
 
     /// [`with_bounds`](Self::with_bounds), and at most `max_claims` executions in flight
@@ -144,7 +148,7 @@ impl MemoryStore {
         if max_entries == 0 {
             return Err(BoundsError::NoEntries);
         }
-        if max_bytes < MIN_BYTES {
+        if max_bytes < Self::MIN_BYTES {
             return Err(BoundsError::TooFewBytes(max_bytes));
         }
         if max_claims == 0 {

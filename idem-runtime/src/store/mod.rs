@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub mod memory;
-pub mod redis;
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
-pub use self::memory::MemoryStore;
-pub use self::redis::RedisStore;
+pub use self::memory::{BoundsError, MemoryStore};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisStore, RedisStoreBuilder};
 
 /// A boxed, sendable future: what [`Store`] methods return, so the trait stays object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -129,4 +131,36 @@ impl StoreError {
     pub fn backend(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self::Backend(error.into())
     }
+}
+
+/// Why a store could not be set up (its server unreachable, or unfit for idem).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The Redis URL is invalid or the server could not be reached.
+    #[cfg(feature = "redis")]
+    #[error("cannot connect to Redis: {0}")]
+    Redis(#[source] ::redis::RedisError),
+    /// The server may evict idem's keys, which could run a request twice.
+    #[cfg(feature = "redis")]
+    #[error(
+        "Redis evicts keys under maxmemory-policy `{policy}`: it could drop a claim in flight or a stored response and run a request twice; \
+         set `maxmemory-policy noeviction` (or give idem an instance of its own), or accept the risk with `RedisStoreBuilder::allow_eviction(true)`"
+    )]
+    RedisEvicts {
+        /// The server's `maxmemory-policy`.
+        policy: String,
+    },
+    /// The server (or the user idem connects as) refused a command the protocol needs.
+    #[cfg(feature = "redis")]
+    #[error(
+        "Redis refused idem's {step} step: {source}; idem needs SET, EVALSHA, EVAL and SCRIPT LOAD on keys under its prefix, and INFO"
+    )]
+    RedisRefused {
+        /// The step and the command it sends.
+        step: &'static str,
+        /// What the server answered.
+        #[source]
+        source: StoreError,
+    },
 }

@@ -12,9 +12,6 @@ use redis::{Client, Script};
 
 use super::{BoxFuture, Store, StoreError};
 
-/// The prefix put before every key unless another is chosen.
-pub const DEFAULT_PREFIX: &str = "idem:";
-
 // `begin` needs no script: `SET key claim NX GET PX lease` (Redis 7.0+, Valkey) creates the
 // claim only where nothing is stored and returns what was there, in one atomic command.
 
@@ -87,7 +84,7 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 /// every completion fail later.
 ///
 /// ```no_run
-/// # async fn demo() -> Result<(), idem_runtime::Error> {
+/// # async fn demo() -> Result<(), idem_runtime::ConnectError> {
 /// use idem_runtime::{Idempotency, store::RedisStore};
 ///
 /// let store = RedisStore::builder("redis://127.0.0.1:6379")
@@ -138,7 +135,7 @@ enum Nodes {
 }
 
 impl RedisStoreBuilder {
-    /// The prefix of every key idem writes (default [`DEFAULT_PREFIX`]), so that several
+    /// The prefix of every key idem writes (default [`RedisStore::DEFAULT_PREFIX`]), so that several
     /// applications can share one server.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -202,10 +199,10 @@ impl RedisStoreBuilder {
     /// Connects, checks that the server keeps idem's keys (its eviction policy), loads
     /// the scripts and runs every protocol step once on a probe key, so that a server or
     /// user that refuses one fails here, with the command named.
-    pub async fn connect(self) -> Result<RedisStore, crate::Error> {
+    pub async fn connect(self) -> Result<RedisStore, super::ConnectError> {
         let mut connection = match &self.nodes {
             Nodes::Server(url) => {
-                let client = self.client(url).map_err(crate::Error::Redis)?;
+                let client = self.client(url).map_err(super::ConnectError::Redis)?;
                 let config = ConnectionManagerConfig::new()
                     .set_response_timeout(Some(self.response_timeout))
                     .set_connection_timeout(Some(self.connection_timeout))
@@ -213,7 +210,7 @@ impl RedisStoreBuilder {
                 Connection::Server(
                     ConnectionManager::new_with_config(client, config)
                         .await
-                        .map_err(crate::Error::Redis)?,
+                        .map_err(super::ConnectError::Redis)?,
                 )
             }
             Nodes::Cluster(urls) => {
@@ -225,12 +222,12 @@ impl RedisStoreBuilder {
                 if let Some(certificates) = self.certificates() {
                     builder = builder.certs(certificates);
                 }
-                let client = builder.build().map_err(crate::Error::Redis)?;
+                let client = builder.build().map_err(super::ConnectError::Redis)?;
                 Connection::Cluster(
                     client
                         .get_async_connection()
                         .await
-                        .map_err(crate::Error::Redis)?,
+                        .map_err(super::ConnectError::Redis)?,
                 )
             }
         };
@@ -240,7 +237,7 @@ impl RedisStoreBuilder {
                 Connection::Server(c) => load.load_async(c).await,
                 Connection::Cluster(c) => load.load_async(c).await,
             };
-            loaded.map_err(crate::Error::Redis)?;
+            loaded.map_err(super::ConnectError::Redis)?;
         }
         let mut store = RedisStore {
             connection,
@@ -255,11 +252,14 @@ impl RedisStoreBuilder {
 }
 
 impl RedisStore {
+    /// The prefix put before every key unless another is chosen.
+    pub const DEFAULT_PREFIX: &str = "idem:";
+
     /// Connects to one server at `url` with the default settings:
     /// `redis://[user:password@]host:port[/db]`, or `rediss://...` for TLS with the `tls`
     /// feature of this crate. A password in the URL authenticates (`AUTH`); a server that
     /// requires one refuses a URL without it with an error that says so.
-    pub async fn connect(url: &str) -> Result<Self, crate::Error> {
+    pub async fn connect(url: &str) -> Result<Self, super::ConnectError> {
         Self::builder(url).connect().await
     }
 
@@ -280,7 +280,7 @@ impl RedisStore {
     fn builder_for(nodes: Nodes) -> RedisStoreBuilder {
         RedisStoreBuilder {
             nodes,
-            prefix: DEFAULT_PREFIX.to_owned(),
+            prefix: RedisStore::DEFAULT_PREFIX.to_owned(),
             response_timeout: Duration::from_secs(2),
             connection_timeout: Duration::from_secs(2),
             allow_eviction: false,
@@ -303,7 +303,7 @@ impl RedisStore {
     }
 
     /// Refuses a server (every node of a cluster) whose eviction policy can drop keys.
-    async fn check_eviction(&self, allow: bool) -> Result<(), crate::Error> {
+    async fn check_eviction(&self, allow: bool) -> Result<(), super::ConnectError> {
         let info: Result<redis::Value, StoreError> = self
             .run(Command::Plain(redis::cmd("INFO").arg("memory").to_owned()))
             .await;
@@ -315,7 +315,7 @@ impl RedisStore {
                 return Ok(());
             }
             Err(error) => {
-                return Err(crate::Error::RedisRefused {
+                return Err(super::ConnectError::RedisRefused {
                     step: "INFO memory (reading maxmemory-policy)",
                     source: error,
                 });
@@ -328,7 +328,7 @@ impl RedisStore {
             tracing::warn!(target: "idem", policy, "Redis may evict idem's keys; a request may run twice (accepted by allow_eviction)");
             Ok(())
         } else {
-            Err(crate::Error::RedisEvicts { policy })
+            Err(super::ConnectError::RedisEvicts { policy })
         }
     }
 
@@ -351,9 +351,9 @@ impl RedisStore {
     }
 
     /// Runs begin, renew, release and complete once on a probe key, and leaves nothing.
-    async fn probe(&self) -> Result<(), crate::Error> {
+    async fn probe(&self) -> Result<(), super::ConnectError> {
         let mut nonce = [0u8; 8];
-        getrandom::fill(&mut nonce).map_err(|error| crate::Error::RedisRefused {
+        getrandom::fill(&mut nonce).map_err(|error| super::ConnectError::RedisRefused {
             step: "probe",
             source: StoreError::backend(error.to_string()),
         })?;
@@ -361,7 +361,7 @@ impl RedisStore {
         let claim = Bytes::from_static(b"idem probe claim");
         let record = Bytes::from_static(b"idem probe record");
         let lease = Duration::from_secs(10);
-        let refused = |step| move |source| crate::Error::RedisRefused { step, source };
+        let refused = |step| move |source| super::ConnectError::RedisRefused { step, source };
         self.begin(&key, &claim, lease)
             .await
             .map_err(refused("begin (SET NX GET PX)"))?;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use axum::http::{StatusCode, header};
 use bytes::Bytes;
 use idem_runtime::{
-    FencingToken, Fingerprint, FingerprintMode, IdempotencyKey, Problem, Record, Scope, ScopedKey,
+    FingerprintMode, IdempotencyKey, Problem, Scope, ScopedKey, fingerprint::Fingerprint,
+    record::FencingToken, record::Record,
 };
 
 use super::{Backend, Counters, app, post_with, send};
@@ -117,8 +118,8 @@ pub async fn key_expires_after_ttl(backend: Backend) {
     assert_eq!(counters.runs(), 2);
 }
 
-/// Sends one request to `path` that outlasts a 300 ms lease and probes its key every
-/// 250 ms while it runs: every probe must be told the request is still in flight.
+/// Sends one request to `path` that outlasts a 300 ms lease and, once it runs, probes its
+/// key every 250 ms: every probe must be told the request is still in flight.
 /// Returns the first request's answer, the app and its counters.
 async fn outlast_the_lease(
     backend: &Backend,
@@ -137,6 +138,9 @@ async fn outlast_the_lease(
         let app = app.clone();
         async move { send(&app, post_with(path, Some("lease"), body)).await }
     });
+    // The first request holds its claim once its handler runs; from then on the probes,
+    // a little under a lease apart, span several leases.
+    super::until(|| counters.runs() == 1).await;
     for _ in 0..probes {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let probe = send(&app, post_with(path, Some("lease"), body)).await;
@@ -444,7 +448,7 @@ pub async fn waiting_for_in_flight_replays(backend: Backend) {
         let app = app.clone();
         async move { send(&app, post_with("/slow", Some("wait"), "300")).await }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    super::until(|| counters.runs() == 1).await;
     let second = send(&app, post_with("/slow", Some("wait"), "300")).await;
     let first = first.await.expect("first request");
     assert!(second.is_replay(), "the waiting request got the replay");

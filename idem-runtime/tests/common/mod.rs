@@ -16,8 +16,10 @@ use axum::routing::post;
 use axum::{Json, Router};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use idem_runtime::store::{BoxFuture, MemoryStore, RedisStore, Store, StoreError};
-use idem_runtime::{Builder, Idempotency, Idempotent};
+#[cfg(feature = "redis")]
+use idem_runtime::store::RedisStore;
+use idem_runtime::store::{BoxFuture, MemoryStore, Store, StoreError};
+use idem_runtime::{Idempotency, IdempotencyBuilder, Idempotent};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
@@ -25,8 +27,16 @@ use tower::ServiceExt;
 #[derive(Clone)]
 pub enum Backend {
     Memory(MemoryStore),
-    Redis { url: String, prefix: String },
-    Cluster { urls: Vec<String>, prefix: String },
+    #[cfg(feature = "redis")]
+    Redis {
+        url: String,
+        prefix: String,
+    },
+    #[cfg(feature = "redis")]
+    Cluster {
+        urls: Vec<String>,
+        prefix: String,
+    },
 }
 
 impl Backend {
@@ -34,10 +44,12 @@ impl Backend {
         Self::Memory(MemoryStore::new())
     }
 
+    #[cfg(feature = "redis")]
     pub fn redis(test: &str) -> Self {
         Self::redis_at(&testkit::shared_redis_url(), test)
     }
 
+    #[cfg(feature = "redis")]
     pub fn redis_at(url: &str, test: &str) -> Self {
         Self::Redis {
             url: url.to_owned(),
@@ -46,9 +58,10 @@ impl Backend {
     }
 
     /// A builder already holding this backend's store.
-    pub async fn builder(&self) -> Builder {
+    pub async fn builder(&self) -> IdempotencyBuilder {
         let store: Arc<dyn Store> = match self {
             Self::Memory(store) => Arc::new(store.clone()),
+            #[cfg(feature = "redis")]
             Self::Redis { url, prefix } => Arc::new(
                 RedisStore::builder(url.as_str())
                     .prefix(prefix.as_str())
@@ -56,6 +69,7 @@ impl Backend {
                     .await
                     .unwrap_or_else(|error| panic!("Redis at {url} must be running: {error}")),
             ),
+            #[cfg(feature = "redis")]
             Self::Cluster { urls, prefix } => Arc::new(
                 RedisStore::cluster_builder(urls.clone())
                     .prefix(prefix.as_str())
@@ -74,10 +88,12 @@ impl Backend {
                 store.run_pending_tasks();
                 usize::try_from(store.entry_count()).unwrap_or(usize::MAX) + store.claim_count()
             }
+            #[cfg(feature = "redis")]
             Self::Redis { url, prefix } => {
                 let mut connection = testkit::redis_connection(url).await;
                 testkit::keys_under(&mut connection, prefix).await.len()
             }
+            #[cfg(feature = "redis")]
             Self::Cluster { urls, prefix } => {
                 let mut count = 0;
                 for url in urls {
@@ -360,6 +376,7 @@ macro_rules! on_both_stores {
                 super::$check($crate::common::Backend::memory()).await;
             }
 
+            #[cfg(feature = "redis")]
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
                 super::$check($crate::common::Backend::redis(stringify!($check))).await;
@@ -439,6 +456,6 @@ pub async fn until(condition: impl FnMut() -> bool) {
 
 /// The builder every test starts from: `builder` with the test defaults. Test requests
 /// carry no credentials unless a test gives them, so tests opt in to one shared scope.
-pub fn test_builder(builder: Builder) -> Builder {
+pub fn test_builder(builder: IdempotencyBuilder) -> IdempotencyBuilder {
     builder.shared_scope(true)
 }

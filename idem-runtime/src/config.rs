@@ -1,4 +1,4 @@
-//! The [`Idempotency`] handle and its [`Builder`].
+//! The [`Idempotency`] handle, its [`IdempotencyBuilder`], and every default in one place.
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,27 +8,37 @@ use std::time::Duration;
 use http::HeaderName;
 use http::request::Parts;
 
-use crate::extract::ScopedKey;
 use crate::fingerprint::FingerprintMode;
-use crate::layer::IdempotencyLayer;
+use crate::key::ScopedKey;
 use crate::local::LocalTier;
 use crate::scope::{Identity, Scope, ScopeRule};
-use crate::store::{MemoryStore, RedisStore, Store};
+use crate::store::{MemoryStore, Store};
 
-/// Default lease: how long an execution holds its key without renewing it.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-/// Default limit on request bodies of idempotent requests.
-pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
-/// Default limit on stored response bodies.
-pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
-/// Default time allowed for one store step.
-pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default bound on executions detached from clients that hung up.
-pub const DEFAULT_MAX_DETACHED: usize = 256;
-/// The longest any duration setting is taken to be; longer values are clamped to it.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+/// Every default setting, each in its one home.
+pub mod defaults {
+    use std::time::Duration;
 
-/// A cheap-to-clone handle to idem's configuration and store.
+    /// How long a completed response is kept for replays: 24 hours.
+    pub const TTL: Duration = Duration::from_secs(24 * 60 * 60);
+    /// How long an execution holds its key without renewing it: 30 seconds.
+    pub const LEASE: Duration = Duration::from_secs(30);
+    /// Largest request body of a request with a key: 1 MiB.
+    pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+    /// Largest response body stored for replay: 1 MiB.
+    pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+    /// Time allowed for one store step: 2 seconds.
+    pub const STORE_TIMEOUT: Duration = Duration::from_secs(2);
+    /// The `Retry-After` sent with `409` and `503`: 1 second.
+    pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+    /// Executions that may run detached from clients that hung up: 256.
+    pub const MAX_DETACHED: usize = 256;
+    /// The longest any duration setting is taken to be; longer values are clamped to it.
+    pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+    /// The shortest lease: shorter values are raised to it.
+    pub const MIN_LEASE: Duration = Duration::from_millis(100);
+}
+
+/// A cheap-to-clone handle to idem's settings and store.
 ///
 /// ```
 /// use axum::{Router, routing::post};
@@ -46,11 +56,22 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// ```
 #[derive(Clone)]
 pub struct Idempotency {
-    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared>,
 }
 
-pub(crate) struct Config {
+/// What every clone of one handle shares.
+pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
+    pub(crate) settings: Settings,
+    /// The local tier, when [`Settings::local_tier`] turns it on.
+    pub(crate) local: Option<LocalTier>,
+    /// Executions now running in tasks of their own, detached from clients that hung up.
+    pub(crate) detached: Arc<AtomicUsize>,
+}
+
+/// Every setting of a handle: what the builder fills in, and what the handle reads.
+#[derive(Clone)]
+pub(crate) struct Settings {
     pub(crate) scope: ScopeRule,
     pub(crate) lease: Duration,
     pub(crate) max_request_bytes: usize,
@@ -62,10 +83,41 @@ pub(crate) struct Config {
     pub(crate) retry_after: Duration,
     pub(crate) wait_for_in_flight: Option<Duration>,
     pub(crate) store_timeout: Duration,
-    pub(crate) local: Option<LocalTier>,
+    /// The local tier's size in bytes and the longest it keeps a copy.
+    pub(crate) local_tier: Option<(u64, Duration)>,
     pub(crate) max_detached: usize,
-    /// Executions now running in tasks of their own, detached from clients that hung up.
-    pub(crate) detached: Arc<AtomicUsize>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            scope: ScopeRule::default(),
+            lease: defaults::LEASE,
+            max_request_bytes: defaults::MAX_REQUEST_BYTES,
+            max_response_bytes: defaults::MAX_RESPONSE_BYTES,
+            fingerprint: FingerprintMode::Exact,
+            store_server_errors: false,
+            headers: HeaderPolicy::default(),
+            fail_open: false,
+            retry_after: defaults::RETRY_AFTER,
+            wait_for_in_flight: None,
+            store_timeout: defaults::STORE_TIMEOUT,
+            local_tier: None,
+            max_detached: defaults::MAX_DETACHED,
+        }
+    }
+}
+
+impl Settings {
+    /// `Retry-After` in whole seconds, rounded up, at least 1.
+    pub(crate) fn retry_after_secs(&self) -> u64 {
+        let secs = self.retry_after.as_secs();
+        if self.retry_after.subsec_nanos() > 0 {
+            secs.saturating_add(1)
+        } else {
+            secs.max(1)
+        }
+    }
 }
 
 impl Idempotency {
@@ -78,110 +130,89 @@ impl Idempotency {
     /// A handle on one Redis or Valkey server (7.0 or newer) with default settings.
     ///
     /// `url` is `redis://[user:password@]host:port[/db]`.
-    pub async fn redis(url: &str) -> Result<Self, crate::Error> {
+    #[cfg(feature = "redis")]
+    pub async fn redis(url: &str) -> Result<Self, crate::store::ConnectError> {
         Ok(Self::builder()
-            .store(RedisStore::connect(url).await?)
+            .store(crate::store::RedisStore::connect(url).await?)
             .build())
     }
 
     /// A handle on a Redis Cluster reached through any of `urls`, with default settings.
-    /// See [`RedisStore`] for what failover means for a fresh claim.
-    pub async fn redis_cluster<I, U>(urls: I) -> Result<Self, crate::Error>
+    /// See [`RedisStore`](crate::store::RedisStore) for what failover means for a fresh
+    /// claim.
+    #[cfg(feature = "redis")]
+    pub async fn redis_cluster<I, U>(urls: I) -> Result<Self, crate::store::ConnectError>
     where
         I: IntoIterator<Item = U>,
         U: Into<String>,
     {
-        let store = RedisStore::cluster_builder(urls).connect().await?;
+        let store = crate::store::RedisStore::cluster_builder(urls)
+            .connect()
+            .await?;
         Ok(Self::builder().store(store).build())
     }
 
     /// Starts configuring a handle.
-    pub fn builder() -> Builder {
-        Builder {
+    pub fn builder() -> IdempotencyBuilder {
+        IdempotencyBuilder {
             store: None,
-            scope: ScopeRule::default(),
-            lease: DEFAULT_LEASE,
-            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
-            fingerprint: FingerprintMode::Exact,
-            store_server_errors: false,
-            headers: HeaderPolicy::default(),
-            fail_open: false,
-            retry_after: Duration::from_secs(1),
-            wait_for_in_flight: None,
-            store_timeout: DEFAULT_STORE_TIMEOUT,
-            local: None,
-            max_detached: DEFAULT_MAX_DETACHED,
+            settings: Settings::default(),
         }
-    }
-
-    /// The tower layer that makes this handle available to `#[idempotent]` handlers.
-    /// Add it to the `Router` that serves them: `.layer(idem.layer())`.
-    pub fn layer(&self) -> IdempotencyLayer {
-        IdempotencyLayer::new(self.clone())
     }
 
     /// The store behind this handle.
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.config.store
+        &self.shared.store
     }
 
     /// The scope a request belongs to under this handle's scope rule; `None` where the
     /// request carries no identity and no shared scope was opted in to (idem answers such
     /// a keyed request with a `400` problem).
     pub fn scope_of(&self, parts: &Parts) -> Option<Scope> {
-        self.config.scope.scope_of(parts)
+        self.shared.settings.scope.scope_of(parts)
     }
 
     /// Drops this instance's local copy of the record under `key`, if the local tier is
     /// on. Other instances drop theirs when it expires or reaches its maximum age.
     pub fn forget_local(&self, key: &ScopedKey) {
-        if let Some(local) = &self.config.local {
+        if let Some(local) = &self.shared.local {
             local.forget(key.as_str());
         }
     }
 
     /// The configured lease.
     pub fn lease(&self) -> Duration {
-        self.config.lease
+        self.shared.settings.lease
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.shared.settings
     }
 }
 
 impl fmt::Debug for Idempotency {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = &self.config;
+        let s = &self.shared.settings;
         f.debug_struct("Idempotency")
-            .field("scope", &c.scope)
-            .field("lease", &c.lease)
-            .field("max_request_bytes", &c.max_request_bytes)
-            .field("max_response_bytes", &c.max_response_bytes)
-            .field("fingerprint", &c.fingerprint)
-            .field("store_server_errors", &c.store_server_errors)
-            .field("fail_open", &c.fail_open)
+            .field("scope", &s.scope)
+            .field("lease", &s.lease)
+            .field("max_request_bytes", &s.max_request_bytes)
+            .field("max_response_bytes", &s.max_response_bytes)
+            .field("fingerprint", &s.fingerprint)
+            .field("store_server_errors", &s.store_server_errors)
+            .field("fail_open", &s.fail_open)
             .finish_non_exhaustive()
     }
 }
 
-/// Configures an [`Idempotency`] handle; every setting has a sensible default.
+/// Configures an [`Idempotency`] handle; every setting has a default in [`defaults`].
 #[must_use]
-pub struct Builder {
+pub struct IdempotencyBuilder {
     store: Option<Arc<dyn Store>>,
-    scope: ScopeRule,
-    lease: Duration,
-    max_request_bytes: usize,
-    max_response_bytes: usize,
-    fingerprint: FingerprintMode,
-    store_server_errors: bool,
-    headers: HeaderPolicy,
-    fail_open: bool,
-    retry_after: Duration,
-    wait_for_in_flight: Option<Duration>,
-    store_timeout: Duration,
-    local: Option<LocalTier>,
-    max_detached: usize,
+    settings: Settings,
 }
 
-impl Builder {
+impl IdempotencyBuilder {
     /// The store (default: a [`MemoryStore`] with its default bounds).
     pub fn store(mut self, store: impl Store) -> Self {
         self.store = Some(Arc::new(store));
@@ -213,7 +244,8 @@ impl Builder {
         F: Fn(&Parts) -> Option<T> + Send + Sync + 'static,
         T: AsRef<[u8]>,
     {
-        self.scope.identity = Identity::Custom(Arc::new(move |parts| rule(parts).map(Scope::of)));
+        self.settings.scope.identity =
+            Identity::Custom(Arc::new(move |parts| rule(parts).map(Scope::of)));
         self
     }
 
@@ -222,7 +254,7 @@ impl Builder {
     /// every caller may see every other caller's responses: two clients sending the same
     /// key and request then get one response.
     pub fn shared_scope(mut self, shared: bool) -> Self {
-        self.scope.shared = shared;
+        self.settings.scope.shared = shared;
         self
     }
 
@@ -231,35 +263,35 @@ impl Builder {
     /// hosts (two tenants of one deployment) never share a response. Turn it off where one
     /// client reaches one service under several host names and may retry through another.
     pub fn scope_by_host(mut self, by_host: bool) -> Self {
-        self.scope.by_host = by_host;
+        self.settings.scope.by_host = by_host;
         self
     }
 
     /// How many executions may run detached from clients that hung up (default
-    /// [`DEFAULT_MAX_DETACHED`]). A handler whose client disconnects is never cancelled:
+    /// [`MAX_DETACHED`](defaults::MAX_DETACHED)). A handler whose client disconnects is never cancelled:
     /// it runs to the end in a task of its own, outside the app's own concurrency limits.
     /// While this many are running, new keyed requests are refused with `503` and
     /// `Retry-After`, so clients that hang up cannot pile up unbounded work. (A request
     /// admitted just before the bound was reached may still detach: the bound is exceeded
     /// by at most the requests in flight at that moment.) At least 1: a `0` is taken as 1.
     pub fn max_detached(mut self, max: usize) -> Self {
-        self.max_detached = max.max(1);
+        self.settings.max_detached = max.max(1);
         self
     }
 
     /// How long an execution holds its key between renewals (default 30 s, at least
-    /// 100 ms, at most [`MAX_DURATION`]). The lease is renewed every third of it from the
+    /// 100 ms, at most [`MAX_DURATION`](defaults::MAX_DURATION)). The lease is renewed every third of it from the
     /// claim until the response is stored, so a slow handler never loses its key; after a
     /// crash the key is free again within one lease.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease.clamp(Duration::from_millis(100), MAX_DURATION);
+        self.settings.lease = lease.clamp(defaults::MIN_LEASE, defaults::MAX_DURATION);
         self
     }
 
     /// Largest request body accepted on a request with a key (default 1 MiB); larger
     /// ones get `413` and nothing runs.
     pub fn max_request_bytes(mut self, limit: usize) -> Self {
-        self.max_request_bytes = limit;
+        self.settings.max_request_bytes = limit;
         self
     }
 
@@ -267,56 +299,56 @@ impl Builder {
     /// still sent to the client, and the key remembers that the request ran: a retry
     /// gets a `409` problem saying the response was not stored, never a second execution.
     pub fn max_response_bytes(mut self, limit: usize) -> Self {
-        self.max_response_bytes = limit;
+        self.settings.max_response_bytes = limit;
         self
     }
 
     /// Which parts of the body count towards the request fingerprint (default: every byte).
     pub fn fingerprint(mut self, mode: FingerprintMode) -> Self {
-        self.fingerprint = mode;
+        self.settings.fingerprint = mode;
         self
     }
 
     /// Whether `5xx` responses are stored and replayed like others (default `false`: a
     /// `5xx` or a panic releases the key so that a retry runs again).
     pub fn store_server_errors(mut self, store: bool) -> Self {
-        self.store_server_errors = store;
+        self.settings.store_server_errors = store;
         self
     }
 
     /// Which response headers are stored and replayed (default: all but hop-by-hop
     /// headers, `Date` and `Set-Cookie`).
     pub fn replay_headers(mut self, policy: HeaderPolicy) -> Self {
-        self.headers = policy;
+        self.settings.headers = policy;
         self
     }
 
     /// When the store fails: `false` (the default) answers `503` and runs nothing; `true`
     /// runs the handler unprotected and logs a warning.
     pub fn fail_open(mut self, fail_open: bool) -> Self {
-        self.fail_open = fail_open;
+        self.settings.fail_open = fail_open;
         self
     }
 
     /// The `Retry-After` sent with `409` and `503` (default 1 s, rounded up to seconds).
-    /// Clamped to [`MAX_DURATION`].
+    /// Clamped to [`MAX_DURATION`](defaults::MAX_DURATION).
     pub fn retry_after(mut self, after: Duration) -> Self {
-        self.retry_after = after.min(MAX_DURATION);
+        self.settings.retry_after = after.min(defaults::MAX_DURATION);
         self
     }
 
     /// Instead of answering `409` at once, waits up to `max` for a request in flight with
     /// the same key to finish, and replays its response (default: off). Clamped to
-    /// [`MAX_DURATION`].
+    /// [`MAX_DURATION`](defaults::MAX_DURATION).
     pub fn wait_for_in_flight(mut self, max: Duration) -> Self {
-        self.wait_for_in_flight = Some(max.min(MAX_DURATION));
+        self.settings.wait_for_in_flight = Some(max.min(defaults::MAX_DURATION));
         self
     }
 
     /// Time allowed for one store step before it counts as a failure (default 2 s,
-    /// clamped to [`MAX_DURATION`]).
+    /// clamped to [`MAX_DURATION`](defaults::MAX_DURATION)).
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
-        self.store_timeout = timeout.min(MAX_DURATION);
+        self.settings.store_timeout = timeout.min(defaults::MAX_DURATION);
         self
     }
 
@@ -332,41 +364,23 @@ impl Builder {
     /// hold a copy, for at most `max_age`; [`Idempotency::forget_local`] drops the copy at
     /// once on one instance.
     pub fn local_tier(mut self, max_bytes: u64, max_age: Duration) -> Self {
-        self.local = Some(LocalTier::new(max_bytes, max_age.min(MAX_DURATION)));
+        self.settings.local_tier = Some((max_bytes, max_age.min(defaults::MAX_DURATION)));
         self
     }
 
     /// Builds the handle.
     pub fn build(self) -> Idempotency {
+        let settings = self.settings;
+        let local = settings
+            .local_tier
+            .map(|(max_bytes, max_age)| LocalTier::new(max_bytes, max_age));
         Idempotency {
-            config: Arc::new(Config {
+            shared: Arc::new(Shared {
                 store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
-                scope: self.scope,
-                lease: self.lease,
-                max_request_bytes: self.max_request_bytes,
-                max_response_bytes: self.max_response_bytes,
-                fingerprint: self.fingerprint,
-                store_server_errors: self.store_server_errors,
-                headers: self.headers,
-                fail_open: self.fail_open,
-                retry_after: self.retry_after,
-                wait_for_in_flight: self.wait_for_in_flight,
-                store_timeout: self.store_timeout,
-                local: self.local,
-                max_detached: self.max_detached,
+                settings,
+                local,
                 detached: Arc::new(AtomicUsize::new(0)),
             }),
-        }
-    }
-}
-
-impl Config {
-    pub(crate) fn retry_after_secs(&self) -> u64 {
-        let secs = self.retry_after.as_secs();
-        if self.retry_after.subsec_nanos() > 0 {
-            secs.saturating_add(1)
-        } else {
-            secs.max(1)
         }
     }
 }

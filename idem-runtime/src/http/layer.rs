@@ -1,5 +1,5 @@
-//! The tower layer: hands the [`Idempotency`] handle to handlers and buffers the body of
-//! requests that carry a key, for the fingerprint.
+//! The tower layer: hands the [`Idempotency`] handle to handlers, checks the key of
+//! requests that carry one and buffers their body, for the fingerprint.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -10,27 +10,29 @@ use axum::response::Response;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::{Collected, collect_bounded};
-use crate::fingerprint::BufferedBody;
-use crate::idempotency::Idempotency;
-use crate::key::IDEMPOTENCY_KEY;
+use super::body::{BufferedBody, Collected, KeyedRequest, collect_bounded};
+use crate::config::Idempotency;
+use crate::key::IdempotencyKey;
 use crate::store::BoxFuture;
+
+impl Idempotency {
+    /// The tower layer that makes this handle available to `#[idempotent]` handlers.
+    /// Add it to the `Router` that serves them: `.layer(idem.layer())`.
+    pub fn layer(&self) -> IdempotencyLayer {
+        IdempotencyLayer { idem: self.clone() }
+    }
+}
 
 /// Makes an [`Idempotency`] handle available to the handlers it wraps; made by
 /// [`Idempotency::layer`].
 ///
 /// Requests without an `Idempotency-Key` header pass through untouched. For those with
-/// one, the body is read up to the request limit (once; handlers still read it as usual)
-/// so that the request can be fingerprinted.
+/// one, the key is checked first (a malformed key is refused by the handler's guard
+/// without the body being read); then the body is read up to the request limit (once;
+/// handlers still read it as usual) so that the request can be fingerprinted.
 #[derive(Debug, Clone)]
 pub struct IdempotencyLayer {
     idem: Idempotency,
-}
-
-impl IdempotencyLayer {
-    pub(crate) fn new(idem: Idempotency) -> Self {
-        Self { idem }
-    }
 }
 
 impl<S> Layer<S> for IdempotencyLayer {
@@ -66,13 +68,20 @@ where
 
     fn call(&mut self, mut request: Request) -> Self::Future {
         request.extensions_mut().insert(self.idem.clone());
-        if !request.headers().contains_key(&IDEMPOTENCY_KEY) {
-            return Box::pin(self.inner.call(request));
-        }
+        let key = match IdempotencyKey::from_headers(request.headers()) {
+            Ok(Some(key)) => key,
+            Ok(None) => return Box::pin(self.inner.call(request)),
+            Err(error) => {
+                request
+                    .extensions_mut()
+                    .insert(KeyedRequest::Invalid(error));
+                return Box::pin(self.inner.call(request));
+            }
+        };
         // The clone is not ready; the ready one is taken for this request (tower's rule).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let limit = self.idem.config.max_request_bytes;
+        let limit = self.idem.settings().max_request_bytes;
         Box::pin(async move {
             let (mut parts, body) = request.into_parts();
             let (buffered, body) = match collect_bounded(body, limit).await {
@@ -82,7 +91,10 @@ where
                 Collected::TooLarge { read, .. } => (BufferedBody::TooLarge, read.into_body()),
                 Collected::Failed(read) => (BufferedBody::Failed, read.into_body()),
             };
-            parts.extensions.insert(buffered);
+            parts.extensions.insert(KeyedRequest::Keyed {
+                key,
+                body: buffered,
+            });
             inner.call(Request::from_parts(parts, body)).await
         })
     }

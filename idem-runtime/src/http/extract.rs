@@ -10,15 +10,19 @@ use axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 
-use crate::engine::{self, Begun};
-use crate::fingerprint::{BufferedBody, Fingerprint};
-use crate::idempotency::Idempotency;
-use crate::key::IdempotencyKey;
-use crate::problem::Problem;
-use crate::scope::Scope;
+use tracing::Instrument;
 
-/// Default time a completed response is kept: 24 hours.
-pub const DEFAULT_TTL_SECS: u64 = 24 * 60 * 60;
+use super::body::{BufferedBody, KeyedRequest};
+use super::execute::first_execution;
+use super::problem::Problem;
+use super::replay;
+use crate::config::{Idempotency, defaults};
+use crate::fingerprint::Fingerprint;
+use crate::key::ScopedKey;
+use crate::protocol::{self, Begun};
+
+/// [`defaults::TTL`] in seconds, the default of [`Idempotent`]'s `TTL_SECS`.
+const DEFAULT_TTL_SECS: u64 = defaults::TTL.as_secs();
 
 /// Makes one handler idempotent; this is what `#[idempotent]` writes for you.
 ///
@@ -27,7 +31,8 @@ pub const DEFAULT_TTL_SECS: u64 = 24 * 60 * 60;
 /// the handler's work to [`run`](Self::run): that is where the key is claimed, a replay or
 /// a refusal answered, or the work run. A request that an extractor rejects (a missing
 /// token, malformed JSON) is rejected exactly as without idem and leaves its key unused.
-/// `TTL_SECS` is how long the response is kept (default 24 h); with `REQUIRED`, a request
+/// `TTL_SECS` is how long the response is kept, in seconds (default
+/// [`defaults::TTL`](crate::defaults::TTL), 24 h); with `REQUIRED`, a request
 /// without a key gets `400` instead of running unprotected.
 ///
 /// An extractor that authenticates may put a [`Principal`](crate::Principal) in the
@@ -77,7 +82,7 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
     };
 
     /// Claims the key and runs the handler's work, or answers without running it: the
-    /// stored response on a retry ([`IDEMPOTENT_REPLAYED`](crate::IDEMPOTENT_REPLAYED)),
+    /// stored response on a retry ([`IDEMPOTENT_REPLAYED`](crate::http::IDEMPOTENT_REPLAYED)),
     /// `422` for the key reused with another request, `409` while the first request still
     /// runs.
     ///
@@ -96,18 +101,22 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         if prepared.slot.swap(true, Ordering::AcqRel) {
             return work.await.into_response();
         }
-        match engine::begin(
-            &prepared.idem,
-            prepared.key,
-            prepared.fingerprint,
-            Self::TTL,
-        )
-        .await
-        {
-            Begun::Execute(execution) => execution.run(work).await,
-            Begun::Respond(response) => response,
-            Begun::Unprotected => work.await.into_response(),
+        let Prepared {
+            idem,
+            key,
+            fingerprint,
+            ..
+        } = prepared;
+        let span = tracing::info_span!(target: "idem", "idem", key = %key.key());
+        async move {
+            match protocol::begin(&idem, key.clone(), fingerprint, Self::TTL).await {
+                Begun::Execute(execution) => first_execution(execution, work).await,
+                Begun::Answer(answer) => replay::answer(&idem, &key, answer),
+                Begun::Unprotected => work.await.into_response(),
+            }
         }
+        .instrument(span)
+        .await
     }
 
     /// The key this request runs under, if it carried one.
@@ -156,15 +165,17 @@ where
             );
             return Err(Problem::layer_missing().into_response());
         };
-        let key = match IdempotencyKey::from_headers(&parts.headers) {
-            Ok(Some(key)) => key,
-            Ok(None) if REQUIRED => return Err(Problem::key_missing().into_response()),
-            Ok(None) => return Ok(Self::unprotected(None)),
-            Err(error) => return Err(Problem::key_invalid(&error).into_response()),
+        let settings = idem.settings();
+        let (key, body) = match parts.extensions.get::<KeyedRequest>() {
+            Some(KeyedRequest::Keyed { key, body }) => (key.clone(), body),
+            Some(KeyedRequest::Invalid(error)) => {
+                return Err(Problem::key_invalid(error).into_response());
+            }
+            None if REQUIRED => return Err(Problem::key_missing().into_response()),
+            None => return Ok(Self::unprotected(None)),
         };
-        let config = &idem.config;
-        let fingerprint = match parts.extensions.get::<BufferedBody>() {
-            Some(BufferedBody::Complete(body)) => {
+        let fingerprint = match body {
+            BufferedBody::Complete(body) => {
                 // Behind `Router::nest` the URI is shortened; the original one tells two
                 // nested copies of a route apart.
                 let uri = parts
@@ -174,17 +185,15 @@ where
                 let path = uri
                     .path_and_query()
                     .map_or_else(|| uri.path(), |pq| pq.as_str());
-                Fingerprint::of(&config.fingerprint, &parts.method, path, body)
+                Fingerprint::of(&settings.fingerprint, &parts.method, path, body)
             }
-            Some(BufferedBody::TooLarge) => {
-                return Err(Problem::body_too_large(config.max_request_bytes).into_response());
+            BufferedBody::TooLarge => {
+                return Err(Problem::body_too_large(settings.max_request_bytes).into_response());
             }
-            Some(BufferedBody::Failed) | None => {
-                return Err(Problem::body_unreadable().into_response());
-            }
+            BufferedBody::Failed => return Err(Problem::body_unreadable().into_response()),
         };
-        let Some(scope) = config.scope.scope_of(parts) else {
-            tracing::warn!(target: "idem", path = parts.uri.path(), "keyed request without an identity to scope it by; answering 400 (see Builder::scope, Principal, Builder::shared_scope)");
+        let Some(scope) = settings.scope.scope_of(parts) else {
+            tracing::warn!(target: "idem", path = parts.uri.path(), "keyed request without an identity to scope it by; answering 400 (see IdempotencyBuilder::scope, Principal, IdempotencyBuilder::shared_scope)");
             return Err(Problem::scope_missing().into_response());
         };
         let key = ScopedKey::new(scope, key);
@@ -218,61 +227,6 @@ where
     }
 }
 
-/// The idempotency key of a request together with its scope: the stable identity of
-/// "this client's attempt", e.g. for a UNIQUE column that guards a table a second time.
-///
-/// Extract it in an `#[idempotent]` handler (or beside [`Idempotent`]): as `ScopedKey` it
-/// answers `400` when the request has no key (or no identity to scope it by); as
-/// `Option<ScopedKey>` it is `None` then.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct ScopedKey(Arc<ScopedKeyInner>);
-
-#[derive(PartialEq, Eq, Hash)]
-struct ScopedKeyInner {
-    scope: Scope,
-    key: IdempotencyKey,
-    joined: String,
-}
-
-impl ScopedKey {
-    /// `key` within `scope`.
-    pub fn new(scope: Scope, key: IdempotencyKey) -> Self {
-        let mut joined = String::with_capacity(33 + key.as_str().len());
-        crate::scope::push_hex(&mut joined, &scope.0);
-        joined.push(':');
-        joined.push_str(key.as_str());
-        Self(Arc::new(ScopedKeyInner { scope, key, joined }))
-    }
-
-    /// `scope-hex:key`: the name under which the store keeps the record. Unambiguous, as
-    /// the scope part has a fixed length.
-    pub fn as_str(&self) -> &str {
-        &self.0.joined
-    }
-
-    /// The scope.
-    pub fn scope(&self) -> Scope {
-        self.0.scope
-    }
-
-    /// The key as the client sent it.
-    pub fn key(&self) -> &IdempotencyKey {
-        &self.0.key
-    }
-}
-
-impl fmt::Debug for ScopedKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ScopedKey").field(&self.0.joined).finish()
-    }
-}
-
-impl fmt::Display for ScopedKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0.joined)
-    }
-}
-
 /// The request's scoped key: the one a guard already found, else found the same way. Take
 /// it after the extractor that authenticates the request: one taken before it, where the
 /// two scopes differ, makes the guard answer `500` rather than run on two identities.
@@ -281,8 +235,11 @@ fn scoped_key_of(parts: &Parts) -> Option<ScopedKey> {
         return Some(key.clone());
     }
     let idem = parts.extensions.get::<Idempotency>()?;
-    let key = IdempotencyKey::from_headers(&parts.headers).ok()??;
-    let scope = idem.config.scope.scope_of(parts)?;
+    let key = match parts.extensions.get::<KeyedRequest>()? {
+        KeyedRequest::Keyed { key, .. } => key.clone(),
+        KeyedRequest::Invalid(_) => return None,
+    };
+    let scope = idem.scope_of(parts)?;
     Some(ScopedKey::new(scope, key))
 }
 

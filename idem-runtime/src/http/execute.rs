@@ -1,0 +1,90 @@
+//! What happens on a first execution: the handler runs holding the key, and its response
+//! is stored for the retries to come.
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::StatusCode;
+
+use super::body::{Collected, collect_bounded};
+use super::problem::Problem;
+use crate::local::expiry_ms;
+use crate::protocol::{self, Execution};
+use crate::record::{Record, encode_completed};
+
+/// Runs `handler` holding the key, then stores its response (or releases the key after a
+/// `5xx` or a panic) and answers with it.
+///
+/// The work runs inside the request's own task (no hop to another task on the happy
+/// path); if that task drops it before it ends (the client disconnected), the rest of the
+/// work moves to a task of its own, so it still completes and its response is stored.
+pub(crate) async fn first_execution<F, R>(mut execution: Execution, handler: F) -> Response
+where
+    F: Future<Output = R> + Send + 'static,
+    R: IntoResponse + 'static,
+{
+    let detached = execution.idem().shared.detached.clone();
+    protocol::to_the_end(&detached, async move {
+        let response = execution
+            .run(async move { handler.await.into_response() })
+            .await;
+        store_response(execution, response).await
+    })
+    .await
+}
+
+/// Stores the handler's response under the key and returns it to the client.
+async fn store_response(mut execution: Execution, response: Response) -> Response {
+    let idem = execution.idem().clone();
+    let settings = idem.settings();
+    let (parts, body) = response.into_parts();
+    if parts.status.is_server_error() && !settings.store_server_errors {
+        tracing::info!(target: "idem", status = parts.status.as_u16(), "server error; releasing the key so a retry runs again");
+        execution.release().await;
+        return Response::from_parts(parts, body);
+    }
+    // Buffering a streamed body is part of the work: the lease stays renewed meanwhile.
+    match collect_bounded(body, settings.max_response_bytes).await {
+        Collected::Complete(bytes) => {
+            let kept: Vec<_> = parts
+                .headers
+                .iter()
+                .filter(|(name, _)| settings.headers.keeps(name))
+                .collect();
+            let record = encode_completed(
+                execution.fingerprint(),
+                expiry_ms(execution.ttl()),
+                parts.status,
+                &kept,
+                &bytes,
+            );
+            let not_stored = not_stored(&execution, parts.status, bytes.len() as u64);
+            execution.complete(record, not_stored).await;
+            tracing::debug!(target: "idem", status = parts.status.as_u16(), "executed and stored");
+            Response::from_parts(parts, Body::from(bytes))
+        }
+        Collected::TooLarge { read, seen } => {
+            tracing::warn!(target: "idem", limit = settings.max_response_bytes, "response too large to store; a retry will be told so and not run again");
+            let record = not_stored(&execution, parts.status, seen);
+            execution.complete(record.clone(), record).await;
+            Response::from_parts(parts, read.into_body())
+        }
+        Collected::Failed(_) => {
+            tracing::warn!(target: "idem", "response body failed; a retry will be told the response was not stored");
+            let record = not_stored(&execution, parts.status, 0);
+            execution.complete(record.clone(), record).await;
+            Problem::response_lost(parts.status).into_response()
+        }
+    }
+}
+
+/// The record saying the request ran and answered `status` with a body of `body_len`
+/// bytes, which was not stored.
+fn not_stored(execution: &Execution, status: StatusCode, body_len: u64) -> Bytes {
+    Record::Unstorable {
+        fingerprint: *execution.fingerprint(),
+        status,
+        body_len,
+    }
+    .encode()
+}

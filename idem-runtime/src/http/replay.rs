@@ -1,0 +1,63 @@
+//! What happens when the handler does not run: a replay of the stored response, or a
+//! problem saying why.
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::HeaderValue;
+
+use super::IDEMPOTENT_REPLAYED;
+use super::problem::Problem;
+use crate::config::Idempotency;
+use crate::key::ScopedKey;
+use crate::protocol::Answer;
+use crate::record::{Record, RecordError};
+
+/// The response to a request whose handler does not run.
+pub(crate) fn answer(idem: &Idempotency, key: &ScopedKey, answer: Answer) -> Response {
+    let retry_after = idem.settings().retry_after_secs();
+    let problem = match answer {
+        Answer::Completed(record) => match replay(&record) {
+            Ok(response) => {
+                tracing::info!(target: "idem", status = response.status().as_u16(), "replayed");
+                return response;
+            }
+            Err(error) => {
+                tracing::error!(target: "idem", %error, "the stored response cannot be read; answering 503");
+                idem.forget_local(key);
+                Problem::store_unavailable(retry_after)
+            }
+        },
+        Answer::NotStored(record) => match Record::decode(&record) {
+            Ok(Record::Unstorable {
+                status, body_len, ..
+            }) => Problem::response_not_stored(status, body_len),
+            _ => {
+                tracing::error!(target: "idem", "the record of a response not stored cannot be read; answering 503");
+                Problem::store_unavailable(retry_after)
+            }
+        },
+        Answer::KeyReused => Problem::key_reused(),
+        Answer::InFlight => Problem::in_flight(retry_after),
+        Answer::Overloaded => Problem::overloaded(retry_after),
+        Answer::Unavailable => Problem::store_unavailable(retry_after),
+    };
+    problem.into_response()
+}
+
+/// What happens on a replay: the stored response as the client receives it again, its
+/// status, kept headers and body byte for byte, plus `Idempotent-Replayed: true`.
+pub(crate) fn replay(record: &Bytes) -> Result<Response, RecordError> {
+    let Record::Completed(stored) = Record::decode(record)? else {
+        return Err(RecordError::Malformed);
+    };
+    let mut response = Response::new(Body::from(stored.body));
+    *response.status_mut() = stored.status;
+    let headers = response.headers_mut();
+    headers.reserve(stored.headers.len() + 1);
+    for (name, value) in stored.headers {
+        headers.append(name, value);
+    }
+    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    Ok(response)
+}

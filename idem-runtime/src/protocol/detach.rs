@@ -1,0 +1,74 @@
+//! Work that outlives its caller: a caller that goes away (an HTTP client that hung up)
+//! never cancels work that holds a key; the rest of it moves to a task of its own.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use tracing::Instrument;
+
+/// Runs `work` in the caller's task (no hop to another task while the caller waits); if
+/// the caller drops it before it ends, the rest runs in a task of its own, counted in
+/// `detached` while it runs there.
+pub(crate) async fn to_the_end<O, F>(detached: &Arc<AtomicUsize>, work: F) -> O
+where
+    F: Future<Output = O> + Send + 'static,
+    O: Send + 'static,
+{
+    Detaching {
+        work: Some(Box::pin(work.in_current_span())),
+        detached: detached.clone(),
+    }
+    .await
+}
+
+/// Unfinished work that moves to a task of its own when dropped.
+struct Detaching<O: Send + 'static> {
+    work: Option<Pin<Box<dyn Future<Output = O> + Send>>>,
+    detached: Arc<AtomicUsize>,
+}
+
+impl<O: Send + 'static> Future for Detaching<O> {
+    type Output = O;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<O> {
+        let Some(work) = self.work.as_mut() else {
+            // Polled again after it ended: there is nothing left to give.
+            return Poll::Pending;
+        };
+        let output = std::task::ready!(work.as_mut().poll(cx));
+        self.work = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<O: Send + 'static> Drop for Detaching<O> {
+    fn drop(&mut self) {
+        // While unwinding from a panic in the work, it has already released its key and
+        // must not be polled again.
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(work) = self.work.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            self.detached.fetch_add(1, Ordering::Relaxed);
+            let counted = Counted(self.detached.clone());
+            runtime.spawn(async move {
+                let _counted = counted;
+                work.await;
+            });
+        }
+    }
+}
+
+/// One detached execution, uncounted when it ends (however it ends).
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,460 @@
+//! The protocol behind every front door: claim a key or find what it holds, run the work
+//! holding the claim with its lease renewed, then complete or release the claim under the
+//! fencing check.
+//!
+//! Nothing here knows HTTP. A front door (the HTTP layer in [`crate::http`]) fingerprints
+//! its request, calls [`begin`], runs its work through the [`Execution`] it gets, and
+//! encodes its own result as the completed record; the records are opaque here but for
+//! their head (see [`crate::record`]).
+//!
+//! One call to [`begin`] makes one store round trip in the common case and decides
+//! between running the work, answering from what the key holds, and refusing.
+
+mod detach;
+mod lease;
+
+use std::panic::{AssertUnwindSafe, resume_unwind};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio::time::{Instant, sleep};
+use tracing::Instrument;
+
+pub(crate) use self::detach::to_the_end;
+use self::lease::LeaseKeeper;
+use crate::config::Idempotency;
+use crate::fingerprint::Fingerprint;
+use crate::key::ScopedKey;
+use crate::record::{self, Kind};
+use crate::store::StoreError;
+
+/// What [`begin`] decided.
+pub(crate) enum Begun {
+    /// This caller holds the key: run the work.
+    Execute(Execution),
+    /// The work does not run; this is what the key holds, or why it cannot be claimed.
+    Answer(Answer),
+    /// The store failed and fail-open is on: run the work without protection.
+    Unprotected,
+}
+
+/// Why the work does not run.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    /// The key holds the completed record of this same request: replay it.
+    Completed(Bytes),
+    /// The same request ran under the key, but its result could not be stored; the
+    /// record says what is known of it.
+    NotStored(Bytes),
+    /// The key holds a record of a different request.
+    KeyReused,
+    /// The same request is running under the key now.
+    InFlight,
+    /// Too much work runs detached from callers that went away; refused before the store.
+    Overloaded,
+    /// The store failed (or is full) and fail-open is off.
+    Unavailable,
+}
+
+/// Claims `key` for a request with `fingerprint`, or finds what is already there.
+pub(crate) async fn begin(
+    idem: &Idempotency,
+    key: ScopedKey,
+    fingerprint: Fingerprint,
+    ttl: Duration,
+) -> Begun {
+    let shared = &idem.shared;
+    let settings = &shared.settings;
+    if let Some(copy) = shared
+        .local
+        .as_ref()
+        .and_then(|local| local.get(key.as_str()))
+        && let Ok(Some(answer)) = classify(idem, &key, &fingerprint, copy, false)
+    {
+        return Begun::Answer(answer);
+    }
+    if shared.detached.load(Ordering::Relaxed) >= settings.max_detached {
+        tracing::warn!(target: "idem", limit = settings.max_detached, "too much detached work running; refusing");
+        return Begun::Answer(Answer::Overloaded);
+    }
+    let claim = record::new_claim(fingerprint);
+    // Armed before the store call: if this future is dropped after the store applied the
+    // claim but before the answer arrived, dropping the execution releases the claim.
+    let mut execution = Execution {
+        idem: idem.clone(),
+        key: key.clone(),
+        claim: claim.clone(),
+        fingerprint,
+        ttl,
+        armed: true,
+        keeper: None,
+    };
+    let wait_until = settings
+        .wait_for_in_flight
+        .map(|max| later(Instant::now(), max));
+    let mut backoff = Duration::from_millis(20);
+    // Once this request has seen the key in flight, a store failure never runs it
+    // unprotected (fail-open): the other request may still be running.
+    let mut seen_in_flight = false;
+    loop {
+        // The lease runs from when the claim is sent, not from when its answer arrives.
+        let sent_at = Instant::now();
+        let found = match store_step(
+            idem,
+            shared.store.begin(key.as_str(), &claim, settings.lease),
+        )
+        .await
+        {
+            Ok(found) => found,
+            Err(error) => return store_failed(idem, &error, seen_in_flight),
+        };
+        // The store may hand back this request's own claim: a `begin` applied twice
+        // because a client library re-sent it after losing the answer.
+        if let Some(found) = found.filter(|found| *found != claim) {
+            execution.armed = false;
+            match classify(idem, &key, &fingerprint, found, true) {
+                Ok(Some(answer)) => return Begun::Answer(answer),
+                Ok(None) => seen_in_flight = true,
+                Err(error) => return store_failed(idem, &error, seen_in_flight),
+            }
+            if let Some(until) = wait_until
+                && Instant::now() + backoff < until
+            {
+                sleep(backoff).await;
+                execution.armed = true;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
+            tracing::info!(target: "idem", "in flight");
+            return Begun::Answer(Answer::InFlight);
+        }
+        // An answer that took half the lease or more may describe a claim that has lapsed
+        // since and been taken over: confirm it with a renewal before running anything.
+        let mut held_from = sent_at;
+        if sent_at.elapsed() >= settings.lease / 2 {
+            let renewed_at = Instant::now();
+            let renewed = store_step(
+                idem,
+                shared.store.renew(key.as_str(), &claim, settings.lease),
+            )
+            .await;
+            match renewed {
+                Ok(true) if renewed_at.elapsed() < settings.lease / 2 => held_from = renewed_at,
+                Ok(true) => {
+                    tracing::warn!(target: "idem", "the store answers too slowly to hold a lease; refusing");
+                    execution.release().await;
+                    return Begun::Answer(Answer::Unavailable);
+                }
+                Ok(false) => {
+                    tracing::warn!(target: "idem", "the claim lapsed before its answer arrived; answering in flight");
+                    execution.armed = false;
+                    return Begun::Answer(Answer::InFlight);
+                }
+                Err(error) => return store_failed(idem, &error, true),
+            }
+        }
+        tracing::debug!(target: "idem", "executing");
+        execution.keeper = Some(LeaseKeeper::start(idem, &key, &claim, held_from));
+        return Begun::Execute(execution);
+    }
+}
+
+/// What a record found under the key means for this request: an answer, or `None` for a
+/// request in flight. The one place where the stored fingerprint meets the new one.
+fn classify(
+    idem: &Idempotency,
+    key: &ScopedKey,
+    fingerprint: &Fingerprint,
+    found: Bytes,
+    from_store: bool,
+) -> Result<Option<Answer>, StoreError> {
+    let head = record::head(&found).map_err(StoreError::backend)?;
+    if head.fingerprint != *fingerprint {
+        tracing::warn!(target: "idem", "key reused with a different request");
+        return Ok(Some(Answer::KeyReused));
+    }
+    match head.kind {
+        Kind::InProgress => Ok(None),
+        Kind::Completed => {
+            if from_store
+                && let (Some(local), Some(expires_at_ms)) = (&idem.shared.local, head.expires_at_ms)
+            {
+                local.insert(key.as_str(), found.clone(), expires_at_ms);
+            }
+            Ok(Some(Answer::Completed(found)))
+        }
+        Kind::NotStored => {
+            tracing::info!(target: "idem", "already executed; its result was not stored");
+            Ok(Some(Answer::NotStored(found)))
+        }
+    }
+}
+
+/// The answer when the store fails during `begin`. A request that has seen the key in
+/// flight is told so whatever the mode: running it unprotected could run it beside the
+/// request it saw.
+fn store_failed(idem: &Idempotency, error: &StoreError, seen_in_flight: bool) -> Begun {
+    if seen_in_flight {
+        tracing::warn!(target: "idem", %error, "store failed while waiting for a request in flight; answering in flight");
+        Begun::Answer(Answer::InFlight)
+    } else if matches!(error, StoreError::Full(_)) {
+        tracing::warn!(target: "idem", %error, "store full; refusing");
+        Begun::Answer(Answer::Unavailable)
+    } else if idem.settings().fail_open {
+        tracing::warn!(target: "idem", %error, "store failed; running unprotected (fail-open)");
+        Begun::Unprotected
+    } else {
+        tracing::error!(target: "idem", %error, "store failed; refusing");
+        Begun::Answer(Answer::Unavailable)
+    }
+}
+
+/// One execution holding a key. Dropping it without finishing releases the key.
+pub(crate) struct Execution {
+    idem: Idempotency,
+    key: ScopedKey,
+    claim: Bytes,
+    fingerprint: Fingerprint,
+    ttl: Duration,
+    armed: bool,
+    /// Renews the lease from the moment of the claim until the execution ends.
+    keeper: Option<LeaseKeeper>,
+}
+
+/// How a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Completion {
+    /// The result is stored for replay.
+    Stored,
+    /// The key records that the work ran, without its result.
+    NotStored,
+    /// The claim was gone (fencing): nothing was stored.
+    Lost,
+    /// The store failed; the completion is retried in the background.
+    Pending,
+}
+
+impl Execution {
+    /// The handle this execution runs under.
+    pub(crate) fn idem(&self) -> &Idempotency {
+        &self.idem
+    }
+
+    /// The fingerprint of the request that holds the key.
+    pub(crate) fn fingerprint(&self) -> &Fingerprint {
+        &self.fingerprint
+    }
+
+    /// How long the completed record is kept.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Runs the work. A panic releases the key (so a retry runs again) and is resumed.
+    pub(crate) async fn run<T>(&mut self, work: impl Future<Output = T>) -> T {
+        match AssertUnwindSafe(work).catch_unwind().await {
+            Ok(output) => output,
+            Err(panic) => {
+                tracing::warn!(target: "idem", "the work panicked; releasing the key");
+                self.release().await;
+                resume_unwind(panic)
+            }
+        }
+    }
+
+    /// Stores `record` if the key still holds this execution's claim. A record the store
+    /// cannot keep is replaced by `not_stored`, which says the work ran without its
+    /// result. A store failure is retried in the background, the lease still renewed, so
+    /// that a retry is answered rather than run again.
+    pub(crate) async fn complete(&mut self, record: Bytes, not_stored: Bytes) -> Completion {
+        self.armed = false;
+        let mut record = record;
+        let mut stored_whole = true;
+        let mut outcome = self.store(record.clone()).await;
+        if let Err(error @ StoreError::RecordRefused { .. }) = &outcome {
+            tracing::warn!(target: "idem", %error, "the store cannot keep this result; a retry will be told it was not stored");
+            record = not_stored.clone();
+            stored_whole = false;
+            outcome = self.store(record.clone()).await;
+        }
+        match outcome {
+            Ok(true) if stored_whole => {
+                if let Some(local) = &self.idem.shared.local
+                    && let Ok(record::Head {
+                        kind: Kind::Completed,
+                        expires_at_ms: Some(expires_at_ms),
+                        ..
+                    }) = record::head(&record)
+                {
+                    local.insert(self.key.as_str(), record, expires_at_ms);
+                }
+                Completion::Stored
+            }
+            Ok(true) => Completion::NotStored,
+            Ok(false) => {
+                tracing::warn!(target: "idem", "lease was lost before completion (fencing); result not stored");
+                Completion::Lost
+            }
+            Err(error) => {
+                tracing::warn!(target: "idem", %error, "storing the result failed; retrying in the background while the lease is held");
+                let retrying = retry_completion(
+                    self.idem.clone(),
+                    self.key.clone(),
+                    self.claim.clone(),
+                    self.ttl,
+                    record,
+                    not_stored,
+                    self.keeper.take(),
+                );
+                tokio::spawn(retrying.in_current_span());
+                Completion::Pending
+            }
+        }
+    }
+
+    /// Gives the key up, so that a retry runs the work again.
+    pub(crate) async fn release(&mut self) {
+        self.armed = false;
+        self.keeper = None;
+        release(&self.idem, &self.key, &self.claim).await;
+    }
+
+    async fn store(&self, record: Bytes) -> Result<bool, StoreError> {
+        store_completion(&self.idem, &self.key, &self.claim, self.ttl, record).await
+    }
+}
+
+impl Drop for Execution {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (idem, key, claim) = (self.idem.clone(), self.key.clone(), self.claim.clone());
+            runtime.spawn(async move { release(&idem, &key, &claim).await }.in_current_span());
+        }
+    }
+}
+
+/// How long a completion is retried in the background after the store failed, at most.
+/// The lease is renewed meanwhile, so the key stays held; past this the key is let go
+/// (its lease runs out) rather than held for ever by a store that refuses every write.
+const COMPLETION_RETRY_LIMIT: Duration = Duration::from_secs(30);
+
+/// Retries storing `record` after a store failure, while the lease holds. A store that
+/// refuses the record for good gets `not_stored` instead (a retry is told the result was
+/// not stored, and never runs the work again).
+async fn retry_completion(
+    idem: Idempotency,
+    key: ScopedKey,
+    claim: Bytes,
+    ttl: Duration,
+    mut record: Bytes,
+    not_stored: Bytes,
+    keeper: Option<LeaseKeeper>,
+) {
+    let give_up = later(Instant::now(), COMPLETION_RETRY_LIMIT);
+    let mut delay = Duration::from_millis(100);
+    let mut attempts = 1u32;
+    loop {
+        sleep(delay).await;
+        attempts += 1;
+        let attempted_at = Instant::now();
+        match store_completion(&idem, &key, &claim, ttl, record.clone()).await {
+            Ok(true) => {
+                tracing::info!(target: "idem", attempts, "result stored after retrying");
+                break;
+            }
+            Ok(false) => {
+                tracing::error!(target: "idem", attempts, "the lease ran out before the result could be stored; a retry may run the work again");
+                break;
+            }
+            Err(StoreError::RecordRefused { .. }) if record != not_stored => {
+                record = not_stored.clone();
+                delay = Duration::ZERO;
+            }
+            Err(error) => {
+                // The store renews the lease but refuses this record: it will not take
+                // it, so the key records that the work ran, without its result.
+                if record != not_stored
+                    && keeper
+                        .as_ref()
+                        .is_some_and(|keeper| keeper.renewed_since(attempted_at))
+                {
+                    tracing::warn!(target: "idem", %error, "the store renews the lease but refuses the result; a retry will be told it was not stored");
+                    record = not_stored.clone();
+                    delay = Duration::ZERO;
+                    continue;
+                }
+                let holds = keeper.as_ref().is_some_and(LeaseKeeper::holds);
+                if !holds || Instant::now() >= give_up {
+                    tracing::error!(target: "idem", attempts, %error, "the result could not be stored; the key is let go when its lease runs out, and a retry may run the work again");
+                    break;
+                }
+                delay = (delay * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
+            }
+        }
+    }
+    drop(keeper);
+}
+
+/// One store step, failed with [`StoreError::Timeout`] when it does not answer in time.
+pub(crate) async fn store_step<T>(
+    idem: &Idempotency,
+    step: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let timeout = idem.settings().store_timeout;
+    tokio::time::timeout(timeout, step)
+        .await
+        .unwrap_or(Err(StoreError::Timeout(timeout)))
+}
+
+async fn store_completion(
+    idem: &Idempotency,
+    key: &ScopedKey,
+    claim: &Bytes,
+    ttl: Duration,
+    record: Bytes,
+) -> Result<bool, StoreError> {
+    store_step(
+        idem,
+        idem.store().complete(key.as_str(), claim, record, ttl),
+    )
+    .await
+}
+
+/// Releases the claim. A release the store does not take is retried in the background
+/// until it is taken or the lease has run out anyway, so a store that comes back frees the
+/// key at once rather than after a whole lease.
+async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes) {
+    let started = Instant::now();
+    let Err(error) = store_step(idem, idem.store().release(key.as_str(), claim)).await else {
+        return;
+    };
+    tracing::warn!(target: "idem", %error, "releasing the key failed; retrying until its lease ends");
+    let (idem, key, claim) = (idem.clone(), key.clone(), claim.clone());
+    let retrying = async move {
+        let lease_ends = later(started, idem.settings().lease);
+        let mut delay = Duration::from_millis(100);
+        while Instant::now() + delay < lease_ends {
+            sleep(delay).await;
+            if store_step(&idem, idem.store().release(key.as_str(), &claim))
+                .await
+                .is_ok()
+            {
+                tracing::info!(target: "idem", "key released after retrying");
+                return;
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    };
+    tokio::spawn(retrying.in_current_span());
+}
+
+/// `at + after`, or far in the future where that overflows.
+pub(crate) fn later(at: Instant, after: Duration) -> Instant {
+    at.checked_add(after)
+        .unwrap_or_else(|| at + Duration::from_secs(100 * 365 * 24 * 3600))
+}
