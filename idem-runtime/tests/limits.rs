@@ -84,3 +84,35 @@ async fn memory_store_with_a_large_per_entry_bound_stores_records() {
         .await;
     assert!(matches!(stored, Ok(true)), "{stored:?}");
 }
+
+/// Guards: a malformed key is refused with `400` before the body is read: a client that
+/// sends a bad key with a large (here: endless) body is answered at once, and not one
+/// byte of its body is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_key_is_refused_before_the_body_is_read() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let idem = common::test_builder(Idempotency::builder()).build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let polled = Arc::new(AtomicBool::new(false));
+    let endless = futures_util::stream::repeat_with({
+        let polled = polled.clone();
+        move || {
+            polled.store(true, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 64 * 1024]))
+        }
+    });
+    let request = axum::http::Request::post("/pay")
+        .header("idempotency-key", "bad key with spaces")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from_stream(endless))
+        .unwrap();
+    let answer = send(&app, request).await;
+    answer.assert_problem(StatusCode::BAD_REQUEST, idem_runtime::Problem::KEY_INVALID);
+    assert!(
+        !polled.load(Ordering::SeqCst),
+        "the body was read before the key was checked"
+    );
+    assert_eq!(counters.runs(), 0, "the handler did not run");
+}
