@@ -3,10 +3,9 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use idem_runtime::http::PROBLEM_JSON;
-use serde::Serialize;
+use idem_runtime::Problem;
 
 /// An error a handler answers with, as `application/problem+json`.
 #[derive(Debug, thiserror::Error)]
@@ -62,81 +61,82 @@ pub enum ApiError {
 impl ApiError {
     fn problem(&self) -> Problem {
         match self {
-            Self::BadBody { status, detail } => Problem {
-                kind: "urn:payments:problem:bad-body",
-                title: "Request body not accepted",
-                status: *status,
-                detail: detail.clone(),
-            },
-            Self::Invalid(detail) => Problem {
-                kind: "urn:payments:problem:invalid-request",
-                title: "Invalid request",
-                status: StatusCode::UNPROCESSABLE_ENTITY,
-                detail: detail.clone(),
-            },
-            Self::OrderNotFound(id) => Problem {
-                kind: "urn:payments:problem:order-not-found",
-                title: "Order not found",
-                status: StatusCode::NOT_FOUND,
-                detail: format!("There is no order with id {id:?}. Create it with POST /orders first."),
-            },
-            Self::PaymentNotFound(id) => Problem {
-                kind: "urn:payments:problem:payment-not-found",
-                title: "Payment not found",
-                status: StatusCode::NOT_FOUND,
-                detail: format!("There is no payment with id {id:?}."),
-            },
+            Self::BadBody { status, detail } => Problem::new(
+                *status,
+                "urn:payments:problem:bad-body",
+                "Request body not accepted",
+                detail.clone(),
+            ),
+            Self::Invalid(detail) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "urn:payments:problem:invalid-request",
+                "Invalid request",
+                detail.clone(),
+            ),
+            Self::OrderNotFound(id) => Problem::new(
+                StatusCode::NOT_FOUND,
+                "urn:payments:problem:order-not-found",
+                "Order not found",
+                format!("There is no order with id {id:?}. Create it with POST /orders first."),
+            ),
+            Self::PaymentNotFound(id) => Problem::new(
+                StatusCode::NOT_FOUND,
+                "urn:payments:problem:payment-not-found",
+                "Payment not found",
+                format!("There is no payment with id {id:?}."),
+            ),
             Self::AmountMismatch {
                 total_cents,
                 amount_cents,
-            } => Problem {
-                kind: "urn:payments:problem:amount-mismatch",
-                title: "Amount does not match the order",
-                status: StatusCode::UNPROCESSABLE_ENTITY,
-                detail: format!(
+            } => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "urn:payments:problem:amount-mismatch",
+                "Amount does not match the order",
+                format!(
                     "The order totals {total_cents} cents but the payment offers {amount_cents}. Pay exactly the order total; nothing was charged."
                 ),
-            },
-            Self::CurrencyMismatch { order, payment } => Problem {
-                kind: "urn:payments:problem:currency-mismatch",
-                title: "Currency does not match the order",
-                status: StatusCode::UNPROCESSABLE_ENTITY,
-                detail: format!(
+            ),
+            Self::CurrencyMismatch { order, payment } => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "urn:payments:problem:currency-mismatch",
+                "Currency does not match the order",
+                format!(
                     "The order is priced in {order} but the payment is in {payment}. Pay in the order's currency; nothing was charged."
                 ),
-            },
-            Self::Unauthenticated => Problem {
-                kind: "urn:payments:problem:unauthenticated",
-                title: "API key required",
-                status: StatusCode::UNAUTHORIZED,
-                detail: "Send your API key as `Authorization: Bearer <key>`. Out of the box the app accepts `sk_test_demo`.".into(),
-            },
-            Self::AlreadyPaid(id) => Problem {
-                kind: "urn:payments:problem:order-already-paid",
-                title: "Order already paid",
-                status: StatusCode::CONFLICT,
-                detail: format!(
+            ),
+            Self::Unauthenticated => Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "urn:payments:problem:unauthenticated",
+                "API key required",
+                "Send your API key as `Authorization: Bearer <key>`. Out of the box the app accepts `sk_test_demo`.",
+            ),
+            Self::AlreadyPaid(id) => Problem::new(
+                StatusCode::CONFLICT,
+                "urn:payments:problem:order-already-paid",
+                "Order already paid",
+                format!(
                     "Order {id:?} was already paid by a request with another Idempotency-Key. Nothing was charged; look the order up instead of paying again."
                 ),
-            },
-            Self::KeyReused => Problem {
-                kind: "urn:payments:problem:key-reused",
-                title: "Idempotency-Key reused",
-                status: StatusCode::UNPROCESSABLE_ENTITY,
-                detail: "This Idempotency-Key already created a different record. Use a new key for a new request; nothing was changed.".into(),
-            },
-            Self::Database(error) if is_unavailable(error) => Problem {
-                kind: "urn:payments:problem:database-unavailable",
-                title: "Database unavailable",
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                detail: "The database could not be reached; nothing was changed. Retry with the same Idempotency-Key.".into(),
-            },
-            Self::Database(_) => Problem {
-                kind: "urn:payments:problem:internal",
-                title: "Internal error",
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                detail: "The request failed inside the server. Retry with the same Idempotency-Key.".into(),
-            },
+            ),
+            Self::KeyReused => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "urn:payments:problem:key-reused",
+                "Idempotency-Key reused",
+                "This Idempotency-Key already created a different record. Use a new key for a new request; nothing was changed.",
+            ),
+            Self::Database(error) if is_unavailable(error) => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "urn:payments:problem:database-unavailable",
+                "Database unavailable",
+                "The database could not be reached; nothing was changed. Retry with the same Idempotency-Key.",
+            )
+            .with_retry_after(1),
+            Self::Database(_) => Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "urn:payments:problem:internal",
+                "Internal error",
+                "The request failed inside the server. Retry with the same Idempotency-Key.",
+            ),
         }
     }
 }
@@ -151,41 +151,10 @@ fn is_unavailable(error: &sqlx::Error) -> bool {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = self.problem();
-        if problem.status.is_server_error() {
-            tracing::error!(error = %self, status = problem.status.as_u16(), "request failed");
+        if problem.status().is_server_error() {
+            tracing::error!(error = %self, status = problem.status().as_u16(), "request failed");
         }
         problem.into_response()
-    }
-}
-
-/// An RFC 9457 problem body.
-#[derive(Serialize)]
-struct Problem {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    title: &'static str,
-    #[serde(serialize_with = "status_code")]
-    status: StatusCode,
-    detail: String,
-}
-
-fn status_code<S: serde::Serializer>(
-    status: &StatusCode,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    serializer.serialize_u16(status.as_u16())
-}
-
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
-        let body = serde_json::to_vec(&self).unwrap_or_default();
-        let mut response = (self.status, body).into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        response
     }
 }
 
