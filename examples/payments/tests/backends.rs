@@ -15,13 +15,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use idem_runtime::{Idempotency, http::PROBLEM_JSON};
+use idem_runtime::Idempotency;
 use payments::client::{PayClient, RetryPolicy, demo, new_key};
 use payments::{AppState, Config, Db, NewOrder, NewPayment, Order, Payment};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Connection, Row};
-use support::Server;
+use support::{Answer, Server};
 
 #[derive(Clone, Copy, Debug)]
 enum Backend {
@@ -255,54 +255,12 @@ impl Drop for PauseFile {
     }
 }
 
-/// An HTTP answer as a client sees it.
-struct Answer {
-    status: StatusCode,
-    replayed: bool,
-    content_type: String,
-    retry_after: bool,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn json<T: serde::de::DeserializeOwned>(&self) -> T {
-        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
-            panic!(
-                "{error}: {} {}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    fn problem_type(&self) -> String {
-        assert_eq!(self.content_type, PROBLEM_JSON, "{}", self.status);
-        let problem: Value = self.json();
-        assert_eq!(problem["status"], self.status.as_u16());
-        assert!(problem["title"].is_string() && problem["detail"].is_string());
-        problem["type"].as_str().unwrap().to_owned()
-    }
-}
-
 async fn post(http: &reqwest::Client, url: &str, key: Option<&str>, body: &Value) -> Answer {
     let mut request = http.post(url).json(body);
     if let Some(key) = key {
         request = request.header("idempotency-key", key);
     }
-    let response = request.send().await.unwrap();
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .map(|value| value.to_str().unwrap().to_owned())
-    };
-    Answer {
-        status: response.status(),
-        replayed: header("idempotent-replayed").as_deref() == Some("true"),
-        content_type: header("content-type").unwrap_or_default(),
-        retry_after: header("retry-after").is_some(),
-        body: response.bytes().await.unwrap().to_vec(),
-    }
+    Answer::read(request.send().await.unwrap()).await.unwrap()
 }
 
 async fn create_order(http: &reqwest::Client, server: &Server) -> Order {
@@ -377,13 +335,10 @@ async fn concurrent_payments_with_one_key(backend: Backend) {
         match answer.status {
             StatusCode::CREATED => assert_eq!(&answer.body, original, "a replay is byte for byte"),
             StatusCode::CONFLICT => {
-                assert!(answer.retry_after, "409 carries Retry-After");
+                assert!(answer.retry_after.is_some(), "409 carries Retry-After");
                 assert_eq!(answer.problem_type(), "urn:idem:problem:in-flight");
             }
-            status => panic!(
-                "unexpected {status}: {}",
-                String::from_utf8_lossy(&answer.body)
-            ),
+            status => panic!("unexpected {status}: {}", answer.text()),
         }
     }
     let conflicts = answers.iter().filter(|a| a.status == StatusCode::CONFLICT);

@@ -26,7 +26,7 @@ use idem_runtime::{Idempotency, http::PROBLEM_JSON};
 use payments::{AppState, Db, Item, NewOrder, NewPayment, Order, Payment};
 use reqwest::StatusCode;
 use sqlx::Row;
-use support::{Server, TempDir};
+use support::{Answer, Server, TempDir};
 use testkit::RedisServer;
 
 /// Orders, keys and client tasks: one of each per client.
@@ -56,25 +56,10 @@ enum Fault {
     Restart,
 }
 
-/// One HTTP answer as the client saw it.
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    replayed: bool,
-    content_type: String,
-    retry_after: Option<Duration>,
-    body: Vec<u8>,
-}
-
 impl Answer {
     /// The payment in a `201`, checked to pay `order_id`.
     fn payment(&self, order_id: &str) -> Payment {
-        let payment: Payment = serde_json::from_slice(&self.body).unwrap_or_else(|error| {
-            panic!(
-                "a 201 without a payment ({error}): {}",
-                String::from_utf8_lossy(&self.body)
-            )
-        });
+        let payment: Payment = self.json();
         assert_eq!(payment.order_id, order_id, "a 201 for another order");
         payment
     }
@@ -83,8 +68,7 @@ impl Answer {
     /// by a request in flight (idem's `409`, not the app's "order already paid").
     fn transient(&self) -> bool {
         self.status == StatusCode::SERVICE_UNAVAILABLE
-            || (self.status == StatusCode::CONFLICT
-                && !String::from_utf8_lossy(&self.body).contains("order-already-paid"))
+            || (self.status == StatusCode::CONFLICT && !self.text().contains("order-already-paid"))
     }
 
     /// What is wrong with this answer under the soak's rules, if anything: only success,
@@ -103,7 +87,7 @@ impl Answer {
                 "{} (content-type {:?}): {}",
                 self.status,
                 self.content_type,
-                String::from_utf8_lossy(&self.body)
+                self.text()
             )
         })
     }
@@ -121,27 +105,7 @@ async fn send(
         .json(body)
         .send()
         .await?;
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_owned)
-    };
-    let status = response.status();
-    let replayed = header("idempotent-replayed").as_deref() == Some("true");
-    let content_type = header("content-type").unwrap_or_default();
-    let retry_after = header("retry-after")
-        .and_then(|secs| secs.parse().ok())
-        .map(Duration::from_secs);
-    let body = response.bytes().await?.to_vec();
-    Ok(Answer {
-        status,
-        replayed,
-        content_type,
-        retry_after,
-        body,
-    })
+    Answer::read(response).await
 }
 
 /// What one client saw.
@@ -233,10 +197,7 @@ async fn wait_for_store(http: &reqwest::Client, url: &str) -> u32 {
         match answer.status {
             StatusCode::NOT_FOUND => return probes,
             StatusCode::SERVICE_UNAVAILABLE => {}
-            other => panic!(
-                "probe got {other}: {}",
-                String::from_utf8_lossy(&answer.body)
-            ),
+            other => panic!("probe got {other}: {}", answer.text()),
         }
         assert!(
             Instant::now() < deadline,
@@ -494,7 +455,7 @@ async fn soak() {
             StatusCode::CREATED,
             "key {} did not converge: {}",
             keys[index],
-            String::from_utf8_lossy(&answer.body)
+            answer.text()
         );
         assert_eq!(
             paid_with[index].len(),

@@ -1,13 +1,18 @@
-//! Fixtures shared by the payments tests: temporary directories and the router served on
-//! a loopback socket.
+//! Fixtures shared by the payments tests: temporary directories, the router served on a
+//! loopback socket, authenticated clients and the answers they read.
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::borrow::Cow;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
+use idem_runtime::PROBLEM_JSON;
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
 
 /// An empty directory of the test's own, removed when dropped.
 pub struct TempDir(pub PathBuf);
@@ -83,4 +88,85 @@ pub fn auth_headers(api_key: &str) -> reqwest::header::HeaderMap {
         format!("Bearer {api_key}").parse().expect("a header value"),
     );
     headers
+}
+
+/// An HTTP answer as a client sees it: the status, the headers idem and the app set, and
+/// the whole body.
+pub struct Answer {
+    pub status: StatusCode,
+    /// `Idempotent-Replayed: true`: idem answered with a stored response.
+    pub replayed: bool,
+    pub content_type: String,
+    /// `Retry-After`, in whole seconds.
+    pub retry_after: Option<Duration>,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// Reads `response` to the end of its body.
+    pub async fn read(response: reqwest::Response) -> Result<Self, reqwest::Error> {
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        let replayed = header("idempotent-replayed").as_deref() == Some("true");
+        let content_type = header("content-type").unwrap_or_default();
+        let retry_after = header("retry-after")
+            .and_then(|secs| secs.parse().ok())
+            .map(Duration::from_secs);
+        Ok(Self {
+            status: response.status(),
+            replayed,
+            content_type,
+            retry_after,
+            body: response.bytes().await?.to_vec(),
+        })
+    }
+
+    /// The body as text, for messages.
+    pub fn text(&self) -> Cow<'_, str> {
+        String::from_utf8_lossy(&self.body)
+    }
+
+    /// The body as JSON.
+    ///
+    /// # Panics
+    /// If it is not a `T`, with the status and the body in the message.
+    pub fn json<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|error| panic!("{error}: {} {}", self.status, self.text()))
+    }
+
+    /// The `type` of a problem answer, checked to be an RFC 9457 problem of its status.
+    ///
+    /// # Panics
+    /// If the answer is not such a problem.
+    pub fn problem_type(&self) -> String {
+        assert_eq!(self.content_type, PROBLEM_JSON, "{self:?}");
+        let problem: serde_json::Value = self.json();
+        assert_eq!(problem["status"], self.status.as_u16(), "{self:?}");
+        assert!(
+            problem["title"].is_string() && problem["detail"].is_string(),
+            "{self:?}"
+        );
+        problem["type"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a problem without a type: {self:?}"))
+            .to_owned()
+    }
+}
+
+impl fmt::Debug for Answer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Answer")
+            .field("status", &self.status)
+            .field("replayed", &self.replayed)
+            .field("content_type", &self.content_type)
+            .field("retry_after", &self.retry_after)
+            .field("body", &self.text())
+            .finish()
+    }
 }
