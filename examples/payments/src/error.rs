@@ -1,11 +1,13 @@
-//! What can go wrong, as RFC 9457 problem responses, and the JSON extractor that reports
-//! a bad body the same way.
+//! What can go wrong, as RFC 9457 problem responses, and the JSON extractor that refuses
+//! a bad body the same way before the handler runs.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use idem_runtime::Problem;
+
+use crate::model::Validate;
 
 /// An error a handler answers with, as `application/problem+json`.
 #[derive(Debug, thiserror::Error)]
@@ -158,20 +160,28 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `axum::Json`, but a body it cannot read is answered with a problem response.
+/// The JSON body of a request, deserialised and then [validated](Validate): a body that
+/// does not parse, or whose values are refused, is answered with a problem response
+/// before the handler runs. An `#[idempotent]` handler claims its key only once every
+/// extractor succeeded, so a refused body leaves the key unused and the corrected request
+/// may be sent again under it.
 #[derive(Debug)]
 pub(crate) struct ApiJson<T>(pub(crate) T);
 
 impl<S, T> FromRequest<S> for ApiJson<T>
 where
     S: Send + Sync,
+    T: Validate,
     axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
 {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         match axum::Json::<T>::from_request(request, state).await {
-            Ok(axum::Json(value)) => Ok(Self(value)),
+            Ok(axum::Json(value)) => {
+                value.validate().map_err(ApiError::Invalid)?;
+                Ok(Self(value))
+            }
             Err(rejection) => Err(ApiError::BadBody {
                 status: rejection.status(),
                 detail: rejection.body_text(),

@@ -16,6 +16,12 @@
 //! constraint on `payments.order_id` stops two different keys from paying one order
 //! (`409`). Every error is an RFC 9457 problem.
 //!
+//! A body the app refuses for its shape (malformed JSON, a missing field, a value such as
+//! an unknown currency or a negative amount) is answered before idem claims the key, so
+//! nothing is stored under it and the corrected request can be sent with the same key.
+//! What needs the database (the order exists, the amount is its total, it is unpaid) is
+//! checked by the handler, and that answer is stored like any other.
+//!
 //! The router is built here so tests can serve the real thing:
 //!
 //! ```no_run

@@ -159,6 +159,24 @@ impl NewPayment {
     }
 }
 
+/// A request body whose values can be checked on their own, without the database.
+pub(crate) trait Validate {
+    /// What is wrong with the values, if anything, as a sentence for the client.
+    fn validate(&self) -> Result<(), String>;
+}
+
+impl Validate for NewOrder {
+    fn validate(&self) -> Result<(), String> {
+        self.total_cents().map(drop)
+    }
+}
+
+impl Validate for NewPayment {
+    fn validate(&self) -> Result<(), String> {
+        self.check()
+    }
+}
+
 /// Refuses control characters (NUL above all, which PostgreSQL cannot store in text).
 fn printable(field: &str, value: &str) -> Result<(), String> {
     if value.chars().any(char::is_control) {

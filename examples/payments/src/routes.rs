@@ -37,7 +37,6 @@ pub(crate) async fn create_payment(
     if let Some(file) = &state.test_pause_file {
         pause_while_exists(file).await;
     }
-    request.check().map_err(ApiError::Invalid)?;
     let key = key.as_ref().map(ScopedKey::as_str);
     let payment = state.db.pay(&request, key).await?;
     tracing::info!(payment_id = %payment.id, order_id = %payment.order_id, amount_cents = payment.amount_cents, "payment captured");

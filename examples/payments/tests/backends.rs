@@ -447,6 +447,120 @@ async fn second_guard(backend: Backend) {
     assert_eq!(fixture.payments_of(&order.id).await, vec![original]);
 }
 
+/// Guards: a body refused for its shape or its values leaves its key unused, so the
+/// corrected request under the same key runs (nothing refused is stored for replay).
+async fn refused_bodies_leave_the_key_unused(backend: Backend) {
+    let fixture = Fixture::new(backend, "refused-bodies").await;
+    let server = fixture.serve().await;
+    let http = support::http();
+    let payments = format!("{}/payments", server.url);
+    let orders = format!("{}/orders", server.url);
+
+    let order = create_order(&http, &server).await;
+    let key = new_key();
+    let broken = http
+        .post(&payments)
+        .header("idempotency-key", &key)
+        .header("content-type", "application/json")
+        .body(r#"{"order_id": "ord_"#)
+        .send()
+        .await
+        .unwrap();
+    let broken = Answer::read(broken).await.unwrap();
+    assert_eq!(broken.status, StatusCode::BAD_REQUEST, "broken JSON");
+    assert_eq!(broken.problem_type(), "urn:payments:problem:bad-body");
+    let missing = post(
+        &http,
+        &payments,
+        Some(&key),
+        &json!({ "order_id": order.id }),
+    )
+    .await;
+    assert_eq!(
+        missing.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "missing fields"
+    );
+    assert_eq!(missing.problem_type(), "urn:payments:problem:bad-body");
+    let paid = post(&http, &payments, Some(&key), &payment_of(&order)).await;
+    assert_eq!(
+        paid.status,
+        StatusCode::CREATED,
+        "corrected after broken JSON"
+    );
+    assert!(!paid.replayed);
+
+    let key = new_key();
+    let item = json!({ "sku": "A", "quantity": 1, "unit_price_cents": 100 });
+    for (body, reason) in [
+        (json!({ "customer_id": "cus_1", "items": [] }), "no items"),
+        (
+            json!({ "customer_id": "cus_1", "currency": "ABC", "items": [item] }),
+            "unknown currency",
+        ),
+        (
+            json!({ "customer_id": "cus\u{0}1", "items": [item] }),
+            "NUL in customer_id",
+        ),
+        (
+            json!({ "customer_id": "cus_1", "items": [{ "sku": "A", "quantity": 0, "unit_price_cents": 100 }] }),
+            "zero quantity",
+        ),
+    ] {
+        let refused = post(&http, &orders, Some(&key), &body).await;
+        assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY, "{reason}");
+        assert_eq!(
+            refused.problem_type(),
+            "urn:payments:problem:invalid-request",
+            "{reason}"
+        );
+    }
+    let created = post(
+        &http,
+        &orders,
+        Some(&key),
+        &json!({ "customer_id": "cus_1", "items": [item] }),
+    )
+    .await;
+    assert_eq!(
+        created.status,
+        StatusCode::CREATED,
+        "order corrected after refusals"
+    );
+    let order: Order = created.json();
+
+    let key = new_key();
+    let mut unknown_currency = payment_of(&order);
+    unknown_currency["currency"] = json!("ABC");
+    let mut negative = payment_of(&order);
+    negative["amount_cents"] = json!(-1);
+    let mut nul = payment_of(&order);
+    nul["order_id"] = json!(format!("{}\u{0}", order.id));
+    for (body, reason) in [
+        (unknown_currency, "unknown currency"),
+        (negative, "negative amount"),
+        (nul, "NUL in order_id"),
+    ] {
+        let refused = post(&http, &payments, Some(&key), &body).await;
+        assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY, "{reason}");
+        assert_eq!(
+            refused.problem_type(),
+            "urn:payments:problem:invalid-request",
+            "{reason}"
+        );
+    }
+    let paid = post(&http, &payments, Some(&key), &payment_of(&order)).await;
+    assert_eq!(
+        paid.status,
+        StatusCode::CREATED,
+        "payment corrected after refusals"
+    );
+    assert_eq!(
+        fixture.payments_of(&order.id).await,
+        vec![paid.json::<Payment>()]
+    );
+}
+
 macro_rules! on_both_backends {
     ($($scenario:ident: $sqlite:ident, $postgres:ident;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -546,6 +660,9 @@ async fn keys_are_scoped_by_account(backend: Backend) {
 }
 
 on_both_backends! {
+    refused_bodies_leave_the_key_unused:
+        refused_bodies_leave_the_key_unused_on_sqlite,
+        refused_bodies_leave_the_key_unused_on_postgres;
     hostile_input_is_refused:
         hostile_input_is_refused_on_sqlite,
         hostile_input_is_refused_on_postgres;
