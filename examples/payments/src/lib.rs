@@ -36,13 +36,12 @@
 //! [`client`] holds the retrying client that `pay-client` runs.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::{get, post};
-use idem_runtime::Idempotency;
-use idem_runtime::store::RedisStore;
+use idem_runtime::store::{MemoryStore, RedisStore, Store};
+use idem_runtime::{IdempotencyBuilder, Idempotency};
 
 mod auth;
 pub mod client;
@@ -78,10 +77,6 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// The prefix of the app's Redis keys (default [`DEFAULT_REDIS_PREFIX`]).
     pub redis_prefix: String,
-    /// Test hook (`PAYMENTS_TEST_PAUSE_FILE`): while this file exists, `POST /payments`
-    /// waits before it touches the database (at most a minute), so a fault test can
-    /// kill the process mid-payment. Leave it unset outside tests.
-    pub test_pause_file: Option<PathBuf>,
     /// How long a payment in progress holds its key between renewals
     /// (`PAYMENTS_IDEM_LEASE_MS`, default idem's [`idem_runtime::defaults::LEASE`]): after a
     /// crash, the key is free again within one lease.
@@ -99,7 +94,6 @@ impl Default for Config {
             database_url: DEFAULT_DATABASE_URL.to_owned(),
             redis_url: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
-            test_pause_file: None,
             lease: idem_runtime::defaults::LEASE,
             api_keys: ApiKeys::demo(),
         }
@@ -107,8 +101,8 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Reads `PAYMENTS_ADDR`, `DATABASE_URL`, `REDIS_URL` and `PAYMENTS_TEST_PAUSE_FILE`;
-    /// unset or empty variables keep the defaults.
+    /// Reads `PAYMENTS_ADDR`, `DATABASE_URL`, `REDIS_URL`, `PAYMENTS_API_KEYS` and
+    /// `PAYMENTS_IDEM_LEASE_MS`; unset or empty variables keep the defaults.
     pub fn from_env() -> Result<Self, StartupError> {
         let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
         let mut config = Self::default();
@@ -121,7 +115,6 @@ impl Config {
             config.database_url = url;
         }
         config.redis_url = var("REDIS_URL");
-        config.test_pause_file = var("PAYMENTS_TEST_PAUSE_FILE").map(PathBuf::from);
         if let Some(keys) = var("PAYMENTS_API_KEYS") {
             config.api_keys = ApiKeys::parse(&keys).ok_or(StartupError::ApiKeys)?;
         }
@@ -171,26 +164,16 @@ pub enum StartupError {
     Io(#[from] std::io::Error),
 }
 
-/// What the handlers share: the database and the test hook.
+/// What the handlers share: the database.
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub(crate) db: Db,
-    pub(crate) test_pause_file: Option<Arc<Path>>,
 }
 
 impl AppState {
-    /// State over `db`, without the test hook.
+    /// State over `db`.
     pub fn new(db: Db) -> Self {
-        Self {
-            db,
-            test_pause_file: None,
-        }
-    }
-
-    /// Turns on the pause test hook (see [`Config::test_pause_file`]).
-    pub fn with_test_pause_file(mut self, file: impl Into<PathBuf>) -> Self {
-        self.test_pause_file = Some(Arc::from(file.into()));
-        self
+        Self { db }
     }
 
     /// The database.
@@ -204,25 +187,38 @@ impl AppState {
 pub async fn app(config: &Config) -> Result<Router, StartupError> {
     let db = Db::connect(&config.database_url).await?;
     let idem = idempotency(config).await?;
-    let mut state = AppState::new(db);
-    if let Some(file) = &config.test_pause_file {
-        state = state.with_test_pause_file(file);
-    }
-    Ok(authenticated_router(state, &idem, config.api_keys.clone()))
+    Ok(authenticated_router(
+        AppState::new(db),
+        &idem,
+        config.api_keys.clone(),
+    ))
 }
 
-/// The idempotency handle the config asks for: Redis when `redis_url` is set, else a
-/// fresh in-memory store.
+/// The idempotency handle the config asks for: [`idempotency_settings`] over
+/// [`idempotency_store`].
 pub async fn idempotency(config: &Config) -> Result<Idempotency, StartupError> {
-    let builder = Idempotency::builder().lease(config.lease);
+    let store = idempotency_store(config).await?;
+    Ok(idempotency_settings(config).shared_store(store).build())
+}
+
+/// idem as the app configures it (its [`lease`](Config::lease)), without a store yet:
+/// give it one with `store` or `shared_store`, for example one that wraps
+/// [`idempotency_store`] to watch its steps.
+pub fn idempotency_settings(config: &Config) -> Builder {
+    Idempotency::builder().lease(config.lease)
+}
+
+/// The idempotency store the config asks for: Redis at `redis_url` under `redis_prefix`
+/// when the URL is set, else a fresh in-memory store.
+pub async fn idempotency_store(config: &Config) -> Result<Arc<dyn Store>, StartupError> {
     let Some(url) = &config.redis_url else {
-        return Ok(builder.build());
+        return Ok(Arc::new(MemoryStore::new()));
     };
     let store = RedisStore::builder(url.as_str())
         .prefix(config.redis_prefix.as_str())
         .connect()
         .await?;
-    Ok(builder.store(store).build())
+    Ok(Arc::new(store))
 }
 
 /// The database URL as it may be logged: scheme, host, port and database only. User

@@ -1,8 +1,5 @@
 //! The HTTP handlers.
 
-use std::path::Path as FsPath;
-use std::time::Duration;
-
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -34,9 +31,6 @@ pub(crate) async fn create_payment(
     key: Option<ScopedKey>,
     ApiJson(request): ApiJson<NewPayment>,
 ) -> Result<(StatusCode, Json<Payment>), ApiError> {
-    if let Some(file) = &state.test_pause_file {
-        pause_while_exists(file).await;
-    }
     let key = key.as_ref().map(ScopedKey::as_str);
     let payment = state.db.pay(&request, key).await?;
     tracing::info!(payment_id = %payment.id, order_id = %payment.order_id, amount_cents = payment.amount_cents, "payment captured");
@@ -75,22 +69,4 @@ pub(crate) async fn get_payment(
 pub(crate) async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     state.db.ping().await?;
     Ok(Json(json!({ "status": "ok" })))
-}
-
-/// Test hook (`PAYMENTS_TEST_PAUSE_FILE`): holds a payment before it touches the database
-/// until `file` is deleted, at most a minute, so that a fault test can kill the process
-/// while a payment is in flight. Polls every 20 ms.
-async fn pause_while_exists(file: &FsPath) {
-    const POLL: Duration = Duration::from_millis(20);
-    const LIMIT: Duration = Duration::from_secs(60);
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    tracing::warn!(file = %file.display(), "test hook: payment paused until the file is deleted");
-    while file.try_exists().unwrap_or(false) {
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(file = %file.display(), "test hook: pause gave up after a minute");
-            return;
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    tracing::info!("test hook: payment resumed");
 }

@@ -21,7 +21,7 @@ use payments::{AppState, Config, Db, NewOrder, NewPayment, Order, Payment};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Connection, Row};
-use support::{Answer, Server};
+use support::{Answer, Gate, Server};
 
 #[derive(Clone, Copy, Debug)]
 enum Backend {
@@ -237,24 +237,6 @@ impl Drop for Cleanup {
     }
 }
 
-/// A file that pauses payments (the app's `PAYMENTS_TEST_PAUSE_FILE` hook) until it is
-/// dropped.
-struct PauseFile(PathBuf);
-
-impl PauseFile {
-    fn create() -> Self {
-        let file = std::env::temp_dir().join(format!("payments-pause-{}", unique_suffix()));
-        std::fs::write(&file, b"").unwrap();
-        Self(file)
-    }
-}
-
-impl Drop for PauseFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 async fn post(http: &reqwest::Client, url: &str, key: Option<&str>, body: &Value) -> Answer {
     let mut request = http.post(url).json(body);
     if let Some(key) = key {
@@ -297,18 +279,18 @@ fn payment_of(order: &Order) -> Value {
 
 async fn concurrent_payments_with_one_key(backend: Backend) {
     let fixture = Fixture::new(backend, "concurrent").await;
-    // The first payment waits in the handler until the pause file is gone, so all 100
-    // requests are in flight at once.
-    let pause = PauseFile::create();
-    let mut config = fixture.config.clone();
-    config.test_pause_file = Some(pause.0.clone());
-    let server = Server::start(payments::app(&config).await.unwrap()).await;
+    let gate = Gate::new();
+    let server =
+        Server::start(support::app_behind(&gate, &fixture.config, fixture.db.clone()).await).await;
     let http = support::http();
     let order = create_order(&http, &server).await;
     let key = new_key();
     let body = payment_of(&order);
     let url = format!("{}/payments", server.url);
 
+    // The first payment to claim the key waits at the gate, after the claim and before the
+    // handler, so all 100 requests are in flight at once.
+    gate.close();
     let mut requests = tokio::task::JoinSet::new();
     for _ in 0..100 {
         let (http, url, key, body) = (http.clone(), url.clone(), key.clone(), body.clone());
@@ -318,10 +300,13 @@ async fn concurrent_payments_with_one_key(backend: Backend) {
     while answers.len() < 99 {
         let next = tokio::time::timeout(Duration::from_secs(30), requests.join_next())
             .await
-            .expect("99 requests are answered while the first one is paused");
+            .expect("99 requests are answered while the first one is held");
         answers.push(next.unwrap().unwrap());
     }
-    drop(pause);
+    tokio::time::timeout(Duration::from_secs(30), gate.held())
+        .await
+        .expect("the first payment is held at the gate");
+    gate.open();
     answers.push(requests.join_next().await.unwrap().unwrap());
     let replay = post(&http, &url, Some(&key), &body).await;
 

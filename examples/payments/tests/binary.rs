@@ -31,7 +31,6 @@ async fn the_binary_starts_with_no_set_up_and_the_client_pays_once() {
         .env("PAYMENTS_ADDR", &addr)
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
-        .env_remove("PAYMENTS_TEST_PAUSE_FILE")
         .stdout(Stdio::null())
         .spawn()
         .unwrap());

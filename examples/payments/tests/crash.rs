@@ -1,13 +1,14 @@
-//! The real `payments` binary killed (SIGKILL) in the middle of a payment: after idem
-//! claimed the key, before the handler touched the database. The process is held there by
-//! the app's test hook (`PAYMENTS_TEST_PAUSE_FILE`), killed, and started again on the same
-//! SQLite file; the client's retry with the same key must end in exactly one payment.
+//! The app killed (SIGKILL) in the middle of a payment: after idem claimed the key, before
+//! the handler touched the database. The first run is this test binary started again as a
+//! child process that serves the app built from the library, as the `payments` binary
+//! builds it, with its idempotency store behind a closed [`Gate`]: the payment waits
+//! there, and the process is killed. The real `payments` binary is then started on the
+//! same SQLite file; the client's retry with the same key must end in exactly one payment.
 //!
 //! Two stores: in memory, where the restart forgets the claim and the retry runs at once;
-//! and a private `redis-server`, where the claim outlives the crash, the retry is told
-//! `409` until the dead process's lease runs out, and then runs once. The app has no
-//! setting for its lease (30 s by default), so the Redis test shortens the claim's TTL in
-//! Redis by hand rather than wait for it.
+//! and a private `redis-server`, where the claim outlives the crash and the retry is told
+//! `409` until the dead process's lease runs out, and then runs once. Both runs have a
+//! short lease (`PAYMENTS_IDEM_LEASE_MS`) so that this happens within the test.
 
 #![allow(clippy::unwrap_used)]
 
@@ -19,21 +20,37 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use idem_runtime::http::PROBLEM_JSON;
-use payments::{DEFAULT_REDIS_PREFIX, Item, NewOrder, NewPayment, ORDER_PAID, Order, Payment};
+use payments::{
+    Config, DEFAULT_REDIS_PREFIX, Db, Item, NewOrder, NewPayment, ORDER_PAID, Order, Payment,
+};
 use reqwest::StatusCode;
 use sqlx::{AnyPool, Row};
-use support::{Answer, TempDir};
+use support::{Answer, Gate, TempDir};
 use testkit::RedisServer;
+use tracing_subscriber::EnvFilter;
 
-/// What the app logs when a payment reaches the pause hook, i.e. after idem claimed its
-/// key and before the handler touched the database.
-const PAUSED: &str = "test hook: payment paused until the file is deleted";
-/// The app's default lease: the longest a crashed process's claim can hold a key.
-/// The lease the app runs with here (`PAYMENTS_IDEM_LEASE_MS`), short so that a crashed
-/// claim frees itself within the test.
+/// The lease both runs of the app have (`PAYMENTS_IDEM_LEASE_MS`), short so that a
+/// crashed claim frees itself within the test.
 const LEASE_MS: i64 = 1_500;
+/// The test that serves the app with its claims held; [`Run::Held`] runs only it.
+const HELD_APP_TEST: &str = "serve_the_app_holding_every_claim";
+/// Set in the environment of [`Run::Held`], so that [`HELD_APP_TEST`] serves.
+const HELD_APP_VAR: &str = "PAYMENTS_CRASH_TEST_HELD_APP";
+/// What [`HELD_APP_TEST`] prints when a payment waits at its gate: idem has claimed its
+/// key, and the handler has not started.
+const HELD: &str = "a payment claimed its key and is held before the handler";
 
-/// One run of the `payments` binary, its output in a log file; killed when dropped.
+/// Which program serves a run of the app.
+#[derive(Clone, Copy, Debug)]
+enum Run {
+    /// This test binary, running only [`HELD_APP_TEST`]: the app with every claim held.
+    Held,
+    /// The real `payments` binary.
+    Binary,
+}
+
+/// One run of the app in a process of its own, its output in a log file; killed when
+/// dropped.
 struct App {
     child: Child,
     url: String,
@@ -41,22 +58,35 @@ struct App {
 }
 
 impl App {
-    /// Starts the binary on a free port over `database_url`, and waits until it answers
+    /// Starts `run` on a free port over `database_url`, and waits until it answers
     /// `/healthz`.
     ///
     /// # Panics
     /// If it cannot be started, exits, or does not answer within 30 s.
     async fn start(
         dir: &Path,
-        run: &str,
+        name: &str,
+        run: Run,
         database_url: &str,
         redis_url: Option<&str>,
-        pause_file: Option<&Path>,
     ) -> Self {
         let addr = format!("127.0.0.1:{}", testkit::free_port());
-        let log = dir.join(format!("{run}.log"));
+        let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_payments"));
+        let mut command = match run {
+            Run::Held => {
+                let mut command = Command::new(std::env::current_exe().unwrap());
+                command
+                    .args([HELD_APP_TEST, "--exact", "--ignored", "--nocapture"])
+                    .env(HELD_APP_VAR, "1");
+                command
+            }
+            Run::Binary => {
+                let mut command = Command::new(env!("CARGO_BIN_EXE_payments"));
+                command.env_remove(HELD_APP_VAR);
+                command
+            }
+        };
         command
             .current_dir(dir)
             .env("PAYMENTS_ADDR", &addr)
@@ -65,19 +95,15 @@ impl App {
             .env("NO_COLOR", "1")
             .env("PAYMENTS_IDEM_LEASE_MS", LEASE_MS.to_string())
             .env_remove("REDIS_URL")
-            .env_remove("PAYMENTS_TEST_PAUSE_FILE")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
         if let Some(url) = redis_url {
             command.env("REDIS_URL", url);
         }
-        if let Some(file) = pause_file {
-            command.env("PAYMENTS_TEST_PAUSE_FILE", file);
-        }
         let child = command
             .spawn()
-            .unwrap_or_else(|error| panic!("start the payments binary: {error}"));
+            .unwrap_or_else(|error| panic!("start {run:?}: {error}"));
         let mut app = Self {
             child,
             url: format!("http://{addr}"),
@@ -97,7 +123,7 @@ impl App {
             }
             assert!(
                 Instant::now() < deadline,
-                "payments ({run}) did not answer /healthz within 30 s; its log:\n{}",
+                "payments ({name}) did not answer /healthz within 30 s; its log:\n{}",
                 app.log_text()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -224,16 +250,14 @@ async fn crash_mid_payment_then_retry(store: Store) {
         Store::Memory => None,
         Store::Redis(server) => Some(server.url()),
     };
-    let pause_file = dir.0.join("pause");
-    std::fs::write(&pause_file, b"").unwrap();
     let http = support::http();
 
     let mut first = App::start(
         &dir.0,
         "first",
+        Run::Held,
         &database_url,
         redis_url.as_deref(),
-        Some(&pause_file),
     )
     .await;
     let response = http
@@ -259,7 +283,8 @@ async fn crash_mid_payment_then_retry(store: Store) {
         currency: "EUR".into(),
     };
 
-    // The payment claims its key and stops at the hook.
+    // The payment claims its key and is held at the gate. (The order above has no key, so
+    // nothing held it.)
     let in_flight = tokio::spawn({
         let (http, url, key, request) = (
             http.clone(),
@@ -269,18 +294,18 @@ async fn crash_mid_payment_then_retry(store: Store) {
         );
         async move { pay(&http, &url, &key, &request).await }
     });
-    first.wait_for_log(PAUSED).await;
+    first.wait_for_log(HELD).await;
     let held = pay(&http, &first.url, &key, &request).await.unwrap();
     assert_eq!(
         held.status,
         StatusCode::CONFLICT,
-        "the paused payment holds its key: {held:?}"
+        "the held payment holds its key: {held:?}"
     );
     assert_eq!(held.content_type, PROBLEM_JSON);
     assert!(held.retry_after.is_some(), "a 409 says when to retry");
     assert!(
         payments_of(&database_url, &order.id).await.is_empty(),
-        "nothing is written while the payment is paused"
+        "nothing is written while the payment is held"
     );
 
     // SIGKILL mid-payment: the client gets no answer, and nothing was written.
@@ -294,9 +319,15 @@ async fn crash_mid_payment_then_retry(store: Store) {
         payments_of(&database_url, &order.id).await.is_empty(),
         "the killed payment wrote nothing"
     );
-    std::fs::remove_file(&pause_file).unwrap();
 
-    let second = App::start(&dir.0, "second", &database_url, redis_url.as_deref(), None).await;
+    let second = App::start(
+        &dir.0,
+        "second",
+        Run::Binary,
+        &database_url,
+        redis_url.as_deref(),
+    )
+    .await;
     if let Store::Redis(server) = &store {
         // The claim outlived the crash: the retry is told to wait, and the key frees
         // itself only when the dead process's lease runs out.
@@ -386,4 +417,32 @@ async fn a_payment_killed_mid_flight_runs_once_after_restart_on_the_memory_store
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_killed_mid_flight_holds_its_redis_claim_until_the_lease_ends_then_runs_once() {
     crash_mid_payment_then_retry(Store::Redis(RedisServer::start())).await;
+}
+
+/// The first run of [`crash_mid_payment_then_retry`]: the app as the `payments` binary
+/// serves it, configured by the same environment, with its idempotency store behind a
+/// closed [`Gate`], so every request that claims a key is held there. [`App::start`] runs
+/// it in a child process ([`Run::Held`]); run any other way, it returns at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a child process of the crash tests, which start it themselves"]
+async fn serve_the_app_holding_every_claim() {
+    if std::env::var_os(HELD_APP_VAR).is_none() {
+        return;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::from_default_env())
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config::from_env().unwrap();
+    let db = Db::connect(&config.database_url).await.unwrap();
+    let gate = Gate::new();
+    gate.close();
+    let app = support::app_behind(&gate, &config, db).await;
+    let listener = tokio::net::TcpListener::bind(config.addr).await.unwrap();
+    tokio::spawn(async move {
+        gate.held().await;
+        eprintln!("{HELD}");
+    });
+    axum::serve(listener, app).await.unwrap();
 }

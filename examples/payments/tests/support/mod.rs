@@ -1,18 +1,25 @@
 //! Fixtures shared by the payments tests: temporary directories, the router served on a
-//! loopback socket, authenticated clients and the answers they read.
+//! loopback socket, a gate that holds payments right after idem claimed their key,
+//! authenticated clients and the answers they read.
 
 #![allow(dead_code, unreachable_pub)]
 
 use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use idem_runtime::PROBLEM_JSON;
+use bytes::Bytes;
+use idem_runtime::store::{BoxFuture, Store, StoreError};
+use idem_runtime::{DEFAULT_STORE_TIMEOUT, PROBLEM_JSON};
+use payments::{AppState, Config, Db};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 
 /// An empty directory of the test's own, removed when dropped.
 pub struct TempDir(pub PathBuf);
@@ -62,6 +69,147 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Holds keyed requests at the point where idem has claimed their key and the handler has
+/// not started yet, so a test can look at (or kill) the app while a payment is in flight.
+///
+/// Open, it lets everything through. Closed, every request that claims a key waits in the
+/// store step of its claim until the gate opens (at most [`HOLD_LIMIT`]); its claim is
+/// renewed meanwhile, as the lease of a running handler is. Requests that find the key
+/// taken are answered at once, as usual.
+#[derive(Clone)]
+pub struct Gate(Arc<GateState>);
+
+struct GateState {
+    closed: watch::Sender<bool>,
+    held: watch::Sender<usize>,
+}
+
+/// The longest a closed [`Gate`] holds a request.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(60);
+
+impl Gate {
+    /// An open gate.
+    pub fn new() -> Self {
+        Self(Arc::new(GateState {
+            closed: watch::Sender::new(false),
+            held: watch::Sender::new(0),
+        }))
+    }
+
+    /// Holds the requests that claim a key from now on.
+    pub fn close(&self) {
+        self.0.closed.send_replace(true);
+    }
+
+    /// Lets the held requests, and every later one, through.
+    pub fn open(&self) {
+        self.0.closed.send_replace(false);
+    }
+
+    /// Waits until the gate holds (or has held) a request.
+    pub async fn held(&self) {
+        let mut held = self.0.held.subscribe();
+        // The sender lives in `self`, so the channel cannot close while this waits.
+        let _ = held.wait_for(|&count| count > 0).await;
+    }
+
+    /// `store` with its claims held by this gate.
+    pub fn guard(&self, store: Arc<dyn Store>) -> GatedStore {
+        GatedStore {
+            inner: store,
+            gate: self.clone(),
+        }
+    }
+
+    async fn hold(&self, inner: &dyn Store, key: &str, claim: &Bytes, lease: Duration) {
+        let mut closed = self.0.closed.subscribe();
+        let is_closed = *closed.borrow_and_update();
+        if !is_closed {
+            return;
+        }
+        self.0.held.send_modify(|count| *count += 1);
+        // The guard `wait_for` answers with is not `Send`: drop it inside.
+        let opened = async { closed.wait_for(|&closed| !closed).await.map(drop) };
+        let mut opened = pin!(tokio::time::timeout(HOLD_LIMIT, opened));
+        loop {
+            tokio::select! {
+                _ = &mut opened => return,
+                () = tokio::time::sleep(lease / 3) => {
+                    // A claim that cannot be kept shows when idem confirms it after the hold.
+                    let _ = inner.renew(key, claim, lease).await;
+                }
+            }
+        }
+    }
+}
+
+/// A [`Store`] whose successful claims wait at a [`Gate`]; made by [`Gate::guard`].
+pub struct GatedStore {
+    inner: Arc<dyn Store>,
+    gate: Gate,
+}
+
+impl Store for GatedStore {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            let found = self.inner.begin(key, claim, lease).await?;
+            if found.is_none() {
+                self.gate.hold(&*self.inner, key, claim, lease).await;
+            }
+            Ok(found)
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.renew(key, claim, lease)
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        record: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.complete(key, claim, record, ttl)
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.release(key, claim)
+    }
+}
+
+/// The app as [`payments::app`] builds it from `config`, over `db`, with its idempotency
+/// store behind `gate`.
+///
+/// # Panics
+/// If the idempotency store cannot be reached.
+pub async fn app_behind(gate: &Gate, config: &Config, db: Db) -> Router {
+    let store = payments::idempotency_store(config)
+        .await
+        .expect("the idempotency store");
+    let idem = payments::idempotency_settings(config)
+        .shared_store(Arc::new(gate.guard(store)))
+        // A held claim is a store step that lasts as long as the hold.
+        .store_timeout(HOLD_LIMIT + DEFAULT_STORE_TIMEOUT)
+        .build();
+    payments::authenticated_router(AppState::new(db), &idem, config.api_keys.clone())
 }
 
 /// The API key the app accepts out of the box (`PAYMENTS_API_KEYS` unset).
