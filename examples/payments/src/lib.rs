@@ -41,7 +41,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::{get, post};
 use idem_runtime::store::{MemoryStore, RedisStore, Store};
-use idem_runtime::{IdempotencyBuilder, Idempotency};
+use idem_runtime::{Idempotency, IdempotencyBuilder};
 
 mod auth;
 pub mod client;
@@ -204,7 +204,7 @@ pub async fn idempotency(config: &Config) -> Result<Idempotency, StartupError> {
 /// idem as the app configures it (its [`lease`](Config::lease)), without a store yet:
 /// give it one with `store` or `shared_store`, for example one that wraps
 /// [`idempotency_store`] to watch its steps.
-pub fn idempotency_settings(config: &Config) -> Builder {
+pub fn idempotency_settings(config: &Config) -> IdempotencyBuilder {
     Idempotency::builder().lease(config.lease)
 }
 

@@ -14,8 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use bytes::Bytes;
+use idem_runtime::defaults;
+use idem_runtime::http::PROBLEM_JSON;
 use idem_runtime::store::{BoxFuture, Store, StoreError};
-use idem_runtime::{DEFAULT_STORE_TIMEOUT, PROBLEM_JSON};
 use payments::{AppState, Config, Db};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
@@ -207,7 +208,7 @@ pub async fn app_behind(gate: &Gate, config: &Config, db: Db) -> Router {
     let idem = payments::idempotency_settings(config)
         .shared_store(Arc::new(gate.guard(store)))
         // A held claim is a store step that lasts as long as the hold.
-        .store_timeout(HOLD_LIMIT + DEFAULT_STORE_TIMEOUT)
+        .store_timeout(HOLD_LIMIT + defaults::STORE_TIMEOUT)
         .build();
     payments::authenticated_router(AppState::new(db), &idem, config.api_keys.clone())
 }
