@@ -34,6 +34,9 @@ pub mod defaults {
     pub const MAX_DETACHED: usize = 256;
     /// The longest any duration setting is taken to be; longer values are clamped to it.
     pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+    /// How long a [`once`](crate::Idempotency::once) call waits for the same operation
+    /// running elsewhere: 30 seconds.
+    pub const ONCE_WAIT: Duration = Duration::from_secs(30);
     /// The shortest lease: shorter values are raised to it.
     pub const MIN_LEASE: Duration = Duration::from_millis(100);
 }

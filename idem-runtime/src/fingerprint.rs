@@ -59,6 +59,24 @@ impl Fingerprint {
         Self(hasher.finalize().into())
     }
 
+    /// Fingerprints the input of a [`once`](crate::Idempotency::once) operation, given as
+    /// JSON: key order and spaces do not count. Never equal to a request's fingerprint.
+    pub(crate) fn of_input(json: &[u8]) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"idem-once-v1\0");
+        match canonical::document(json) {
+            Some(canonical) => {
+                hasher.update(b"jcs\0");
+                hasher.update(canonical);
+            }
+            None => {
+                hasher.update(b"raw\0");
+                hasher.update(json);
+            }
+        }
+        Self(hasher.finalize().into())
+    }
+
     /// The raw digest.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0

@@ -94,6 +94,12 @@ impl IdempotencyKey {
         Ok(Self(key))
     }
 
+    /// A key already known to be valid (visible ASCII, 1 to 255 characters).
+    pub(crate) fn from_valid(key: String) -> Self {
+        debug_assert!(Self::parse(key.as_bytes()).is_ok());
+        Self(key)
+    }
+
     /// Reads the key from request headers: `Ok(None)` when there is none.
     pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, KeyError> {
         let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();

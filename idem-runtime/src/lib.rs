@@ -58,6 +58,7 @@
 //!   the key or find what it holds; the one place where a stored fingerprint meets the new
 //!   one), `Execution` (the lease kept beside the work, then `complete` or `release` under
 //!   the fencing check), and work that outlives a caller that went away.
+//! - [`once`]: the second front door, for any async operation.
 //! - `http/`: the HTTP front door. What happens on a **first execution** is
 //!   `first_execution` in `http/execute.rs`; what happens on a **replay** is `replay` in
 //!   `http/replay.rs`, beside `answer`, which turns every other outcome into a problem.
@@ -82,6 +83,7 @@ pub mod fingerprint;
 pub mod http;
 mod key;
 mod local;
+pub mod once;
 mod protocol;
 pub mod record;
 mod scope;
@@ -293,6 +295,7 @@ pub use crate::config::{HeaderPolicy, Idempotency, IdempotencyBuilder, defaults}
 pub use crate::fingerprint::FingerprintMode;
 pub use crate::http::{Idempotent, Problem};
 pub use crate::key::{IdempotencyKey, KeyError, ScopedKey};
+pub use crate::once::OnceKey;
 pub use crate::scope::{Principal, Scope};
 pub use crate::store::ConnectError;
 

@@ -9,7 +9,13 @@
 //!                      | (name_len u16, name, value_len u32, value)*
 //!                      | body_len u64 | body
 //! kind 3, unstorable:  status u16 | body length u64
+//! kind 4, value:       expires_at_ms u64 | outcome u8 (0 ok, 1 err) | json_len u64 | JSON
+//! kind 5, value not stored: length of the value u64
 //! ```
+//!
+//! Kinds 2 and 3 are written by the HTTP front door, kinds 4 and 5 by
+//! [`once`](crate::Idempotency::once): each front door reads only its own, so a stored
+//! response and a stored value are never mistaken for each other.
 //!
 //! An in-progress record is compared byte for byte by the stores' compare-and-set steps,
 //! so its encoding is the claim itself: whoever holds those exact bytes holds the lease.
@@ -30,6 +36,8 @@ const HEADER_LEN: usize = 4 + 1 + 1 + 32;
 const KIND_IN_PROGRESS: u8 = 1;
 const KIND_COMPLETED: u8 = 2;
 const KIND_UNSTORABLE: u8 = 3;
+const KIND_VALUE: u8 = 4;
+const KIND_VALUE_NOT_STORED: u8 = 5;
 
 /// A fencing token: unique to one execution of one key.
 ///
@@ -97,7 +105,8 @@ pub(crate) fn head(bytes: &[u8]) -> Result<Head, RecordError> {
     let kind = match bytes[5] {
         KIND_IN_PROGRESS => Kind::InProgress,
         KIND_COMPLETED => Kind::Completed,
-        KIND_UNSTORABLE => Kind::NotStored,
+        KIND_UNSTORABLE | KIND_VALUE_NOT_STORED => Kind::NotStored,
+        KIND_VALUE => Kind::Completed,
         other => return Err(RecordError::UnknownKind(other)),
     };
     let mut fingerprint = [0; 32];
@@ -131,6 +140,7 @@ pub(crate) fn new_claim(fingerprint: Fingerprint) -> Bytes {
 
 /// What a store holds under one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Record {
     /// A request is executing under the key.
     InProgress {
@@ -149,6 +159,25 @@ pub enum Record {
         status: StatusCode,
         /// The size of the body that did not fit, in bytes (at least this many).
         body_len: u64,
+    },
+    /// A [`once`](crate::Idempotency::once) operation completed and its result is stored.
+    Value {
+        /// Fingerprint of the operation's input.
+        fingerprint: Fingerprint,
+        /// When the record expires, in milliseconds since the Unix epoch.
+        expires_at_ms: u64,
+        /// Whether the operation succeeded (`Ok`) or failed with an error that was stored.
+        ok: bool,
+        /// The result, as JSON.
+        json: Bytes,
+    },
+    /// A [`once`](crate::Idempotency::once) operation completed, but its result could not
+    /// be stored.
+    ValueNotStored {
+        /// Fingerprint of the operation's input.
+        fingerprint: Fingerprint,
+        /// The size of the result that did not fit, in bytes.
+        len: u64,
     },
 }
 
@@ -190,9 +219,10 @@ impl Record {
     /// The fingerprint of the request this record belongs to.
     pub fn fingerprint(&self) -> &Fingerprint {
         match self {
-            Self::InProgress { fingerprint, .. } | Self::Unstorable { fingerprint, .. } => {
-                fingerprint
-            }
+            Self::InProgress { fingerprint, .. }
+            | Self::Unstorable { fingerprint, .. }
+            | Self::Value { fingerprint, .. }
+            | Self::ValueNotStored { fingerprint, .. } => fingerprint,
             Self::Completed(response) => &response.fingerprint,
         }
     }
@@ -225,6 +255,24 @@ impl Record {
                 out.put_u64(*body_len);
                 out.freeze()
             }
+            Self::Value {
+                fingerprint,
+                expires_at_ms,
+                ok,
+                json,
+            } => {
+                let mut out = start(KIND_VALUE, fingerprint, 17 + json.len());
+                out.put_u64(*expires_at_ms);
+                out.put_u8(u8::from(!*ok));
+                out.put_u64(json.len() as u64);
+                out.put_slice(json);
+                out.freeze()
+            }
+            Self::ValueNotStored { fingerprint, len } => {
+                let mut out = start(KIND_VALUE_NOT_STORED, fingerprint, 8);
+                out.put_u64(*len);
+                out.freeze()
+            }
         }
     }
 
@@ -237,7 +285,7 @@ impl Record {
             return Err(RecordError::UnsupportedVersion(bytes[4]));
         }
         let kind = bytes[5];
-        if !(KIND_IN_PROGRESS..=KIND_UNSTORABLE).contains(&kind) {
+        if !(KIND_IN_PROGRESS..=KIND_VALUE_NOT_STORED).contains(&kind) {
             return Err(RecordError::UnknownKind(kind));
         }
         let mut reader = Reader {
@@ -290,7 +338,7 @@ impl Record {
                     expires_at_ms,
                 })
             }
-            _ => {
+            KIND_UNSTORABLE => {
                 let status = reader.status()?;
                 let body_len = reader.u64()?;
                 reader.finish()?;
@@ -299,6 +347,29 @@ impl Record {
                     status,
                     body_len,
                 }
+            }
+            KIND_VALUE => {
+                let expires_at_ms = reader.u64()?;
+                let ok = match reader.take(1)?[0] {
+                    0 => true,
+                    1 => false,
+                    _ => return Err(RecordError::Malformed),
+                };
+                let len = usize::try_from(reader.u64()?).map_err(|_| RecordError::Malformed)?;
+                let start = reader.at;
+                reader.take(len)?;
+                reader.finish()?;
+                Self::Value {
+                    fingerprint,
+                    expires_at_ms,
+                    ok,
+                    json: bytes.slice(start..start + len),
+                }
+            }
+            _ => {
+                let len = reader.u64()?;
+                reader.finish()?;
+                Self::ValueNotStored { fingerprint, len }
             }
         };
         Ok(record)
@@ -472,13 +543,27 @@ mod tests {
                         expires_at_ms,
                     })
                 }),
-            (fp, 100u16..600, any::<u64>()).prop_map(|(fingerprint, status, body_len)| {
+            (fp.clone(), 100u16..600, any::<u64>()).prop_map(|(fingerprint, status, body_len)| {
                 Record::Unstorable {
                     fingerprint,
                     status: StatusCode::from_u16(status).expect("valid status"),
                     body_len,
                 }
             }),
+            (
+                fp.clone(),
+                any::<u64>(),
+                any::<bool>(),
+                proptest::collection::vec(any::<u8>(), 0..256)
+            )
+                .prop_map(|(fingerprint, expires_at_ms, ok, json)| Record::Value {
+                    fingerprint,
+                    expires_at_ms,
+                    ok,
+                    json: Bytes::from(json),
+                }),
+            (fp, any::<u64>())
+                .prop_map(|(fingerprint, len)| Record::ValueNotStored { fingerprint, len }),
         ]
     }
 
@@ -497,6 +582,19 @@ mod tests {
             let mut longer = encoded.to_vec();
             longer.push(0);
             prop_assert_eq!(Record::decode(&Bytes::from(longer)), Err(RecordError::Malformed));
+        }
+
+        #[test]
+        fn the_head_agrees_with_the_whole_record(record in record_strategy()) {
+            let head = head(&record.encode()).expect("a record has a head");
+            prop_assert_eq!(head.fingerprint, *record.fingerprint());
+            let expected = match &record {
+                Record::InProgress { .. } => (Kind::InProgress, None),
+                Record::Completed(stored) => (Kind::Completed, Some(stored.expires_at_ms)),
+                Record::Value { expires_at_ms, .. } => (Kind::Completed, Some(*expires_at_ms)),
+                _ => (Kind::NotStored, None),
+            };
+            prop_assert_eq!((head.kind, head.expires_at_ms), expected);
         }
 
         #[test]

@@ -41,6 +41,13 @@ impl Scope {
         Self::digest(1, value.as_ref(), b"")
     }
 
+    /// The one scope of every [`once`](crate::Idempotency::once) key: a domain of its own,
+    /// never the scope of a request.
+    pub(crate) fn of_once() -> Self {
+        static ONCE: std::sync::OnceLock<Scope> = std::sync::OnceLock::new();
+        *ONCE.get_or_init(|| Self::digest(5, b"", b""))
+    }
+
     /// The scope of an `Authorization` header value.
     pub(crate) fn of_authorization(value: &[u8]) -> Self {
         Self::digest(3, value, b"")

@@ -109,7 +109,8 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         } = prepared;
         let span = tracing::info_span!(target: "idem", "idem", key = %key.key());
         async move {
-            match protocol::begin(&idem, key.clone(), fingerprint, Self::TTL).await {
+            let wait = idem.settings().wait_for_in_flight;
+            match protocol::begin(&idem, key.clone(), fingerprint, Self::TTL, wait).await {
                 Begun::Execute(execution) => first_execution(execution, work).await,
                 Begun::Answer(answer) => replay::answer(&idem, &key, answer),
                 Begun::Unprotected => work.await.into_response(),

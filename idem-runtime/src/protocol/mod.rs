@@ -58,12 +58,15 @@ pub(crate) enum Answer {
     Unavailable,
 }
 
-/// Claims `key` for a request with `fingerprint`, or finds what is already there.
+/// Claims `key` for a request with `fingerprint`, or finds what is already there. While
+/// the same request runs under the key, waits up to `wait` for it to end before answering
+/// that it is in flight.
 pub(crate) async fn begin(
     idem: &Idempotency,
     key: ScopedKey,
     fingerprint: Fingerprint,
     ttl: Duration,
+    wait: Option<Duration>,
 ) -> Begun {
     let shared = &idem.shared;
     let settings = &shared.settings;
@@ -91,9 +94,7 @@ pub(crate) async fn begin(
         armed: true,
         keeper: None,
     };
-    let wait_until = settings
-        .wait_for_in_flight
-        .map(|max| later(Instant::now(), max));
+    let wait_until = wait.map(|max| later(Instant::now(), max));
     let mut backoff = Duration::from_millis(20);
     // Once this request has seen the key in flight, a store failure never runs it
     // unprotected (fail-open): the other request may still be running.

@@ -1,0 +1,473 @@
+//! `once`: the protocol's second front door, for any async operation. A job, a pipeline
+//! step or a call to another service runs at most once per key, and every later call gets
+//! the stored result.
+//!
+//! ```
+//! use std::time::Duration;
+//! use idem_runtime::{Idempotency, OnceKey};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize, PartialEq, Debug)]
+//! struct Invoice {
+//!     number: u32,
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let idem = Idempotency::in_memory();
+//! let key = OnceKey::compose(["invoice", "cus_42", "2026-11"]);
+//! let issue = || async { Ok::<_, std::io::Error>(Invoice { number: 7 }) };
+//!
+//! let first = idem.once(key.clone(), &"cus_42").ttl(Duration::from_secs(3600)).run(issue).await?;
+//! // A retry, a second worker, a restarted job: the stored invoice, and `issue` does not run.
+//! let again = idem.once(key, &"cus_42").run_with_outcome(issue).await?;
+//! assert_eq!(first, Invoice { number: 7 });
+//! assert!(again.is_replay());
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+
+use crate::config::{Idempotency, defaults};
+use crate::fingerprint::Fingerprint;
+use crate::key::{IdempotencyKey, KeyError, ScopedKey};
+use crate::local::expiry_ms;
+use crate::protocol::{self, Answer, Begun, Execution};
+use crate::record::Record;
+use crate::scope::Scope;
+
+/// The key of a [`once`](Idempotency::once) operation: a valid idempotency key, in a
+/// namespace of its own (never the key of an HTTP request).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct OnceKey(IdempotencyKey);
+
+/// The longest part [`OnceKey::compose`] keeps as it is; a longer one is hashed.
+const MAX_PLAIN_PART: usize = 64;
+
+impl OnceKey {
+    /// A key written as it is: visible ASCII (spaces allowed), 1 to 255 characters.
+    ///
+    /// ```
+    /// use idem_runtime::OnceKey;
+    ///
+    /// assert!(OnceKey::new("nightly-report-2026-11-24").is_ok());
+    /// assert!(OnceKey::new("").is_err());
+    /// ```
+    pub fn new(key: impl AsRef<str>) -> Result<Self, KeyError> {
+        let key = key.as_ref();
+        if key.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) && !key.starts_with('"') {
+            let quoted =
+                IdempotencyKey::parse(format!("\"{}\"", key.replace('\\', "\\\\")).as_bytes());
+            if let Ok(parsed) = quoted {
+                return Ok(Self(parsed));
+            }
+        }
+        IdempotencyKey::parse(key.as_bytes()).map(Self)
+    }
+
+    /// Joins `parts` (a user, an action, a digest of the input, ...) into one key that is
+    /// always valid, whatever the parts hold, and never the same for two different lists:
+    /// each part is written with its length (so `["a:b", "c"]` and `["a", "b:c"]` differ),
+    /// and a part that is long or not printable ASCII is replaced by its SHA-256.
+    ///
+    /// ```
+    /// use idem_runtime::OnceKey;
+    ///
+    /// assert_ne!(OnceKey::compose(["a:b", "c"]), OnceKey::compose(["a", "b:c"]));
+    /// let key = OnceKey::compose(["report", "ünïcode\n", &"x".repeat(10_000)]);
+    /// assert!(key.as_str().len() <= 255);
+    /// ```
+    pub fn compose<I, P>(parts: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: AsRef<[u8]>,
+    {
+        let mut key = String::new();
+        for part in parts {
+            let part = part.as_ref();
+            if !key.is_empty() {
+                key.push('/');
+            }
+            if part.len() <= MAX_PLAIN_PART && part.iter().all(u8::is_ascii_graphic) {
+                // Printable ASCII only, so the bytes are a `str`.
+                key.push_str(&format!("{}:", part.len()));
+                key.push_str(&String::from_utf8_lossy(part));
+            } else {
+                key.push_str("h:");
+                key.push_str(&hex(&Sha256::digest(part)[..16]));
+            }
+        }
+        if key.is_empty() {
+            key.push_str("0parts");
+        }
+        if key.len() > IdempotencyKey::MAX_LEN {
+            key = format!("H:{}", hex(&Sha256::digest(key.as_bytes())));
+        }
+        Self(IdempotencyKey::from_valid(key))
+    }
+
+    /// The key.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    fn scoped(&self) -> ScopedKey {
+        ScopedKey::new(Scope::of_once(), self.0.clone())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+impl fmt::Debug for OnceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("OnceKey").field(&self.as_str()).finish()
+    }
+}
+
+impl fmt::Display for OnceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a [`once`](Idempotency::once) call gave no value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OnceError<E> {
+    /// The operation ran and failed (or, with errors stored, failed on an earlier run).
+    #[error("the operation failed: {0}")]
+    Operation(E),
+    /// The key was used before with another input: nothing ran.
+    #[error("the once key was already used with a different input")]
+    KeyReused,
+    /// The operation runs under this key now, elsewhere, and did not end within the wait.
+    #[error("the operation runs under this key already; try again later")]
+    InFlight,
+    /// The operation ran under this key, but its result could not be stored.
+    #[error("the operation already ran under this key, and its result was not stored")]
+    NotStored,
+    /// The store failed or is full: nothing ran.
+    #[error("the idempotency store is unavailable; nothing ran")]
+    Unavailable,
+    /// Too much work runs detached from callers that went away: nothing ran.
+    #[error("too much detached work is running; nothing ran")]
+    Overloaded,
+    /// The input or the result cannot be written as JSON.
+    #[error("cannot serialize the {what} as JSON: {source}")]
+    Serialize {
+        /// "input" or "result".
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The stored result cannot be read as the type asked for (another type stored under
+    /// the same key, or a changed type).
+    #[error("the stored result cannot be read as this type: {0}")]
+    Deserialize(#[source] serde_json::Error),
+    /// An earlier run failed and its error was stored (by
+    /// [`run_storing_errors`](Once::run_storing_errors)); read it with that method.
+    #[error(
+        "the operation failed on an earlier run and its error is stored; read it with `run_storing_errors`"
+    )]
+    StoredFailure,
+}
+
+/// What a [`once`](Idempotency::once) call returned: the value of a run that happened now,
+/// or of one stored earlier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Outcome<T> {
+    /// The operation ran in this call.
+    Ran(T),
+    /// The operation did not run: this is the stored result of an earlier run.
+    Replayed(T),
+}
+
+impl<T> Outcome<T> {
+    /// Whether the value is a stored one, from an earlier run.
+    pub fn is_replay(&self) -> bool {
+        matches!(self, Self::Replayed(_))
+    }
+
+    /// The value, however it was obtained.
+    pub fn into_inner(self) -> T {
+        match self {
+            Self::Ran(value) | Self::Replayed(value) => value,
+        }
+    }
+}
+
+/// One [`once`](Idempotency::once) call, configured and ready to [`run`](Self::run).
+#[must_use = "a once call does nothing until `run`"]
+pub struct Once {
+    idem: Idempotency,
+    key: OnceKey,
+    input: Result<Fingerprint, serde_json::Error>,
+    ttl: Duration,
+    wait: Option<Duration>,
+}
+
+impl Idempotency {
+    /// Runs an async operation at most once per `key`, and gives every later call its
+    /// stored result. `input` is what the operation works on: its canonical JSON is
+    /// fingerprinted, and the same key with another input is refused
+    /// ([`OnceError::KeyReused`]).
+    ///
+    /// The same protocol as for HTTP requests, on the same store: one claim with a
+    /// renewed lease, completion under the fencing check. A call while the operation
+    /// runs elsewhere waits for its result (up to [`defaults::ONCE_WAIT`]; see
+    /// [`Once::wait`]). `Ok` results are stored for the ttl (default
+    /// [`defaults::TTL`]); errors are not (the next call runs again) unless
+    /// [`Once::run_storing_errors`] is used. A panic releases the key. A caller that
+    /// drops the call does not cancel the operation: it runs to the end in a task of its
+    /// own and its result is stored.
+    pub fn once<I: Serialize + ?Sized>(&self, key: OnceKey, input: &I) -> Once {
+        let input = serde_json::to_vec(input).map(|json| Fingerprint::of_input(&json));
+        Once {
+            idem: self.clone(),
+            key,
+            input,
+            ttl: defaults::TTL,
+            wait: Some(defaults::ONCE_WAIT),
+        }
+    }
+}
+
+impl Once {
+    /// How long the result is kept (default [`defaults::TTL`], at most
+    /// [`defaults::MAX_DURATION`], at least one millisecond).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl.clamp(Duration::from_millis(1), defaults::MAX_DURATION);
+        self
+    }
+
+    /// How long a call waits for the operation running under the same key elsewhere
+    /// (default [`defaults::ONCE_WAIT`]); past it the call answers
+    /// [`OnceError::InFlight`].
+    pub fn wait(mut self, max: Duration) -> Self {
+        self.wait = Some(max.min(defaults::MAX_DURATION));
+        self
+    }
+
+    /// Answers [`OnceError::InFlight`] at once while the operation runs elsewhere, instead
+    /// of waiting for its result.
+    pub fn no_wait(mut self) -> Self {
+        self.wait = None;
+        self
+    }
+
+    /// Runs `operation` unless a result is stored under the key, and returns the value.
+    /// An `Err` is returned as [`OnceError::Operation`] and not stored.
+    pub async fn run<T, E, F, Fut>(self, operation: F) -> Result<T, OnceError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        self.run_with_outcome(operation)
+            .await
+            .map(Outcome::into_inner)
+    }
+
+    /// As [`run`](Self::run), telling a fresh run from a replay.
+    pub async fn run_with_outcome<T, E, F, Fut>(
+        self,
+        operation: F,
+    ) -> Result<Outcome<T>, OnceError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        self.execute(operation, ErrorsNotStored).await
+    }
+
+    /// As [`run_with_outcome`](Self::run_with_outcome), but an `Err` is stored too: every
+    /// later call gets the same error, and the operation does not run again.
+    pub async fn run_storing_errors<T, E, F, Fut>(
+        self,
+        operation: F,
+    ) -> Result<Outcome<T>, OnceError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Serialize + DeserializeOwned + Send + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        self.execute(operation, ErrorsStored).await
+    }
+
+    async fn execute<T, E, F, Fut, P>(
+        self,
+        operation: F,
+        errors: P,
+    ) -> Result<Outcome<T>, OnceError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        P: ErrorPolicy<E>,
+    {
+        let fingerprint = self.input.map_err(|source| OnceError::Serialize {
+            what: "input",
+            source,
+        })?;
+        let span = tracing::info_span!(target: "idem", "idem_once", key = %self.key);
+        let begun = protocol::begin(
+            &self.idem,
+            self.key.scoped(),
+            fingerprint,
+            self.ttl,
+            self.wait,
+        )
+        .instrument(span.clone())
+        .await;
+        match begun {
+            Begun::Execute(execution) => {
+                let detached = self.idem.shared.detached.clone();
+                let work = operation();
+                protocol::to_the_end(
+                    &detached,
+                    first_run(execution, work, errors).instrument(span),
+                )
+                .await
+            }
+            Begun::Answer(answer) => stored(answer, &errors),
+            Begun::Unprotected => Err(OnceError::Unavailable),
+        }
+    }
+}
+
+/// What happens on a first run: the operation runs holding the key, and its result is
+/// stored (an error only when errors are stored; otherwise the key is released).
+async fn first_run<T, E, Fut, P>(
+    mut execution: Execution,
+    work: Fut,
+    errors: P,
+) -> Result<Outcome<T>, OnceError<E>>
+where
+    T: Serialize,
+    Fut: Future<Output = Result<T, E>>,
+    P: ErrorPolicy<E>,
+{
+    let result = execution.run(work).await;
+    let (ok, json) = match &result {
+        Ok(value) => (true, serde_json::to_vec(value)),
+        Err(error) => match errors.encode(error) {
+            Some(json) => (false, json),
+            None => {
+                tracing::debug!(target: "idem", "the operation failed; releasing the key");
+                execution.release().await;
+                return result.map(Outcome::Ran).map_err(OnceError::Operation);
+            }
+        },
+    };
+    let json = match json {
+        Ok(json) => Bytes::from(json),
+        Err(source) => {
+            execution.release().await;
+            return Err(OnceError::Serialize {
+                what: "result",
+                source,
+            });
+        }
+    };
+    let fingerprint = *execution.fingerprint();
+    let not_stored = Record::ValueNotStored {
+        fingerprint,
+        len: json.len() as u64,
+    }
+    .encode();
+    let record = Record::Value {
+        fingerprint,
+        expires_at_ms: expiry_ms(execution.ttl()),
+        ok,
+        json,
+    }
+    .encode();
+    execution.complete(record, not_stored).await;
+    result.map(Outcome::Ran).map_err(OnceError::Operation)
+}
+
+/// What happens on a replay, or any other answer: the stored result, or why there is none.
+fn stored<T, E, P>(answer: Answer, errors: &P) -> Result<Outcome<T>, OnceError<E>>
+where
+    T: DeserializeOwned,
+    P: ErrorPolicy<E>,
+{
+    match answer {
+        Answer::Completed(record) => match Record::decode(&record) {
+            Ok(Record::Value { ok: true, json, .. }) => serde_json::from_slice(&json)
+                .map(Outcome::Replayed)
+                .map_err(OnceError::Deserialize),
+            Ok(Record::Value {
+                ok: false, json, ..
+            }) => match errors.decode(&json) {
+                Some(error) => Err(OnceError::Operation(error.map_err(OnceError::Deserialize)?)),
+                None => Err(OnceError::StoredFailure),
+            },
+            // A record of another front door, or one that does not read: never mistaken
+            // for a result.
+            _ => {
+                tracing::error!(target: "idem", "the record under a once key is not a stored result");
+                Err(OnceError::Unavailable)
+            }
+        },
+        Answer::NotStored(_) => Err(OnceError::NotStored),
+        Answer::KeyReused => Err(OnceError::KeyReused),
+        Answer::InFlight => Err(OnceError::InFlight),
+        Answer::Overloaded => Err(OnceError::Overloaded),
+        Answer::Unavailable => Err(OnceError::Unavailable),
+    }
+}
+
+/// Whether errors are stored, and how they are written and read.
+trait ErrorPolicy<E>: Send + 'static {
+    /// The error as JSON, when errors are stored.
+    fn encode(&self, error: &E) -> Option<Result<Vec<u8>, serde_json::Error>>;
+    /// A stored error, when errors are stored.
+    fn decode(&self, json: &[u8]) -> Option<Result<E, serde_json::Error>>;
+}
+
+/// `run` and `run_with_outcome`: an error releases the key.
+struct ErrorsNotStored;
+
+impl<E> ErrorPolicy<E> for ErrorsNotStored {
+    fn encode(&self, _: &E) -> Option<Result<Vec<u8>, serde_json::Error>> {
+        None
+    }
+
+    fn decode(&self, _: &[u8]) -> Option<Result<E, serde_json::Error>> {
+        None
+    }
+}
+
+/// `run_storing_errors`: an error is stored like a value.
+struct ErrorsStored;
+
+impl<E: Serialize + DeserializeOwned> ErrorPolicy<E> for ErrorsStored {
+    fn encode(&self, error: &E) -> Option<Result<Vec<u8>, serde_json::Error>> {
+        Some(serde_json::to_vec(error))
+    }
+
+    fn decode(&self, json: &[u8]) -> Option<Result<E, serde_json::Error>> {
+        Some(serde_json::from_slice(json))
+    }
+}

@@ -1,0 +1,367 @@
+//! `once`: an async operation run at most once per key, on the memory store, the shared
+//! Redis and a Redis Cluster of the test's own.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{Backend, until};
+use idem_runtime::once::{OnceError, Outcome};
+use idem_runtime::{Idempotency, OnceKey};
+use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Artifact {
+    id: usize,
+    name: String,
+}
+
+/// An operation that counts its runs and, while `gate` is set, waits on it.
+#[derive(Default)]
+struct Operation {
+    runs: AtomicUsize,
+    gate: Notify,
+}
+
+impl Operation {
+    fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+
+    /// A run that ends at once with artifact number `n` (its run count).
+    fn artifact(
+        self: &Arc<Self>,
+    ) -> impl Future<Output = Result<Artifact, String>> + Send + 'static {
+        let this = self.clone();
+        async move {
+            let id = this.runs.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(Artifact {
+                id,
+                name: format!("artifact {id}"),
+            })
+        }
+    }
+
+    /// A run that waits for the gate before it ends.
+    fn gated(self: &Arc<Self>) -> impl Future<Output = Result<Artifact, String>> + Send + 'static {
+        let this = self.clone();
+        async move {
+            let id = this.runs.fetch_add(1, Ordering::SeqCst) + 1;
+            this.gate.notified().await;
+            Ok(Artifact {
+                id,
+                name: format!("artifact {id}"),
+            })
+        }
+    }
+}
+
+fn key(name: &str) -> OnceKey {
+    OnceKey::compose(["test", name])
+}
+
+/// Guards: 64 concurrent calls with one key run the operation once, and all 64 get its
+/// value; a later call replays it, and says so, without running.
+async fn concurrent_calls_run_once(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let operation = Arc::new(Operation::default());
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let (idem, operation) = (idem.clone(), operation.clone());
+            tokio::spawn(async move {
+                idem.once(key("concurrent"), "build 42")
+                    .run(|| operation.gated())
+                    .await
+            })
+        })
+        .collect();
+    until(|| operation.runs() == 1).await;
+    // Everyone else now waits on the claim; let the one run end.
+    operation.gate.notify_waiters();
+    operation.gate.notify_one();
+    let mut values = Vec::new();
+    for call in calls {
+        values.push(call.await.unwrap().unwrap());
+    }
+    assert_eq!(operation.runs(), 1, "the operation ran once");
+    assert!(values.iter().all(|value| *value == values[0]), "{values:?}");
+
+    let later = idem
+        .once(key("concurrent"), "build 42")
+        .run_with_outcome(|| operation.artifact())
+        .await
+        .unwrap();
+    assert_eq!(later, Outcome::Replayed(values[0].clone()));
+    assert!(later.is_replay());
+    assert_eq!(operation.runs(), 1, "a replay runs nothing");
+}
+
+/// Guards: the same key with another input is refused, and nothing runs.
+async fn another_input_is_key_reused(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let operation = Arc::new(Operation::default());
+    let first = idem
+        .once(key("reuse"), &("cus_1", 100))
+        .run_with_outcome(|| operation.artifact())
+        .await
+        .unwrap();
+    assert!(!first.is_replay());
+    let other = idem
+        .once(key("reuse"), &("cus_1", 200))
+        .run(|| operation.artifact())
+        .await;
+    assert!(matches!(other, Err(OnceError::KeyReused)), "{other:?}");
+    assert_eq!(operation.runs(), 1);
+}
+
+/// Guards: after the ttl the key is forgotten and the operation runs afresh (a real wait).
+async fn the_result_expires_with_its_ttl(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let operation = Arc::new(Operation::default());
+    let call = || {
+        idem.once(key("ttl"), "input")
+            .ttl(Duration::from_secs(1))
+            .run_with_outcome(|| operation.artifact())
+    };
+    assert!(!call().await.unwrap().is_replay());
+    assert!(call().await.unwrap().is_replay());
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let fresh = call().await.unwrap();
+    assert_eq!(
+        fresh,
+        Outcome::Ran(Artifact {
+            id: 2,
+            name: "artifact 2".into()
+        })
+    );
+}
+
+/// Guards: an `Err` is not stored (the next call runs again), unless errors are stored.
+async fn errors_are_stored_only_when_asked(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let fails = |runs: Arc<AtomicUsize>| async move {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Err::<Artifact, String>("card declined".to_owned())
+    };
+    let failed = idem
+        .once(key("not-stored"), "in")
+        .run(|| fails(runs.clone()))
+        .await;
+    assert!(
+        matches!(&failed, Err(OnceError::Operation(e)) if e == "card declined"),
+        "{failed:?}"
+    );
+    let operation = Arc::new(Operation::default());
+    let then = idem
+        .once(key("not-stored"), "in")
+        .run_with_outcome(|| operation.artifact())
+        .await
+        .unwrap();
+    assert!(
+        !then.is_replay(),
+        "the error was not stored, so the operation ran again"
+    );
+
+    let stored = idem
+        .once(key("stored"), "in")
+        .run_storing_errors(|| fails(runs.clone()))
+        .await;
+    assert!(matches!(&stored, Err(OnceError::Operation(e)) if e == "card declined"));
+    let again = idem
+        .once(key("stored"), "in")
+        .run_storing_errors(|| fails(runs.clone()))
+        .await;
+    assert!(
+        matches!(&again, Err(OnceError::Operation(e)) if e == "card declined"),
+        "{again:?}"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the stored error was replayed, not re-run"
+    );
+    let plain = idem
+        .once(key("stored"), "in")
+        .run(|| operation.artifact())
+        .await;
+    assert!(matches!(plain, Err(OnceError::StoredFailure)), "{plain:?}");
+}
+
+/// Guards: a panic releases the key (the next call runs), and a caller that drops its call
+/// neither cancels the operation nor leaves the key held: the operation ends, its result
+/// is stored, and the next call replays it.
+async fn panics_release_and_drops_do_not_cancel(backend: Backend) {
+    let idem = backend
+        .builder()
+        .await
+        .lease(Duration::from_secs(2))
+        .build();
+    let panicked = tokio::spawn({
+        let idem = idem.clone();
+        async move {
+            idem.once(key("panic"), "in")
+                .run(|| async {
+                    if true {
+                        panic!("the operation broke")
+                    } else {
+                        Ok::<u8, String>(1)
+                    }
+                })
+                .await
+        }
+    })
+    .await;
+    assert!(panicked.unwrap_err().is_panic());
+    let operation = Arc::new(Operation::default());
+    let after = idem
+        .once(key("panic"), "in")
+        .run_with_outcome(|| operation.artifact())
+        .await
+        .unwrap();
+    assert!(!after.is_replay(), "the panic released the key");
+
+    let dropped = tokio::spawn({
+        let (idem, operation) = (idem.clone(), operation.clone());
+        async move {
+            idem.once(key("dropped"), "in")
+                .run(|| operation.gated())
+                .await
+        }
+    });
+    until(|| operation.runs() == 2).await;
+    dropped.abort();
+    assert!(dropped.await.unwrap_err().is_cancelled());
+    operation.gate.notify_one();
+    let replay = idem
+        .once(key("dropped"), "in")
+        .run_with_outcome(|| operation.artifact())
+        .await
+        .unwrap();
+    assert_eq!(
+        replay,
+        Outcome::Replayed(Artifact {
+            id: 2,
+            name: "artifact 2".into()
+        })
+    );
+    assert_eq!(
+        operation.runs(),
+        2,
+        "the dropped call's operation ran once, to its end"
+    );
+}
+
+/// Guards: with `no_wait`, a call while the operation runs is told so at once.
+async fn no_wait_answers_in_flight(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let operation = Arc::new(Operation::default());
+    let first = tokio::spawn({
+        let (idem, operation) = (idem.clone(), operation.clone());
+        async move {
+            idem.once(key("no-wait"), "in")
+                .run(|| operation.gated())
+                .await
+        }
+    });
+    until(|| operation.runs() == 1).await;
+    let second = idem
+        .once(key("no-wait"), "in")
+        .no_wait()
+        .run(|| operation.artifact())
+        .await;
+    assert!(matches!(second, Err(OnceError::InFlight)), "{second:?}");
+    operation.gate.notify_one();
+    assert_eq!(first.await.unwrap().unwrap().id, 1);
+    assert_eq!(operation.runs(), 1);
+}
+
+on_both_stores!(
+    concurrent_calls_run_once,
+    another_input_is_key_reused,
+    the_result_expires_with_its_ttl,
+    errors_are_stored_only_when_asked,
+    panics_release_and_drops_do_not_cancel,
+    no_wait_answers_in_flight,
+);
+
+/// Guards: the same on a 3-master Redis Cluster.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_on_a_three_master_cluster() {
+    let cluster = testkit::RedisCluster::start(3);
+    let on_cluster = |test: &str| Backend::Cluster {
+        urls: cluster.urls(),
+        prefix: testkit::unique_prefix(test),
+    };
+    concurrent_calls_run_once(on_cluster("once-concurrent")).await;
+    another_input_is_key_reused(on_cluster("once-reuse")).await;
+    the_result_expires_with_its_ttl(on_cluster("once-ttl")).await;
+    errors_are_stored_only_when_asked(on_cluster("once-errors")).await;
+    panics_release_and_drops_do_not_cancel(on_cluster("once-panic")).await;
+}
+
+/// Guards: a once key and an HTTP request's key never share a record, whatever they say.
+#[tokio::test]
+async fn once_keys_live_apart_from_request_keys() {
+    let idem = Idempotency::builder().shared_scope(true).build();
+    let value = idem
+        .once(OnceKey::new("order-1").unwrap(), "in")
+        .run(|| async { Ok::<_, String>(1u8) })
+        .await
+        .unwrap();
+    assert_eq!(value, 1);
+    let request_key = idem_runtime::ScopedKey::new(
+        idem_runtime::Scope::anonymous(),
+        idem_runtime::IdempotencyKey::parse(b"order-1").unwrap(),
+    );
+    assert!(
+        idem.store()
+            .begin(
+                request_key.as_str(),
+                &bytes::Bytes::from_static(b"claim"),
+                Duration::from_secs(1)
+            )
+            .await
+            .unwrap()
+            .is_none(),
+        "the request key is free"
+    );
+}
+
+proptest! {
+    /// Guards: distinct part lists never compose to one key, and every key is valid.
+    #[test]
+    fn composed_keys_are_distinct_and_valid(
+        a in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 0..5),
+        b in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 0..5),
+    ) {
+        let (ka, kb) = (OnceKey::compose(&a), OnceKey::compose(&b));
+        for key in [&ka, &kb] {
+            let parsed = idem_runtime::IdempotencyKey::parse(key.as_str().as_bytes());
+            prop_assert!(parsed.is_ok(), "{key:?} is not a valid key");
+            let parsed = parsed.unwrap();
+            prop_assert_eq!(parsed.as_str(), key.as_str());
+        }
+        if a != b {
+            prop_assert_ne!(ka, kb);
+        }
+    }
+
+    /// Guards: parts that differ only in where a separator falls give different keys.
+    #[test]
+    fn separators_inside_parts_never_join_two_lists(left in "[a-z:/]{0,10}", right in "[a-z:/]{0,10}", cut in 0usize..10) {
+        let joined = format!("{left}{right}");
+        let cut = cut.min(joined.len());
+        let (x, y) = joined.split_at(cut);
+        if (x, y) != (left.as_str(), right.as_str()) {
+            prop_assert_ne!(OnceKey::compose([x, y]), OnceKey::compose([left.as_str(), right.as_str()]));
+        }
+    }
+}
