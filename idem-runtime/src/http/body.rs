@@ -138,10 +138,10 @@ impl http_body::Body for PrefixedBody {
         let read: u64 = self.prefix.iter().map(|chunk| chunk.len() as u64).sum();
         let rest = self.rest.size_hint();
         let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower() + read);
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + read);
+        if let Some(upper) = rest.upper().and_then(|upper| upper.checked_add(read)) {
+            hint.set_upper(upper);
         }
+        hint.set_lower(rest.lower().saturating_add(read));
         hint
     }
 }

@@ -201,9 +201,11 @@ where
         // A `ScopedKey` taken by an earlier argument, before the extractor that put the
         // principal in, names another scope than this record: a database guard keyed by it
         // would not catch a retry. Refuse loudly rather than run on two identities.
-        if let Some(earlier) = parts.extensions.get::<ScopedKey>()
-            && *earlier != key
-        {
+        let earlier_differs = match parts.extensions.get::<ScopedKey>() {
+            Some(earlier) => *earlier != key,
+            None => parts.extensions.get::<ReadWithoutScope>().is_some(),
+        };
+        if earlier_differs {
             tracing::error!(target: "idem", path = parts.uri.path(), "`ScopedKey` was extracted before the extractor that authenticates the request; take it after that extractor");
             return Err(Problem::scope_conflict().into_response());
         }
@@ -254,6 +256,12 @@ impl<S: Send + Sync> FromRequestParts<S> for ScopedKey {
     }
 }
 
+/// Marks a keyed request whose `Option<ScopedKey>` was read as `None` because nothing
+/// identified the client yet: a guard that finds a scope later refuses the request, as
+/// for a `ScopedKey` of another scope.
+#[derive(Clone, Copy)]
+struct ReadWithoutScope;
+
 impl<S: Send + Sync> OptionalFromRequestParts<S> for ScopedKey {
     type Rejection = std::convert::Infallible;
 
@@ -262,8 +270,18 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for ScopedKey {
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
         let key = scoped_key_of(parts);
-        if let Some(key) = &key {
-            parts.extensions.insert(key.clone());
+        match &key {
+            Some(key) => {
+                parts.extensions.insert(key.clone());
+            }
+            None if matches!(
+                parts.extensions.get::<KeyedRequest>(),
+                Some(KeyedRequest::Keyed { .. })
+            ) =>
+            {
+                parts.extensions.insert(ReadWithoutScope);
+            }
+            None => {}
         }
         Ok(key)
     }

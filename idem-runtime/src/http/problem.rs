@@ -56,7 +56,7 @@ impl Problem {
             StatusCode::BAD_REQUEST,
             Self::SCOPE_MISSING,
             "Idempotency-Key without an identity",
-            "This request carries an Idempotency-Key but nothing identifies the client it belongs to, so its response could be replayed to another client; nothing was executed. Send the request with your credentials (an Authorization header). For the service: scope keys by the authenticated user (insert idem_runtime::Principal into the request extensions in your auth middleware), set a scope rule with Builder::scope, or, for a single-tenant service, opt in to one shared scope with Builder::shared_scope(true).".into(),
+            "This request carries an Idempotency-Key but nothing identifies the client it belongs to, so its response could be replayed to another client; nothing was executed. Send the request with your credentials (an Authorization header). For the service: scope keys by the authenticated user (insert idem_runtime::Principal into the request extensions in your auth middleware), set a scope rule with IdempotencyBuilder::scope, or, for a single-tenant service, opt in to one shared scope with IdempotencyBuilder::shared_scope(true).".into(),
         )
     }
 

@@ -2,6 +2,7 @@
 //! never cancels work that holds a key; the rest of it moves to a task of its own.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,19 +39,25 @@ impl<O: Send + 'static> Future for Detaching<O> {
             // Polled again after it ended: there is nothing left to give.
             return Poll::Pending;
         };
-        let output = std::task::ready!(work.as_mut().poll(cx));
-        self.work = None;
-        Poll::Ready(output)
+        match std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => {
+                self.work = None;
+                Poll::Ready(output)
+            }
+            Err(panic) => {
+                // The work panicked (and released its key): it is never polled again.
+                self.work = None;
+                std::panic::resume_unwind(panic)
+            }
+        }
     }
 }
 
 impl<O: Send + 'static> Drop for Detaching<O> {
     fn drop(&mut self) {
-        // While unwinding from a panic in the work, it has already released its key and
-        // must not be polled again.
-        if std::thread::panicking() {
-            return;
-        }
+        // Work that panicked is gone already; any other unfinished work moves on, even
+        // when the caller is dropped by a panic of its own beside it.
         if let Some(work) = self.work.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {

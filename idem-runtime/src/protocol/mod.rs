@@ -92,6 +92,7 @@ pub(crate) async fn begin(
         fingerprint,
         ttl,
         armed: true,
+        persist_release: true,
         keeper: None,
     };
     let wait_until = wait.map(|max| later(Instant::now(), max));
@@ -109,7 +110,12 @@ pub(crate) async fn begin(
         .await
         {
             Ok(found) => found,
-            Err(error) => return store_failed(idem, &error, seen_in_flight),
+            Err(error) => {
+                // The claim may have been applied before the failure: `Drop` releases it,
+                // once.
+                execution.persist_release = false;
+                return store_failed(idem, &error, seen_in_flight);
+            }
         };
         // The store may hand back this request's own claim: a `begin` applied twice
         // because a client library re-sent it after losing the answer.
@@ -153,7 +159,10 @@ pub(crate) async fn begin(
                     execution.armed = false;
                     return Begun::Answer(Answer::InFlight);
                 }
-                Err(error) => return store_failed(idem, &error, true),
+                Err(error) => {
+                    execution.persist_release = false;
+                    return store_failed(idem, &error, true);
+                }
             }
         }
         tracing::debug!(target: "idem", "executing");
@@ -220,6 +229,10 @@ pub(crate) struct Execution {
     fingerprint: Fingerprint,
     ttl: Duration,
     armed: bool,
+    /// Whether a release the store does not take is retried until the lease ends. Not
+    /// after a `begin` the store failed: the claim is then most likely not there, and one
+    /// retrying task per refused request would pile up for as long as the outage lasts.
+    persist_release: bool,
     /// Renews the lease from the moment of the claim until the execution ends.
     keeper: Option<LeaseKeeper>,
 }
@@ -315,11 +328,12 @@ impl Execution {
         }
     }
 
-    /// Gives the key up, so that a retry runs the work again.
+    /// Gives the key up, so that a retry runs the work again. The execution stays armed
+    /// until the release is done: a caller dropped meanwhile still releases, from `Drop`.
     pub(crate) async fn release(&mut self) {
-        self.armed = false;
         self.keeper = None;
-        release(&self.idem, &self.key, &self.claim).await;
+        release(&self.idem, &self.key, &self.claim, self.persist_release).await;
+        self.armed = false;
     }
 
     async fn store(&self, record: Bytes) -> Result<bool, StoreError> {
@@ -334,7 +348,10 @@ impl Drop for Execution {
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (idem, key, claim) = (self.idem.clone(), self.key.clone(), self.claim.clone());
-            runtime.spawn(async move { release(&idem, &key, &claim).await }.in_current_span());
+            let persist = self.persist_release;
+            runtime.spawn(
+                async move { release(&idem, &key, &claim, persist).await }.in_current_span(),
+            );
         }
     }
 }
@@ -426,14 +443,18 @@ async fn store_completion(
     .await
 }
 
-/// Releases the claim. A release the store does not take is retried in the background
-/// until it is taken or the lease has run out anyway, so a store that comes back frees the
-/// key at once rather than after a whole lease.
-async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes) {
+/// Releases the claim. With `persist`, a release the store does not take is retried in
+/// the background until it is taken or the lease has run out anyway, so a store that comes
+/// back frees the key at once rather than after a whole lease.
+async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes, persist: bool) {
     let started = Instant::now();
     let Err(error) = store_step(idem, idem.store().release(key.as_str(), claim)).await else {
         return;
     };
+    if !persist {
+        tracing::warn!(target: "idem", %error, "releasing the key failed; its lease frees it");
+        return;
+    }
     tracing::warn!(target: "idem", %error, "releasing the key failed; retrying until its lease ends");
     let (idem, key, claim) = (idem.clone(), key.clone(), claim.clone());
     let retrying = async move {
