@@ -1,5 +1,6 @@
 //! In-process costs: key parsing, fingerprinting, record encoding, and whole requests
-//! through a Router (bare, memory miss, memory hit, local-tier hit).
+//! through a Router (bare, memory miss, memory hit, local-tier hit), and `once` calls on
+//! the memory store and on a private Redis, beside a bare call and raw Redis round trips.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,5 +72,82 @@ fn requests(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parsing, requests);
+/// The operation every `once` benchmark runs: a small value, at once.
+async fn issue() -> Result<Vec<u32>, std::convert::Infallible> {
+    Ok(vec![7, 42, 2026])
+}
+
+fn once(c: &mut Criterion) {
+    use idem_runtime::store::RedisStore;
+    use idem_runtime::{Idempotency, OnceKey};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = testkit::RedisServer::start();
+    let memory = Idempotency::in_memory();
+    let redis = runtime.block_on(async {
+        let store = RedisStore::builder(server.url())
+            .prefix(testkit::unique_prefix("bench-once"))
+            .connect()
+            .await
+            .expect("private Redis");
+        Idempotency::builder().store(store).build()
+    });
+    let raw = runtime.block_on(testkit::redis_connection(&server.url()));
+    let counter = AtomicU64::new(0);
+    let fresh = || {
+        OnceKey::compose([
+            "bench",
+            &counter.fetch_add(1, Ordering::Relaxed).to_string(),
+        ])
+    };
+    let hit = OnceKey::compose(["bench", "hit"]);
+    let mut group = c.benchmark_group("once");
+    group.bench_function("bare call", |b| b.to_async(&runtime).iter(issue));
+    for (name, idem) in [("memory", &memory), ("redis", &redis)] {
+        group.bench_function(format!("{name} first run"), |b| {
+            b.to_async(&runtime)
+                .iter(|| idem.once(fresh(), "input").run(issue))
+        });
+        runtime
+            .block_on(idem.once(hit.clone(), "input").run(issue))
+            .expect("prime");
+        group.bench_function(format!("{name} replay"), |b| {
+            b.to_async(&runtime)
+                .iter(|| idem.once(hit.clone(), "input").run(issue))
+        });
+    }
+    group.bench_function("raw redis: 1 round trip (GET)", |b| {
+        b.to_async(&runtime).iter(|| {
+            let mut raw = raw.clone();
+            async move {
+                let value: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg("bench:raw")
+                    .query_async(&mut raw)
+                    .await
+                    .expect("GET");
+                value
+            }
+        })
+    });
+    group.bench_function("raw redis: 2 round trips (GET, GET)", |b| {
+        b.to_async(&runtime).iter(|| {
+            let mut raw = raw.clone();
+            async move {
+                for _ in 0..2 {
+                    let _: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg("bench:raw")
+                        .query_async(&mut raw)
+                        .await
+                        .expect("GET");
+                }
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, parsing, requests, once);
 criterion_main!(benches);

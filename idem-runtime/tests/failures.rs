@@ -199,3 +199,39 @@ async fn disconnected_client_still_gets_replay(backend: Backend) {
     assert_eq!(counters.runs(), 1);
     server.abort();
 }
+
+/// Guards the round-trip floor of `once`: 1 for a replay and for another input, 2 for a
+/// first run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_round_trips_are_the_floor() {
+    use idem_runtime::OnceKey;
+
+    let server = RedisServer::start();
+    let backend = Backend::redis_at(&server.url(), "once-round-trips");
+    let idem = backend.builder().await.build();
+    let mut admin = redis_connection(&server.url()).await;
+    let monitor = Monitor::start(server.port());
+    monitor.client_commands(&mut admin).await;
+    let call = |input: &'static str| {
+        idem.once(OnceKey::compose(["report", "2026-11"]), input)
+            .run_with_outcome(|| async { Ok::<_, String>(vec![1u8, 2, 3]) })
+    };
+
+    let first = call("in").await.unwrap();
+    assert!(!first.is_replay());
+    assert_eq!(
+        monitor.client_commands(&mut admin).await,
+        ["set", "evalsha"],
+        "first run"
+    );
+    let replay = call("in").await.unwrap();
+    assert!(replay.is_replay());
+    assert_eq!(monitor.client_commands(&mut admin).await, ["set"], "replay");
+    let reused = call("other").await;
+    assert!(reused.is_err());
+    assert_eq!(
+        monitor.client_commands(&mut admin).await,
+        ["set"],
+        "another input"
+    );
+}
