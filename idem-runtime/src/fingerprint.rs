@@ -13,14 +13,34 @@ use sha2::{Digest, Sha256};
 pub struct Fingerprint(pub(crate) [u8; 32]);
 
 impl Fingerprint {
-    /// Fingerprints a request under `mode`.
+    /// Fingerprints a request under `mode`, its body taken byte for byte (see
+    /// [`Fingerprint::of_request`] for multipart bodies).
     pub fn of(mode: &FingerprintMode, method: &Method, path_and_query: &str, body: &[u8]) -> Self {
+        Self::of_request(mode, method, path_and_query, None, body)
+    }
+
+    /// Fingerprints a request under `mode`, knowing its `Content-Type`. A multipart body
+    /// (`multipart/form-data; boundary=...`) counts by its parts, each with its headers
+    /// and content, never by its boundary: HTTP clients choose a new boundary on every
+    /// send, and a retry of the same form must be the same request.
+    pub fn of_request(
+        mode: &FingerprintMode,
+        method: &Method,
+        path_and_query: &str,
+        content_type: Option<&[u8]>,
+        body: &[u8],
+    ) -> Self {
         let mut hasher = Sha256::new();
         hasher.update(b"idem-fp-v1\0");
         hasher.update(method.as_str());
         hasher.update(b"\0");
         hasher.update(path_and_query);
         hasher.update(b"\0");
+        if let Some(boundary) = content_type.and_then(multipart_boundary)
+            && hash_multipart(&mut hasher, &boundary, body)
+        {
+            return Self(hasher.finalize().into());
+        }
         let raw = |hasher: &mut Sha256| {
             hasher.update(b"raw\0");
             hasher.update(body);
@@ -81,6 +101,60 @@ impl Fingerprint {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+}
+
+/// The boundary of a `multipart/*` content type (RFC 2046: 1 to 70 characters, maybe
+/// quoted), if it is one.
+fn multipart_boundary(content_type: &[u8]) -> Option<Vec<u8>> {
+    let content_type = std::str::from_utf8(content_type).ok()?;
+    let mut params = content_type.split(';');
+    let essence = params.next()?.trim();
+    if !essence
+        .get(..10)
+        .is_some_and(|start| start.eq_ignore_ascii_case("multipart/"))
+    {
+        return None;
+    }
+    let boundary = params.find_map(|param| {
+        let (name, value) = param.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| value.trim())
+    })?;
+    let boundary = boundary
+        .strip_prefix('"')
+        .and_then(|quoted| quoted.strip_suffix('"'))
+        .unwrap_or(boundary);
+    (1..=70)
+        .contains(&boundary.len())
+        .then(|| boundary.as_bytes().to_vec())
+}
+
+/// Hashes a multipart body part by part: the text between delimiters, each with its
+/// length, so that the boundary itself never counts. `false` (nothing hashed) when the
+/// body holds no delimiter: it is then taken as it is.
+fn hash_multipart(hasher: &mut Sha256, boundary: &[u8], body: &[u8]) -> bool {
+    let delimiter = [b"--".as_slice(), boundary].concat();
+    let mut rest = body;
+    let mut segments = Vec::new();
+    while let Some(at) = rest
+        .windows(delimiter.len())
+        .position(|window| window == delimiter)
+    {
+        segments.push(&rest[..at]);
+        rest = &rest[at + delimiter.len()..];
+    }
+    if segments.is_empty() {
+        return false;
+    }
+    segments.push(rest);
+    hasher.update(b"multipart\0");
+    hasher.update((segments.len() as u64).to_be_bytes());
+    for segment in segments {
+        hasher.update((segment.len() as u64).to_be_bytes());
+        hasher.update(segment);
+    }
+    true
 }
 
 impl fmt::Debug for Fingerprint {
@@ -337,6 +411,42 @@ mod tests {
 
     fn fp(mode: &FingerprintMode, method: Method, path: &str, body: &str) -> Fingerprint {
         Fingerprint::of(mode, &method, path, body.as_bytes())
+    }
+
+    #[test]
+    fn multipart_counts_parts_not_the_boundary() {
+        let form = |boundary: &str, quoted: bool, amount: &str| {
+            let body = format!(
+                "--{boundary}\r\ncontent-disposition: form-data; name=\"amount\"\r\n\r\n{amount}\r\n--{boundary}--\r\n"
+            );
+            let content_type = if quoted {
+                format!("Multipart/Form-Data; charset=utf-8; Boundary=\"{boundary}\"")
+            } else {
+                format!("multipart/form-data; boundary={boundary}")
+            };
+            Fingerprint::of_request(
+                &FingerprintMode::Exact,
+                &Method::POST,
+                "/pay",
+                Some(content_type.as_bytes()),
+                body.as_bytes(),
+            )
+        };
+        assert_eq!(
+            form("XyZ123", false, "1200"),
+            form("other-boundary", true, "1200")
+        );
+        assert_ne!(form("XyZ123", false, "1200"), form("XyZ123", false, "1201"));
+        // Not multipart, or no delimiter in the body: byte for byte, as before.
+        let plain = Fingerprint::of(&FingerprintMode::Exact, &Method::POST, "/pay", b"--a");
+        let typed = Fingerprint::of_request(
+            &FingerprintMode::Exact,
+            &Method::POST,
+            "/pay",
+            Some(b"multipart/form-data; boundary=zzz"),
+            b"--a",
+        );
+        assert_eq!(plain, typed);
     }
 
     #[test]

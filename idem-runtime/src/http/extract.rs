@@ -186,7 +186,17 @@ where
                 let path = uri
                     .path_and_query()
                     .map_or_else(|| uri.path(), |pq| pq.as_str());
-                Fingerprint::of(&settings.fingerprint, &parts.method, path, body)
+                let content_type = parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .map(http::HeaderValue::as_bytes);
+                Fingerprint::of_request(
+                    &settings.fingerprint,
+                    &parts.method,
+                    path,
+                    content_type,
+                    body,
+                )
             }
             BufferedBody::TooLarge => {
                 return Err(Problem::body_too_large(settings.max_request_bytes).into_response());

@@ -1,0 +1,49 @@
+//! Multipart forms: a retry of the same form is the same request, whatever boundary the
+//! client chose for it (curl, reqwest and browsers choose a new one on every send).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::http::{StatusCode, header};
+use common::{Backend, Counters, app, post_with, send};
+use idem_runtime::Problem;
+
+/// A form with one `amount` field, sent with `boundary`.
+fn form(boundary: &str, amount: &str) -> axum::extract::Request {
+    let body = format!(
+        "--{boundary}\r\ncontent-disposition: form-data; name=\"amount\"\r\n\r\n{amount}\r\n\
+         --{boundary}\r\ncontent-disposition: form-data; name=\"note\"; filename=\"n.txt\"\r\n\
+         content-type: text/plain\r\n\r\nfor order 7\r\n--{boundary}--\r\n"
+    );
+    let mut request = post_with("/pay", Some("form-key"), &body);
+    request.headers_mut().insert(
+        header::CONTENT_TYPE,
+        format!("multipart/form-data; boundary={boundary}")
+            .parse()
+            .unwrap(),
+    );
+    request
+}
+
+/// Guards: the same form under a new boundary is replayed, not refused with 422 and not
+/// run again; a form with another value under the same key is refused.
+async fn a_form_resent_with_a_new_boundary_is_replayed(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let first = send(&app, form("------------------------a1b2c3", "1200")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = send(&app, form("----WebKitFormBoundary7MA4YWxk", "1200")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert!(retry.is_replay(), "the retry was replayed");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(counters.runs(), 1);
+    let changed = send(&app, form("x-boundary", "1300")).await;
+    changed.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Problem::KEY_REUSED);
+    assert_eq!(counters.runs(), 1);
+}
+
+on_both_stores!(a_form_resent_with_a_new_boundary_is_replayed);
