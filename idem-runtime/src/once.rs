@@ -58,18 +58,22 @@ impl OnceKey {
     /// use idem_runtime::OnceKey;
     ///
     /// assert!(OnceKey::new("nightly-report-2026-11-24").is_ok());
+    /// assert_eq!(OnceKey::new(r#"say "hi" \ bye"#).unwrap().as_str(), r#"say "hi" \ bye"#);
     /// assert!(OnceKey::new("").is_err());
+    /// assert!(OnceKey::new("tab\there").is_err());
     /// ```
     pub fn new(key: impl AsRef<str>) -> Result<Self, KeyError> {
         let key = key.as_ref();
-        if key.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) && !key.starts_with('"') {
-            let quoted =
-                IdempotencyKey::parse(format!("\"{}\"", key.replace('\\', "\\\\")).as_bytes());
-            if let Ok(parsed) = quoted {
-                return Ok(Self(parsed));
-            }
+        if let Some(position) = key.bytes().position(|b| b != b' ' && !b.is_ascii_graphic()) {
+            return Err(KeyError::InvalidCharacter {
+                byte: key.as_bytes()[position],
+                position,
+            });
         }
-        IdempotencyKey::parse(key.as_bytes()).map(Self)
+        // Written as a Structured Field string, so that every visible character, quotes
+        // and backslashes included, is part of the key as it is.
+        let quoted = format!("\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\""));
+        IdempotencyKey::parse(quoted.as_bytes()).map(Self)
     }
 
     /// Joins `parts` (a user, an action, a digest of the input, ...) into one key that is
@@ -178,12 +182,34 @@ pub enum OnceError<E> {
     /// the same key, or a changed type).
     #[error("the stored result cannot be read as this type: {0}")]
     Deserialize(#[source] serde_json::Error),
+    /// An earlier run failed with this error, stored by
+    /// [`run_storing_errors`](Once::run_storing_errors): the operation did not run in this
+    /// call.
+    #[error("the operation failed on an earlier run: {0}")]
+    Replayed(E),
     /// An earlier run failed and its error was stored (by
     /// [`run_storing_errors`](Once::run_storing_errors)); read it with that method.
     #[error(
         "the operation failed on an earlier run and its error is stored; read it with `run_storing_errors`"
     )]
     StoredFailure,
+}
+
+impl<E> OnceError<E> {
+    /// Whether this is the stored error of an earlier run ([`OnceError::Replayed`]), not
+    /// a failure of this call.
+    pub fn is_replay(&self) -> bool {
+        matches!(self, Self::Replayed(_))
+    }
+
+    /// The operation's own error, from this call ([`OnceError::Operation`]) or stored by
+    /// an earlier one ([`OnceError::Replayed`]).
+    pub fn operation_error(&self) -> Option<&E> {
+        match self {
+            Self::Operation(error) | Self::Replayed(error) => Some(error),
+            _ => None,
+        }
+    }
 }
 
 /// What a [`once`](Idempotency::once) call returned: the value of a run that happened now,
@@ -299,7 +325,8 @@ impl Once {
     }
 
     /// As [`run_with_outcome`](Self::run_with_outcome), but an `Err` is stored too: every
-    /// later call gets the same error, and the operation does not run again.
+    /// later call gets the same error as [`OnceError::Replayed`], and the operation does
+    /// not run again.
     pub async fn run_storing_errors<T, E, F, Fut>(
         self,
         operation: F,
@@ -379,22 +406,25 @@ where
             }
         },
     };
+    let fingerprint = *execution.fingerprint();
+    let not_stored = |len: usize| {
+        Record::ValueNotStored {
+            fingerprint,
+            len: len as u64,
+        }
+        .encode()
+    };
     let json = match json {
         Ok(json) => Bytes::from(json),
-        Err(source) => {
-            execution.release().await;
-            return Err(OnceError::Serialize {
-                what: "result",
-                source,
-            });
+        Err(error) => {
+            // The operation ran: releasing the key would let the next call run it again.
+            // The key records that it ran, without its result.
+            tracing::error!(target: "idem", %error, "the result cannot be written as JSON; later calls will be told it was not stored");
+            execution.complete(not_stored(0), not_stored(0)).await;
+            return result.map(Outcome::Ran).map_err(OnceError::Operation);
         }
     };
-    let fingerprint = *execution.fingerprint();
-    let not_stored = Record::ValueNotStored {
-        fingerprint,
-        len: json.len() as u64,
-    }
-    .encode();
+    let not_stored = not_stored(json.len());
     let record = Record::Value {
         fingerprint,
         expires_at_ms: expiry_ms(execution.ttl()),
@@ -420,7 +450,7 @@ where
             Ok(Record::Value {
                 ok: false, json, ..
             }) => match errors.decode(&json) {
-                Some(error) => Err(OnceError::Operation(error.map_err(OnceError::Deserialize)?)),
+                Some(error) => Err(OnceError::Replayed(error.map_err(OnceError::Deserialize)?)),
                 None => Err(OnceError::StoredFailure),
             },
             // A record of another front door, or one that does not read: never mistaken

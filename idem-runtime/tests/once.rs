@@ -142,7 +142,8 @@ async fn the_result_expires_with_its_ttl(backend: Backend) {
     );
 }
 
-/// Guards: an `Err` is not stored (the next call runs again), unless errors are stored.
+/// Guards: an `Err` is not stored (the next call runs again), unless errors are stored;
+/// a stored error comes back as a replay, and the operation does not run again.
 async fn errors_are_stored_only_when_asked(backend: Backend) {
     let idem = backend.builder().await.build();
     let runs = Arc::new(AtomicUsize::new(0));
@@ -168,23 +169,33 @@ async fn errors_are_stored_only_when_asked(backend: Backend) {
         !then.is_replay(),
         "the error was not stored, so the operation ran again"
     );
+    assert_eq!(operation.runs(), 1);
 
+    // Opted in: Err, then a call whose operation would succeed gets the stored error.
     let stored = idem
         .once(key("stored"), "in")
         .run_storing_errors(|| fails(runs.clone()))
         .await;
-    assert!(matches!(&stored, Err(OnceError::Operation(e)) if e == "card declined"));
+    assert!(
+        matches!(&stored, Err(e @ OnceError::Operation(_)) if !e.is_replay()),
+        "{stored:?}"
+    );
     let again = idem
         .once(key("stored"), "in")
-        .run_storing_errors(|| fails(runs.clone()))
+        .run_storing_errors(|| operation.artifact())
         .await;
     assert!(
-        matches!(&again, Err(OnceError::Operation(e)) if e == "card declined"),
+        matches!(&again, Err(e @ OnceError::Replayed(msg)) if e.is_replay() && msg == "card declined"),
         "{again:?}"
     );
     assert_eq!(
-        runs.load(Ordering::SeqCst),
-        2,
+        again.unwrap_err().operation_error().map(String::as_str),
+        Some("card declined")
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "one failing run per key");
+    assert_eq!(
+        operation.runs(),
+        1,
         "the stored error was replayed, not re-run"
     );
     let plain = idem
@@ -192,6 +203,84 @@ async fn errors_are_stored_only_when_asked(backend: Backend) {
         .run(|| operation.artifact())
         .await;
     assert!(matches!(plain, Err(OnceError::StoredFailure)), "{plain:?}");
+    assert_eq!(operation.runs(), 1, "nothing ran for the plain call either");
+}
+
+/// A result that cannot be written as JSON (a map with non-string keys).
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Unwritable(std::collections::HashMap<(u8, u8), u8>);
+
+/// Guards: a result that cannot be stored never lets the operation run a second time:
+/// the caller gets its value, and later calls are told it ran without a stored result.
+async fn an_unwritable_result_is_not_run_again(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let operation = |runs: Arc<AtomicUsize>| async move {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>(Unwritable([((1, 2), 3)].into_iter().collect()))
+    };
+    let first = idem
+        .once(key("unwritable"), "in")
+        .run_with_outcome(|| operation(runs.clone()))
+        .await
+        .unwrap();
+    assert!(!first.is_replay());
+    let second = idem
+        .once(key("unwritable"), "in")
+        .run(|| operation(runs.clone()))
+        .await;
+    assert!(matches!(second, Err(OnceError::NotStored)), "{second:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// Guards: a caller whose process dies mid-operation (its runtime shut down: no release,
+/// no renewal) holds the key only until its lease runs out; then the next call runs.
+async fn a_vanished_caller_frees_the_key_after_its_lease(backend: Backend) {
+    let lease = Duration::from_millis(800);
+    let started = Arc::new(AtomicUsize::new(0));
+    let doomed = std::thread::spawn({
+        let (backend, started) = (backend.clone(), started.clone());
+        move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async {
+                let idem = backend.builder().await.lease(lease).build();
+                let counter = started.clone();
+                let call = tokio::spawn(async move {
+                    idem.once(key("vanished"), "in")
+                        .run(|| async move {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            std::future::pending::<Result<u8, String>>().await
+                        })
+                        .await
+                });
+                until(|| started.load(Ordering::SeqCst) == 1).await;
+                drop(call);
+            });
+            // Every task of this runtime is dropped here, as in a killed process.
+            runtime.shutdown_background();
+        }
+    });
+    doomed.join().unwrap();
+    let gone_at = tokio::time::Instant::now();
+    let idem = backend.builder().await.lease(lease).build();
+    let held = idem
+        .once(key("vanished"), "in")
+        .no_wait()
+        .run(|| async { Ok::<u8, String>(2) })
+        .await;
+    assert!(matches!(held, Err(OnceError::InFlight)), "{held:?}");
+    let after = idem
+        .once(key("vanished"), "in")
+        .wait(lease * 4)
+        .run_with_outcome(|| async { Ok::<u8, String>(2) })
+        .await
+        .unwrap();
+    assert_eq!(
+        after,
+        Outcome::Ran(2),
+        "the next call ran once the lease ran out"
+    );
+    assert!(gone_at.elapsed() < lease * 4, "freed within a few leases");
 }
 
 /// Guards: a panic releases the key (the next call runs), and a caller that drops its call
@@ -289,6 +378,8 @@ on_both_stores!(
     errors_are_stored_only_when_asked,
     panics_release_and_drops_do_not_cancel,
     no_wait_answers_in_flight,
+    an_unwritable_result_is_not_run_again,
+    a_vanished_caller_frees_the_key_after_its_lease,
 );
 
 /// Guards: the same on a 3-master Redis Cluster.
@@ -305,6 +396,7 @@ async fn once_on_a_three_master_cluster() {
     the_result_expires_with_its_ttl(on_cluster("once-ttl")).await;
     errors_are_stored_only_when_asked(on_cluster("once-errors")).await;
     panics_release_and_drops_do_not_cancel(on_cluster("once-panic")).await;
+    a_vanished_caller_frees_the_key_after_its_lease(on_cluster("once-vanished")).await;
 }
 
 /// Guards: a once key and an HTTP request's key never share a record, whatever they say.
