@@ -63,6 +63,7 @@ pub struct IdempotentRetry {
     min_delay: Duration,
     max_delay: Duration,
     deadline: Duration,
+    full_jitter: bool,
 }
 
 impl Default for IdempotentRetry {
@@ -72,6 +73,7 @@ impl Default for IdempotentRetry {
             min_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(5),
             deadline: Duration::from_secs(30),
+            full_jitter: true,
         }
     }
 }
@@ -101,10 +103,23 @@ impl IdempotentRetry {
         self
     }
 
+    /// Full jitter (on by default): each wait is drawn at random below its bound, so that
+    /// clients that failed together do not retry together. Off, each wait is its bound
+    /// exactly (`min`, then twice that, and so on up to `max`).
+    #[must_use]
+    pub fn full_jitter(mut self, on: bool) -> Self {
+        self.full_jitter = on;
+        self
+    }
+
     fn policy(&self) -> ExponentialBackoff {
         ExponentialBackoff::builder()
             .retry_bounds(self.min_delay, self.max_delay)
-            .jitter(Jitter::Full)
+            .jitter(if self.full_jitter {
+                Jitter::Full
+            } else {
+                Jitter::None
+            })
             .build_with_max_retries(self.attempts - 1)
     }
 }
@@ -117,7 +132,8 @@ pub enum ClientError {
     /// `422`); it was not retried.
     #[error(transparent)]
     Rejected(#[from] Rejected),
-    /// Every attempt failed, or the deadline came first.
+    /// Every attempt failed, or the deadline came first. The effect may or may not have
+    /// happened: to find out, call again with the same [`key`](ClientError::GaveUp::key).
     #[error("gave up after {attempts} attempts in {elapsed:?}: {last}")]
     GaveUp {
         /// Attempts made.
@@ -126,12 +142,26 @@ pub enum ClientError {
         elapsed: Duration,
         /// The last failure.
         last: String,
+        /// The `Idempotency-Key` every attempt carried (`None` for a request without one,
+        /// such as a GET). Sending it again continues the same logical call.
+        key: Option<String>,
     },
+}
+
+impl ClientError {
+    /// The `Idempotency-Key` the call's attempts carried, as sent.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Rejected(rejected) => rejected.key.as_deref(),
+            Self::GaveUp { key, .. } => key.as_deref(),
+        }
+    }
 }
 
 /// A request the server refused, and that a retry would not change.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{status}{}: {detail}", problem_type.as_deref().map(|kind| format!(" ({kind})")).unwrap_or_default())]
+#[non_exhaustive]
 pub struct Rejected {
     /// The status.
     pub status: StatusCode,
@@ -141,6 +171,8 @@ pub struct Rejected {
     pub detail: String,
     /// Attempts made (the refused one included).
     pub attempts: u32,
+    /// The `Idempotency-Key` the request carried, as sent.
+    pub key: Option<String>,
 }
 
 impl Rejected {
@@ -172,21 +204,32 @@ pub trait ResponseExt {
     fn attempts(&self) -> u32;
     /// Whether the server replayed a stored response (`Idempotent-Replayed: true`).
     fn replayed(&self) -> bool;
+    /// The `Idempotency-Key` the call carried, as sent (generated or the caller's own).
+    fn idempotency_key(&self) -> Option<&str>;
 }
 
-/// The attempts a response took, kept in its extensions.
-#[derive(Debug, Clone, Copy)]
-struct Attempts(u32);
+/// What the middleware knows of a call, kept in its response's extensions.
+#[derive(Debug, Clone)]
+struct CallInfo {
+    attempts: u32,
+    key: Option<String>,
+}
 
 impl ResponseExt for Response {
     fn attempts(&self) -> u32 {
-        self.extensions().get::<Attempts>().map_or(1, |a| a.0)
+        self.extensions()
+            .get::<CallInfo>()
+            .map_or(1, |info| info.attempts)
     }
 
     fn replayed(&self) -> bool {
         self.headers()
             .get(IDEMPOTENT_REPLAYED)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"true"))
+    }
+
+    fn idempotency_key(&self) -> Option<&str> {
+        self.extensions().get::<CallInfo>()?.key.as_deref()
     }
 }
 
@@ -201,6 +244,8 @@ enum Attempt {
     Done(Response),
     /// Refused for good.
     Rejected(Rejected),
+    /// Not worth another attempt (the request cannot be built or sent as it is).
+    Fatal(reqwest_middleware::Error),
     /// Try again, not before `retry_after`.
     Retry {
         why: String,
@@ -221,23 +266,61 @@ impl Middleware for IdempotentRetry {
                 HeaderValue::from_str(&new_key()).map_err(reqwest_middleware::Error::middleware)?;
             request.headers_mut().insert(IDEMPOTENCY_KEY, key);
         }
+        let key = request
+            .headers()
+            .get(IDEMPOTENCY_KEY)
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+        // A response to a keyed request is read whole before it is judged, so that a body
+        // lost half-way is retried with the same key rather than handed over broken.
+        let read_whole = key.is_some();
         let policy = self.policy();
         let started = SystemTime::now();
         let clock = tokio::time::Instant::now();
-        let deadline = clock + self.deadline;
+        let deadline = clock
+            .checked_add(self.deadline)
+            .unwrap_or_else(|| clock + Duration::from_secs(100 * 365 * 24 * 3600));
         let mut attempts = 0u32;
+        let mut original = Some(request);
         loop {
             attempts += 1;
             // A body that cannot be cloned (a stream) can be sent once only.
-            let Some(this_try) = request.try_clone() else {
-                let mut response = next.run(request, extensions).await?;
-                response.extensions_mut().insert(Attempts(attempts));
-                return Ok(response);
+            let (this_try, resendable) = match original.as_ref().and_then(Request::try_clone) {
+                Some(copy) => (copy, true),
+                None => match original.take() {
+                    Some(request) => (request, false),
+                    // Not reached: a request that cannot be cloned is tried once.
+                    None => {
+                        return Err(reqwest_middleware::Error::middleware(ClientError::GaveUp {
+                            attempts: attempts - 1,
+                            elapsed: clock.elapsed(),
+                            last: "the request body is a stream and cannot be sent again".into(),
+                            key,
+                        }));
+                    }
+                },
             };
-            let outcome = judge(next.clone().run(this_try, extensions).await, attempts).await;
+            let sent = tokio::time::timeout_at(deadline, next.clone().run(this_try, extensions));
+            let outcome = match sent.await {
+                Ok(result) => judge(result, attempts, key.as_deref(), read_whole).await,
+                Err(_) => Attempt::Retry {
+                    why: format!("no answer within the deadline of {:?}", self.deadline),
+                    retry_after: None,
+                },
+            };
+            let gave_up = |last: String| {
+                reqwest_middleware::Error::middleware(ClientError::GaveUp {
+                    attempts,
+                    elapsed: clock.elapsed(),
+                    last,
+                    key: key.clone(),
+                })
+            };
             let (why, retry_after) = match outcome {
                 Attempt::Done(mut response) => {
-                    response.extensions_mut().insert(Attempts(attempts));
+                    response.extensions_mut().insert(CallInfo {
+                        attempts,
+                        key: key.clone(),
+                    });
                     return Ok(response);
                 }
                 Attempt::Rejected(rejected) => {
@@ -245,14 +328,13 @@ impl Middleware for IdempotentRetry {
                         ClientError::Rejected(rejected),
                     ));
                 }
+                Attempt::Fatal(error) => return Err(error),
+                Attempt::Retry { why, .. } if !resendable => {
+                    return Err(gave_up(format!(
+                        "{why}; the request body is a stream and cannot be sent again"
+                    )));
+                }
                 Attempt::Retry { why, retry_after } => (why, retry_after),
-            };
-            let gave_up = |last: String| {
-                reqwest_middleware::Error::middleware(ClientError::GaveUp {
-                    attempts,
-                    elapsed: clock.elapsed(),
-                    last,
-                })
             };
             let RetryDecision::Retry { execute_after } = policy.should_retry(started, attempts - 1)
             else {
@@ -278,21 +360,55 @@ fn needs_key(method: &Method) -> bool {
     *method == Method::POST || *method == Method::PATCH
 }
 
-/// Decides what an attempt's result means. A response to a keyed request is read whole
-/// here, so that a body lost half-way is retried like a lost connection.
-async fn judge(result: reqwest_middleware::Result<Response>, attempts: u32) -> Attempt {
+/// Whether a failed send may go through on another attempt: the connection, a timeout,
+/// the request or response in transit. A request that cannot be built, a redirect loop or
+/// another middleware's error will fail the same way again.
+fn transient(error: &reqwest_middleware::Error) -> bool {
+    match error {
+        reqwest_middleware::Error::Reqwest(error) => {
+            !(error.is_builder() || error.is_redirect() || error.is_status())
+                && (error.is_connect()
+                    || error.is_timeout()
+                    || error.is_request()
+                    || error.is_body()
+                    || error.is_decode())
+        }
+        reqwest_middleware::Error::Middleware(_) => false,
+    }
+}
+
+/// Decides what an attempt's result means. The body is read only where it decides (a
+/// refusal's problem type, a 409) or where `read_whole` asks for it.
+async fn judge(
+    result: reqwest_middleware::Result<Response>,
+    attempts: u32,
+    key: Option<&str>,
+    read_whole: bool,
+) -> Attempt {
     let response = match result {
         Ok(response) => response,
-        Err(error) => {
+        Err(error) if transient(&error) => {
             return Attempt::Retry {
                 why: error_chain(&error),
                 retry_after: None,
             };
         }
+        Err(error) => return Attempt::Fatal(error),
     };
     let status = response.status();
     let retry_after = retry_after(&response);
-    let (head, body) = match read_whole(response).await {
+    let decides = matches!(status.as_u16(), 400 | 401 | 403 | 404 | 409 | 413 | 422);
+    let retryable = matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504);
+    if retryable {
+        return Attempt::Retry {
+            why: format!("the server answered {status}"),
+            retry_after,
+        };
+    }
+    if !decides && !read_whole {
+        return Attempt::Done(response);
+    }
+    let (head, body) = match read_whole_body(response).await {
         Ok(read) => read,
         Err(error) => {
             return Attempt::Retry {
@@ -309,32 +425,56 @@ async fn judge(result: reqwest_middleware::Result<Response>, attempts: u32) -> A
             detail: problem_field(&body, "detail")
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
             attempts,
+            key: key.map(str::to_owned),
         }),
         // A 409 other than "in flight" (idem's "response not stored") will not change.
         409 if problem_type().is_some_and(|kind| kind != IN_FLIGHT) => {
-            Attempt::Done(rebuild(head, body))
+            Attempt::Done(head.with_body(body))
         }
-        409 | 429 | 500 | 502 | 503 | 504 => Attempt::Retry {
+        409 => Attempt::Retry {
             why: format!("the server answered {status}"),
             retry_after,
         },
-        _ => Attempt::Done(rebuild(head, body)),
+        _ => Attempt::Done(head.with_body(body)),
+    }
+}
+
+/// A response's head, kept while its body is read.
+struct Head {
+    status: StatusCode,
+    version: http::Version,
+    headers: http::HeaderMap,
+    extensions: Extensions,
+    url: reqwest::Url,
+}
+
+impl Head {
+    /// The response again, with `body`: status, headers, URL and extensions as they were.
+    fn with_body(self, body: Bytes) -> Response {
+        use reqwest::ResponseBuilderExt;
+        let mut response = http::Response::builder()
+            .status(self.status)
+            .version(self.version)
+            .url(self.url)
+            .body(body)
+            .unwrap_or_default();
+        *response.headers_mut() = self.headers;
+        response.extensions_mut().extend(self.extensions);
+        Response::from(response)
     }
 }
 
 /// The response split into its head and its whole body.
-async fn read_whole(response: Response) -> Result<(http::response::Parts, Bytes), reqwest::Error> {
-    let mut head = http::Response::new(());
-    *head.status_mut() = response.status();
-    *head.version_mut() = response.version();
-    *head.headers_mut() = response.headers().clone();
-    let (parts, ()) = head.into_parts();
+async fn read_whole_body(mut response: Response) -> Result<(Head, Bytes), reqwest::Error> {
+    let head = Head {
+        status: response.status(),
+        version: response.version(),
+        headers: std::mem::take(response.headers_mut()),
+        extensions: std::mem::take(response.extensions_mut()),
+        url: response.url().clone(),
+    };
     let body = response.bytes().await?;
-    Ok((parts, body))
-}
-
-fn rebuild(head: http::response::Parts, body: Bytes) -> Response {
-    Response::from(http::Response::from_parts(head, body))
+    Ok((head, body))
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is not used by idem and is ignored).

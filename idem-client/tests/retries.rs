@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use idem_client::{ClientError, IdempotentRetry, ResponseExt, client_error, rejection};
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use testkit::proxy::{Cut, losing_proxy};
+use tokio::net::TcpListener;
 
 /// A client with short backoffs, so that the tests run quickly.
 fn client(retry: IdempotentRetry) -> ClientWithMiddleware {
@@ -224,6 +224,169 @@ async fn the_deadline_stops_retries_in_time() {
     assert!(error.to_string().contains("1 attempts"), "{error}");
 }
 
+/// Guards: the waits between attempts grow: without jitter each is its bound, doubling
+/// from the first.
+#[tokio::test]
+async fn backoff_grows_between_attempts() {
+    let script = Script::new(&[(503, &[], "busy"), (503, &[], "busy"), (500, &[], "oops")]);
+    let url = script.serve().await;
+    let response = client(
+        IdempotentRetry::default()
+            .backoff(Duration::from_millis(100), Duration::from_secs(2))
+            .full_jitter(false),
+    )
+    .post(format!("{url}/pay"))
+    .body("{}")
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.attempts(), 4);
+    let arrivals: Vec<Instant> = script.seen.lock().unwrap().iter().map(|s| s.1).collect();
+    let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    for (gap, bound) in gaps.iter().zip([100, 200, 400]) {
+        assert!(*gap >= Duration::from_millis(bound), "{gaps:?}");
+    }
+    assert!(gaps[0] < gaps[1] && gaps[1] < gaps[2], "growing: {gaps:?}");
+}
+
+/// Guards: a deadline shorter than the backoff stops the call in time, naming the
+/// attempts and the key, and an attempt that hangs is cut at the deadline too.
+#[tokio::test]
+async fn the_deadline_bounds_backoff_and_hung_attempts() {
+    let busy: Canned = (503, &[], "busy");
+    let script = Script::new(&[busy; 5]);
+    let url = script.serve().await;
+    let started = Instant::now();
+    let error = client(
+        IdempotentRetry::default()
+            .backoff(Duration::from_secs(5), Duration::from_secs(5))
+            .full_jitter(false)
+            .deadline(Duration::from_millis(300)),
+    )
+    .post(format!("{url}/pay"))
+    .body("{}")
+    .send()
+    .await
+    .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let Some(gave_up @ ClientError::GaveUp { attempts: 1, .. }) = client_error(&error) else {
+        panic!("expected GaveUp after 1 attempt: {error}");
+    };
+    assert_eq!(
+        gave_up.key(),
+        script.keys()[0].as_deref(),
+        "the key to retry with"
+    );
+
+    async fn hangs() -> StatusCode {
+        std::future::pending().await
+    }
+    let url = serve(Router::new().route("/pay", post(hangs))).await;
+    let started = Instant::now();
+    let error = client(quick().deadline(Duration::from_millis(300)))
+        .post(format!("{url}/pay"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(client_error(&error), Some(ClientError::GaveUp { .. })),
+        "{error}"
+    );
+}
+
+/// Guards: a request that cannot be sent as it is (a URL scheme reqwest refuses) fails at
+/// once, untried again.
+#[tokio::test]
+async fn requests_that_cannot_be_sent_are_not_retried() {
+    let started = Instant::now();
+    let error =
+        client(IdempotentRetry::default().backoff(Duration::from_secs(1), Duration::from_secs(1)))
+            .post("ftp://127.0.0.1/pay")
+            .body("{}")
+            .send()
+            .await
+            .unwrap_err();
+    assert!(
+        client_error(&error).is_none(),
+        "reqwest's own error: {error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Guards: a response that was read to be judged comes back as the server sent it: its
+/// URL, status, headers and body; and it names the key the call carried.
+#[tokio::test]
+async fn judged_responses_keep_their_url_and_name_the_key() {
+    let script = Script::new(&[(503, &[], "busy")]);
+    let url = script.serve().await;
+    let response = client(quick())
+        .post(format!("{url}/pay"))
+        .header("idempotency-key", "\"order-7\"")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.url().as_str(), format!("{url}/pay"));
+    assert_eq!(response.idempotency_key(), Some("\"order-7\""));
+    assert_eq!(response.attempts(), 2);
+    assert_eq!(response.text().await.unwrap(), "paid");
+}
+
+/// Guards: a body that can be sent once only (a stream) is still judged: a refusal is a
+/// typed rejection, and a failure is not retried.
+#[tokio::test]
+async fn stream_bodies_are_sent_once_and_judged() {
+    let script = Script::new(&[(
+        422,
+        &[PROBLEM],
+        r#"{"type":"urn:idem:problem:key-reused","detail":"reused"}"#,
+    )]);
+    let url = script.serve().await;
+    let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{}"))]);
+    let error = client(quick())
+        .post(format!("{url}/pay"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        rejection(&error).is_some_and(|r| r.is_key_reused()),
+        "{error}"
+    );
+
+    let script = Script::new(&[(503, &[], "busy")]);
+    let url = script.serve().await;
+    let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{}"))]);
+    let error = client(quick())
+        .post(format!("{url}/pay"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            client_error(&error),
+            Some(ClientError::GaveUp { attempts: 1, .. })
+        ),
+        "{error}"
+    );
+    assert_eq!(script.keys().len(), 1, "sent once");
+}
+
 /// Guards: a caller's own key is sent unchanged; a generated one is a UUID v4 as an
 /// sf-string; a GET gets no key.
 #[tokio::test]
@@ -275,75 +438,12 @@ async fn payments_server() -> (String, Arc<AtomicUsize>) {
     (serve(app).await, payments)
 }
 
-/// How much of the first response the proxy passes on.
-#[derive(Debug, Clone, Copy)]
-enum Cut {
-    /// Nothing: the connection closes after the server answered.
-    Everything,
-    /// The head and the first bytes of the body.
-    MidBody,
-}
-
-/// A proxy in front of `upstream` that loses the first response after the server sent
-/// it, as `cut` says, then closes the client's connection. Later connections pass through
-/// whole.
-async fn losing_proxy(upstream: &str, cut: Cut) -> String {
-    let upstream = upstream.trim_start_matches("http://").to_owned();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut first = true;
-        loop {
-            let (mut client, _) = listener.accept().await.unwrap();
-            let mut server = TcpStream::connect(&upstream).await.unwrap();
-            if !std::mem::take(&mut first) {
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                });
-                continue;
-            }
-            tokio::spawn(async move {
-                let (mut client_read, mut client_write) = client.split();
-                let (mut server_read, mut server_write) = server.split();
-                let forward = tokio::io::copy(&mut client_read, &mut server_write);
-                let lose = async {
-                    // The whole response, so the server has committed and answered.
-                    let mut response = vec![0; 64 * 1024];
-                    let mut read = 0;
-                    while read < 20 || !response[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                        let n = server_read.read(&mut response[read..]).await.unwrap();
-                        if n == 0 {
-                            break;
-                        }
-                        read += n;
-                    }
-                    let head = response[..read]
-                        .windows(4)
-                        .position(|w| w == b"\r\n\r\n")
-                        .map_or(read, |at| at + 4);
-                    let keep = match cut {
-                        Cut::Everything => 0,
-                        Cut::MidBody => (head + 3).min(read - 1),
-                    };
-                    client_write.write_all(&response[..keep]).await.unwrap();
-                    client_write.shutdown().await.ok();
-                };
-                tokio::select! {
-                    _ = forward => {}
-                    () = lose => {}
-                }
-            });
-        }
-    });
-    format!("http://{addr}")
-}
-
-/// Guards: a connection lost after the server committed (no response at all), and a
-/// response lost half-way through its body: the retry carries the same key, gets the
+/// Guards: a connection reset or closed after the server committed (no response at all),
+/// and a response lost half-way through its body: the retry carries the same key, gets the
 /// stored response, and one payment exists.
 #[tokio::test]
 async fn a_lost_response_is_replayed_not_paid_twice() {
-    for keep in [Cut::Everything, Cut::MidBody] {
+    for keep in [Cut::Reset, Cut::Closed, Cut::MidBody] {
         let (upstream, payments) = payments_server().await;
         let url = losing_proxy(&upstream, keep).await;
         let response = client(quick())

@@ -1,5 +1,7 @@
 //! Test support for idem: private `redis-server` processes on free ports, the shared
-//! Redis URL, and key prefixes unique to one test run.
+//! Redis URL, key prefixes unique to one test run, and a proxy that loses responses.
+
+pub mod proxy;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
