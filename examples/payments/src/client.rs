@@ -15,59 +15,18 @@
 use std::fmt;
 use std::time::Duration;
 
-use idem_runtime::{http::IDEMPOTENCY_KEY, http::IDEMPOTENT_REPLAYED};
-use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use idem_client::{ClientError as RetryError, IdempotentRetry, ResponseExt, client_error};
+use idem_runtime::http::IDEMPOTENCY_KEY;
 use reqwest::{StatusCode, Url};
+use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::AsyncWriteExt;
 
 use crate::model::{Item, NewOrder, NewPayment, ORDER_PAID, Order, Payment};
 
-/// How often and how patiently a request is retried.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included.
-    pub attempts: u32,
-    /// The backoff before the second attempt; it doubles after each failure.
-    pub first_delay: Duration,
-    /// The longest backoff.
-    pub max_delay: Duration,
-    /// How long one attempt may take.
-    pub timeout: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            attempts: 8,
-            first_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(5),
-            timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait after failed attempt `attempt` (1-based): exponential, capped, with
-    /// "equal jitter" (half fixed, half random) so that clients that failed together do
-    /// not retry together; never shorter than the server's `Retry-After`.
-    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        let exponential = self
-            .first_delay
-            .saturating_mul(2_u32.saturating_pow(attempt.saturating_sub(1)))
-            .min(self.max_delay);
-        let half = exponential / 2;
-        let jitter = half.mul_f64(random_unit());
-        (half + jitter).max(retry_after.unwrap_or_default())
-    }
-}
-
-/// A number in `[0, 1)`.
-fn random_unit() -> f64 {
-    // 53 random bits fit an f64 exactly.
-    (getrandom::u64().unwrap_or(0) >> 11) as f64 / (1_u64 << 53) as f64
-}
+/// How long one attempt may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What went wrong on the client side.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +63,29 @@ pub enum ClientError {
     /// The connection failed (while sending the request whose response is lost).
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The client's middleware failed.
+    #[error("{0}")]
+    Middleware(reqwest_middleware::Error),
+}
+
+impl ClientError {
+    /// What idem-client's error means for a call of `method path`.
+    fn from_middleware(method: &'static str, path: &str, error: reqwest_middleware::Error) -> Self {
+        match client_error(&error) {
+            Some(RetryError::Rejected(rejected)) => Self::Refused {
+                method,
+                path: path.to_owned(),
+                status: rejected.status,
+                body: rejected.to_string(),
+            },
+            Some(RetryError::GaveUp { attempts, last, .. }) => Self::GaveUp {
+                path: path.to_owned(),
+                attempts: *attempts,
+                last: last.clone(),
+            },
+            _ => Self::Middleware(error),
+        }
+    }
 }
 
 /// A successful answer.
@@ -121,14 +103,13 @@ pub struct Answer<T> {
 #[derive(Debug, Clone)]
 pub struct PayClient {
     base: Url,
-    http: reqwest::Client,
-    retry: RetryPolicy,
+    http: ClientWithMiddleware,
     api_key: String,
 }
 
 impl PayClient {
-    /// A client of the app at `base_url` (such as `http://127.0.0.1:3000`) with the
-    /// default [`RetryPolicy`].
+    /// A client of the app at `base_url` (such as `http://127.0.0.1:3000`), retrying with
+    /// idem-client's defaults.
     pub fn new(base_url: &str) -> Result<Self, ClientError> {
         let base = Url::parse(base_url)
             .ok()
@@ -136,8 +117,7 @@ impl PayClient {
             .ok_or_else(|| ClientError::Url(base_url.to_owned()))?;
         Ok(Self {
             base,
-            http: reqwest::Client::new(),
-            retry: RetryPolicy::default(),
+            http: retrying(IdempotentRetry::default())?,
             api_key: crate::DEMO_API_KEYS[0].0.to_owned(),
         })
     }
@@ -149,11 +129,10 @@ impl PayClient {
         self
     }
 
-    /// Uses `policy` for retries.
-    #[must_use]
-    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
-        self
+    /// Retries as `retry` says.
+    pub fn with_retry(mut self, retry: IdempotentRetry) -> Result<Self, ClientError> {
+        self.http = retrying(retry)?;
+        Ok(self)
     }
 
     /// `POST /orders` under `key`, retried.
@@ -209,7 +188,7 @@ impl PayClient {
         stream.write_all(&body).await?;
         stream.flush().await?;
         // Bounded: if no answer comes, the retry sorts it out all the same.
-        let _ = tokio::time::timeout(self.retry.timeout, stream.readable()).await;
+        let _ = tokio::time::timeout(ATTEMPT_TIMEOUT, stream.readable()).await;
         tracing::info!(%key, "first response lost on purpose");
         Ok(())
     }
@@ -226,9 +205,9 @@ impl PayClient {
             .http
             .get(self.url(path))
             .bearer_auth(&self.api_key)
-            .timeout(self.retry.timeout)
             .send()
-            .await?;
+            .await
+            .map_err(|error| ClientError::from_middleware("GET", path, error))?;
         if !response.status().is_success() {
             return Err(ClientError::Refused {
                 method: "GET",
@@ -240,9 +219,8 @@ impl PayClient {
         Ok(response.json().await?)
     }
 
-    /// Posts `body` under `key` until it gets an answer worth keeping. Retries connection
-    /// failures, `409` with `Retry-After` (the first attempt is still running), `429` and
-    /// `5xx`, always with the same key; other answers end it.
+    /// Posts `body` under `key`: idem-client retries it with the same key until it gets
+    /// an answer worth keeping.
     async fn post<T: DeserializeOwned>(
         &self,
         path: &str,
@@ -250,72 +228,39 @@ impl PayClient {
         key: &str,
     ) -> Result<Answer<T>, ClientError> {
         let body = serde_json::to_vec(body).map_err(std::io::Error::other)?;
-        let key_header = format!("\"{key}\"");
-        let mut last = String::new();
-        for attempt in 1..=self.retry.attempts.max(1) {
-            let sent = self
-                .http
-                .post(self.url(path))
-                .bearer_auth(&self.api_key)
-                .header(&IDEMPOTENCY_KEY, &key_header)
-                .header(CONTENT_TYPE, "application/json")
-                .body(body.clone())
-                .timeout(self.retry.timeout)
-                .send()
-                .await;
-            let retry_after = match sent {
-                Ok(response) if response.status().is_success() => {
-                    let replayed = response
-                        .headers()
-                        .get(IDEMPOTENT_REPLAYED)
-                        .is_some_and(|value| value == "true");
-                    return Ok(Answer {
-                        value: response.json().await?,
-                        replayed,
-                        attempts: attempt,
-                    });
-                }
-                Ok(response) => {
-                    let status = response.status();
-                    let retry_after = response
-                        .headers()
-                        .get(RETRY_AFTER)
-                        .and_then(|value| value.to_str().ok()?.trim().parse().ok())
-                        .map(Duration::from_secs);
-                    let text = response.text().await.unwrap_or_default();
-                    let retryable = match status {
-                        StatusCode::CONFLICT => retry_after.is_some(),
-                        StatusCode::TOO_MANY_REQUESTS => true,
-                        status => status.is_server_error(),
-                    };
-                    if !retryable {
-                        return Err(ClientError::Refused {
-                            method: "POST",
-                            path: path.to_owned(),
-                            status,
-                            body: text,
-                        });
-                    }
-                    last = format!("{status}: {text}");
-                    retry_after
-                }
-                Err(error) => {
-                    last = error.to_string();
-                    None
-                }
-            };
-            if attempt < self.retry.attempts {
-                let delay = self.retry.delay(attempt, retry_after);
-                tracing::info!(%key, attempt, failure = %last, delay_ms = delay.as_millis(), "retrying with the same key");
-                tokio::time::sleep(delay).await;
-            }
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.api_key)
+            .header(&IDEMPOTENCY_KEY, format!("\"{key}\""))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|error| ClientError::from_middleware("POST", path, error))?;
+        if !response.status().is_success() {
+            return Err(ClientError::Refused {
+                method: "POST",
+                path: path.to_owned(),
+                status: response.status(),
+                body: response.text().await.unwrap_or_default(),
+            });
         }
-        Err(ClientError::GaveUp {
-            path: path.to_owned(),
-            attempts: self.retry.attempts,
-            last,
+        let (replayed, attempts) = (response.replayed(), response.attempts());
+        Ok(Answer {
+            value: response.json().await?,
+            replayed,
+            attempts,
         })
     }
+}
+
+/// A reqwest client that retries as `retry` says, each attempt bounded in time.
+fn retrying(retry: IdempotentRetry) -> Result<ClientWithMiddleware, ClientError> {
+    let http = reqwest::Client::builder()
+        .timeout(ATTEMPT_TIMEOUT)
+        .build()?;
+    Ok(ClientBuilder::new(http).with(retry).build())
 }
 
 /// A fresh idempotency key: a random UUID.
@@ -431,41 +376,4 @@ pub async fn demo(client: &PayClient) -> Result<Demo, ClientError> {
         fetched,
         order_after,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_with_jitter_and_respects_retry_after() {
-        let policy = RetryPolicy {
-            first_delay: Duration::from_millis(100),
-            max_delay: Duration::from_millis(1000),
-            ..RetryPolicy::default()
-        };
-        for (attempt, full) in [
-            (1, 100),
-            (2, 200),
-            (3, 400),
-            (4, 800),
-            (5, 1000),
-            (40, 1000),
-        ] {
-            for _ in 0..50 {
-                let delay = policy.delay(attempt, None);
-                let full = Duration::from_millis(full);
-                assert!(
-                    delay >= full / 2 && delay <= full,
-                    "attempt {attempt}: {delay:?}"
-                );
-            }
-        }
-        let after = Duration::from_secs(2);
-        assert_eq!(
-            policy.delay(1, Some(after)),
-            after,
-            "never sooner than Retry-After"
-        );
-    }
 }

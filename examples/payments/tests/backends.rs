@@ -15,13 +15,15 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use idem_client::IdempotentRetry;
 use idem_runtime::Idempotency;
-use payments::client::{PayClient, RetryPolicy, demo, new_key};
+use payments::client::{PayClient, demo, new_key};
 use payments::{AppState, Config, Db, NewOrder, NewPayment, Order, Payment};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Connection, Row};
 use support::{Answer, Gate, Server};
+use testkit::proxy::{Cut, losing_proxy};
 
 #[derive(Clone, Copy, Debug)]
 enum Backend {
@@ -346,12 +348,12 @@ async fn lost_response_then_retries(backend: Backend) {
     let server = fixture.serve().await;
     let client = PayClient::new(&server.url)
         .unwrap()
-        .with_retry(RetryPolicy {
-            attempts: 10,
-            first_delay: Duration::from_millis(20),
-            max_delay: Duration::from_millis(500),
-            timeout: Duration::from_secs(10),
-        });
+        .with_retry(
+            IdempotentRetry::default()
+                .attempts(10)
+                .backoff(Duration::from_millis(20), Duration::from_millis(500)),
+        )
+        .unwrap();
 
     let report = demo(&client).await.unwrap();
 
@@ -363,6 +365,53 @@ async fn lost_response_then_retries(backend: Backend) {
         vec![report.fetched.clone()]
     );
     assert_eq!(fixture.order_status(&report.order.id).await, "paid");
+}
+
+/// Guards: the connection reset after the app committed the payment (its response lost on
+/// the way): the client's own retry carries the same key, gets the stored payment, and one
+/// payment exists.
+async fn reset_after_commit_is_replayed_by_the_client(backend: Backend) {
+    let fixture = Fixture::new(backend, "reset-after-commit").await;
+    let server = fixture.serve().await;
+    let direct = PayClient::new(&server.url).unwrap();
+    let order = direct
+        .create_order(
+            &NewOrder {
+                customer_id: "cus_reset".into(),
+                items: vec![payments::Item {
+                    sku: "sku-1".into(),
+                    quantity: 1,
+                    unit_price_cents: 1200,
+                }],
+                currency: "EUR".into(),
+            },
+            &new_key(),
+        )
+        .await
+        .unwrap()
+        .value;
+    let proxy = losing_proxy(&server.url, Cut::Reset).await;
+    let client = PayClient::new(&proxy)
+        .unwrap()
+        .with_retry(
+            IdempotentRetry::default()
+                .backoff(Duration::from_millis(20), Duration::from_millis(200)),
+        )
+        .unwrap();
+    let paid = client
+        .pay(
+            &NewPayment {
+                order_id: order.id.clone(),
+                amount_cents: 1200,
+                currency: "EUR".into(),
+            },
+            &new_key(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(paid.attempts, 2, "the reset attempt, then the retry");
+    assert!(paid.replayed, "the retry got the stored payment");
+    assert_eq!(fixture.payments_of(&order.id).await, vec![paid.value]);
 }
 
 async fn same_key_different_amount(backend: Backend) {
@@ -645,6 +694,9 @@ async fn keys_are_scoped_by_account(backend: Backend) {
 }
 
 on_both_backends! {
+    reset_after_commit_is_replayed_by_the_client:
+        reset_after_commit_is_replayed_by_the_client_on_sqlite,
+        reset_after_commit_is_replayed_by_the_client_on_postgres;
     refused_bodies_leave_the_key_unused:
         refused_bodies_leave_the_key_unused_on_sqlite,
         refused_bodies_leave_the_key_unused_on_postgres;
