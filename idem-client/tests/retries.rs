@@ -462,3 +462,75 @@ async fn a_lost_response_is_replayed_not_paid_twice() {
         assert_eq!(payments.load(Ordering::SeqCst), 1, "one payment ({keep:?})");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Attacks (branch attack-13).
+// ---------------------------------------------------------------------------------------
+
+/// What a raw server does after writing its scripted bytes.
+#[derive(Clone, Copy)]
+enum After {
+    /// Keeps the connection open and silent for ever.
+    Hang,
+    /// Closes the connection.
+    Close,
+}
+
+/// A raw HTTP/1.1 server: reads each request head, counts it, writes `response` (a raw
+/// status line, headers and possibly truncated body) and then hangs or closes.
+async fn raw_server(response: &'static [u8], after: After) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = requests.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = socket.write_all(response).await;
+                let _ = socket.flush().await;
+                match after {
+                    After::Hang => {
+                        std::future::pending::<()>().await;
+                        drop(socket);
+                    }
+                    After::Close => drop(socket),
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), requests)
+}
+
+/// Breaks "bounded by a total deadline (including a hung attempt)": the deadline covers
+/// only `next.run` (the head); the body of a keyed request is read afterwards, in `judge`,
+/// with no deadline. A server that sends the head and then stalls mid-body holds the call
+/// for ever, far past a 300 ms deadline.
+#[tokio::test]
+async fn attack_a_body_that_stalls_mid_way_is_bounded_by_the_deadline() {
+    let (url, _) = raw_server(
+        b"HTTP/1.1 201 Created\r\ncontent-length: 100\r\n\r\n{\"partial\":",
+        After::Hang,
+    )
+    .await;
+    let call = client(quick().deadline(Duration::from_millis(300)))
+        .post(format!("{url}/pay"))
+        .body("{}")
+        .send();
+    let bounded = tokio::time::timeout(Duration::from_secs(5), call).await;
+    assert!(
+        bounded.is_ok(),
+        "the call was still running 5 s after its 300 ms deadline (stalled mid-body)"
+    );
+}
