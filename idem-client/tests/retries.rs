@@ -534,3 +534,27 @@ async fn attack_a_body_that_stalls_mid_way_is_bounded_by_the_deadline() {
         "the call was still running 5 s after its 300 ms deadline (stalled mid-body)"
     );
 }
+
+/// Breaks "400/401/403/404/413/422 never retried": a 422 whose body is cut short is
+/// treated as a lost response and the request is sent again, 8 times, and the caller
+/// gets `GaveUp` instead of the typed `Rejected`.
+#[tokio::test]
+async fn attack_a_422_with_a_body_cut_short_is_never_retried() {
+    let (url, requests) = raw_server(
+        b"HTTP/1.1 422 Unprocessable Entity\r\ncontent-type: application/problem+json\r\ncontent-length: 200\r\n\r\n{\"type\":\"urn:idem:problem:key-reused\"",
+        After::Close,
+    )
+    .await;
+    let error = client(quick())
+        .post(format!("{url}/pay"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        requests.load(Ordering::SeqCst),
+        1,
+        "a 422 was sent again; the call ended with: {error}"
+    );
+    assert!(rejection(&error).is_some(), "not typed Rejected: {error}");
+}
