@@ -558,3 +558,30 @@ async fn attack_a_422_with_a_body_cut_short_is_never_retried() {
     );
     assert!(rejection(&error).is_some(), "not typed Rejected: {error}");
 }
+
+/// Breaks "never sooner than Retry-After": `Retry-After` is clamped to 3600 s. The server
+/// says 7200 s; the deadline (7000 s) ends before then, so the only correct move is to
+/// give up at once. The client instead schedules a retry at 3600 s (sooner than the
+/// server allowed) and sleeps on it.
+#[tokio::test]
+async fn attack_a_long_retry_after_is_never_cut_short() {
+    let script = Script::new(&[(503, &[("retry-after", "7200")], "come back in two hours")]);
+    let url = script.serve().await;
+    let call = client(quick().deadline(Duration::from_secs(7000)))
+        .post(format!("{url}/pay"))
+        .body("{}")
+        .send();
+    let answered = tokio::time::timeout(Duration::from_secs(3), call).await;
+    let Ok(result) = answered else {
+        panic!(
+            "still waiting after 3 s: the client plans a retry before the server's Retry-After of 7200 s (it clamps it to 3600 s)"
+        );
+    };
+    assert!(
+        matches!(
+            result.as_ref().map_err(client_error),
+            Err(Some(ClientError::GaveUp { attempts: 1, .. }))
+        ),
+        "{result:?}"
+    );
+}
