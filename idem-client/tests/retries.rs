@@ -585,3 +585,57 @@ async fn attack_a_long_retry_after_is_never_cut_short() {
         "{result:?}"
     );
 }
+
+/// An HTTP-date `seconds` from now (RFC 9110 IMF-fixdate).
+fn http_date_in(seconds: u64) -> String {
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + seconds;
+    let (days, rem) = (at / 86_400, at % 86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Civil from days (Howard Hinnant).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{weekday}, {d:02} {} {year} {h:02}:{m:02}:{s:02} GMT",
+        months[(month - 1) as usize]
+    )
+}
+
+/// Breaks "never sooner than Retry-After" for any API that sends the HTTP-date form
+/// (RFC 9110 allows both; the client is sold for "Stripe's, any other"): the date is
+/// ignored and the request is sent again after ~100 ms, though the server said an hour.
+#[tokio::test]
+async fn attack_an_http_date_retry_after_is_honoured() {
+    let date: &'static str = Box::leak(http_date_in(3600).into_boxed_str());
+    let headers: &'static [(&'static str, &'static str)] =
+        Box::leak(vec![("retry-after", date)].into_boxed_slice());
+    let script = Script::new(&[(503, headers, "maintenance for an hour")]);
+    let url = script.serve().await;
+    let started = Instant::now();
+    let result = client(quick())
+        .post(format!("{url}/pay"))
+        .body("{}")
+        .send()
+        .await;
+    let arrivals = script.keys().len();
+    assert_eq!(
+        arrivals,
+        1,
+        "Retry-After: {date} was ignored: sent again {:?} later ({result:?})",
+        started.elapsed()
+    );
+}
