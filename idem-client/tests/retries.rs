@@ -639,3 +639,30 @@ async fn attack_an_http_date_retry_after_is_honoured() {
         started.elapsed()
     );
 }
+
+/// Breaks "never a panic": a backoff bound of `Duration::MAX` (the deadline accepts
+/// `Duration::MAX` without trouble) panics inside the retry policy on the first retry
+/// (`SystemTime + Duration` overflows).
+#[tokio::test]
+async fn attack_huge_backoff_bounds_never_panic() {
+    let script = Script::new(&[(503, &[], "busy")]);
+    let url = script.serve().await;
+    let call = tokio::spawn(async move {
+        let retry = IdempotentRetry::default()
+            .backoff(Duration::MAX, Duration::MAX)
+            .full_jitter(false)
+            .deadline(Duration::from_millis(500));
+        client(retry)
+            .post(format!("{url}/pay"))
+            .body("{}")
+            .send()
+            .await
+            .map(|response| response.status())
+            .map_err(|error| error.to_string())
+    });
+    let joined = call.await;
+    assert!(
+        !joined.as_ref().is_err_and(tokio::task::JoinError::is_panic),
+        "the middleware panicked: {joined:?}"
+    );
+}
