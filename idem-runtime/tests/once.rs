@@ -457,3 +457,58 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Attacks (branch attack-13).
+// ---------------------------------------------------------------------------------------
+
+/// An input whose JSON repeats a name: a field and a flattened map that holds the same
+/// name (serde does not stop it).
+#[derive(Serialize)]
+struct Charge {
+    amount: u64,
+    #[serde(flatten)]
+    extra: std::collections::BTreeMap<String, u64>,
+}
+
+/// Breaks "same key + other input → KeyReused and nothing runs": the canonical JSON keeps
+/// only the last of two equal names, so `{"amount":1,"amount":500}` and `{"amount":500}`
+/// have one fingerprint. The second, different, input is served the first input's stored
+/// result, as a replay, instead of being refused.
+#[tokio::test]
+async fn attack_inputs_with_repeated_names_are_not_mistaken_for_others() {
+    let idem = Idempotency::in_memory();
+    let key = OnceKey::compose(["attack", "repeated-names"]);
+    let first = Charge {
+        amount: 1,
+        extra: [("amount".to_owned(), 500)].into_iter().collect(),
+    };
+    let other = Charge {
+        amount: 500,
+        extra: Default::default(),
+    };
+    assert_ne!(
+        serde_json::to_string(&first).unwrap(),
+        serde_json::to_string(&other).unwrap(),
+        "two different inputs"
+    );
+    let ran = idem
+        .once(key.clone(), &first)
+        .run(|| async { Ok::<_, String>("charged for input 1".to_owned()) })
+        .await
+        .unwrap();
+    assert_eq!(ran, "charged for input 1");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    let second = idem
+        .once(key, &other)
+        .run_with_outcome(|| async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>("charged for input 2".to_owned())
+        })
+        .await;
+    assert!(
+        matches!(second, Err(OnceError::KeyReused)),
+        "a different input under the same key got {second:?}"
+    );
+}
