@@ -512,3 +512,50 @@ async fn attack_inputs_with_repeated_names_are_not_mistaken_for_others() {
         "a different input under the same key got {second:?}"
     );
 }
+
+/// Breaks "64 concurrent calls → one run, all get the same value": waiters poll the store
+/// (backoff up to 500 ms) instead of being handed the result of the run they wait for. A
+/// result whose ttl is shorter than the poll interval has expired by the time they look,
+/// so each waiter claims the key and runs the operation again, with another value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_waiters_get_the_value_of_the_run_they_waited_for() {
+    let idem = Idempotency::in_memory();
+    let operation = Arc::new(Operation::default());
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let (idem, operation) = (idem.clone(), operation.clone());
+            tokio::spawn(async move {
+                idem.once(key("short-ttl"), "build 7")
+                    .ttl(Duration::from_millis(100))
+                    .run(|| operation.gated())
+                    .await
+            })
+        })
+        .collect();
+    until(|| operation.runs() == 1).await;
+    // The operation takes a while (as real ones do): the waiters' polls space out.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    operation.gate.notify_one();
+    // Any re-run waits on the gate too: let each one end.
+    let waker = tokio::spawn({
+        let operation = operation.clone();
+        async move {
+            loop {
+                operation.gate.notify_one();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let mut values = Vec::new();
+    for call in calls {
+        values.push(call.await.unwrap().unwrap());
+    }
+    waker.abort();
+    assert_eq!(
+        operation.runs(),
+        1,
+        "8 concurrent calls ran the operation {} times; values: {:?}",
+        operation.runs(),
+        values.iter().map(|v| v.id).collect::<Vec<_>>()
+    );
+}
