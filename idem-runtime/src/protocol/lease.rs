@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 
-use super::{later, store_step};
+use super::step::{later, store_step};
 use crate::config::Idempotency;
 use crate::key::ScopedKey;
 

@@ -12,6 +12,7 @@
 
 mod detach;
 mod lease;
+mod step;
 
 use std::panic::{AssertUnwindSafe, resume_unwind};
 use std::sync::atomic::Ordering;
@@ -24,6 +25,7 @@ use tracing::Instrument;
 
 pub(crate) use self::detach::to_the_end;
 use self::lease::LeaseKeeper;
+use self::step::{later, store_step};
 use crate::config::Idempotency;
 use crate::fingerprint::Fingerprint;
 use crate::key::ScopedKey;
@@ -418,17 +420,6 @@ async fn retry_completion(
     drop(keeper);
 }
 
-/// One store step, failed with [`StoreError::Timeout`] when it does not answer in time.
-pub(crate) async fn store_step<T>(
-    idem: &Idempotency,
-    step: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    let timeout = idem.settings().store_timeout;
-    tokio::time::timeout(timeout, step)
-        .await
-        .unwrap_or(Err(StoreError::Timeout(timeout)))
-}
-
 async fn store_completion(
     idem: &Idempotency,
     key: &ScopedKey,
@@ -475,8 +466,3 @@ async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes, persist: bo
     tokio::spawn(retrying.in_current_span());
 }
 
-/// `at + after`, or far in the future where that overflows.
-pub(crate) fn later(at: Instant, after: Duration) -> Instant {
-    at.checked_add(after)
-        .unwrap_or_else(|| at + Duration::from_secs(100 * 365 * 24 * 3600))
-}

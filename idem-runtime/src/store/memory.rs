@@ -13,12 +13,12 @@ use moka::sync::Cache;
 /// aimed at one bucket.
 type Hasher = foldhash::quality::RandomState;
 
-use super::{BoxFuture, Store, StoreError};
+use super::contract::{BoxFuture, Store, StoreError};
 
 /// An in-process store, bounded by entries and bytes, expiring by TTL.
 ///
 /// Good for one instance and for tests. It is not shared between processes: behind a
-/// load balancer, use [`RedisStore`](super::RedisStore).
+/// load balancer, use [`RedisStore`](crate::store::RedisStore).
 ///
 /// Claims (executions in flight) and completed records are held apart:
 ///

@@ -10,7 +10,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, Script};
 
-use super::{BoxFuture, Store, StoreError};
+use super::contract::{BoxFuture, ConnectError, Store, StoreError};
 
 // `begin` needs no script: `SET key claim NX GET PX lease` (Redis 7.0+, Valkey) creates the
 // claim only where nothing is stored and returns what was there, in one atomic command.
@@ -199,10 +199,10 @@ impl RedisStoreBuilder {
     /// Connects, checks that the server keeps idem's keys (its eviction policy), loads
     /// the scripts and runs every protocol step once on a probe key, so that a server or
     /// user that refuses one fails here, with the command named.
-    pub async fn connect(self) -> Result<RedisStore, super::ConnectError> {
+    pub async fn connect(self) -> Result<RedisStore, ConnectError> {
         let mut connection = match &self.nodes {
             Nodes::Server(url) => {
-                let client = self.client(url).map_err(super::ConnectError::Redis)?;
+                let client = self.client(url).map_err(ConnectError::Redis)?;
                 let config = ConnectionManagerConfig::new()
                     .set_response_timeout(Some(self.response_timeout))
                     .set_connection_timeout(Some(self.connection_timeout))
@@ -210,7 +210,7 @@ impl RedisStoreBuilder {
                 Connection::Server(
                     ConnectionManager::new_with_config(client, config)
                         .await
-                        .map_err(super::ConnectError::Redis)?,
+                        .map_err(ConnectError::Redis)?,
                 )
             }
             Nodes::Cluster(urls) => {
@@ -222,12 +222,12 @@ impl RedisStoreBuilder {
                 if let Some(certificates) = self.certificates() {
                     builder = builder.certs(certificates);
                 }
-                let client = builder.build().map_err(super::ConnectError::Redis)?;
+                let client = builder.build().map_err(ConnectError::Redis)?;
                 Connection::Cluster(
                     client
                         .get_async_connection()
                         .await
-                        .map_err(super::ConnectError::Redis)?,
+                        .map_err(ConnectError::Redis)?,
                 )
             }
         };
@@ -237,7 +237,7 @@ impl RedisStoreBuilder {
                 Connection::Server(c) => load.load_async(c).await,
                 Connection::Cluster(c) => load.load_async(c).await,
             };
-            loaded.map_err(super::ConnectError::Redis)?;
+            loaded.map_err(ConnectError::Redis)?;
         }
         let mut store = RedisStore {
             connection,
@@ -259,7 +259,7 @@ impl RedisStore {
     /// `redis://[user:password@]host:port[/db]`, or `rediss://...` for TLS with the `tls`
     /// feature of this crate. A password in the URL authenticates (`AUTH`); a server that
     /// requires one refuses a URL without it with an error that says so.
-    pub async fn connect(url: &str) -> Result<Self, super::ConnectError> {
+    pub async fn connect(url: &str) -> Result<Self, ConnectError> {
         Self::builder(url).connect().await
     }
 
@@ -303,7 +303,7 @@ impl RedisStore {
     }
 
     /// Refuses a server (every node of a cluster) whose eviction policy can drop keys.
-    async fn check_eviction(&self, allow: bool) -> Result<(), super::ConnectError> {
+    async fn check_eviction(&self, allow: bool) -> Result<(), ConnectError> {
         let info: Result<redis::Value, StoreError> = self
             .run(Command::Plain(redis::cmd("INFO").arg("memory").to_owned()))
             .await;
@@ -315,7 +315,7 @@ impl RedisStore {
                 return Ok(());
             }
             Err(error) => {
-                return Err(super::ConnectError::RedisRefused {
+                return Err(ConnectError::RedisRefused {
                     step: "INFO memory (reading maxmemory-policy)",
                     source: error,
                 });
@@ -328,7 +328,7 @@ impl RedisStore {
             tracing::warn!(target: "idem", policy, "Redis may evict idem's keys; a request may run twice (accepted by allow_eviction)");
             Ok(())
         } else {
-            Err(super::ConnectError::RedisEvicts { policy })
+            Err(ConnectError::RedisEvicts { policy })
         }
     }
 
@@ -351,9 +351,9 @@ impl RedisStore {
     }
 
     /// Runs begin, renew, release and complete once on a probe key, and leaves nothing.
-    async fn probe(&self) -> Result<(), super::ConnectError> {
+    async fn probe(&self) -> Result<(), ConnectError> {
         let mut nonce = [0u8; 8];
-        getrandom::fill(&mut nonce).map_err(|error| super::ConnectError::RedisRefused {
+        getrandom::fill(&mut nonce).map_err(|error| ConnectError::RedisRefused {
             step: "probe",
             source: StoreError::backend(error.to_string()),
         })?;
@@ -361,7 +361,7 @@ impl RedisStore {
         let claim = Bytes::from_static(b"idem probe claim");
         let record = Bytes::from_static(b"idem probe record");
         let lease = Duration::from_secs(10);
-        let refused = |step| move |source| super::ConnectError::RedisRefused { step, source };
+        let refused = |step| move |source| ConnectError::RedisRefused { step, source };
         self.begin(&key, &claim, lease)
             .await
             .map_err(refused("begin (SET NX GET PX)"))?;
