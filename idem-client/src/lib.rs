@@ -54,6 +54,9 @@ pub const KEY_REUSED: &str = "urn:idem:problem:key-reused";
 /// The problem type idem answers a request with while the first one with its key runs.
 pub const IN_FLIGHT: &str = "urn:idem:problem:in-flight";
 
+/// The longest backoff bound: a day.
+const MAX_BACKOFF: Duration = Duration::from_secs(86_400);
+
 /// The middleware: keys every non-idempotent request and retries it safely.
 ///
 /// Defaults: 8 attempts, backoff from 100 ms to 5 s with full jitter, 30 s in all.
@@ -87,11 +90,12 @@ impl IdempotentRetry {
     }
 
     /// The backoff bounds: the first retry waits up to `min`, each further one up to twice
-    /// as long, never more than `max` (full jitter: a random wait below the bound).
+    /// as long, never more than `max` (full jitter: a random wait below the bound). Both
+    /// are held to at most a day.
     #[must_use]
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.min_delay = min;
-        self.max_delay = max.max(min);
+        self.min_delay = min.min(MAX_BACKOFF);
+        self.max_delay = max.clamp(self.min_delay, MAX_BACKOFF);
         self
     }
 
@@ -299,9 +303,13 @@ impl Middleware for IdempotentRetry {
                     }
                 },
             };
-            let sent = tokio::time::timeout_at(deadline, next.clone().run(this_try, extensions));
-            let outcome = match sent.await {
-                Ok(result) => judge(result, attempts, key.as_deref(), read_whole).await,
+            // The deadline covers the whole attempt: sending, the head and the body.
+            let attempt = async {
+                let result = next.clone().run(this_try, extensions).await;
+                judge(result, attempts, key.as_deref(), read_whole).await
+            };
+            let outcome = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(outcome) => outcome,
                 Err(_) => Attempt::Retry {
                     why: format!("no answer within the deadline of {:?}", self.deadline),
                     retry_after: None,
@@ -344,7 +352,10 @@ impl Middleware for IdempotentRetry {
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
             let wait = backoff.max(retry_after.unwrap_or_default());
-            if tokio::time::Instant::now() + wait >= deadline {
+            if tokio::time::Instant::now()
+                .checked_add(wait)
+                .is_none_or(|at| at >= deadline)
+            {
                 return Err(gave_up(format!(
                     "{why}; the next attempt would start after the deadline"
                 )));
@@ -408,8 +419,19 @@ async fn judge(
     if !decides && !read_whole {
         return Attempt::Done(response);
     }
+    let refused = matches!(status.as_u16(), 400 | 401 | 403 | 404 | 413 | 422);
     let (head, body) = match read_whole_body(response).await {
         Ok(read) => read,
+        // A refusal stays a refusal whether or not its explanation arrived whole.
+        Err(error) if refused => {
+            return Attempt::Rejected(Rejected {
+                status,
+                problem_type: None,
+                detail: format!("(the response body was lost: {})", error_chain(&error)),
+                attempts,
+                key: key.map(str::to_owned),
+            });
+        }
         Err(error) => {
             return Attempt::Retry {
                 why: format!("the response body was lost: {}", error_chain(&error)),
@@ -477,11 +499,17 @@ async fn read_whole_body(mut response: Response) -> Result<(Head, Bytes), reqwes
     Ok((head, body))
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is not used by idem and is ignored).
+/// `Retry-After`, in seconds or as an HTTP date (RFC 9110), as the wait from now.
 fn retry_after(response: &Response) -> Option<Duration> {
     let value = response.headers().get(reqwest::header::RETRY_AFTER)?;
-    let seconds: u64 = value.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(seconds.min(3600)))
+    let value = value.to_str().ok()?.trim();
+    match value.parse::<u64>() {
+        Ok(seconds) => Some(Duration::from_secs(seconds)),
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+        }
+    }
 }
 
 /// A string field of a JSON problem document.

@@ -464,7 +464,7 @@ async fn a_lost_response_is_replayed_not_paid_twice() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Attacks (branch attack-13).
+// Edge cases that failed before their fixes.
 // ---------------------------------------------------------------------------------------
 
 /// What a raw server does after writing its scripted bytes.
@@ -513,12 +513,9 @@ async fn raw_server(response: &'static [u8], after: After) -> (String, Arc<Atomi
     (format!("http://{addr}"), requests)
 }
 
-/// Breaks "bounded by a total deadline (including a hung attempt)": the deadline covers
-/// only `next.run` (the head); the body of a keyed request is read afterwards, in `judge`,
-/// with no deadline. A server that sends the head and then stalls mid-body holds the call
-/// for ever, far past a 300 ms deadline.
+/// Guards: a body that stalls mid-way is cut at the deadline (the attempt, head and body, is bounded).
 #[tokio::test]
-async fn attack_a_body_that_stalls_mid_way_is_bounded_by_the_deadline() {
+async fn a_body_that_stalls_mid_way_is_bounded_by_the_deadline() {
     let (url, _) = raw_server(
         b"HTTP/1.1 201 Created\r\ncontent-length: 100\r\n\r\n{\"partial\":",
         After::Hang,
@@ -535,11 +532,9 @@ async fn attack_a_body_that_stalls_mid_way_is_bounded_by_the_deadline() {
     );
 }
 
-/// Breaks "400/401/403/404/413/422 never retried": a 422 whose body is cut short is
-/// treated as a lost response and the request is sent again, 8 times, and the caller
-/// gets `GaveUp` instead of the typed `Rejected`.
+/// Guards: a 422 whose body is cut short is still a typed rejection, sent once.
 #[tokio::test]
-async fn attack_a_422_with_a_body_cut_short_is_never_retried() {
+async fn a_422_with_a_body_cut_short_is_never_retried() {
     let (url, requests) = raw_server(
         b"HTTP/1.1 422 Unprocessable Entity\r\ncontent-type: application/problem+json\r\ncontent-length: 200\r\n\r\n{\"type\":\"urn:idem:problem:key-reused\"",
         After::Close,
@@ -559,12 +554,9 @@ async fn attack_a_422_with_a_body_cut_short_is_never_retried() {
     assert!(rejection(&error).is_some(), "not typed Rejected: {error}");
 }
 
-/// Breaks "never sooner than Retry-After": `Retry-After` is clamped to 3600 s. The server
-/// says 7200 s; the deadline (7000 s) ends before then, so the only correct move is to
-/// give up at once. The client instead schedules a retry at 3600 s (sooner than the
-/// server allowed) and sleeps on it.
+/// Guards: a `Retry-After` longer than an hour is honoured as given: past the deadline, the call gives up at once.
 #[tokio::test]
-async fn attack_a_long_retry_after_is_never_cut_short() {
+async fn a_long_retry_after_is_never_cut_short() {
     let script = Script::new(&[(503, &[("retry-after", "7200")], "come back in two hours")]);
     let url = script.serve().await;
     let call = client(quick().deadline(Duration::from_secs(7000)))
@@ -615,11 +607,9 @@ fn http_date_in(seconds: u64) -> String {
     )
 }
 
-/// Breaks "never sooner than Retry-After" for any API that sends the HTTP-date form
-/// (RFC 9110 allows both; the client is sold for "Stripe's, any other"): the date is
-/// ignored and the request is sent again after ~100 ms, though the server said an hour.
+/// Guards: the HTTP-date form of `Retry-After` (RFC 9110) is honoured.
 #[tokio::test]
-async fn attack_an_http_date_retry_after_is_honoured() {
+async fn an_http_date_retry_after_is_honoured() {
     let date: &'static str = Box::leak(http_date_in(3600).into_boxed_str());
     let headers: &'static [(&'static str, &'static str)] =
         Box::leak(vec![("retry-after", date)].into_boxed_slice());
@@ -640,11 +630,9 @@ async fn attack_an_http_date_retry_after_is_honoured() {
     );
 }
 
-/// Breaks "never a panic": a backoff bound of `Duration::MAX` (the deadline accepts
-/// `Duration::MAX` without trouble) panics inside the retry policy on the first retry
-/// (`SystemTime + Duration` overflows).
+/// Guards: huge backoff bounds (`Duration::MAX`) never panic.
 #[tokio::test]
-async fn attack_huge_backoff_bounds_never_panic() {
+async fn huge_backoff_bounds_never_panic() {
     let script = Script::new(&[(503, &[], "busy")]);
     let url = script.serve().await;
     let call = tokio::spawn(async move {

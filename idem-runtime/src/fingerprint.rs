@@ -60,11 +60,18 @@ impl Fingerprint {
                     for pointer in &fields.pointers {
                         // A field too deep to canonicalize counts by its text, never as
                         // missing.
-                        let field = canonical::pointer(document, pointer).map(|field| {
-                            canonical::value(field.get()).unwrap_or_else(|| {
-                                [b"raw:".as_slice(), field.get().as_bytes()].concat()
-                            })
-                        });
+                        let field =
+                            canonical::pointer(document, pointer).map(|field| match field {
+                                canonical::Field::Value(field) => canonical::value(field.get())
+                                    .unwrap_or_else(|| {
+                                        [b"raw:".as_slice(), field.get().as_bytes()].concat()
+                                    }),
+                                // Never equal to a value: those start with a JSON character
+                                // or `raw:`.
+                                canonical::Field::Ambiguous(object) => {
+                                    [b"ambiguous:".as_slice(), object.get().as_bytes()].concat()
+                                }
+                            });
                         hasher.update((pointer.len() as u64).to_be_bytes());
                         hasher.update(pointer);
                         hasher.update([u8::from(field.is_some())]);
@@ -263,9 +270,35 @@ fn is_json_pointer(pointer: &str) -> bool {
 /// raw text, containers are opened level by level, and numbers are rewritten from their
 /// digits, never through floating point.
 mod canonical {
-    use std::collections::BTreeMap;
+    use std::fmt;
 
+    use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
     use serde_json::value::RawValue;
+
+    /// An object's members in the order written, repeated names kept.
+    struct Entries<'a>(Vec<(String, &'a RawValue)>);
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct EntriesVisitor;
+            impl<'de> Visitor<'de> for EntriesVisitor {
+                type Value = Entries<'de>;
+
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a JSON object")
+                }
+
+                fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                    let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                    while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+                        entries.push(entry);
+                    }
+                    Ok(Entries(entries))
+                }
+            }
+            deserializer.deserialize_map(EntriesVisitor)
+        }
+    }
 
     /// The body parsed just enough to walk it, or `None` where it is not JSON.
     pub(super) fn parse(body: &[u8]) -> Option<&RawValue> {
@@ -295,7 +328,13 @@ mod canonical {
         }
         match first {
             b'{' => {
-                let object: BTreeMap<String, &RawValue> = serde_json::from_str(raw).ok()?;
+                let Entries(mut object) = serde_json::from_str(raw).ok()?;
+                object.sort_by(|a, b| a.0.cmp(&b.0));
+                // A name given twice has no one meaning (parsers keep the first, the last,
+                // or refuse): such a body counts byte for byte, never as another body.
+                if object.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+                    return None;
+                }
                 out.push(b'{');
                 for (n, (name, value)) in object.iter().enumerate() {
                     if n > 0 {
@@ -380,15 +419,27 @@ mod canonical {
     }
 
     /// The value at an RFC 6901 `pointer` (already checked) in `document`.
-    pub(super) fn pointer<'a>(document: &'a RawValue, pointer: &str) -> Option<&'a RawValue> {
+    /// What a JSON pointer finds.
+    pub(super) enum Field<'a> {
+        /// The value at the pointer.
+        Value(&'a RawValue),
+        /// An object on the way names the next step twice: this object.
+        Ambiguous(&'a RawValue),
+    }
+
+    pub(super) fn pointer<'a>(document: &'a RawValue, pointer: &str) -> Option<Field<'a>> {
         let mut current = document;
         for token in pointer.split('/').skip(1) {
             let token = token.replace("~1", "/").replace("~0", "~");
             current = match current.get().as_bytes().first()? {
                 b'{' => {
-                    let object: BTreeMap<String, &'a RawValue> =
-                        serde_json::from_str(current.get()).ok()?;
-                    *object.get(&token)?
+                    let Entries(object) = serde_json::from_str(current.get()).ok()?;
+                    let mut named = object.into_iter().filter(|(name, _)| *name == token);
+                    let (_, value) = named.next()?;
+                    if named.next().is_some() {
+                        return Some(Field::Ambiguous(current));
+                    }
+                    value
                 }
                 b'[' => {
                     if token.len() > 1 && token.starts_with('0') {
@@ -401,7 +452,7 @@ mod canonical {
                 _ => return None,
             };
         }
-        Some(current)
+        Some(Field::Value(current))
     }
 }
 
@@ -411,6 +462,25 @@ mod tests {
 
     fn fp(mode: &FingerprintMode, method: Method, path: &str, body: &str) -> Fingerprint {
         Fingerprint::of(mode, &method, path, body.as_bytes())
+    }
+
+    #[test]
+    fn repeated_names_never_meet_another_body() {
+        let mode = FingerprintMode::CanonicalJson;
+        let repeated = fp(&mode, Method::POST, "/p", r#"{"amount":1,"amount":500}"#);
+        assert_ne!(repeated, fp(&mode, Method::POST, "/p", r#"{"amount":500}"#));
+        assert_ne!(repeated, fp(&mode, Method::POST, "/p", r#"{"amount":1}"#));
+        assert_eq!(
+            fp(&mode, Method::POST, "/p", r#"{"b":1,"a":2}"#),
+            fp(&mode, Method::POST, "/p", r#"{ "a": 2, "b": 1 }"#)
+        );
+        let fields = FingerprintMode::json_fields(["/a"]).unwrap();
+        let twice = fp(&fields, Method::POST, "/p", r#"{"a":1,"a":2}"#);
+        assert_ne!(twice, fp(&fields, Method::POST, "/p", r#"{"a":2}"#));
+        assert_ne!(
+            twice,
+            fp(&fields, Method::POST, "/p", r#"{"a":{"a":1,"a":2}}"#)
+        );
     }
 
     #[test]

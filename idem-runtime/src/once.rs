@@ -274,10 +274,15 @@ impl Idempotency {
 }
 
 impl Once {
+    /// The shortest ttl: one second. Calls waiting for a run look for its result at most
+    /// half a second apart, so a result kept for less could expire before a waiter sees
+    /// it, and that waiter would run the operation again.
+    pub const MIN_TTL: Duration = Duration::from_secs(1);
+
     /// How long the result is kept (default [`defaults::TTL`], at most
-    /// [`defaults::MAX_DURATION`], at least one millisecond).
+    /// [`defaults::MAX_DURATION`], at least [`Once::MIN_TTL`]).
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl.clamp(Duration::from_millis(1), defaults::MAX_DURATION);
+        self.ttl = ttl.clamp(Self::MIN_TTL, defaults::MAX_DURATION);
         self
     }
 

@@ -459,7 +459,7 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------------------
-// Attacks (branch attack-13).
+// Edge cases that failed before their fixes.
 // ---------------------------------------------------------------------------------------
 
 /// An input whose JSON repeats a name: a field and a flattened map that holds the same
@@ -471,12 +471,9 @@ struct Charge {
     extra: std::collections::BTreeMap<String, u64>,
 }
 
-/// Breaks "same key + other input → KeyReused and nothing runs": the canonical JSON keeps
-/// only the last of two equal names, so `{"amount":1,"amount":500}` and `{"amount":500}`
-/// have one fingerprint. The second, different, input is served the first input's stored
-/// result, as a replay, instead of being refused.
+/// Guards: an input whose JSON repeats a name is never taken for another input (KeyReused, not a replay).
 #[tokio::test]
-async fn attack_inputs_with_repeated_names_are_not_mistaken_for_others() {
+async fn inputs_with_repeated_names_are_not_mistaken_for_others() {
     let idem = Idempotency::in_memory();
     let key = OnceKey::compose(["attack", "repeated-names"]);
     let first = Charge {
@@ -513,12 +510,9 @@ async fn attack_inputs_with_repeated_names_are_not_mistaken_for_others() {
     );
 }
 
-/// Breaks "64 concurrent calls → one run, all get the same value": waiters poll the store
-/// (backoff up to 500 ms) instead of being handed the result of the run they wait for. A
-/// result whose ttl is shorter than the poll interval has expired by the time they look,
-/// so each waiter claims the key and runs the operation again, with another value.
+/// Guards: calls waiting for a run get its value, even with a ttl shorter than their poll interval (clamped to `Once::MIN_TTL`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attack_waiters_get_the_value_of_the_run_they_waited_for() {
+async fn waiters_get_the_value_of_the_run_they_waited_for() {
     let idem = Idempotency::in_memory();
     let operation = Arc::new(Operation::default());
     let calls: Vec<_> = (0..8)

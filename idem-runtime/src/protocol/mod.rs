@@ -465,4 +465,3 @@ async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes, persist: bo
     };
     tokio::spawn(retrying.in_current_span());
 }
-

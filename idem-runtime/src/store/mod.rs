@@ -13,4 +13,3 @@ pub use self::contract::{BoxFuture, ConnectError, Store, StoreError};
 pub use self::memory::{BoundsError, MemoryStore};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
-
