@@ -27,11 +27,7 @@ async fn one_run_despite_slow_begin(backend: Backend, delay: Duration) {
         let app = app.clone();
         async move { send(&app, post_with("/gated", Some("slow-begin"), "")).await }
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while counters.runs() == 0 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::until(|| counters.runs() > 0).await;
     // The first handler runs (and keeps running); retries must all be 409.
     let mut pending = Vec::new();
     for _ in 0..4 {

@@ -272,9 +272,7 @@ async fn detached_work_is_bounded() {
     assert_eq!(refused, 46);
     // Nothing was cancelled: the detached handlers finish once released.
     running.gate.notify_waiters();
-    while running.now.load(Ordering::SeqCst) > 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::until(|| running.now.load(Ordering::SeqCst) == 0).await;
     assert_eq!(running.started.load(Ordering::SeqCst), 4);
     // With the detached work done, keyed requests run again.
     let fresh = tokio::spawn({

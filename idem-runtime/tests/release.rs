@@ -57,9 +57,7 @@ async fn failed_release_does_not_hold_the_key_for_a_lease() {
         let app = app.clone();
         async move { send(&app, post_with("/boom", Some("k"), "")).await }
     });
-    while counters.runs() == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::until(|| counters.runs() > 0).await;
     server.kill();
     counters.gate.notify_one();
     assert!(first.await.is_err(), "the first run panicked");
