@@ -4,7 +4,7 @@
 use proc_macro2::{Literal, Span, TokenStream, TokenTree};
 use quote::{ToTokens, quote, quote_spanned};
 use syn::{
-    Attribute, FnArg, GenericArgument, GenericParam, Ident, ItemFn, PatType, PathArguments,
+    Attribute, FnArg, GenericArgument, GenericParam, Ident, ItemFn, Meta, PatType, PathArguments,
     ReturnType, Signature, Type, WherePredicate, parse_quote,
 };
 
@@ -123,10 +123,6 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
         output,
         ..
     } = sig;
-    // `debug_handler` checks the handler as written, so it goes on the inner function,
-    // whose signature is the user's.
-    let (checker_attrs, attrs): (Vec<&Attribute>, Vec<&Attribute>) =
-        attrs.iter().partition(|attr| is_debug_handler(attr));
     let arguments: Vec<&PatType> = sig
         .inputs
         .iter()
@@ -139,8 +135,8 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
     let at_name = ident.span();
     let guard = local("__idem_guard", at_name);
     let first = local("__idem_last", at_name);
+    let body = local("__idem_body", at_name);
     let work = local("__idem_work", at_name);
-    let inner = Ident::new("__idem_inner", Span::mixed_site());
     let names: Vec<Ident> = (0..arguments.len())
         .map(|index| local(&format!("__idem_arg{index}"), at_name))
         .collect();
@@ -173,6 +169,12 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
         }
         _ => (quote!(#guard: #guard_type), TokenStream::new()),
     };
+    // Each argument is moved into the body's future, then bound to its pattern as written,
+    // as rustc lowers an `async fn`: an argument bound to `_` still lives to the end.
+    let bindings = arguments.iter().zip(&names).map(|(argument, name)| {
+        let PatType { attrs, pat, ty, .. } = argument;
+        quote!(#(#attrs)* let #name = #name; #(#attrs)* let #pat: #ty = #name;)
+    });
 
     let mut outer_generics = generics.clone();
     let bounds = send_static_bounds(generics);
@@ -185,30 +187,37 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
         ReturnType::Default => at_name,
     };
     let response = quote_spanned!(return_start=> ::idem_runtime::__private::Response);
-
-    let mut inner_sig = sig.clone();
-    inner_sig.ident = inner.clone();
-    let turbofish = turbofish(generics);
+    let output_type = fixed_output(output, at_name);
     let checks = extractor_checks(options, generics, &arguments);
-    // Spanned on the return type without hygiene, so that rustc reports a value that is no
-    // response there rather than on the attribute; the user's body is in `__idem_inner`, out
-    // of this binding's reach.
-    let output_value = Ident::new("__idem_output", return_start);
+    // Spanned on the return type, so that rustc reports a value that is no response there
+    // rather than on the attribute.
+    let at_return = Span::mixed_site().located_at(return_start);
+    let output_value = local("__idem_output", return_start);
     let respond =
-        quote_spanned!(return_start=> ::idem_runtime::__private::into_response(#output_value));
+        quote_spanned!(at_return=> ::idem_runtime::__private::into_response(#output_value));
     let run = quote_spanned!(at_name=> #guard.run(#work).await);
+    // `debug_handler` below this attribute checks the handler axum is given: this one.
+    let attrs = attrs
+        .iter()
+        .map(|attr| debug_handler_with_state(attr, options, &arguments));
 
     quote! {
         #(#attrs)*
         #vis #constness #asyncness #unsafety #abi #fn_token #ident #generics (#params) -> #response
         #where_clause
         {
-            #(#checker_attrs)*
-            #inner_sig #block
             #(#checks)*
             #unpack
+            // The body runs in an async block of the handler itself, not in a function of
+            // its own, so that `Self` and the generic parameters of an enclosing `impl`
+            // stay in scope; `return` leaves this block with the handler's value.
+            let #body = async move {
+                #output_type
+                #(#bindings)*
+                #block
+            };
             let #work = async move {
-                let #output_value = #inner #turbofish (#(#names),*).await;
+                let #output_value = #body.await;
                 #respond
             };
             #run
@@ -221,11 +230,65 @@ fn local(name: &str, at: Span) -> Ident {
     Ident::new(name, Span::mixed_site().located_at(at))
 }
 
+/// The statement that fixes the body block's output to the declared return type, so that
+/// `?` converts its error into the declared one and `return` is checked against it. It never
+/// runs. An `impl Trait` anywhere in the return type cannot be named there: the output is
+/// then inferred from the body, as for the handler itself.
+fn fixed_output(output: &ReturnType, at: Span) -> TokenStream {
+    let ty = match output {
+        ReturnType::Type(_, ty) if mentions_impl_trait(ty.to_token_stream()) => {
+            return TokenStream::new();
+        }
+        ReturnType::Type(_, ty) => ty.to_token_stream(),
+        ReturnType::Default => quote!(()),
+    };
+    let value = local("__idem_value", at);
+    quote! {
+        if let ::core::option::Option::Some(#value) = ::core::option::Option::None::<#ty> {
+            #[allow(unreachable_code)]
+            return #value;
+        }
+    }
+}
+
+fn mentions_impl_trait(tokens: TokenStream) -> bool {
+    tokens.into_iter().any(|token| match token {
+        TokenTree::Ident(ident) => ident == "impl",
+        TokenTree::Group(group) => mentions_impl_trait(group.stream()),
+        TokenTree::Punct(_) | TokenTree::Literal(_) => false,
+    })
+}
+
 fn is_debug_handler(attr: &Attribute) -> bool {
     attr.path()
         .segments
         .last()
         .is_some_and(|segment| segment.ident == "debug_handler")
+}
+
+/// `#[axum::debug_handler]` as written, or, where it names no state, with the handler's:
+/// it sees the generated signature, where a `State<T>` last argument shares a tuple with
+/// the guard and so is not found by `debug_handler`'s own inference.
+fn debug_handler_with_state(
+    attr: &Attribute,
+    options: &Options,
+    arguments: &[&PatType],
+) -> TokenStream {
+    let Meta::Path(path) = &attr.meta else {
+        return attr.to_token_stream();
+    };
+    if !is_debug_handler(attr) {
+        return attr.to_token_stream();
+    }
+    let state = match &options.state {
+        Some(state) => state.to_token_stream(),
+        None => match state_from_arguments(arguments) {
+            Some(state) if state.to_string() != "()" => state,
+            _ => return attr.to_token_stream(),
+        },
+    };
+    let pound = attr.pound_token;
+    quote!(#pound[#path(state = #state)])
 }
 
 /// `T: Send + 'static` for every type parameter: the work runs in a task of its own, which
@@ -238,17 +301,6 @@ fn send_static_bounds(generics: &syn::Generics) -> Vec<WherePredicate> {
             parse_quote!(#name: ::core::marker::Send + 'static)
         })
         .collect()
-}
-
-/// `::<T, N>` naming the handler's type and const parameters, for the call of the inner
-/// function where inference alone might not find them.
-fn turbofish(generics: &syn::Generics) -> TokenStream {
-    let params = type_and_const_params(generics);
-    if params.is_empty() {
-        TokenStream::new()
-    } else {
-        quote!(::<#(#params),*>)
-    }
 }
 
 fn type_and_const_params(generics: &syn::Generics) -> Vec<&Ident> {

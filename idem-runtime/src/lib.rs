@@ -274,8 +274,12 @@ pub mod store;
 ///   `Result<T, E>`; `return` and `?` work as usual.
 /// - `pub` and doc comments, other attributes, and generic handlers (each type parameter
 ///   gets `Send + 'static`, as the work runs in a task of its own).
-/// - `#[axum::debug_handler]` below `#[idempotent]` checks the handler as you wrote it;
-///   above, it works for handlers that take at least one argument.
+/// - Associated functions in an `impl` block, using `Self` and the impl's generic
+///   parameters: the body runs in the handler itself, not in a function of its own.
+/// - `#[axum::debug_handler]` below `#[idempotent]` checks the handler axum is given, with
+///   any number of arguments (the state of a `State<T>` argument, or of `state = ...`, is
+///   passed on to it); above, it checks the handler as you wrote it, and works for
+///   handlers that take at least one argument.
 ///
 /// Not: a method taking `self`, or a function that is not `async`.
 ///
