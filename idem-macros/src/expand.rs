@@ -106,6 +106,74 @@ fn check_signature(sig: &Signature) -> syn::Result<()> {
 }
 
 fn generate(options: &Options, function: &ItemFn) -> TokenStream {
+    let arguments: Vec<&PatType> = function
+        .sig
+        .inputs
+        .iter()
+        .filter_map(|input| match input {
+            FnArg::Typed(argument) => Some(argument),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+    let state = match &options.state {
+        Some(state) => Some(state.to_token_stream()),
+        None => state_from_arguments(&arguments),
+    };
+    // The guard shares the slot of the last argument compiled in. Where the last arguments
+    // carry `#[cfg]`, only the compiler knows which one that is: the handler is generated
+    // once for each, under the `cfg` that selects it.
+    let conditions: Vec<Option<TokenStream>> = arguments
+        .iter()
+        .map(|argument| cfg_condition(&argument.attrs))
+        .collect();
+    let unconditional = conditions
+        .iter()
+        .rposition(Option::is_none)
+        .map_or(0, |index| index + 1);
+    if unconditional == arguments.len() {
+        return handler(options, function, state.as_ref(), &arguments, None);
+    }
+    (unconditional..=arguments.len())
+        .map(|taken| {
+            let on = conditions[unconditional..taken]
+                .last()
+                .into_iter()
+                .flatten();
+            let off = conditions[taken..].iter().flatten();
+            let selected = quote!(#[cfg(all(#(#on,)* not(any(#(#off),*))))]);
+            handler(
+                options,
+                function,
+                state.as_ref(),
+                &arguments[..taken],
+                Some(selected),
+            )
+        })
+        .collect()
+}
+
+/// `all(a, b)` of an argument's `#[cfg(a)] #[cfg(b)]`; `None` without `#[cfg]`.
+fn cfg_condition(attrs: &[Attribute]) -> Option<TokenStream> {
+    let predicates: Vec<&TokenStream> = attrs
+        .iter()
+        .filter(|attr| attr.path().is_ident("cfg"))
+        .filter_map(|attr| match &attr.meta {
+            Meta::List(list) => Some(&list.tokens),
+            Meta::Path(_) | Meta::NameValue(_) => None,
+        })
+        .collect();
+    (!predicates.is_empty()).then(|| quote!(all(#(#predicates),*)))
+}
+
+/// The handler taking `arguments`, compiled in under `selected`: all the arguments, or,
+/// where the last ones carry `#[cfg]`, those up to one of them.
+fn handler(
+    options: &Options,
+    function: &ItemFn,
+    state: Option<&TokenStream>,
+    arguments: &[&PatType],
+    selected: Option<TokenStream>,
+) -> TokenStream {
     let ItemFn {
         attrs,
         vis,
@@ -123,14 +191,6 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
         output,
         ..
     } = sig;
-    let arguments: Vec<&PatType> = sig
-        .inputs
-        .iter()
-        .filter_map(|input| match input {
-            FnArg::Typed(argument) => Some(argument),
-            FnArg::Receiver(_) => None,
-        })
-        .collect();
 
     let at_name = ident.span();
     let guard = local("__idem_guard", at_name);
@@ -161,9 +221,12 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
     let (params, unpack) = match (arguments.split_last(), names.split_last()) {
         (Some((last, init)), Some((last_name, init_names))) => {
             let last_type = &last.ty;
-            let init_types = init.iter().map(|argument| &argument.ty);
+            let init = init.iter().zip(init_names).map(|(argument, name)| {
+                let PatType { attrs, ty, .. } = argument;
+                quote!(#(#attrs)* #name: #ty)
+            });
             (
-                quote!(#(#init_names: #init_types,)* #first: (#guard_type, #last_type)),
+                quote!(#(#init,)* #first: (#guard_type, #last_type)),
                 quote!(let (#guard, #last_name) = #first;),
             )
         }
@@ -188,7 +251,7 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
     };
     let response = quote_spanned!(return_start=> ::idem_runtime::__private::Response);
     let output_type = fixed_output(output, at_name);
-    let checks = extractor_checks(options, generics, &arguments);
+    let checks = extractor_checks(state, generics, arguments);
     // Spanned on the return type, so that rustc reports a value that is no response there
     // rather than on the attribute.
     let at_return = Span::mixed_site().located_at(return_start);
@@ -199,9 +262,10 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
     // `debug_handler` below this attribute checks the handler axum is given: this one.
     let attrs = attrs
         .iter()
-        .map(|attr| debug_handler_with_state(attr, options, &arguments));
+        .map(|attr| debug_handler_with_state(attr, state));
 
     quote! {
+        #selected
         #(#attrs)*
         #vis #constness #asyncness #unsafety #abi #fn_token #ident #generics (#params) -> #response
         #where_clause
@@ -269,26 +333,14 @@ fn is_debug_handler(attr: &Attribute) -> bool {
 /// `#[axum::debug_handler]` as written, or, where it names no state, with the handler's:
 /// it sees the generated signature, where a `State<T>` last argument shares a tuple with
 /// the guard and so is not found by `debug_handler`'s own inference.
-fn debug_handler_with_state(
-    attr: &Attribute,
-    options: &Options,
-    arguments: &[&PatType],
-) -> TokenStream {
-    let Meta::Path(path) = &attr.meta else {
-        return attr.to_token_stream();
-    };
-    if !is_debug_handler(attr) {
-        return attr.to_token_stream();
+fn debug_handler_with_state(attr: &Attribute, state: Option<&TokenStream>) -> TokenStream {
+    match (&attr.meta, state) {
+        (Meta::Path(path), Some(state)) if is_debug_handler(attr) => {
+            let pound = attr.pound_token;
+            quote!(#pound[#path(state = #state)])
+        }
+        _ => attr.to_token_stream(),
     }
-    let state = match &options.state {
-        Some(state) => state.to_token_stream(),
-        None => match state_from_arguments(arguments) {
-            Some(state) if state.to_string() != "()" => state,
-            _ => return attr.to_token_stream(),
-        },
-    };
-    let pound = attr.pound_token;
-    quote!(#pound[#path(state = #state)])
 }
 
 /// `T: Send + 'static` for every type parameter: the work runs in a task of its own, which
@@ -321,16 +373,12 @@ fn type_and_const_params(generics: &syn::Generics) -> Vec<&Ident> {
 /// told (several different `State<_>` arguments and no `state = ...`), and for types that
 /// name a generic parameter, which axum checks only once the handler is instantiated.
 fn extractor_checks(
-    options: &Options,
+    state: Option<&TokenStream>,
     generics: &syn::Generics,
     arguments: &[&PatType],
 ) -> Vec<TokenStream> {
-    let state = match &options.state {
-        Some(state) => state.to_token_stream(),
-        None => match state_from_arguments(arguments) {
-            Some(state) => state,
-            None => return Vec::new(),
-        },
+    let Some(state) = state else {
+        return Vec::new();
     };
     let params = type_and_const_params(generics);
     if mentions_any(state.clone(), &params) {
@@ -354,7 +402,11 @@ fn extractor_checks(
             };
             let open = quote_spanned!(start=> let _ = ::idem_runtime::__private::#check::<);
             let close = quote_spanned!(end=> >;);
-            quote!(#open #ty, #state #infer #close)
+            let cfgs = argument
+                .attrs
+                .iter()
+                .filter(|attr| attr.path().is_ident("cfg"));
+            quote!(#(#cfgs)* #open #ty, #state #infer #close)
         })
         .collect()
 }

@@ -260,7 +260,8 @@ pub mod store;
 /// # Handlers it accepts
 ///
 /// - Any extractors, up to axum's 16, each an extractor for the router's state; only the
-///   last may read the body (`Json`, `Form`, `String`, `Bytes`, ...). Every one of them,
+///   last may read the body (`Json`, `Form`, `String`, `Bytes`, ...). An argument may
+///   carry `#[cfg(..)]`; the last one compiled in shares its slot with the guard. Every one of them,
 ///   authentication included, runs before idem claims the key or replays: a request they
 ///   reject is answered exactly as without idem, and leaves its key unused (a corrected
 ///   retry with the same key runs). An extractor may put a [`Principal`] in the request's
