@@ -3,9 +3,11 @@
 
 use proc_macro2::{Literal, Span, TokenStream, TokenTree};
 use quote::{ToTokens, quote, quote_spanned};
+use syn::visit_mut::{self, VisitMut};
 use syn::{
-    Attribute, FnArg, GenericArgument, GenericParam, Ident, ItemFn, Meta, PatType, PathArguments,
-    ReturnType, Signature, Type, WherePredicate, parse_quote,
+    Attribute, FnArg, GenericArgument, GenericParam, Generics, Ident, ItemFn, Meta, PatType, Path,
+    PathArguments, PredicateType, ReturnType, Signature, Token, Type, TypeInfer, TypeParamBound,
+    WherePredicate, parse_quote,
 };
 
 use crate::Errors;
@@ -239,18 +241,14 @@ fn handler(
         quote!(#(#attrs)* let #name = #name; #(#attrs)* let #pat: #ty = #name;)
     });
 
-    let mut outer_generics = generics.clone();
-    let bounds = send_static_bounds(generics);
-    if !bounds.is_empty() {
-        outer_generics.make_where_clause().predicates.extend(bounds);
-    }
+    let outer_generics = send_static(generics);
     let where_clause = &outer_generics.where_clause;
     let return_start = match output {
         ReturnType::Type(_, ty) => span_range(ty).0,
         ReturnType::Default => at_name,
     };
     let response = quote_spanned!(return_start=> ::idem_runtime::__private::Response);
-    let output_type = fixed_output(output, at_name);
+    let output_type = declared_output(output, at_name);
     let checks = extractor_checks(state, generics, arguments);
     // Spanned on the return type, so that rustc reports a value that is no response there
     // rather than on the attribute.
@@ -267,7 +265,7 @@ fn handler(
     quote! {
         #selected
         #(#attrs)*
-        #vis #constness #asyncness #unsafety #abi #fn_token #ident #generics (#params) -> #response
+        #vis #constness #asyncness #unsafety #abi #fn_token #ident #outer_generics (#params) -> #response
         #where_clause
         {
             #(#checks)*
@@ -294,20 +292,26 @@ fn local(name: &str, at: Span) -> Ident {
     Ident::new(name, Span::mixed_site().located_at(at))
 }
 
-/// The statement that fixes the body block's output to the declared return type, so that
-/// `?` converts its error into the declared one and `return` is checked against it. It never
-/// runs. An `impl Trait` anywhere in the return type cannot be named there: the output is
-/// then inferred from the body, as for the handler itself.
-fn fixed_output(output: &ReturnType, at: Span) -> TokenStream {
-    let ty = match output {
-        ReturnType::Type(_, ty) if mentions_impl_trait(ty.to_token_stream()) => {
-            return TokenStream::new();
-        }
-        ReturnType::Type(_, ty) => ty.to_token_stream(),
-        ReturnType::Default => quote!(()),
+/// The statements that open the body's future: one that fixes its output to the declared
+/// return type, so that `?` converts its error into the declared one and `return` is
+/// checked against it (it never runs), and a `use` of each trait an `impl Trait` in the
+/// return type names, so that imports used only there stay used. An `impl Trait` cannot be
+/// named in a body: its place is left to inference, as for the handler itself.
+fn declared_output(output: &ReturnType, at: Span) -> TokenStream {
+    let mut ty = match output {
+        ReturnType::Type(_, ty) => (**ty).clone(),
+        ReturnType::Default => parse_quote!(()),
     };
+    let mut opaque = OpaqueTypes::default();
+    opaque.visit_type_mut(&mut ty);
+    let traits = opaque.traits;
+    let uses = quote!(#(#[allow(unused_imports)] use #traits as _;)*);
+    if matches!(ty, Type::Infer(_)) {
+        return uses;
+    }
     let value = local("__idem_value", at);
     quote! {
+        #uses
         if let ::core::option::Option::Some(#value) = ::core::option::Option::None::<#ty> {
             #[allow(unreachable_code)]
             return #value;
@@ -315,12 +319,31 @@ fn fixed_output(output: &ReturnType, at: Span) -> TokenStream {
     }
 }
 
-fn mentions_impl_trait(tokens: TokenStream) -> bool {
-    tokens.into_iter().any(|token| match token {
-        TokenTree::Ident(ident) => ident == "impl",
-        TokenTree::Group(group) => mentions_impl_trait(group.stream()),
-        TokenTree::Punct(_) | TokenTree::Literal(_) => false,
-    })
+/// Replaces each `impl Trait` in a type with `_`, keeping the paths of the traits it names
+/// (without their generic arguments, as a `use` names them).
+#[derive(Default)]
+struct OpaqueTypes {
+    traits: Vec<Path>,
+}
+
+impl VisitMut for OpaqueTypes {
+    fn visit_type_mut(&mut self, ty: &mut Type) {
+        visit_mut::visit_type_mut(self, ty);
+        if let Type::ImplTrait(opaque) = ty {
+            for bound in &opaque.bounds {
+                if let TypeParamBound::Trait(bound) = bound {
+                    let mut path = bound.path.clone();
+                    for segment in &mut path.segments {
+                        segment.arguments = PathArguments::None;
+                    }
+                    self.traits.push(path);
+                }
+            }
+            *ty = Type::Infer(TypeInfer {
+                underscore_token: Token![_](opaque.impl_token.span),
+            });
+        }
+    }
 }
 
 fn is_debug_handler(attr: &Attribute) -> bool {
@@ -343,16 +366,40 @@ fn debug_handler_with_state(attr: &Attribute, state: Option<&TokenStream>) -> To
     }
 }
 
-/// `T: Send + 'static` for every type parameter: the work runs in a task of its own, which
-/// axum checks only once the handler is instantiated but `Idempotent::run` needs here.
-fn send_static_bounds(generics: &syn::Generics) -> Vec<WherePredicate> {
-    generics
-        .type_params()
-        .map(|param| {
-            let name = &param.ident;
-            parse_quote!(#name: ::core::marker::Send + 'static)
+/// The generics with `Send + 'static` on every type parameter: the work runs in a task of
+/// its own, which axum checks only once the handler is instantiated but `Idempotent::run`
+/// needs here. The bounds go where the parameter's own are, inline or in the `where` clause,
+/// so that the user's crate does not see one parameter bounded in two places.
+fn send_static(generics: &Generics) -> Generics {
+    let mut generics = generics.clone();
+    let bounded_in_where: Vec<Ident> = generics
+        .where_clause
+        .iter()
+        .flat_map(|clause| &clause.predicates)
+        .filter_map(|predicate| match predicate {
+            WherePredicate::Type(PredicateType {
+                bounded_ty: Type::Path(path),
+                ..
+            }) if path.qself.is_none() => path.path.get_ident().cloned(),
+            _ => None,
         })
-        .collect()
+        .collect();
+    let mut in_where = Vec::new();
+    for param in generics.type_params_mut() {
+        if param.bounds.is_empty() && bounded_in_where.contains(&param.ident) {
+            in_where.push(param.ident.clone());
+        } else {
+            param.bounds.push(parse_quote!(::core::marker::Send));
+            param.bounds.push(parse_quote!('static));
+        }
+    }
+    if !in_where.is_empty() {
+        let predicates = &mut generics.make_where_clause().predicates;
+        for name in in_where {
+            predicates.push(parse_quote!(#name: ::core::marker::Send + 'static));
+        }
+    }
+    generics
 }
 
 fn type_and_const_params(generics: &syn::Generics) -> Vec<&Ident> {
