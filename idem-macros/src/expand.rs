@@ -194,6 +194,7 @@ fn handler(
         ..
     } = sig;
 
+    let root = root(options);
     let at_name = ident.span();
     let guard = local("__idem_guard", at_name);
     let first = local("__idem_last", at_name);
@@ -208,12 +209,12 @@ fn handler(
     let guard_type = match options.ttl_secs {
         Some(secs) => {
             let ttl = Literal::u64_unsuffixed(secs);
-            quote!(::idem_runtime::Idempotent<#ttl, #required>)
+            quote!(#root::Idempotent<#ttl, #required>)
         }
         None if required => {
-            quote!(::idem_runtime::Idempotent<{ ::idem_runtime::__private::DEFAULT_TTL_SECS }, true>)
+            quote!(#root::Idempotent<{ #root::__private::DEFAULT_TTL_SECS }, true>)
         }
-        None => quote!(::idem_runtime::Idempotent),
+        None => quote!(#root::Idempotent),
     };
     // The guard shares the last argument's slot, as a tuple, so that the handler keeps its
     // arity (`#[axum::debug_handler]` above this attribute calls it with the user's argument
@@ -247,15 +248,14 @@ fn handler(
         ReturnType::Type(_, ty) => span_range(ty).0,
         ReturnType::Default => at_name,
     };
-    let response = quote_spanned!(return_start=> ::idem_runtime::__private::Response);
+    let response = quote_spanned!(return_start=> #root::__private::Response);
     let output_type = declared_output(output, at_name);
-    let checks = extractor_checks(state, generics, arguments);
+    let checks = extractor_checks(&root, state, generics, arguments);
     // Spanned on the return type, so that rustc reports a value that is no response there
     // rather than on the attribute.
     let at_return = Span::mixed_site().located_at(return_start);
     let output_value = local("__idem_output", return_start);
-    let respond =
-        quote_spanned!(at_return=> ::idem_runtime::__private::into_response(#output_value));
+    let respond = quote_spanned!(at_return=> #root::__private::into_response(#output_value));
     let run = quote_spanned!(at_name=> #guard.run(#work).await);
     // `debug_handler` below this attribute checks the handler axum is given: this one.
     let attrs = attrs
@@ -285,6 +285,14 @@ fn handler(
             #run
         }
     }
+}
+
+/// The path the expansion reaches idem-runtime by: `crate = ".."`, or `::idem_runtime`.
+fn root(options: &Options) -> TokenStream {
+    options
+        .krate
+        .as_ref()
+        .map_or_else(|| quote!(::idem_runtime), ToTokens::to_token_stream)
 }
 
 /// A binding of the generated code, invisible to the user's code, reported at `at`.
@@ -420,6 +428,7 @@ fn type_and_const_params(generics: &syn::Generics) -> Vec<&Ident> {
 /// told (several different `State<_>` arguments and no `state = ...`), and for types that
 /// name a generic parameter, which axum checks only once the handler is instantiated.
 fn extractor_checks(
+    root: &TokenStream,
     state: Option<&TokenStream>,
     generics: &syn::Generics,
     arguments: &[&PatType],
@@ -447,7 +456,7 @@ fn extractor_checks(
             } else {
                 (quote_spanned!(start=> parts_extractor), TokenStream::new())
             };
-            let open = quote_spanned!(start=> let _ = ::idem_runtime::__private::#check::<);
+            let open = quote_spanned!(start=> let _ = #root::__private::#check::<);
             let close = quote_spanned!(end=> >;);
             let cfgs = argument
                 .attrs

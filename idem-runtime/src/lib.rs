@@ -257,6 +257,27 @@ pub mod store;
 /// }
 /// ```
 ///
+/// ## `crate = "idem"`
+///
+/// The path the expansion reaches this crate by, where it is not `::idem_runtime`: when
+/// `Cargo.toml` renames the dependency, or when idem comes through a re-export of another
+/// crate. Like serde's and tokio's `crate` option, it takes the path in a string.
+///
+/// ```toml
+/// [dependencies]
+/// idem = { package = "idem-runtime", version = "0.2" }
+/// ```
+///
+/// ```
+/// # use idem_runtime as idem;
+/// #[idem::idempotent(crate = "idem", ttl = "1h")]
+/// async fn create_order(body: String) -> String {
+///     body
+/// }
+/// ```
+///
+/// Without it, a renamed dependency fails with `E0433` (``cannot find `idem_runtime` ``).
+///
 /// # Handlers it accepts
 ///
 /// - Any extractors, up to axum's 16, each an extractor for the router's state; only the
