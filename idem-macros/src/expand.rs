@@ -19,7 +19,7 @@ const MAX_ARGUMENTS: usize = 16;
 /// `#[idempotent(args)] item`; on any error, `item` unchanged next to the errors so that
 /// IDEs keep resolving the handler.
 pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
-    let options = Options::parse(args);
+    let options = Options::parse(args.clone());
     let function = syn::parse2::<ItemFn>(item.clone())
         .map_err(|_| not_a_function())
         .and_then(|function| {
@@ -33,7 +33,10 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
             errors.into_result().map(|()| function)
         });
     match (options, function) {
-        (Ok(options), Ok(function)) => generate(&options, &function),
+        (Ok(options), Ok(function)) => match instrument_first(&options, args, &function) {
+            Some(reordered) => reordered,
+            None => generate(&options, &function),
+        },
         (options, function) => {
             let errors = options.err().into_iter().chain(function.err());
             let errors = errors.map(syn::Error::into_compile_error);
@@ -105,6 +108,33 @@ fn check_signature(sig: &Signature) -> syn::Result<()> {
         ));
     }
     errors.into_result()
+}
+
+/// The handler with `#[tracing::instrument]` moved above this attribute, which is applied
+/// again below it; `None` without one. `instrument` reads the handler's arguments (`skip`,
+/// `fields`) and its return type (`err`, `ret`), so it must see the handler as written,
+/// as it does when placed above this attribute.
+fn instrument_first(
+    options: &Options,
+    args: TokenStream,
+    function: &ItemFn,
+) -> Option<TokenStream> {
+    let (instrument, rest): (Vec<Attribute>, Vec<Attribute>) =
+        function.attrs.iter().cloned().partition(|attr| {
+            attr.path()
+                .segments
+                .last()
+                .is_some_and(|segment| segment.ident == "instrument")
+        });
+    if instrument.is_empty() {
+        return None;
+    }
+    let root = root(options);
+    let function = ItemFn {
+        attrs: rest,
+        ..function.clone()
+    };
+    Some(quote!(#(#instrument)* #[#root::idempotent(#args)] #function))
 }
 
 fn generate(options: &Options, function: &ItemFn) -> TokenStream {

@@ -51,6 +51,8 @@ use proc_macro::TokenStream;
 /// }
 /// ```
 ///
+/// A `#[tracing::instrument]` below the attribute is moved above it (the attribute is
+/// applied again below), so that it sees the arguments and return type as written.
 /// Every generated name is a local at [`Span::mixed_site`], out of the body's reach.
 /// `#[axum::debug_handler]` below the attribute stays on the generated handler, the one
 /// axum is given, with the handler's state filled in where it names none.

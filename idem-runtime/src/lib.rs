@@ -303,6 +303,10 @@ pub mod store;
 ///   passed on to it); above, it checks the handler as you wrote it, and works for
 ///   handlers that take at least one argument.
 ///
+/// - `#[tracing::instrument]` above or below `#[idempotent]`: either way it sees the
+///   handler as written, its arguments for `skip` and `fields`, its return type for `err`
+///   and `ret` (below, the attribute moves it above itself).
+///
 /// Not: a method taking `self`, or a function that is not `async`.
 ///
 /// The handler's work runs in a task of its own, so a client that disconnects does not
