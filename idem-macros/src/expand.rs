@@ -148,7 +148,7 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
         })
         .collect();
     let state = match &options.state {
-        Some(state) => Some(state.to_token_stream()),
+        Some(state) => Some(RouterState::Named(state.to_token_stream())),
         None => state_from_arguments(&arguments),
     };
     // The guard shares the slot of the last argument compiled in. Where the last arguments
@@ -202,7 +202,7 @@ fn cfg_condition(attrs: &[Attribute]) -> Option<TokenStream> {
 fn handler(
     options: &Options,
     function: &ItemFn,
-    state: Option<&TokenStream>,
+    state: Option<&RouterState>,
     arguments: &[&PatType],
     selected: Option<TokenStream>,
 ) -> TokenStream {
@@ -394,9 +394,11 @@ fn is_debug_handler(attr: &Attribute) -> bool {
 /// `#[axum::debug_handler]` as written, or, where it names no state, with the handler's:
 /// it sees the generated signature, where a `State<T>` last argument shares a tuple with
 /// the guard and so is not found by `debug_handler`'s own inference.
-fn debug_handler_with_state(attr: &Attribute, state: Option<&TokenStream>) -> TokenStream {
+fn debug_handler_with_state(attr: &Attribute, state: Option<&RouterState>) -> TokenStream {
     match (&attr.meta, state) {
-        (Meta::Path(path), Some(state)) if is_debug_handler(attr) => {
+        (Meta::Path(path), Some(RouterState::Named(state) | RouterState::FromArgument(state)))
+            if is_debug_handler(attr) =>
+        {
             let pound = attr.pound_token;
             quote!(#pound[#path(state = #state)])
         }
@@ -459,12 +461,15 @@ fn type_and_const_params(generics: &syn::Generics) -> Vec<&Ident> {
 /// name a generic parameter, which axum checks only once the handler is instantiated.
 fn extractor_checks(
     root: &TokenStream,
-    state: Option<&TokenStream>,
+    state: Option<&RouterState>,
     generics: &syn::Generics,
     arguments: &[&PatType],
 ) -> Vec<TokenStream> {
-    let Some(state) = state else {
-        return Vec::new();
+    let (state, suffix) = match state {
+        Some(RouterState::Named(state)) => (state.clone(), ""),
+        Some(RouterState::FromArgument(state)) => (state.clone(), "_inferred"),
+        Some(RouterState::Unit) => (quote!(()), "_unit"),
+        None => return Vec::new(),
     };
     let params = type_and_const_params(generics);
     if mentions_any(state.clone(), &params) {
@@ -479,13 +484,11 @@ fn extractor_checks(
             let ty = &argument.ty;
             let (start, end) = span_range(ty);
             let (check, infer) = if index == last {
-                (
-                    quote_spanned!(start=> last_extractor),
-                    quote_spanned!(end=> , _),
-                )
+                (format!("last_extractor{suffix}"), quote_spanned!(end=> , _))
             } else {
-                (quote_spanned!(start=> parts_extractor), TokenStream::new())
+                (format!("parts_extractor{suffix}"), TokenStream::new())
             };
+            let check = Ident::new(&check, start);
             let open = quote_spanned!(start=> let _ = #root::__private::#check::<);
             let close = quote_spanned!(end=> >;);
             let cfgs = argument
@@ -506,9 +509,20 @@ fn mentions_any(tokens: TokenStream, names: &[&Ident]) -> bool {
         })
 }
 
+/// The router's state the extractor checks are written for, and where the attribute took
+/// it from, which a wrong extractor's message repeats.
+enum RouterState {
+    /// Named by `state = ...`.
+    Named(TokenStream),
+    /// `T` of the handler's `State<T>` arguments.
+    FromArgument(TokenStream),
+    /// `()`, for a handler that takes no `State<_>`.
+    Unit,
+}
+
 /// The state a handler is written for: `X` of its `State<X>` arguments, `()` without one,
 /// `None` when they disagree.
-fn state_from_arguments(arguments: &[&PatType]) -> Option<TokenStream> {
+fn state_from_arguments(arguments: &[&PatType]) -> Option<RouterState> {
     let mut states: Vec<TokenStream> = Vec::new();
     for argument in arguments {
         if let Some(state) = state_type(&argument.ty) {
@@ -522,8 +536,8 @@ fn state_from_arguments(arguments: &[&PatType]) -> Option<TokenStream> {
         }
     }
     match states.len() {
-        0 => Some(quote!(())),
-        1 => states.pop(),
+        0 => Some(RouterState::Unit),
+        1 => states.pop().map(RouterState::FromArgument),
         _ => None,
     }
 }

@@ -197,7 +197,8 @@ pub mod store;
 /// an extractor for that state, and reports a wrong one on its type. Without the option
 /// the state is taken from a `State<T>` argument, or is `()` where there is none; name it
 /// when an extractor of your own needs the state and the handler takes no `State<AppState>`
-/// (or takes only a substate through `FromRef`).
+/// (or takes only a substate through `FromRef`). The error says which state it checked
+/// against and where that came from: the option, a `State<T>` argument, or none.
 ///
 /// ```
 /// use axum::extract::FromRequestParts;
