@@ -18,8 +18,8 @@ use proc_macro::TokenStream;
 /// (the body) has been extracted too. The body runs in an `async` block of the handler
 /// itself, each argument bound to its pattern there, so `Self` and the generic parameters
 /// of an enclosing `impl` stay in scope; the block's output is fixed to the declared return
-/// type (unless it contains `impl Trait`), so `return` and `?` work as in the handler. Its
-/// future is handed to [`Idempotent::run`]:
+/// type, so `return` and `?` work as in the handler. Its future is handed to
+/// [`Idempotent::run`]:
 ///
 /// ```text
 /// #[idempotent(ttl = "1h", required = true)]
@@ -51,11 +51,25 @@ use proc_macro::TokenStream;
 /// }
 /// ```
 ///
-/// A `#[tracing::instrument]` below the attribute is moved above it (the attribute is
-/// applied again below), so that it sees the arguments and return type as written.
-/// Every generated name is a local at [`Span::mixed_site`], out of the body's reach.
-/// `#[axum::debug_handler]` below the attribute stays on the generated handler, the one
-/// axum is given, with the handler's state filled in where it names none.
+/// Around that shape:
+///
+/// - Every path starts at `::idem_runtime`, or at the path given as `crate = "..."`.
+/// - An `impl Trait` in the return type is left to inference in the `None::<..>` line
+///   (`None::<Result<_, AppError>>`), and each trait it names gets a
+///   `use Trait as _;` there, so that an import used only by the return type stays used.
+/// - A type parameter gets `Send + 'static` where its own bounds are, inline or in the
+///   `where` clause.
+/// - An argument's attributes (`#[cfg]`, lint levels) go on its parameter, its bindings and
+///   its check. Where the last arguments carry `#[cfg]`, the handler is generated once for
+///   each argument that may be the last compiled in, under the `cfg` that selects it, so
+///   that the guard always shares the real last argument's slot.
+/// - `#[axum::debug_handler]` below the attribute stays on the generated handler, the one
+///   axum is given, with the handler's state filled in where it names none.
+/// - A `#[tracing::instrument]` below the attribute is moved above it (the attribute is
+///   applied again below it), so that it sees the arguments and return type as written.
+/// - Every generated name is a local at [`Span::mixed_site`], out of the body's reach. A
+///   constant, static or unit struct named `__idem_...` would still be taken for one of
+///   them, as rustc resolves those names before it makes a binding: the prefix is reserved.
 ///
 /// [`Span::mixed_site`]: proc_macro::Span::mixed_site
 /// [`Idempotent`]: https://docs.rs/idem-runtime/latest/idem_runtime/struct.Idempotent.html
