@@ -4,14 +4,15 @@
 use proc_macro2::{TokenStream, TokenTree};
 use syn::meta::ParseNestedMeta;
 use syn::parse::{ParseStream, Parser};
-use syn::{Expr, ExprLit, Lit, LitStr, Token, Type};
+use syn::{Expr, ExprLit, Lit, LitStr, Path, Token, Type};
 
 use crate::Errors;
 
 /// The longest ttl a store can keep: Redis counts expiry in signed milliseconds.
 const MAX_TTL_SECS: u64 = i64::MAX as u64 / 1000;
 
-const ACCEPTED: &str = "accepted options: `ttl = \"24h\"`, `required = true`, `state = AppState`";
+const ACCEPTED: &str =
+    "accepted options: `ttl = \"24h\"`, `required = true`, `state = AppState`, `crate = \"idem\"`";
 
 const TTL_FORMS: &str = "expected `ttl = \"24h\"`-style duration (s, m, h, d): a whole number and a unit, or several units largest first, as in \"90s\", \"15m\", \"1h30m\", \"7d\"";
 
@@ -24,6 +25,8 @@ pub(crate) struct Options {
     pub(crate) required: bool,
     /// The router's state type, named by the user, for the extractor checks.
     pub(crate) state: Option<Type>,
+    /// The path of idem-runtime in the user's crate, where it is not `::idem_runtime`.
+    pub(crate) krate: Option<Path>,
 }
 
 impl Options {
@@ -32,6 +35,7 @@ impl Options {
         let mut ttl = Once::new("ttl");
         let mut required = Once::new("required");
         let mut state = Once::new("state");
+        let mut krate = Once::new("crate");
         let mut errors = Errors::default();
         let parser = syn::meta::parser(|meta| {
             if meta.path.is_ident("ttl") {
@@ -45,6 +49,10 @@ impl Options {
             } else if meta.path.is_ident("state") {
                 if let Some(value) = parse_state(&meta, &mut errors)? {
                     state.set(&meta, value, &mut errors);
+                }
+            } else if meta.path.is_ident("crate") {
+                if let Some(value) = parse_crate(&meta, &mut errors)? {
+                    krate.set(&meta, value, &mut errors);
                 }
             } else {
                 let name = quote::ToTokens::to_token_stream(&meta.path).to_string();
@@ -61,6 +69,7 @@ impl Options {
             ttl_secs: ttl.value,
             required: required.value.unwrap_or(false),
             state: state.value,
+            krate: krate.value,
         })
     }
 }
@@ -181,6 +190,39 @@ fn parse_state(meta: &ParseNestedMeta<'_>, errors: &mut Errors) -> syn::Result<O
         return Ok(None);
     }
     input.parse().map(Some)
+}
+
+/// `crate = "idem"`: a path, in a string as serde and tokio take theirs.
+fn parse_crate(meta: &ParseNestedMeta<'_>, errors: &mut Errors) -> syn::Result<Option<Path>> {
+    const FORMS: &str = "`crate` takes the path of idem-runtime in a string: `crate = \"idem\"` where it is renamed `idem` in Cargo.toml, or the path of a re-export such as `crate = \"my_lib::idem\"`";
+    let Some(value) = value_expr(meta, "crate = \"idem\"", errors)? else {
+        return Ok(None);
+    };
+    let path = match &value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(text),
+            ..
+        }) => text.parse::<Path>().ok().filter(|path| {
+            path.segments
+                .iter()
+                .all(|segment| segment.arguments.is_none())
+        }),
+        _ => None,
+    };
+    match (&path, &value) {
+        (Some(_), _) => {}
+        (None, Expr::Path(unquoted)) => {
+            let text = quote::ToTokens::to_token_stream(&unquoted.path)
+                .to_string()
+                .replace(' ', "");
+            errors.push(syn::Error::new_spanned(
+                &value,
+                format_args!("`crate` takes the path in a string: `crate = \"{text}\"`"),
+            ));
+        }
+        (None, _) => errors.push(syn::Error::new_spanned(&value, FORMS)),
+    }
+    Ok(path)
 }
 
 /// The expression after `name =`; a missing `=` is recorded in `errors` with the `usage`
@@ -315,6 +357,7 @@ mod tests {
         assert_eq!(options.ttl_secs, None);
         assert!(!options.required);
         assert!(options.state.is_none());
+        assert!(options.krate.is_none());
         Ok(())
     }
 
@@ -340,6 +383,28 @@ mod tests {
         let options = Options::parse(args)?;
         assert_eq!(options.ttl_secs, Some(3_600));
         assert!(options.state.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn crate_takes_a_path_in_a_string() -> syn::Result<()> {
+        let args: TokenStream = syn::parse_quote! { crate = "::my_lib::idem" };
+        let options = Options::parse(args)?;
+        let path = options
+            .krate
+            .map(|path| quote::ToTokens::to_token_stream(&path).to_string());
+        assert_eq!(path.as_deref(), Some(":: my_lib :: idem"));
+        for args in [
+            quote::quote! { crate = idem },
+            quote::quote! { crate = "not a path" },
+            quote::quote! { crate = "idem::<T>" },
+            quote::quote! { crate },
+        ] {
+            let Err(error) = Options::parse(args.clone()) else {
+                panic!("`{args}` was accepted");
+            };
+            assert!(error.to_string().contains("`crate = \"idem"), "{error}");
+        }
         Ok(())
     }
 }

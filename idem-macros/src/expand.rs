@@ -3,9 +3,11 @@
 
 use proc_macro2::{Literal, Span, TokenStream, TokenTree};
 use quote::{ToTokens, quote, quote_spanned};
+use syn::visit_mut::{self, VisitMut};
 use syn::{
-    Attribute, FnArg, GenericArgument, GenericParam, Ident, ItemFn, PatType, PathArguments,
-    ReturnType, Signature, Type, WherePredicate, parse_quote,
+    Attribute, FnArg, GenericArgument, GenericParam, Generics, Ident, ItemFn, Meta, PatType, Path,
+    PathArguments, PredicateType, ReturnType, Signature, Token, Type, TypeInfer, TypeParamBound,
+    WherePredicate, parse_quote,
 };
 
 use crate::Errors;
@@ -17,7 +19,7 @@ const MAX_ARGUMENTS: usize = 16;
 /// `#[idempotent(args)] item`; on any error, `item` unchanged next to the errors so that
 /// IDEs keep resolving the handler.
 pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
-    let options = Options::parse(args);
+    let options = Options::parse(args.clone());
     let function = syn::parse2::<ItemFn>(item.clone())
         .map_err(|_| not_a_function())
         .and_then(|function| {
@@ -31,7 +33,10 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
             errors.into_result().map(|()| function)
         });
     match (options, function) {
-        (Ok(options), Ok(function)) => generate(&options, &function),
+        (Ok(options), Ok(function)) => match instrument_first(&options, args, &function) {
+            Some(reordered) => reordered,
+            None => generate(&options, &function),
+        },
         (options, function) => {
             let errors = options.err().into_iter().chain(function.err());
             let errors = errors.map(syn::Error::into_compile_error);
@@ -105,7 +110,102 @@ fn check_signature(sig: &Signature) -> syn::Result<()> {
     errors.into_result()
 }
 
+/// The handler with `#[tracing::instrument]` moved above this attribute, which is applied
+/// again below it; `None` without one. `instrument` reads the handler's arguments (`skip`,
+/// `fields`) and its return type (`err`, `ret`), so it must see the handler as written,
+/// as it does when placed above this attribute.
+fn instrument_first(
+    options: &Options,
+    args: TokenStream,
+    function: &ItemFn,
+) -> Option<TokenStream> {
+    let (instrument, rest): (Vec<Attribute>, Vec<Attribute>) =
+        function.attrs.iter().cloned().partition(|attr| {
+            attr.path()
+                .segments
+                .last()
+                .is_some_and(|segment| segment.ident == "instrument")
+        });
+    if instrument.is_empty() {
+        return None;
+    }
+    let root = root(options);
+    let function = ItemFn {
+        attrs: rest,
+        ..function.clone()
+    };
+    Some(quote!(#(#instrument)* #[#root::idempotent(#args)] #function))
+}
+
 fn generate(options: &Options, function: &ItemFn) -> TokenStream {
+    let arguments: Vec<&PatType> = function
+        .sig
+        .inputs
+        .iter()
+        .filter_map(|input| match input {
+            FnArg::Typed(argument) => Some(argument),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+    let state = match &options.state {
+        Some(state) => Some(RouterState::Named(state.to_token_stream())),
+        None => state_from_arguments(&arguments),
+    };
+    // The guard shares the slot of the last argument compiled in. Where the last arguments
+    // carry `#[cfg]`, only the compiler knows which one that is: the handler is generated
+    // once for each, under the `cfg` that selects it.
+    let conditions: Vec<Option<TokenStream>> = arguments
+        .iter()
+        .map(|argument| cfg_condition(&argument.attrs))
+        .collect();
+    let unconditional = conditions
+        .iter()
+        .rposition(Option::is_none)
+        .map_or(0, |index| index + 1);
+    if unconditional == arguments.len() {
+        return handler(options, function, state.as_ref(), &arguments, None);
+    }
+    (unconditional..=arguments.len())
+        .map(|taken| {
+            let on = conditions[unconditional..taken]
+                .last()
+                .into_iter()
+                .flatten();
+            let off = conditions[taken..].iter().flatten();
+            let selected = quote!(#[cfg(all(#(#on,)* not(any(#(#off),*))))]);
+            handler(
+                options,
+                function,
+                state.as_ref(),
+                &arguments[..taken],
+                Some(selected),
+            )
+        })
+        .collect()
+}
+
+/// `all(a, b)` of an argument's `#[cfg(a)] #[cfg(b)]`; `None` without `#[cfg]`.
+fn cfg_condition(attrs: &[Attribute]) -> Option<TokenStream> {
+    let predicates: Vec<&TokenStream> = attrs
+        .iter()
+        .filter(|attr| attr.path().is_ident("cfg"))
+        .filter_map(|attr| match &attr.meta {
+            Meta::List(list) => Some(&list.tokens),
+            Meta::Path(_) | Meta::NameValue(_) => None,
+        })
+        .collect();
+    (!predicates.is_empty()).then(|| quote!(all(#(#predicates),*)))
+}
+
+/// The handler taking `arguments`, compiled in under `selected`: all the arguments, or,
+/// where the last ones carry `#[cfg]`, those up to one of them.
+fn handler(
+    options: &Options,
+    function: &ItemFn,
+    state: Option<&RouterState>,
+    arguments: &[&PatType],
+    selected: Option<TokenStream>,
+) -> TokenStream {
     let ItemFn {
         attrs,
         vis,
@@ -123,24 +223,13 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
         output,
         ..
     } = sig;
-    // `debug_handler` checks the handler as written, so it goes on the inner function,
-    // whose signature is the user's.
-    let (checker_attrs, attrs): (Vec<&Attribute>, Vec<&Attribute>) =
-        attrs.iter().partition(|attr| is_debug_handler(attr));
-    let arguments: Vec<&PatType> = sig
-        .inputs
-        .iter()
-        .filter_map(|input| match input {
-            FnArg::Typed(argument) => Some(argument),
-            FnArg::Receiver(_) => None,
-        })
-        .collect();
 
+    let root = root(options);
     let at_name = ident.span();
     let guard = local("__idem_guard", at_name);
     let first = local("__idem_last", at_name);
+    let body = local("__idem_body", at_name);
     let work = local("__idem_work", at_name);
-    let inner = Ident::new("__idem_inner", Span::mixed_site());
     let names: Vec<Ident> = (0..arguments.len())
         .map(|index| local(&format!("__idem_arg{index}"), at_name))
         .collect();
@@ -150,12 +239,12 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
     let guard_type = match options.ttl_secs {
         Some(secs) => {
             let ttl = Literal::u64_unsuffixed(secs);
-            quote!(::idem_runtime::Idempotent<#ttl, #required>)
+            quote!(#root::Idempotent<#ttl, #required>)
         }
         None if required => {
-            quote!(::idem_runtime::Idempotent<{ ::idem_runtime::__private::DEFAULT_TTL_SECS }, true>)
+            quote!(#root::Idempotent<{ #root::__private::DEFAULT_TTL_SECS }, true>)
         }
-        None => quote!(::idem_runtime::Idempotent),
+        None => quote!(#root::Idempotent),
     };
     // The guard shares the last argument's slot, as a tuple, so that the handler keeps its
     // arity (`#[axum::debug_handler]` above this attribute calls it with the user's argument
@@ -165,50 +254,62 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
     let (params, unpack) = match (arguments.split_last(), names.split_last()) {
         (Some((last, init)), Some((last_name, init_names))) => {
             let last_type = &last.ty;
-            let init_types = init.iter().map(|argument| &argument.ty);
+            let init = init.iter().zip(init_names).map(|(argument, name)| {
+                let PatType { attrs, ty, .. } = argument;
+                quote!(#(#attrs)* #name: #ty)
+            });
             (
-                quote!(#(#init_names: #init_types,)* #first: (#guard_type, #last_type)),
+                quote!(#(#init,)* #first: (#guard_type, #last_type)),
                 quote!(let (#guard, #last_name) = #first;),
             )
         }
         _ => (quote!(#guard: #guard_type), TokenStream::new()),
     };
+    // Each argument is moved into the body's future, then bound to its pattern as written,
+    // as rustc lowers an `async fn`: an argument bound to `_` still lives to the end.
+    let bindings = arguments.iter().zip(&names).map(|(argument, name)| {
+        let PatType { attrs, pat, ty, .. } = argument;
+        quote!(#(#attrs)* let #name = #name; #(#attrs)* let #pat: #ty = #name;)
+    });
 
-    let mut outer_generics = generics.clone();
-    let bounds = send_static_bounds(generics);
-    if !bounds.is_empty() {
-        outer_generics.make_where_clause().predicates.extend(bounds);
-    }
+    let outer_generics = send_static(generics);
     let where_clause = &outer_generics.where_clause;
     let return_start = match output {
         ReturnType::Type(_, ty) => span_range(ty).0,
         ReturnType::Default => at_name,
     };
-    let response = quote_spanned!(return_start=> ::idem_runtime::__private::Response);
-
-    let mut inner_sig = sig.clone();
-    inner_sig.ident = inner.clone();
-    let turbofish = turbofish(generics);
-    let checks = extractor_checks(options, generics, &arguments);
-    // Spanned on the return type without hygiene, so that rustc reports a value that is no
-    // response there rather than on the attribute; the user's body is in `__idem_inner`, out
-    // of this binding's reach.
-    let output_value = Ident::new("__idem_output", return_start);
-    let respond =
-        quote_spanned!(return_start=> ::idem_runtime::__private::into_response(#output_value));
+    let response = quote_spanned!(return_start=> #root::__private::Response);
+    let output_type = declared_output(output, at_name);
+    let checks = extractor_checks(&root, state, generics, arguments);
+    // Spanned on the return type, so that rustc reports a value that is no response there
+    // rather than on the attribute.
+    let at_return = Span::mixed_site().located_at(return_start);
+    let output_value = local("__idem_output", return_start);
+    let respond = quote_spanned!(at_return=> #root::__private::into_response(#output_value));
     let run = quote_spanned!(at_name=> #guard.run(#work).await);
+    // `debug_handler` below this attribute checks the handler axum is given: this one.
+    let attrs = attrs
+        .iter()
+        .map(|attr| debug_handler_with_state(attr, state));
 
     quote! {
+        #selected
         #(#attrs)*
-        #vis #constness #asyncness #unsafety #abi #fn_token #ident #generics (#params) -> #response
+        #vis #constness #asyncness #unsafety #abi #fn_token #ident #outer_generics (#params) -> #response
         #where_clause
         {
-            #(#checker_attrs)*
-            #inner_sig #block
             #(#checks)*
             #unpack
+            // The body runs in an async block of the handler itself, not in a function of
+            // its own, so that `Self` and the generic parameters of an enclosing `impl`
+            // stay in scope; `return` leaves this block with the handler's value.
+            let #body = async move {
+                #output_type
+                #(#bindings)*
+                #block
+            };
             let #work = async move {
-                let #output_value = #inner #turbofish (#(#names),*).await;
+                let #output_value = #body.await;
                 #respond
             };
             #run
@@ -216,9 +317,71 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
     }
 }
 
+/// The path the expansion reaches idem-runtime by: `crate = ".."`, or `::idem_runtime`.
+fn root(options: &Options) -> TokenStream {
+    options
+        .krate
+        .as_ref()
+        .map_or_else(|| quote!(::idem_runtime), ToTokens::to_token_stream)
+}
+
 /// A binding of the generated code, invisible to the user's code, reported at `at`.
 fn local(name: &str, at: Span) -> Ident {
     Ident::new(name, Span::mixed_site().located_at(at))
+}
+
+/// The statements that open the body's future: one that fixes its output to the declared
+/// return type, so that `?` converts its error into the declared one and `return` is
+/// checked against it (it never runs), and a `use` of each trait an `impl Trait` in the
+/// return type names, so that imports used only there stay used. An `impl Trait` cannot be
+/// named in a body: its place is left to inference, as for the handler itself.
+fn declared_output(output: &ReturnType, at: Span) -> TokenStream {
+    let mut ty = match output {
+        ReturnType::Type(_, ty) => (**ty).clone(),
+        ReturnType::Default => parse_quote!(()),
+    };
+    let mut opaque = OpaqueTypes::default();
+    opaque.visit_type_mut(&mut ty);
+    let traits = opaque.traits;
+    let uses = quote!(#(#[allow(unused_imports)] use #traits as _;)*);
+    if matches!(ty, Type::Infer(_)) {
+        return uses;
+    }
+    let value = local("__idem_value", at);
+    quote! {
+        #uses
+        if let ::core::option::Option::Some(#value) = ::core::option::Option::None::<#ty> {
+            #[allow(unreachable_code)]
+            return #value;
+        }
+    }
+}
+
+/// Replaces each `impl Trait` in a type with `_`, keeping the paths of the traits it names
+/// (without their generic arguments, as a `use` names them).
+#[derive(Default)]
+struct OpaqueTypes {
+    traits: Vec<Path>,
+}
+
+impl VisitMut for OpaqueTypes {
+    fn visit_type_mut(&mut self, ty: &mut Type) {
+        visit_mut::visit_type_mut(self, ty);
+        if let Type::ImplTrait(opaque) = ty {
+            for bound in &opaque.bounds {
+                if let TypeParamBound::Trait(bound) = bound {
+                    let mut path = bound.path.clone();
+                    for segment in &mut path.segments {
+                        segment.arguments = PathArguments::None;
+                    }
+                    self.traits.push(path);
+                }
+            }
+            *ty = Type::Infer(TypeInfer {
+                underscore_token: Token![_](opaque.impl_token.span),
+            });
+        }
+    }
 }
 
 fn is_debug_handler(attr: &Attribute) -> bool {
@@ -228,27 +391,55 @@ fn is_debug_handler(attr: &Attribute) -> bool {
         .is_some_and(|segment| segment.ident == "debug_handler")
 }
 
-/// `T: Send + 'static` for every type parameter: the work runs in a task of its own, which
-/// axum checks only once the handler is instantiated but `Idempotent::run` needs here.
-fn send_static_bounds(generics: &syn::Generics) -> Vec<WherePredicate> {
-    generics
-        .type_params()
-        .map(|param| {
-            let name = &param.ident;
-            parse_quote!(#name: ::core::marker::Send + 'static)
-        })
-        .collect()
+/// `#[axum::debug_handler]` as written, or, where it names no state, with the handler's:
+/// it sees the generated signature, where a `State<T>` last argument shares a tuple with
+/// the guard and so is not found by `debug_handler`'s own inference.
+fn debug_handler_with_state(attr: &Attribute, state: Option<&RouterState>) -> TokenStream {
+    match (&attr.meta, state) {
+        (Meta::Path(path), Some(RouterState::Named(state) | RouterState::FromArgument(state)))
+            if is_debug_handler(attr) =>
+        {
+            let pound = attr.pound_token;
+            quote!(#pound[#path(state = #state)])
+        }
+        _ => attr.to_token_stream(),
+    }
 }
 
-/// `::<T, N>` naming the handler's type and const parameters, for the call of the inner
-/// function where inference alone might not find them.
-fn turbofish(generics: &syn::Generics) -> TokenStream {
-    let params = type_and_const_params(generics);
-    if params.is_empty() {
-        TokenStream::new()
-    } else {
-        quote!(::<#(#params),*>)
+/// The generics with `Send + 'static` on every type parameter: the work runs in a task of
+/// its own, which axum checks only once the handler is instantiated but `Idempotent::run`
+/// needs here. The bounds go where the parameter's own are, inline or in the `where` clause,
+/// so that the user's crate does not see one parameter bounded in two places.
+fn send_static(generics: &Generics) -> Generics {
+    let mut generics = generics.clone();
+    let bounded_in_where: Vec<Ident> = generics
+        .where_clause
+        .iter()
+        .flat_map(|clause| &clause.predicates)
+        .filter_map(|predicate| match predicate {
+            WherePredicate::Type(PredicateType {
+                bounded_ty: Type::Path(path),
+                ..
+            }) if path.qself.is_none() => path.path.get_ident().cloned(),
+            _ => None,
+        })
+        .collect();
+    let mut in_where = Vec::new();
+    for param in generics.type_params_mut() {
+        if param.bounds.is_empty() && bounded_in_where.contains(&param.ident) {
+            in_where.push(param.ident.clone());
+        } else {
+            param.bounds.push(parse_quote!(::core::marker::Send));
+            param.bounds.push(parse_quote!('static));
+        }
     }
+    if !in_where.is_empty() {
+        let predicates = &mut generics.make_where_clause().predicates;
+        for name in in_where {
+            predicates.push(parse_quote!(#name: ::core::marker::Send + 'static));
+        }
+    }
+    generics
 }
 
 fn type_and_const_params(generics: &syn::Generics) -> Vec<&Ident> {
@@ -269,16 +460,16 @@ fn type_and_const_params(generics: &syn::Generics) -> Vec<&Ident> {
 /// told (several different `State<_>` arguments and no `state = ...`), and for types that
 /// name a generic parameter, which axum checks only once the handler is instantiated.
 fn extractor_checks(
-    options: &Options,
+    root: &TokenStream,
+    state: Option<&RouterState>,
     generics: &syn::Generics,
     arguments: &[&PatType],
 ) -> Vec<TokenStream> {
-    let state = match &options.state {
-        Some(state) => state.to_token_stream(),
-        None => match state_from_arguments(arguments) {
-            Some(state) => state,
-            None => return Vec::new(),
-        },
+    let (state, suffix) = match state {
+        Some(RouterState::Named(state)) => (state.clone(), ""),
+        Some(RouterState::FromArgument(state)) => (state.clone(), "_inferred"),
+        Some(RouterState::Unit) => (quote!(()), "_unit"),
+        None => return Vec::new(),
     };
     let params = type_and_const_params(generics);
     if mentions_any(state.clone(), &params) {
@@ -293,16 +484,18 @@ fn extractor_checks(
             let ty = &argument.ty;
             let (start, end) = span_range(ty);
             let (check, infer) = if index == last {
-                (
-                    quote_spanned!(start=> last_extractor),
-                    quote_spanned!(end=> , _),
-                )
+                (format!("last_extractor{suffix}"), quote_spanned!(end=> , _))
             } else {
-                (quote_spanned!(start=> parts_extractor), TokenStream::new())
+                (format!("parts_extractor{suffix}"), TokenStream::new())
             };
-            let open = quote_spanned!(start=> let _ = ::idem_runtime::__private::#check::<);
+            let check = Ident::new(&check, start);
+            let open = quote_spanned!(start=> let _ = #root::__private::#check::<);
             let close = quote_spanned!(end=> >;);
-            quote!(#open #ty, #state #infer #close)
+            let cfgs = argument
+                .attrs
+                .iter()
+                .filter(|attr| attr.path().is_ident("cfg"));
+            quote!(#(#cfgs)* #open #ty, #state #infer #close)
         })
         .collect()
 }
@@ -316,9 +509,20 @@ fn mentions_any(tokens: TokenStream, names: &[&Ident]) -> bool {
         })
 }
 
+/// The router's state the extractor checks are written for, and where the attribute took
+/// it from, which a wrong extractor's message repeats.
+enum RouterState {
+    /// Named by `state = ...`.
+    Named(TokenStream),
+    /// `T` of the handler's `State<T>` arguments.
+    FromArgument(TokenStream),
+    /// `()`, for a handler that takes no `State<_>`.
+    Unit,
+}
+
 /// The state a handler is written for: `X` of its `State<X>` arguments, `()` without one,
 /// `None` when they disagree.
-fn state_from_arguments(arguments: &[&PatType]) -> Option<TokenStream> {
+fn state_from_arguments(arguments: &[&PatType]) -> Option<RouterState> {
     let mut states: Vec<TokenStream> = Vec::new();
     for argument in arguments {
         if let Some(state) = state_type(&argument.ty) {
@@ -332,8 +536,8 @@ fn state_from_arguments(arguments: &[&PatType]) -> Option<TokenStream> {
         }
     }
     match states.len() {
-        0 => Some(quote!(())),
-        1 => states.pop(),
+        0 => Some(RouterState::Unit),
+        1 => states.pop().map(RouterState::FromArgument),
         _ => None,
     }
 }

@@ -15,8 +15,10 @@ use proc_macro::TokenStream;
 /// the last of them, so the handler keeps its arity and every other extractor
 /// (authentication above all) runs before it (a handler without arguments takes the
 /// extractor alone). The key is claimed in [`Idempotent::run`], once the last argument
-/// (the body) has been extracted too. The body becomes an inner function
-/// (so `return`, `?` and `impl IntoResponse` keep working) whose future is handed to
+/// (the body) has been extracted too. The body runs in an `async` block of the handler
+/// itself, each argument bound to its pattern there, so `Self` and the generic parameters
+/// of an enclosing `impl` stay in scope; the block's output is fixed to the declared return
+/// type, so `return` and `?` work as in the handler. Its future is handed to
 /// [`Idempotent::run`]:
 ///
 /// ```text
@@ -29,17 +31,47 @@ use proc_macro::TokenStream;
 ///     __idem_arg0: State<Db>,
 ///     __idem_last: (::idem_runtime::Idempotent<3600, true>, Json<X>),
 /// ) -> ::idem_runtime::__private::Response {
-///     async fn __idem_inner(State(db): State<Db>, Json(x): Json<X>) -> Result<Json<Y>, AppError> { body }
 ///     // compile-time checks that each argument is an extractor, spanned on its type
 ///     let (__idem_guard, __idem_arg1) = __idem_last;
+///     let __idem_body = async move {
+///         if let Some(__idem_value) = None::<Result<Json<Y>, AppError>> {
+///             return __idem_value; // never runs: fixes the block's output type
+///         }
+///         let __idem_arg0 = __idem_arg0;
+///         let State(db): State<Db> = __idem_arg0;
+///         let __idem_arg1 = __idem_arg1;
+///         let Json(x): Json<X> = __idem_arg1;
+///         body
+///     };
 ///     let __idem_work = async move {
-///         let __idem_output = __idem_inner(__idem_arg0, __idem_arg1).await;
+///         let __idem_output = __idem_body.await;
 ///         ::idem_runtime::__private::into_response(__idem_output)
 ///     };
 ///     __idem_guard.run(__idem_work).await
 /// }
 /// ```
 ///
+/// Around that shape:
+///
+/// - Every path starts at `::idem_runtime`, or at the path given as `crate = "..."`.
+/// - An `impl Trait` in the return type is left to inference in the `None::<..>` line
+///   (`None::<Result<_, AppError>>`), and each trait it names gets a
+///   `use Trait as _;` there, so that an import used only by the return type stays used.
+/// - A type parameter gets `Send + 'static` where its own bounds are, inline or in the
+///   `where` clause.
+/// - An argument's attributes (`#[cfg]`, lint levels) go on its parameter, its bindings and
+///   its check. Where the last arguments carry `#[cfg]`, the handler is generated once for
+///   each argument that may be the last compiled in, under the `cfg` that selects it, so
+///   that the guard always shares the real last argument's slot.
+/// - `#[axum::debug_handler]` below the attribute stays on the generated handler, the one
+///   axum is given, with the handler's state filled in where it names none.
+/// - A `#[tracing::instrument]` below the attribute is moved above it (the attribute is
+///   applied again below it), so that it sees the arguments and return type as written.
+/// - Every generated name is a local at [`Span::mixed_site`], out of the body's reach. A
+///   constant, static or unit struct named `__idem_...` would still be taken for one of
+///   them, as rustc resolves those names before it makes a binding: the prefix is reserved.
+///
+/// [`Span::mixed_site`]: proc_macro::Span::mixed_site
 /// [`Idempotent`]: https://docs.rs/idem-runtime/latest/idem_runtime/struct.Idempotent.html
 /// [`Idempotent::run`]: https://docs.rs/idem-runtime/latest/idem_runtime/struct.Idempotent.html#method.run
 #[proc_macro_attribute]

@@ -197,7 +197,8 @@ pub mod store;
 /// an extractor for that state, and reports a wrong one on its type. Without the option
 /// the state is taken from a `State<T>` argument, or is `()` where there is none; name it
 /// when an extractor of your own needs the state and the handler takes no `State<AppState>`
-/// (or takes only a substate through `FromRef`).
+/// (or takes only a substate through `FromRef`). The error says which state it checked
+/// against and where that came from: the option, a `State<T>` argument, or none.
 ///
 /// ```
 /// use axum::extract::FromRequestParts;
@@ -257,10 +258,32 @@ pub mod store;
 /// }
 /// ```
 ///
+/// ## `crate = "idem"`
+///
+/// The path the expansion reaches this crate by, where it is not `::idem_runtime`: when
+/// `Cargo.toml` renames the dependency, or when idem comes through a re-export of another
+/// crate. Like serde's and tokio's `crate` option, it takes the path in a string.
+///
+/// ```toml
+/// [dependencies]
+/// idem = { package = "idem-runtime", version = "0.2" }
+/// ```
+///
+/// ```
+/// # use idem_runtime as idem;
+/// #[idem::idempotent(crate = "idem", ttl = "1h")]
+/// async fn create_order(body: String) -> String {
+///     body
+/// }
+/// ```
+///
+/// Without it, a renamed dependency fails with `E0433` (``cannot find `idem_runtime` ``).
+///
 /// # Handlers it accepts
 ///
 /// - Any extractors, up to axum's 16, each an extractor for the router's state; only the
-///   last may read the body (`Json`, `Form`, `String`, `Bytes`, ...). Every one of them,
+///   last may read the body (`Json`, `Form`, `String`, `Bytes`, ...). An argument may
+///   carry `#[cfg(..)]`; the last one compiled in shares its slot with the guard. Every one of them,
 ///   authentication included, runs before idem claims the key or replays: a request they
 ///   reject is answered exactly as without idem, and leaves its key unused (a corrected
 ///   retry with the same key runs). An extractor may put a [`Principal`] in the request's
@@ -274,8 +297,16 @@ pub mod store;
 ///   `Result<T, E>`; `return` and `?` work as usual.
 /// - `pub` and doc comments, other attributes, and generic handlers (each type parameter
 ///   gets `Send + 'static`, as the work runs in a task of its own).
-/// - `#[axum::debug_handler]` below `#[idempotent]` checks the handler as you wrote it;
-///   above, it works for handlers that take at least one argument.
+/// - Associated functions in an `impl` block, using `Self` and the impl's generic
+///   parameters: the body runs in the handler itself, not in a function of its own.
+/// - `#[axum::debug_handler]` below `#[idempotent]` checks the handler axum is given, with
+///   any number of arguments (the state of a `State<T>` argument, or of `state = ...`, is
+///   passed on to it); above, it checks the handler as you wrote it, and works for
+///   handlers that take at least one argument.
+///
+/// - `#[tracing::instrument]` above or below `#[idempotent]`: either way it sees the
+///   handler as written, its arguments for `skip` and `fields`, its return type for `err`
+///   and `ret` (below, the attribute moves it above itself).
 ///
 /// Not: a method taking `self`, or a function that is not `async`.
 ///

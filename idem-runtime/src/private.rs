@@ -8,38 +8,103 @@
 use axum::extract::{FromRequest, FromRequestParts};
 pub use axum::response::{IntoResponse, Response};
 
-/// An argument of an `#[idempotent]` handler other than the last: it reads only the head
-/// of the request.
+// Each check comes in three, one for each way the attribute knows the router's state, so
+// that the message says which: named by `state = ...`, inferred from a `State<T>`
+// argument, or `()` for a handler that takes none.
+
+/// An argument of an `#[idempotent]` handler other than the last, which reads only the
+/// head of the request, for the state named by `state = ...`.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an extractor for an `#[idempotent]` handler with state `{S}`",
     label = "does not implement `FromRequestParts<{S}>`",
     note = "every argument but the last must implement `axum::extract::FromRequestParts<{S}>`; only the last may read the body (`Json`, `Form`, `String`, `Bytes`, ...)",
-    note = "if this extractor needs the router's state, name it: `#[idempotent(state = AppState)]`"
+    note = "`{S}` is the state named by `#[idempotent(state = ...)]`: it must be the router's, the type given to `.with_state(..)`"
 )]
 pub trait PartsExtractor<S> {}
 
 #[diagnostic::do_not_recommend]
 impl<S, T: FromRequestParts<S>> PartsExtractor<S> for T {}
 
-/// The last argument of an `#[idempotent]` handler: it may read the body.
+/// [`PartsExtractor`] for the state of the handler's `State<S>` argument.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an extractor for an `#[idempotent]` handler with state `{S}`, inferred from its `State<{S}>` argument",
+    label = "does not implement `FromRequestParts<{S}>`",
+    note = "every argument but the last must implement `axum::extract::FromRequestParts<{S}>`; only the last may read the body (`Json`, `Form`, `String`, `Bytes`, ...)",
+    note = "the state `{S}` was inferred from the handler's `State<{S}>` argument; if the router's state is another type (`{S}` being a part of it taken through `FromRef`), name it: `#[idempotent(state = AppState)]`"
+)]
+pub trait PartsExtractorInferred<S> {}
+
+#[diagnostic::do_not_recommend]
+impl<S, T: FromRequestParts<S>> PartsExtractorInferred<S> for T {}
+
+/// [`PartsExtractor`] for a handler that takes no `State<_>` argument.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an extractor for an `#[idempotent]` handler with state `{S}`",
+    label = "does not implement `FromRequestParts<{S}>`",
+    note = "every argument but the last must implement `axum::extract::FromRequestParts<{S}>`; only the last may read the body (`Json`, `Form`, `String`, `Bytes`, ...)",
+    note = "the handler takes no `State<_>` argument, so its state was taken to be `()`; if this extractor needs the router's state, name it: `#[idempotent(state = AppState)]`"
+)]
+pub trait PartsExtractorUnit<S> {}
+
+#[diagnostic::do_not_recommend]
+impl<S, T: FromRequestParts<S>> PartsExtractorUnit<S> for T {}
+
+/// The last argument of an `#[idempotent]` handler, which may read the body, for the state
+/// named by `state = ...`.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an extractor for an `#[idempotent]` handler with state `{S}`",
     label = "implements neither `FromRequest<{S}>` nor `FromRequestParts<{S}>`",
     note = "the last argument of a handler must implement `axum::extract::FromRequest<{S}>` or `axum::extract::FromRequestParts<{S}>`",
-    note = "if this extractor needs the router's state, name it: `#[idempotent(state = AppState)]`"
+    note = "`{S}` is the state named by `#[idempotent(state = ...)]`: it must be the router's, the type given to `.with_state(..)`"
 )]
 pub trait LastExtractor<S, M> {}
 
 #[diagnostic::do_not_recommend]
 impl<S, M, T: FromRequest<S, M>> LastExtractor<S, M> for T {}
 
+/// [`LastExtractor`] for the state of the handler's `State<S>` argument.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an extractor for an `#[idempotent]` handler with state `{S}`, inferred from its `State<{S}>` argument",
+    label = "implements neither `FromRequest<{S}>` nor `FromRequestParts<{S}>`",
+    note = "the last argument of a handler must implement `axum::extract::FromRequest<{S}>` or `axum::extract::FromRequestParts<{S}>`",
+    note = "the state `{S}` was inferred from the handler's `State<{S}>` argument; if the router's state is another type (`{S}` being a part of it taken through `FromRef`), name it: `#[idempotent(state = AppState)]`"
+)]
+pub trait LastExtractorInferred<S, M> {}
+
+#[diagnostic::do_not_recommend]
+impl<S, M, T: FromRequest<S, M>> LastExtractorInferred<S, M> for T {}
+
+/// [`LastExtractor`] for a handler that takes no `State<_>` argument.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an extractor for an `#[idempotent]` handler with state `{S}`",
+    label = "implements neither `FromRequest<{S}>` nor `FromRequestParts<{S}>`",
+    note = "the last argument of a handler must implement `axum::extract::FromRequest<{S}>` or `axum::extract::FromRequestParts<{S}>`",
+    note = "the handler takes no `State<_>` argument, so its state was taken to be `()`; if this extractor needs the router's state, name it: `#[idempotent(state = AppState)]`"
+)]
+pub trait LastExtractorUnit<S, M> {}
+
+#[diagnostic::do_not_recommend]
+impl<S, M, T: FromRequest<S, M>> LastExtractorUnit<S, M> for T {}
+
 /// Checks, where it is named, that `T` is an extractor for state `S` in any argument but
 /// the last. Never called.
 pub fn parts_extractor<T: PartsExtractor<S>, S>() {}
 
+/// [`parts_extractor`] for a state inferred from a `State<S>` argument.
+pub fn parts_extractor_inferred<T: PartsExtractorInferred<S>, S>() {}
+
+/// [`parts_extractor`] for a handler without a `State<_>` argument.
+pub fn parts_extractor_unit<T: PartsExtractorUnit<S>, S>() {}
+
 /// Checks, where it is named, that `T` is an extractor for state `S` in the last argument.
 /// Never called.
 pub fn last_extractor<T: LastExtractor<S, M>, S, M>() {}
+
+/// [`last_extractor`] for a state inferred from a `State<S>` argument.
+pub fn last_extractor_inferred<T: LastExtractorInferred<S, M>, S, M>() {}
+
+/// [`last_extractor`] for a handler without a `State<_>` argument.
+pub fn last_extractor_unit<T: LastExtractorUnit<S, M>, S, M>() {}
 
 /// What an `#[idempotent]` handler may return.
 #[diagnostic::on_unimplemented(

@@ -51,11 +51,19 @@ async fn note(State(calls): State<Calls>, text: String) -> String {
     text
 }
 
+/// Its last argument is configured out: the guard takes the slot of the one before.
+#[idempotent]
+async fn configured(State(calls): State<Calls>, #[cfg(any())] _gone: NotAType) -> String {
+    let number = calls.fetch_add(1, Ordering::SeqCst) + 1;
+    format!("run {number}")
+}
+
 fn routes(calls: &Calls) -> Router {
     Router::new()
         .route("/orders", post(create_order))
         .route("/charges", post(charge))
         .route("/notes", post(note))
+        .route("/configured", post(configured))
         .with_state(calls.clone())
 }
 
@@ -324,4 +332,16 @@ async fn a_handler_served_without_the_layer_names_the_fix() {
         );
     }
     assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_handler_whose_last_argument_is_configured_out_keeps_the_guard() {
+    let calls = Calls::default();
+    let app = app(&in_memory(), &calls);
+    let first = send(&app, "/configured", Some("cfg-1"), "").await;
+    let retry = send(&app, "/configured", Some("cfg-1"), "").await;
+    assert_eq!(&first.body[..], b"run 1");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(retry.header(IDEMPOTENT_REPLAYED), Some("true"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }

@@ -1,4 +1,7 @@
-//! Return types: anything `IntoResponse`, with `return` and `?` in the body.
+//! Return types: anything `IntoResponse`, with `return` and `?` in the body, and bodies
+//! that never reach their end.
+
+#![deny(warnings)]
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -50,6 +53,22 @@ async fn fallible(body: String) -> Result<(StatusCode, Json<Receipt>), AppError>
 }
 
 #[idempotent]
+async fn opaque_fallible(body: String) -> Result<impl IntoResponse, AppError> {
+    let id = parse(&body)?;
+    Ok((StatusCode::CREATED, Json(Receipt { id })))
+}
+
+#[idempotent]
+async fn early(body: String) -> String {
+    return body;
+}
+
+#[idempotent]
+async fn unfinished(_body: String) -> Json<Receipt> {
+    unimplemented!("not yet")
+}
+
+#[idempotent]
 async fn response(body: String) -> Response {
     body.into_response()
 }
@@ -64,6 +83,9 @@ fn main() {
         .route("/json", post(json))
         .route("/created", post(created))
         .route("/fallible", post(fallible))
+        .route("/opaque-fallible", post(opaque_fallible))
+        .route("/early", post(early))
+        .route("/unfinished", post(unfinished))
         .route("/response", post(response))
         .route("/nothing", post(nothing))
         .layer(idem.layer());
