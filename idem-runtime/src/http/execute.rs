@@ -9,7 +9,7 @@ use http::StatusCode;
 use super::body::{Collected, collect_bounded};
 use super::problem::Problem;
 use crate::local::expiry_ms;
-use crate::protocol::{self, Execution};
+use crate::protocol::{self, Completion, Execution};
 use crate::record::{Record, encode_completed};
 
 /// Runs `handler` holding the key, then stores its response (or releases the key after a
@@ -59,20 +59,32 @@ async fn store_response(mut execution: Execution, response: Response) -> Respons
                 &bytes,
             );
             let not_stored = not_stored(&execution, parts.status, bytes.len() as u64);
-            execution.complete(record, not_stored).await;
+            let transactional = execution.in_transaction();
+            let completion = execution.complete(record, not_stored).await;
+            if let Some(problem) = undone(transactional, completion, &execution) {
+                return problem;
+            }
             tracing::debug!(target: "idem", status = parts.status.as_u16(), "executed and stored");
             Response::from_parts(parts, Body::from(bytes))
         }
         Collected::TooLarge { read, seen } => {
             tracing::warn!(target: "idem", limit = settings.max_response_bytes, "response too large to store; a retry will be told so and not run again");
             let record = not_stored(&execution, parts.status, seen);
-            execution.complete(record.clone(), record).await;
+            let transactional = execution.in_transaction();
+            let completion = execution.complete(record.clone(), record).await;
+            if let Some(problem) = undone(transactional, completion, &execution) {
+                return problem;
+            }
             Response::from_parts(parts, read.into_body())
         }
         Collected::Failed(_) => {
             tracing::warn!(target: "idem", "response body failed; a retry will be told the response was not stored");
             let record = not_stored(&execution, parts.status, 0);
-            execution.complete(record.clone(), record).await;
+            let transactional = execution.in_transaction();
+            let completion = execution.complete(record.clone(), record).await;
+            if let Some(problem) = undone(transactional, completion, &execution) {
+                return problem;
+            }
             Problem::response_lost(parts.status).into_response()
         }
     }
@@ -87,4 +99,20 @@ fn not_stored(execution: &Execution, status: StatusCode, body_len: u64) -> Bytes
         body_len,
     }
     .encode()
+}
+
+/// The answer instead of the handler's response when the handler wrote in a transaction
+/// that did not commit (or may not have): its response describes writes that are not
+/// there, and must not reach the client as done.
+fn undone(transactional: bool, completion: Completion, execution: &Execution) -> Option<Response> {
+    if !transactional || !completion.undone() {
+        return None;
+    }
+    let retry_after = execution.idem().settings().retry_after_secs();
+    let problem = match completion {
+        Completion::Lost => Problem::superseded(retry_after),
+        Completion::Unknown => Problem::commit_failed(),
+        _ => Problem::store_unavailable(retry_after),
+    };
+    Some(problem.into_response())
 }

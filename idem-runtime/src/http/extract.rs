@@ -19,7 +19,7 @@ use super::replay;
 use crate::config::{Idempotency, defaults};
 use crate::fingerprint::Fingerprint;
 use crate::key::ScopedKey;
-use crate::protocol::{self, Begun};
+use crate::protocol::{self, Begun, TransactionSlot};
 
 /// [`defaults::TTL`] in seconds, the default of [`Idempotent`]'s `TTL_SECS`.
 const DEFAULT_TTL_SECS: u64 = defaults::TTL.as_secs();
@@ -56,6 +56,8 @@ const DEFAULT_TTL_SECS: u64 = defaults::TTL.as_secs();
 pub struct Idempotent<const TTL_SECS: u64 = DEFAULT_TTL_SECS, const REQUIRED: bool = false> {
     prepared: Option<Prepared>,
     key: Option<ScopedKey>,
+    /// The database transaction the handler writes in, if it takes one from idem.
+    transaction: TransactionSlot,
 }
 
 /// A keyed request ready to be claimed.
@@ -95,10 +97,12 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         F: Future<Output = R> + Send + 'static,
         R: IntoResponse + 'static,
     {
+        let transaction = self.transaction;
         let Some(prepared) = self.prepared else {
-            return work.await.into_response();
+            return unkeyed(work, transaction).await;
         };
         if prepared.slot.swap(true, Ordering::AcqRel) {
+            // The first guard of this request holds the key and finishes the transaction.
             return work.await.into_response();
         }
         let Prepared {
@@ -111,9 +115,15 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         async move {
             let wait = idem.settings().wait_for_in_flight;
             match protocol::begin(&idem, key.clone(), fingerprint, Self::TTL, wait).await {
-                Begun::Execute(execution) => first_execution(execution, work).await,
-                Begun::Answer(answer) => replay::answer(&idem, &key, answer),
-                Begun::Unprotected => work.await.into_response(),
+                Begun::Execute(mut execution) => {
+                    execution.writes_in(transaction);
+                    first_execution(execution, work).await
+                }
+                Begun::Answer(answer) => {
+                    transaction.roll_back().await;
+                    replay::answer(&idem, &key, answer)
+                }
+                Begun::Unprotected => unkeyed(work, transaction).await,
             }
         }
         .instrument(span)
@@ -131,12 +141,42 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         self.prepared.is_some()
     }
 
-    fn unprotected(key: Option<ScopedKey>) -> Self {
+    fn unprotected(key: Option<ScopedKey>, transaction: TransactionSlot) -> Self {
         Self {
             prepared: None,
             key,
+            transaction,
         }
     }
+}
+
+/// Runs work that holds no key; a transaction it took commits after it, unless it
+/// answered a server error.
+async fn unkeyed<F, R>(work: F, transaction: TransactionSlot) -> Response
+where
+    F: Future<Output = R>,
+    R: IntoResponse,
+{
+    let response = work.await.into_response();
+    let keep = !response.status().is_server_error();
+    match transaction.finish_unkeyed(keep).await {
+        Ok(()) => response,
+        Err(error) => {
+            tracing::error!(target: "idem", %error, "committing the handler's transaction failed; answering 503");
+            Problem::commit_failed().into_response()
+        }
+    }
+}
+
+/// The request's transaction slot, shared by its guard and the extractor that hands out
+/// the transaction, whichever is extracted first.
+pub(crate) fn transaction_slot(parts: &mut Parts) -> TransactionSlot {
+    if let Some(slot) = parts.extensions.get::<TransactionSlot>() {
+        return slot.clone();
+    }
+    let slot = TransactionSlot::default();
+    parts.extensions.insert(slot.clone());
+    slot
 }
 
 impl<const TTL_SECS: u64, const REQUIRED: bool> fmt::Debug for Idempotent<TTL_SECS, REQUIRED> {
@@ -167,13 +207,14 @@ where
             return Err(Problem::layer_missing().into_response());
         };
         let settings = idem.settings();
+        let transaction = transaction_slot(parts);
         let (key, body) = match parts.extensions.get::<KeyedRequest>() {
             Some(KeyedRequest::Keyed { key, body }) => (key.clone(), body),
             Some(KeyedRequest::Invalid(error)) => {
                 return Err(Problem::key_invalid(error).into_response());
             }
             None if REQUIRED => return Err(Problem::key_missing().into_response()),
-            None => return Ok(Self::unprotected(None)),
+            None => return Ok(Self::unprotected(None, transaction)),
         };
         let fingerprint = match body {
             BufferedBody::Complete(body) => {
@@ -236,6 +277,7 @@ where
                 slot,
             }),
             key: Some(key),
+            transaction,
         })
     }
 }

@@ -166,6 +166,28 @@ impl Problem {
         )
     }
 
+    pub(crate) fn superseded(retry_after: u64) -> Self {
+        let mut problem = Self::new_internal(
+            StatusCode::CONFLICT,
+            Self::IN_FLIGHT,
+            "Request taken over",
+            format!(
+                "This execution held its Idempotency-Key past its lease and another execution took the key over; this one's database writes were rolled back. Retry with the same key after {retry_after} second(s) to receive the response."
+            ),
+        );
+        problem.retry_after = Some(retry_after);
+        problem
+    }
+
+    pub(crate) fn commit_failed() -> Self {
+        Self::new_internal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Self::STORE_UNAVAILABLE,
+            "Outcome unknown",
+            "The database did not confirm the commit of this request's writes, so whether they happened is unknown. Retry with the same key: once the key's lease has run out, the retry gets the stored response or runs the request again.".into(),
+        )
+    }
+
     pub(crate) fn store_unavailable(retry_after: u64) -> Self {
         let mut problem = Self::new_internal(
             StatusCode::SERVICE_UNAVAILABLE,

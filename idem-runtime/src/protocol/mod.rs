@@ -13,8 +13,11 @@
 mod detach;
 mod lease;
 mod step;
+#[allow(dead_code)]
+mod transaction;
 
 use std::panic::{AssertUnwindSafe, resume_unwind};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -26,6 +29,8 @@ use tracing::Instrument;
 pub(crate) use self::detach::to_the_end;
 use self::lease::LeaseKeeper;
 use self::step::{later, store_step};
+#[allow(unused_imports)]
+pub(crate) use self::transaction::{Committed, TransactionSlot, Transactional};
 use crate::config::Idempotency;
 use crate::fingerprint::Fingerprint;
 use crate::key::ScopedKey;
@@ -96,6 +101,7 @@ pub(crate) async fn begin(
         armed: true,
         persist_release: true,
         keeper: None,
+        transaction: TransactionSlot::default(),
     };
     let wait_until = wait.map(|max| later(Instant::now(), max));
     let mut backoff = Duration::from_millis(20);
@@ -237,6 +243,9 @@ pub(crate) struct Execution {
     persist_release: bool,
     /// Renews the lease from the moment of the claim until the execution ends.
     keeper: Option<LeaseKeeper>,
+    /// The transaction the work writes in, if it takes one: the completion is written
+    /// and committed in it.
+    transaction: TransactionSlot,
 }
 
 /// How a completion ended.
@@ -250,6 +259,20 @@ pub(crate) enum Completion {
     Lost,
     /// The store failed; the completion is retried in the background.
     Pending,
+    /// The work's transaction was rolled back, its writes with it, and the key released:
+    /// nothing happened, and a retry runs the work again.
+    RolledBack,
+    /// The commit of the work's transaction failed without saying whether it happened;
+    /// the key is left to its lease, after which a retry finds the record or runs again.
+    Unknown,
+}
+
+impl Completion {
+    /// Whether the work's own writes may not have happened (its transaction did not
+    /// commit, or may not have), so that its result must not be handed out as done.
+    pub(crate) fn undone(self) -> bool {
+        matches!(self, Self::Lost | Self::RolledBack | Self::Unknown)
+    }
 }
 
 impl Execution {
@@ -266,6 +289,16 @@ impl Execution {
     /// How long the completed record is kept.
     pub(crate) fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    /// Where the work puts the transaction it writes in, if it takes one.
+    pub(crate) fn writes_in(&mut self, slot: TransactionSlot) {
+        self.transaction = slot;
+    }
+
+    /// Whether the work took a transaction of its own (whose commit the completion is).
+    pub(crate) fn in_transaction(&self) -> bool {
+        self.transaction.is_filled()
     }
 
     /// Runs the work. A panic releases the key (so a retry runs again) and is resumed.
@@ -285,6 +318,9 @@ impl Execution {
     /// result. A store failure is retried in the background, the lease still renewed, so
     /// that a retry is answered rather than run again.
     pub(crate) async fn complete(&mut self, record: Bytes, not_stored: Bytes) -> Completion {
+        if let Some(transaction) = self.transaction.take() {
+            return self.complete_in(transaction, record).await;
+        }
         self.armed = false;
         let mut record = record;
         let mut stored_whole = true;
@@ -330,9 +366,55 @@ impl Execution {
         }
     }
 
-    /// Gives the key up, so that a retry runs the work again. The execution stays armed
-    /// until the release is done: a caller dropped meanwhile still releases, from `Drop`.
+    /// Writes `record` in the work's own transaction under the fencing check and commits
+    /// both. While the record's row is locked by it, no other executor can take the key
+    /// over, so the lease needs no renewal from here on.
+    async fn complete_in(
+        &mut self,
+        transaction: Arc<dyn Transactional>,
+        record: Bytes,
+    ) -> Completion {
+        self.keeper = None;
+        let committed = transaction
+            .complete(self.key.as_str(), &self.claim, record.clone(), self.ttl)
+            .await;
+        match committed {
+            Committed::Yes => {
+                self.armed = false;
+                if let Some(local) = &self.idem.shared.local
+                    && let Ok(record::Head {
+                        kind: Kind::Completed,
+                        expires_at_ms: Some(expires_at_ms),
+                        ..
+                    }) = record::head(&record)
+                {
+                    local.insert(self.key.as_str(), record, expires_at_ms);
+                }
+                Completion::Stored
+            }
+            Committed::Superseded => {
+                self.armed = false;
+                tracing::warn!(target: "idem", "another execution took the key over (fencing); this one's writes were rolled back");
+                Completion::Lost
+            }
+            Committed::RolledBack(error) => {
+                tracing::warn!(target: "idem", %error, "the work's transaction could not take its result and was rolled back; releasing the key");
+                self.release().await;
+                Completion::RolledBack
+            }
+            Committed::Unknown(error) => {
+                self.armed = false;
+                tracing::error!(target: "idem", %error, "the commit of the work's transaction failed without an answer; the key is left to its lease");
+                Completion::Unknown
+            }
+        }
+    }
+
+    /// Gives the key up, so that a retry runs the work again, and rolls back the work's
+    /// transaction if it took one. The execution stays armed until the release is done:
+    /// a caller dropped meanwhile still releases, from `Drop`.
     pub(crate) async fn release(&mut self) {
+        self.transaction.roll_back().await;
         self.keeper = None;
         release(&self.idem, &self.key, &self.claim, self.persist_release).await;
         self.armed = false;

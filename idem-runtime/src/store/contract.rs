@@ -87,6 +87,13 @@ pub trait Store: Send + Sync + 'static {
         key: &'a str,
         claim: &'a Bytes,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// The store as `Any`, for a front door that works with one store type only (a
+    /// transaction of the store's own database). `None` by default; a wrapping store may
+    /// return its inner store's.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// A store step that failed; idem answers `503` (or runs unprotected in fail-open mode).

@@ -1,0 +1,94 @@
+//! Work that writes in a database transaction of its own store: the completed record is
+//! written in that transaction, under the fencing check, and commits with the work's
+//! writes, or both roll back. The front door sees only a [`TransactionSlot`]; a store
+//! that can do this fills it (see `store::PgTransaction`).
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::store::{BoxFuture, StoreError};
+
+/// How the completion of work in a transaction ended.
+pub(crate) enum Committed {
+    /// The record and the work's writes are committed together.
+    Yes,
+    /// The claim was no longer this execution's (fencing): everything was rolled back.
+    Superseded,
+    /// Nothing was committed, and the claim is still this execution's.
+    RolledBack(StoreError),
+    /// The commit failed without saying whether it happened.
+    Unknown(StoreError),
+}
+
+/// A transaction the work writes in, which idem finishes.
+pub(crate) trait Transactional: Send + Sync {
+    /// Stores `record` under `key` if `claim` still holds it, then commits the work's
+    /// writes with it; or rolls everything back.
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        record: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Committed>;
+
+    /// Commits the work's writes alone (work that holds no key).
+    fn commit(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Rolls the work's writes back.
+    fn rollback(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Where a front door finds the transaction its work took, if it took one. Shared by
+/// everything that handles one request or call, whichever comes first.
+#[derive(Clone, Default)]
+pub(crate) struct TransactionSlot(Arc<Mutex<Option<Arc<dyn Transactional>>>>);
+
+impl TransactionSlot {
+    /// Puts the work's transaction in. `false` when one is there already: a request or
+    /// call writes in one transaction.
+    pub(crate) fn fill(&self, transaction: Arc<dyn Transactional>) -> bool {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(transaction);
+        true
+    }
+
+    /// Whether the work took a transaction.
+    pub(crate) fn is_filled(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Takes the transaction out, if the work took one.
+    pub(crate) fn take(&self) -> Option<Arc<dyn Transactional>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    /// Commits the work's writes when `keep`, else rolls them back; for work that ran
+    /// without a key. `Err` when the commit failed.
+    pub(crate) async fn finish_unkeyed(&self, keep: bool) -> Result<(), StoreError> {
+        let Some(transaction) = self.take() else {
+            return Ok(());
+        };
+        if keep {
+            transaction.commit().await
+        } else {
+            transaction.rollback().await;
+            Ok(())
+        }
+    }
+
+    /// Rolls back what the work wrote, if it took a transaction.
+    pub(crate) async fn roll_back(&self) {
+        if let Some(transaction) = self.take() {
+            transaction.rollback().await;
+        }
+    }
+}
