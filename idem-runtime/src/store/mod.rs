@@ -11,10 +11,14 @@ use std::time::Duration;
 use bytes::Bytes;
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 
 pub use self::memory::{BoundsError, MemoryStore};
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
 
@@ -162,5 +166,16 @@ pub enum ConnectError {
         /// What the server answered.
         #[source]
         source: StoreError,
+    },
+    /// PostgreSQL could not be reached, or refused a step of the store's setup (creating
+    /// the table, preparing its statements).
+    #[cfg(feature = "postgres")]
+    #[error("PostgreSQL failed while {step}: {source}")]
+    Postgres {
+        /// The setup step that failed.
+        step: &'static str,
+        /// What sqlx reported.
+        #[source]
+        source: ::sqlx::Error,
     },
 }
