@@ -11,7 +11,7 @@ use sqlx::{AssertSqlSafe, Connection, Executor, Row, SqlSafeStr, SqlStr};
 
 use super::{BoxFuture, ConnectError, Store, StoreError};
 
-/// A store on PostgreSQL (12 or newer), in one table: for a team that runs PostgreSQL and
+/// A store on PostgreSQL (9.5 or newer: `ON CONFLICT`, `SKIP LOCKED`), in one table: for a team that runs PostgreSQL and
 /// no Redis, with any number of application instances on it.
 ///
 /// Every protocol step is one statement, hence one round trip on a connection of the
