@@ -178,7 +178,7 @@ async fn a_wrong_table_fails_at_connect() {
         .await
         .unwrap_err();
     assert!(
-        matches!(missing, ConnectError::Postgres { step, .. } if step.contains("preparing")),
+        matches!(missing, ConnectError::Postgres { step, .. } if step.contains("probing begin")),
         "{missing}"
     );
     let pool = sqlx::PgPool::connect(&schema.url).await.unwrap();

@@ -168,14 +168,15 @@ pub enum ConnectError {
         source: StoreError,
     },
     /// PostgreSQL could not be reached, or refused a step of the store's setup (creating
-    /// the table, preparing its statements).
+    /// the table, or a protocol step run once on a probe key).
     #[cfg(feature = "postgres")]
     #[error("PostgreSQL failed while {step}: {source}")]
     Postgres {
-        /// The setup step that failed.
+        /// The setup step that failed, with the SQL it sends.
         step: &'static str,
-        /// What sqlx reported.
+        /// What went wrong: most often a [`sqlx::Error`] (downcast it to read a
+        /// database error's code).
         #[source]
-        source: ::sqlx::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }

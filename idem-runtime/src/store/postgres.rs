@@ -270,11 +270,17 @@ impl PostgresStoreBuilder {
         Statements::new(self.schema.as_deref(), &self.table).migration
     }
 
-    /// Opens the pool (for a URL), creates the table unless told not to, and prepares
-    /// every statement once, so that a missing table, a table of another shape or a
-    /// missing permission fails here rather than on the first request.
+    /// Opens the pool (for a URL), creates the table unless told not to, and runs every
+    /// step once on a probe key (leaving nothing), so that a missing table, a table of
+    /// another shape or a missing permission fails here, with the step named, rather than
+    /// on the first request.
     pub async fn connect(self) -> Result<PostgresStore, ConnectError> {
-        let failed = |step| move |source| ConnectError::Postgres { step, source };
+        let failed = |step| {
+            move |source: sqlx::Error| ConnectError::Postgres {
+                step,
+                source: Box::new(source),
+            }
+        };
         let pool = match self.source {
             Source::Pool(pool) => pool,
             Source::Url(url) => {
@@ -306,7 +312,7 @@ impl PostgresStoreBuilder {
         if self.create_table {
             store.migrate().await?;
         }
-        store.prepare().await?;
+        store.probe().await?;
         if let Some(interval) = self.sweep_every {
             store.sweeper = Some(Arc::new(Sweeper::start(
                 store.clone(),
@@ -368,9 +374,9 @@ impl PostgresStore {
     /// under an advisory lock (concurrent `CREATE ... IF NOT EXISTS` can otherwise fail).
     /// [`connect`](PostgresStoreBuilder::connect) runs it unless told not to.
     pub async fn migrate(&self) -> Result<(), ConnectError> {
-        let failed = |source| ConnectError::Postgres {
+        let failed = |source: sqlx::Error| ConnectError::Postgres {
             step: "creating the table",
-            source,
+            source: Box::new(source),
         };
         let mut transaction = self.pool.begin().await.map_err(failed)?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
@@ -385,23 +391,43 @@ impl PostgresStore {
         transaction.commit().await.map_err(failed)
     }
 
-    /// Prepares every statement once: checks the table's shape and the permissions.
-    async fn prepare(&self) -> Result<(), ConnectError> {
-        let failed = |source| ConnectError::Postgres {
-            step: "preparing the statements (is the table there, with idem's columns?)",
-            source,
+    /// Runs every step once on a probe key, and leaves nothing: a missing table, a table
+    /// of another shape or a missing permission fails here, with the step named.
+    async fn probe(&self) -> Result<(), ConnectError> {
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|error| ConnectError::Postgres {
+            step: "probing (random key)",
+            source: error.to_string().into(),
+        })?;
+        let key = format!("__probe:{:016x}", u64::from_le_bytes(nonce));
+        let claim = Bytes::from_static(b"idem probe claim");
+        let record = Bytes::from_static(b"idem probe record");
+        let lease = Duration::from_secs(10);
+        let refused = |step| {
+            move |error: StoreError| ConnectError::Postgres {
+                step,
+                source: match error {
+                    StoreError::Backend(source) => source,
+                    other => Box::new(other),
+                },
+            }
         };
-        let mut connection = self.pool.acquire().await.map_err(failed)?;
-        let s = &self.statements;
-        for sql in [
-            &s.begin,
-            &s.renew,
-            &s.complete,
-            &s.release,
-            &s.delete_expired,
-        ] {
-            connection.prepare(sql.clone()).await.map_err(failed)?;
-        }
+        self.begin(&key, &claim, lease).await.map_err(refused(
+            "probing begin (SELECT, INSERT ... ON CONFLICT DO UPDATE)",
+        ))?;
+        self.renew(&key, &claim, lease)
+            .await
+            .map_err(refused("probing renew (UPDATE)"))?;
+        self.complete(&key, &claim, record.clone(), lease)
+            .await
+            .map_err(refused("probing complete (UPDATE)"))?;
+        // The probe record goes the way a claim does: deleted where it holds this value.
+        self.release(&key, &record)
+            .await
+            .map_err(refused("probing release (DELETE)"))?;
+        self.delete_expired(0).await.map_err(refused(
+            "probing the sweep (DELETE ... FOR UPDATE SKIP LOCKED)",
+        ))?;
         Ok(())
     }
 
@@ -510,7 +536,7 @@ fn millis(duration: Duration) -> i64 {
 }
 
 /// How often `begin` asks again when a concurrent claim hid from its snapshot.
-const BEGIN_ATTEMPTS: usize = 3;
+const BEGIN_ATTEMPTS: usize = 5;
 
 impl Store for PostgresStore {
     fn begin<'a>(
