@@ -208,6 +208,49 @@ async fn a_wrong_table_fails_at_connect() {
     builder.connect().await.unwrap();
 }
 
+/// Guards: a user who may read the table but not write it fails at connect, with the
+/// step named, rather than answering `503` to every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_cannot_write_fails_at_connect() {
+    let schema = PgSchema::create("read_only").await;
+    let table = store_in(&schema).await.table().to_owned();
+    let role = schema.name.replacen("idem_test_", "idem_ro_", 1);
+    let admin = sqlx::PgPool::connect(&schema.url).await.unwrap();
+    for sql in [
+        format!("CREATE ROLE \"{role}\" LOGIN"),
+        format!("GRANT USAGE ON SCHEMA \"{}\" TO \"{role}\"", schema.name),
+        format!("GRANT SELECT ON {table} TO \"{role}\""),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    let (scheme, rest) = schema.url.split_once("://").unwrap();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let refused = PostgresStore::builder(format!("{scheme}://{role}@{host}"))
+        .schema(schema.name.as_str())
+        .create_table(false)
+        .connect()
+        .await;
+    // The role goes before any assertion can fail.
+    for sql in [
+        format!("DROP OWNED BY \"{role}\""),
+        format!("DROP ROLE \"{role}\""),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    let error = refused.unwrap_err();
+    assert!(
+        matches!(&error, ConnectError::Postgres { step, .. } if step.contains("begin")),
+        "{error}"
+    );
+    assert!(error.to_string().contains("permission denied"), "{error}");
+}
+
 /// Protocol messages counted on the wire between the store and the server.
 #[derive(Default)]
 struct Wire {
