@@ -377,10 +377,18 @@ async fn round_trips_on_the_wire() {
     let counters = Arc::new(Counters::default());
     let app = app(&idem, counters.clone());
 
-    // Settles the spawned returns of connections to the pool before reading the counts.
+    // Waits out the spawned returns of connections to the pool (sqlx pings them): the
+    // counts must hold still for 100 ms before they are read.
     let settled = || async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        wire.snapshot()
+        let mut last = wire.snapshot();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = wire.snapshot();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
     };
     let gated = |key: &'static str| {
         let app = app.clone();

@@ -11,13 +11,25 @@ use sqlx::{AssertSqlSafe, Connection, Executor, Row, SqlSafeStr, SqlStr};
 
 use super::{BoxFuture, ConnectError, Store, StoreError};
 
-/// A store on PostgreSQL (9.5 or newer: `ON CONFLICT`, `SKIP LOCKED`), in one table: for a team that runs PostgreSQL and
-/// no Redis, with any number of application instances on it.
+/// A store on PostgreSQL (9.5 or newer: `ON CONFLICT`, `SKIP LOCKED`), in one table.
 ///
 /// Every protocol step is one statement, hence one round trip on a connection of the
-/// pool (statements are prepared once per connection and cached by sqlx). Time is the
-/// database's clock (`now()`), so instances whose clocks disagree still agree on which
-/// leases and records have run out.
+/// pool (statements are prepared once per connection and cached by sqlx): **1** for a
+/// replay, a `422` or a `409`, **2** for a first execution. The one exception is a race:
+/// a `begin` that loses a claim of the same key to a transaction that committed after its
+/// snapshot sees neither its own claim nor the winner's row, and asks once more. Time is
+/// the database's clock (`now()`), so instances whose clocks disagree still agree on
+/// which leases and records have run out.
+///
+/// # When to choose it
+///
+/// For a team that runs PostgreSQL and no Redis, with any number of application
+/// instances on one database: the database is already backed up, replicated and watched.
+/// Each claim and completion is a row write (a replay only reads), so a step costs what a
+/// small indexed write costs on that server, more than a Redis command; where Redis is
+/// already there and the request rate is high, `RedisStore` (feature
+/// `redis`) is the lighter store. Unlike Redis, a committed claim survives a failover to a
+/// synchronous replica.
 ///
 /// # The table
 ///
@@ -60,10 +72,11 @@ use super::{BoxFuture, ConnectError, Store, StoreError};
 ///
 /// [`builder`](PostgresStore::builder) opens a pool of its own (10 connections by default).
 /// Its connections are checked with a ping only after 30 s idle, not before every use
-/// (sqlx's default), which would double the round trips of every step.
+/// (sqlx's default), which would add a round trip before every step.
 /// [`from_pool`](PostgresStore::from_pool) shares an application's pool instead; set
 /// [`test_before_acquire(false)`](sqlx::pool::PoolOptions::test_before_acquire) on it
-/// for the same one round trip per step.
+/// for the same one round trip per step. (sqlx also pings each connection as it goes
+/// back to the pool: after the step has its answer, off the request's path.)
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), idem_runtime::ConnectError> {
