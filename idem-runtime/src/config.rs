@@ -155,6 +155,18 @@ impl Idempotency {
         Ok(Self::builder().store(store).build())
     }
 
+    /// A handle on PostgreSQL with default settings, creating the store's table where it
+    /// does not exist. See [`PostgresStore`](crate::store::PostgresStore) for the table,
+    /// and for sweeping expired rows, which this handle does not schedule.
+    ///
+    /// `url` is `postgres://user[:password]@host[:port]/database`.
+    #[cfg(feature = "postgres")]
+    pub async fn postgres(url: &str) -> Result<Self, crate::store::ConnectError> {
+        Ok(Self::builder()
+            .store(crate::store::PostgresStore::connect(url).await?)
+            .build())
+    }
+
     /// Starts configuring a handle.
     pub fn builder() -> IdempotencyBuilder {
         IdempotencyBuilder {

@@ -70,7 +70,8 @@
 //!
 //! [`MemoryStore`](store::MemoryStore) is the embedded default, for one instance.
 //! [`RedisStore`](store::RedisStore) (cargo feature `redis`, on by default) shares keys
-//! between instances behind a load balancer. Any other backend can implement
+//! between instances behind a load balancer, as does `PostgresStore` (cargo feature
+//! `postgres`) for a team with PostgreSQL and no Redis. Any other backend can implement
 //! [`Store`](store::Store).
 //!
 //! # Without the macro

@@ -39,7 +39,7 @@ use crate::config::{Idempotency, defaults};
 use crate::fingerprint::Fingerprint;
 use crate::key::{IdempotencyKey, KeyError, ScopedKey};
 use crate::local::expiry_ms;
-use crate::protocol::{self, Answer, Begun, Execution};
+use crate::protocol::{self, Answer, Begun, Execution, TransactionSlot};
 use crate::record::Record;
 use crate::scope::Scope;
 
@@ -169,6 +169,16 @@ pub enum OnceError<E> {
     /// Too much work runs detached from callers that went away: nothing ran.
     #[error("too much detached work is running; nothing ran")]
     Overloaded,
+    /// The operation wrote in a transaction that did not commit, or may not have (its key
+    /// was taken over after its lease ran out, or the database did not confirm the
+    /// commit): its result is not returned. Call again with the same key: the call gets
+    /// the stored result, or runs the operation once its lease has run out.
+    #[error("the operation's transaction did not commit; call again with the same key")]
+    NotCommitted,
+    /// [`run_in_transaction`](Once::run_in_transaction) needs the handle's store to be a
+    /// `PostgresStore`: nothing ran.
+    #[error("running in a transaction needs the idempotency store to be a PostgresStore")]
+    NoTransaction,
     /// The input or the result cannot be written as JSON.
     #[error("cannot serialize the {what} as JSON: {source}")]
     Serialize {
@@ -326,7 +336,42 @@ impl Once {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        self.execute(operation, ErrorsNotStored).await
+        self.execute(operation, ErrorsNotStored, TransactionSlot::default())
+            .await
+    }
+
+    /// As [`run_with_outcome`](Self::run_with_outcome), with the operation writing in a
+    /// transaction of the store's own PostgreSQL database (feature `postgres`): the stored
+    /// result commits in that transaction, with the operation's writes, under the fencing
+    /// check; an `Err` or a panic rolls them back and releases the key. See
+    /// [`PgTransaction`](crate::store::PgTransaction) for what this guarantees. An `Err` is
+    /// never stored here. [`OnceError::NotCommitted`] when the commit did not happen (or
+    /// may not have).
+    #[cfg(feature = "postgres")]
+    pub async fn run_in_transaction<T, E, F, Fut>(
+        self,
+        operation: F,
+    ) -> Result<Outcome<T>, OnceError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce(crate::store::PgTransaction) -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        use crate::store::{PgTransaction, PostgresStore};
+        let Some(store) = self
+            .idem
+            .store()
+            .as_any()
+            .and_then(|store| store.downcast_ref::<PostgresStore>())
+        else {
+            return Err(OnceError::NoTransaction);
+        };
+        let transaction = PgTransaction::new(store);
+        let slot = TransactionSlot::default();
+        slot.fill(std::sync::Arc::new(transaction.clone()));
+        self.execute(move || operation(transaction), ErrorsNotStored, slot)
+            .await
     }
 
     /// As [`run_with_outcome`](Self::run_with_outcome), but an `Err` is stored too: every
@@ -342,13 +387,15 @@ impl Once {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        self.execute(operation, ErrorsStored).await
+        self.execute(operation, ErrorsStored, TransactionSlot::default())
+            .await
     }
 
     async fn execute<T, E, F, Fut, P>(
         self,
         operation: F,
         errors: P,
+        transaction: TransactionSlot,
     ) -> Result<Outcome<T>, OnceError<E>>
     where
         T: Serialize + DeserializeOwned + Send + 'static,
@@ -372,7 +419,8 @@ impl Once {
         .instrument(span.clone())
         .await;
         match begun {
-            Begun::Execute(execution) => {
+            Begun::Execute(mut execution) => {
+                execution.writes_in(transaction);
                 let detached = self.idem.shared.detached.clone();
                 let work = operation();
                 protocol::to_the_end(
@@ -425,7 +473,11 @@ where
             // The operation ran: releasing the key would let the next call run it again.
             // The key records that it ran, without its result.
             tracing::error!(target: "idem", %error, "the result cannot be written as JSON; later calls will be told it was not stored");
-            execution.complete(not_stored(0), not_stored(0)).await;
+            let transactional = execution.in_transaction();
+            let completion = execution.complete(not_stored(0), not_stored(0)).await;
+            if transactional && completion.undone() {
+                return Err(OnceError::NotCommitted);
+            }
             return result.map(Outcome::Ran).map_err(OnceError::Operation);
         }
     };
@@ -437,7 +489,11 @@ where
         json,
     }
     .encode();
-    execution.complete(record, not_stored).await;
+    let transactional = execution.in_transaction();
+    let completion = execution.complete(record, not_stored).await;
+    if transactional && completion.undone() {
+        return Err(OnceError::NotCommitted);
+    }
     result.map(Outcome::Ran).map_err(OnceError::Operation)
 }
 

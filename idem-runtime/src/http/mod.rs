@@ -17,6 +17,8 @@ mod extract;
 mod layer;
 mod problem;
 mod replay;
+#[cfg(feature = "postgres")]
+mod transaction;
 
 pub use self::extract::Idempotent;
 pub use self::layer::{IdempotencyLayer, IdempotencyService};

@@ -42,6 +42,8 @@ impl Problem {
     pub const STORE_UNAVAILABLE: &'static str = "urn:idem:problem:store-unavailable";
     /// `type` of a handler served without `idem.layer()` (500).
     pub const LAYER_MISSING: &'static str = "urn:idem:problem:layer-missing";
+    /// A handler takes a database transaction from idem, but idem's store cannot give one.
+    pub const NO_TRANSACTION: &'static str = "urn:idem:problem:no-transaction";
     /// `type` of a keyed request that carries nothing identifying its client (400).
     pub const SCOPE_MISSING: &'static str = "urn:idem:problem:scope-missing";
     /// `type` of a handler that took `ScopedKey` before the extractor that authenticates
@@ -207,6 +209,16 @@ impl Problem {
             Self::LAYER_MISSING,
             "Idempotency layer missing",
             "This handler is #[idempotent] but the router has no idempotency layer: add `.layer(idem.layer())` to the Router that serves it.".into(),
+        )
+    }
+
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn no_transaction(detail: &str) -> Self {
+        Self::new_internal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Self::NO_TRANSACTION,
+            "No database transaction",
+            detail.into(),
         )
     }
 

@@ -159,4 +159,16 @@ pub enum ConnectError {
         #[source]
         source: StoreError,
     },
+    /// PostgreSQL could not be reached, or refused a step of the store's setup (creating
+    /// the table, or a protocol step run once on a probe key).
+    #[cfg(feature = "postgres")]
+    #[error("PostgreSQL failed while {step}: {source}")]
+    Postgres {
+        /// The setup step that failed, with the SQL it sends.
+        step: &'static str,
+        /// What went wrong: most often a [`sqlx::Error`] (downcast it to read a
+        /// database error's code).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }

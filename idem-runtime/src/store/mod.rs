@@ -6,10 +6,14 @@
 
 mod contract;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 
 pub use self::contract::{BoxFuture, ConnectError, Store, StoreError};
 pub use self::memory::{BoundsError, MemoryStore};
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PgTransaction, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};

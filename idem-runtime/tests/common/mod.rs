@@ -16,6 +16,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use bytes::Bytes;
 use http_body_util::BodyExt;
+#[cfg(feature = "postgres")]
+use idem_runtime::store::PostgresStore;
 #[cfg(feature = "redis")]
 use idem_runtime::store::RedisStore;
 use idem_runtime::store::{BoxFuture, MemoryStore, Store, StoreError};
@@ -37,6 +39,12 @@ pub enum Backend {
         urls: Vec<String>,
         prefix: String,
     },
+    /// The shared PostgreSQL, in a schema of the test's own (see [`PgSchema`]).
+    #[cfg(feature = "postgres")]
+    Postgres {
+        url: String,
+        schema: String,
+    },
 }
 
 impl Backend {
@@ -54,6 +62,15 @@ impl Backend {
         Self::Redis {
             url: url.to_owned(),
             prefix: testkit::unique_prefix(test),
+        }
+    }
+
+    /// The store in `schema`, which the test created and drops.
+    #[cfg(feature = "postgres")]
+    pub fn postgres(schema: &PgSchema) -> Self {
+        Self::Postgres {
+            url: schema.url.clone(),
+            schema: schema.name.clone(),
         }
     }
 
@@ -76,6 +93,14 @@ impl Backend {
                     .connect()
                     .await
                     .unwrap_or_else(|error| panic!("the Redis Cluster must be up: {error}")),
+            ),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { url, schema } => Arc::new(
+                PostgresStore::builder(url.as_str())
+                    .schema(schema.as_str())
+                    .connect()
+                    .await
+                    .unwrap_or_else(|error| panic!("PostgreSQL at {url} must be running: {error}")),
             ),
         };
         test_builder(Idempotency::builder().shared_store(store))
@@ -102,6 +127,104 @@ impl Backend {
                 }
                 count
             }
+            #[cfg(feature = "postgres")]
+            Self::Postgres { url, schema } => {
+                use sqlx::Connection;
+                let mut connection = sqlx::PgConnection::connect(url)
+                    .await
+                    .unwrap_or_else(|error| panic!("PostgreSQL at {url} must be running: {error}"));
+                let count: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT count(*) FROM \"{schema}\".idem_records WHERE expires_at > now()"
+                )))
+                .fetch_one(&mut connection)
+                .await
+                .expect("count the live rows");
+                usize::try_from(count).unwrap_or(usize::MAX)
+            }
+        }
+    }
+}
+
+/// The PostgreSQL every test may share: `IDEM_TEST_POSTGRES_URL`, or the local default.
+/// Tests write only in a schema of their own ([`PgSchema`]) there.
+#[cfg(feature = "postgres")]
+pub fn shared_postgres_url() -> String {
+    std::env::var("IDEM_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A schema of one test's own on the shared PostgreSQL: created with a name no other
+/// test, run or process uses, dropped (with all it holds) when this value is dropped,
+/// also when the test fails. A server that cannot be reached fails the test.
+#[cfg(feature = "postgres")]
+pub struct PgSchema {
+    pub url: String,
+    pub name: String,
+}
+
+#[cfg(feature = "postgres")]
+impl PgSchema {
+    pub async fn create(test: &str) -> Self {
+        use sqlx::Connection;
+        let url = shared_postgres_url();
+        let unique = testkit::unique_prefix("");
+        let digits: String = unique.chars().filter(char::is_ascii_digit).collect();
+        let test: String = test
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .take(24)
+            .collect();
+        // Identifiers are at most 63 bytes: keep the unique tail.
+        let tail = &digits[digits.len().saturating_sub(28)..];
+        let name = format!("idem_test_{test}_{tail}");
+        let mut connection = sqlx::PgConnection::connect(&url)
+            .await
+            .unwrap_or_else(|error| {
+                panic!(
+                    "PostgreSQL at {url} must be running (or set IDEM_TEST_POSTGRES_URL): {error}"
+                )
+            });
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{name}\"")))
+            .execute(&mut connection)
+            .await
+            .expect("create the test's schema");
+        Self { url, name }
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime: drop the schema from a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                use sqlx::Connection;
+                let mut connection = sqlx::PgConnection::connect(&url).await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
+                )))
+                .execute(&mut connection)
+                .await
+                .map(drop)
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) && !std::thread::panicking() {
+            panic!(
+                "could not drop the test's schema {}: {dropped:?}",
+                self.name
+            );
         }
     }
 }
@@ -383,6 +506,24 @@ macro_rules! on_both_stores {
             }
         }
     )*};
+}
+
+/// Declares one test on PostgreSQL per `async fn(Backend)` check, each in a schema of its
+/// own, in a module `on_postgres`.
+#[cfg(feature = "postgres")]
+#[macro_export]
+macro_rules! on_postgres {
+    ($($check:ident),* $(,)?) => {
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    let schema = $crate::common::PgSchema::create(stringify!($check)).await;
+                    super::$check($crate::common::Backend::postgres(&schema)).await;
+                }
+            )*
+        }
+    };
 }
 
 /// A store whose `begin` is applied at once but answered some time later: a slow network,
