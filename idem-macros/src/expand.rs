@@ -246,10 +246,10 @@ fn handler(
         }
         None => quote!(#root::Idempotent),
     };
-    // The guard shares the last argument's slot, as a tuple, so that the handler keeps its
+    // The guard shares the last argument's slot (`Guarded`), so that the handler keeps its
     // arity (`#[axum::debug_handler]` above this attribute calls it with the user's argument
-    // count) and every other extractor, authentication included, runs before it: a request
-    // they reject never reaches idem. The guard claims nothing when extracted; the claim is
+    // count) and every other extractor, authentication included, runs before it, the last
+    // one too where it reads only the head: a request they reject never reaches idem. The guard claims nothing when extracted; the claim is
     // made in `run`, once the body extractor has accepted the request too.
     let (params, unpack) = match (arguments.split_last(), names.split_last()) {
         (Some((last, init)), Some((last_name, init_names))) => {
@@ -259,8 +259,8 @@ fn handler(
                 quote!(#(#attrs)* #name: #ty)
             });
             (
-                quote!(#(#init,)* #first: (#guard_type, #last_type)),
-                quote!(let (#guard, #last_name) = #first;),
+                quote!(#(#init,)* #first: #root::__private::Guarded<#guard_type, #last_type>),
+                quote!(let #root::__private::Guarded(#guard, #last_name) = #first;),
             )
         }
         _ => (quote!(#guard: #guard_type), TokenStream::new()),

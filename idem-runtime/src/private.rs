@@ -5,8 +5,59 @@
 //! `do_not_recommend` on each blanket impl makes rustc report the trait here rather than
 //! the axum bound behind it.
 
-use axum::extract::{FromRequest, FromRequestParts};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 pub use axum::response::{IntoResponse, Response};
+
+/// The handler's last argument `T` with the guard `G` beside it, in one slot. Every other
+/// extractor of the handler runs before it; inside it, the guard is extracted after `T`
+/// where `T` reads only the head (an authentication extractor taken last still runs
+/// before idem scopes the key), and before `T` where `T` reads the body (the guard needs
+/// only the head, and the body is read once).
+pub struct Guarded<G, T>(pub G, pub T);
+
+/// [`Guarded`] around an argument that reads only the head.
+#[doc(hidden)]
+pub enum LastReadsHead {}
+
+/// [`Guarded`] around an argument that reads the body.
+#[doc(hidden)]
+pub enum LastReadsBody {}
+
+impl<S, G, T> FromRequest<S, LastReadsHead> for Guarded<G, T>
+where
+    S: Send + Sync,
+    G: FromRequestParts<S, Rejection = Response> + Send,
+    T: FromRequestParts<S> + Send,
+{
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+        let (mut parts, _) = request.into_parts();
+        let last = T::from_request_parts(&mut parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let guard = G::from_request_parts(&mut parts, state).await?;
+        Ok(Self(guard, last))
+    }
+}
+
+impl<S, G, T> FromRequest<S, LastReadsBody> for Guarded<G, T>
+where
+    S: Send + Sync,
+    G: FromRequestParts<S, Rejection = Response> + Send,
+    T: FromRequest<S> + Send,
+{
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+        let (mut parts, body) = request.into_parts();
+        let guard = G::from_request_parts(&mut parts, state).await?;
+        let last = T::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Self(guard, last))
+    }
+}
 
 // Each check comes in three, one for each way the attribute knows the router's state, so
 // that the message says which: named by `state = ...`, inferred from a `State<T>`
