@@ -121,3 +121,55 @@ async fn pg_transaction_without_idempotent_answers_success_for_lost_writes() {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Finding 2: a handler whose statement fails (unique violation) and that answers a 4xx
+// for it gets a 503 "store unavailable" instead, every time: its 4xx is never delivered
+// nor stored, and every retry runs the handler again.
+
+#[idempotent]
+async fn pay_once(State(app): State<App>, tx: PgTransaction, body: String) -> Response {
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    // The payment id is chosen by the client; a duplicate is a client error (409).
+    let id: i32 = body.parse().unwrap();
+    let inserted = sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {} (id, note) VALUES ($1, 'dup')",
+        app.table
+    )))
+    .bind(id)
+    .execute(&mut *tx.conn().await.unwrap())
+    .await;
+    match inserted {
+        Ok(_) => (StatusCode::CREATED, "paid").into_response(),
+        Err(error) if error.as_database_error().is_some_and(|e| e.is_unique_violation()) => {
+            (StatusCode::CONFLICT, "payment already exists").into_response()
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_after_a_failed_statement_is_turned_into_503_for_ever() {
+    let db = Db::new("a14_aborted").await;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {} (id, note) VALUES (7, 'existing')",
+        db.table()
+    )))
+    .execute(db.store.pool())
+    .await
+    .unwrap();
+    let app = App::new(&db);
+    let router = Router::new()
+        .route("/pay", post(pay_once))
+        .with_state(app.clone())
+        .layer(db.idem().layer());
+    let first = send(&router, post_with("/pay", Some("dup-7"), "7")).await;
+    let retry = send(&router, post_with("/pay", Some("dup-7"), "7")).await;
+    assert_eq!(
+        (first.status, retry.status, app.runs.load(Ordering::SeqCst)),
+        (StatusCode::CONFLICT, StatusCode::CONFLICT, 1),
+        "the handler's 409 should be delivered and replayed; got first {:?} / retry {:?}",
+        String::from_utf8_lossy(&first.body),
+        String::from_utf8_lossy(&retry.body),
+    );
+}
+
