@@ -173,3 +173,85 @@ async fn a_4xx_after_a_failed_statement_is_turned_into_503_for_ever() {
     );
 }
 
+// ---------------------------------------------------------------------------------------
+// Finding 3: a response streamed from the transaction's connection (a cursor fed into a
+// channel body) and larger than `max_response_bytes`: idem stops reading at the limit and
+// waits for the transaction, which the stream holds: the request never ends, the pooled
+// connection is never given back, and the lease is no longer renewed, so a retry runs the
+// handler a second time.
+
+#[idempotent]
+async fn export(State(app): State<App>, tx: PgTransaction) -> Response {
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    insert(&tx, &app.table, "export").await.unwrap();
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let table = app.table.clone();
+    tokio::spawn(async move {
+        let mut conn = tx.conn().await.unwrap();
+        // Rows read from the transaction, streamed as they come.
+        for n in 0..64 {
+            let row: String = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT repeat('x', 1024) || $1::text /* {} */",
+                table
+            )))
+            .bind(n.to_string())
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            if sender.send(Bytes::from(row)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let chunk = receiver.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(chunk), receiver))
+    });
+    (StatusCode::OK, Body::from_stream(stream)).into_response()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_over_the_limit_never_completes() {
+    let db = Db::new("a14_stream").await;
+    let idem = Idempotency::builder()
+        .shared_scope(true)
+        .store(db.store.clone())
+        .max_response_bytes(4096)
+        .lease(Duration::from_millis(600))
+        .build();
+    let app = App::new(&db);
+    let router = Router::new()
+        .route("/export", post(export))
+        .with_state(app.clone())
+        .layer(idem.layer());
+    let first = tokio::time::timeout(
+        Duration::from_secs(5),
+        send(&router, post_with("/export", Some("exp"), "")),
+    )
+    .await;
+    // While the first one hangs, its lease is not renewed: a retry after it runs again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let retry = tokio::time::timeout(
+        Duration::from_secs(1),
+        send(&router, post_with("/export", Some("exp"), "")),
+    )
+    .await;
+    let (hung, runs) = (first.is_err(), app.runs.load(Ordering::SeqCst));
+    // Free the stuck transaction so the schema can be dropped (else the test never ends).
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE state = 'idle in transaction' AND query LIKE '%{}%' AND pid <> pg_backend_pid()",
+        db.schema.name
+    )))
+    .execute(db.store.pool())
+    .await
+    .unwrap();
+    assert!(
+        !hung,
+        "the request never ended (runs {}, retry ended: {})",
+        runs,
+        retry.is_ok()
+    );
+    assert_eq!(runs, 1, "ran twice");
+}
+
