@@ -255,3 +255,40 @@ async fn a_streamed_response_over_the_limit_never_completes() {
     assert_eq!(runs, 1, "ran twice");
 }
 
+// ---------------------------------------------------------------------------------------
+// Finding 4: without a key the transaction "commits" even when PostgreSQL aborted it: the
+// COMMIT of an aborted transaction is a rollback, and the client still gets the 201
+// (with a key, the same handler gets a 503).
+
+async fn lenient_pay(tx: &PgTransaction, table: &str) -> Response {
+    insert(tx, table, "payment").await.unwrap();
+    // An optional extra the handler does not insist on (a duplicate tag is fine).
+    let _ = sqlx::query("SELECT 1/0")
+        .execute(&mut *tx.conn().await.unwrap())
+        .await;
+    (StatusCode::CREATED, "paid").into_response()
+}
+
+#[idempotent]
+async fn lenient(State(app): State<App>, tx: PgTransaction) -> Response {
+    lenient_pay(&tx, &app.table).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unkeyed_commit_of_an_aborted_transaction_answers_success() {
+    let db = Db::new("a14_unkeyed_abort").await;
+    let router = Router::new()
+        .route("/pay", post(lenient))
+        .with_state(App::new(&db))
+        .layer(db.idem().layer());
+    let keyed = send(&router, post_with("/pay", Some("k"), "")).await;
+    assert_ne!(keyed.status, StatusCode::CREATED, "keyed: no success for undone writes");
+    let unkeyed = send(&router, post_with("/pay", None, "")).await;
+    if unkeyed.status == StatusCode::CREATED {
+        assert_eq!(
+            db.notes().await,
+            ["payment"],
+            "unkeyed: 201 for a payment that never committed"
+        );
+    }
+}
