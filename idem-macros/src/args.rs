@@ -178,6 +178,10 @@ fn parse_state(meta: &ParseNestedMeta<'_>, errors: &mut Errors) -> syn::Result<O
         return Ok(None);
     }
     let input = meta.value()?;
+    if input.is_empty() || input.peek(Token![,]) {
+        errors.push(meta.error("write the router's state type: `state = AppState`"));
+        return Ok(None);
+    }
     if input.peek(LitStr) {
         let text: LitStr = input.parse()?;
         errors.push(syn::Error::new_spanned(

@@ -33,6 +33,8 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
             errors.into_result().map(|()| function)
         });
     match (options, function) {
+        // Not a function axum could call: rustc's own errors on it as written say so.
+        (_, Ok(function)) if function.sig.variadic.is_some() => item,
         (Ok(options), Ok(function)) => match instrument_first(&options, args, &function) {
             Some(reordered) => reordered,
             None => generate(&options, &function),
@@ -101,7 +103,15 @@ fn check_signature(sig: &Signature) -> syn::Result<()> {
             ));
         }
     }
-    if let Some(extra) = sig.inputs.iter().nth(MAX_ARGUMENTS) {
+    // Arguments under `#[cfg]` may be configured out: only the others surely count.
+    let unconditional = sig.inputs.iter().filter(|input| match input {
+        FnArg::Typed(argument) => !argument
+            .attrs
+            .iter()
+            .any(|attr| attr.path().is_ident("cfg")),
+        FnArg::Receiver(_) => true,
+    });
+    if let Some(extra) = unconditional.clone().nth(MAX_ARGUMENTS) {
         errors.push(syn::Error::new_spanned(
             extra,
             "axum handlers take at most 16 arguments; group some into a struct that implements `FromRequestParts`",
@@ -401,6 +411,13 @@ fn debug_handler_with_state(attr: &Attribute, state: Option<&RouterState>) -> To
         {
             let pound = attr.pound_token;
             quote!(#pound[#path(state = #state)])
+        }
+        // An inner attribute of the body (`#![allow(..)]`) applies to the handler: it goes
+        // on the handler the macro writes, as an outer one.
+        _ if matches!(attr.style, syn::AttrStyle::Inner(_)) => {
+            let mut outer = attr.clone();
+            outer.style = syn::AttrStyle::Outer;
+            outer.to_token_stream()
         }
         _ => attr.to_token_stream(),
     }

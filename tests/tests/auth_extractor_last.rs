@@ -42,7 +42,10 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
         {
-            token.split_once('.').ok_or((StatusCode::UNAUTHORIZED, "bad token"))?.0
+            token
+                .split_once('.')
+                .ok_or((StatusCode::UNAUTHORIZED, "bad token"))?
+                .0
         } else {
             parts
                 .headers
@@ -92,16 +95,32 @@ async fn a_refreshed_token_runs_the_handler_twice() {
     let idem = Idempotency::in_memory();
     let state = AppState::default();
     let app = app(&idem, &state);
-    let first = send(&app, "/cancel", Some(("authorization", "Bearer alice.t1")), "k").await;
+    let first = send(
+        &app,
+        "/cancel",
+        Some(("authorization", "Bearer alice.t1")),
+        "k",
+    )
+    .await;
     assert_eq!(first.status, StatusCode::OK);
-    let retry = send(&app, "/cancel", Some(("authorization", "Bearer alice.t2")), "k").await;
+    let retry = send(
+        &app,
+        "/cancel",
+        Some(("authorization", "Bearer alice.t2")),
+        "k",
+    )
+    .await;
     assert!(
         retry.replayed(),
         "same principal, same key: expected a replay, got {:?} {:?}",
         retry.status,
         retry.body
     );
-    assert_eq!(state.runs.load(Ordering::SeqCst), 1, "the handler ran twice for one key");
+    assert_eq!(
+        state.runs.load(Ordering::SeqCst),
+        1,
+        "the handler ran twice for one key"
+    );
 }
 
 /// SPEC §1: "a request they reject is rejected exactly as without idem". Without
