@@ -367,8 +367,9 @@ impl Once {
         else {
             return Err(OnceError::NoTransaction);
         };
-        let transaction = PgTransaction::new(store);
         let slot = TransactionSlot::default();
+        slot.finished_by_idem();
+        let transaction = PgTransaction::new(store, slot.finish_flag());
         slot.fill(std::sync::Arc::new(transaction.clone()));
         self.execute(move || operation(transaction), ErrorsNotStored, slot)
             .await

@@ -43,6 +43,7 @@ async fn store_response(mut execution: Execution, response: Response) -> Respons
         execution.release().await;
         return Response::from_parts(parts, body);
     }
+    execution.result_stands_alone(parts.status.is_client_error());
     // Buffering a streamed body is part of the work: the lease stays renewed meanwhile.
     match collect_bounded(body, settings.max_response_bytes).await {
         Collected::Complete(bytes) => {

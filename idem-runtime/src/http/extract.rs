@@ -208,6 +208,7 @@ where
         };
         let settings = idem.settings();
         let transaction = transaction_slot(parts);
+        transaction.finished_by_idem();
         let (key, body) = match parts.extensions.get::<KeyedRequest>() {
             Some(KeyedRequest::Keyed { key, body }) => (key.clone(), body),
             Some(KeyedRequest::Invalid(error)) => {

@@ -16,7 +16,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PgTransaction {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
-        let Some(idem) = parts.extensions.get::<Idempotency>() else {
+        let Some(idem) = parts.extensions.get::<Idempotency>().cloned() else {
             tracing::error!(target: "idem", "`PgTransaction` taken by a handler served without the idempotency layer: add `.layer(idem.layer())` to the Router");
             return Err(Problem::layer_missing().into_response());
         };
@@ -29,8 +29,9 @@ impl<S: Send + Sync> FromRequestParts<S> for PgTransaction {
             tracing::error!(target: "idem", "`PgTransaction` needs the idempotency handle's store to be a `PostgresStore`");
             return Err(Problem::no_transaction(detail).into_response());
         };
-        let transaction = PgTransaction::new(store);
-        if !transaction_slot(parts).fill(Arc::new(transaction.clone())) {
+        let slot = transaction_slot(parts);
+        let transaction = PgTransaction::new(store, slot.finish_flag());
+        if !slot.fill(Arc::new(transaction.clone())) {
             let detail = "This handler takes more than one `PgTransaction`; a request writes in one transaction.";
             tracing::error!(target: "idem", "`PgTransaction` taken twice by one handler");
             return Err(Problem::no_transaction(detail).into_response());

@@ -102,6 +102,7 @@ pub(crate) async fn begin(
         persist_release: true,
         keeper: None,
         transaction: TransactionSlot::default(),
+        stands_alone: false,
     };
     let wait_until = wait.map(|max| later(Instant::now(), max));
     let mut backoff = Duration::from_millis(20);
@@ -246,6 +247,8 @@ pub(crate) struct Execution {
     /// The transaction the work writes in, if it takes one: the completion is written
     /// and committed in it.
     transaction: TransactionSlot,
+    /// Whether the result holds without the work's writes (a refusal).
+    stands_alone: bool,
 }
 
 /// How a completion ended.
@@ -294,6 +297,12 @@ impl Execution {
     /// Where the work puts the transaction it writes in, if it takes one.
     pub(crate) fn writes_in(&mut self, slot: TransactionSlot) {
         self.transaction = slot;
+    }
+
+    /// Says whether the result holds without the work's writes (a refusal, such as a
+    /// `4xx`): then a transaction the database aborted does not keep it from being stored.
+    pub(crate) fn result_stands_alone(&mut self, stands_alone: bool) {
+        self.stands_alone = stands_alone;
     }
 
     /// Whether the work took a transaction of its own (whose commit the completion is).
@@ -375,9 +384,19 @@ impl Execution {
         record: Bytes,
     ) -> Completion {
         self.keeper = None;
-        let committed = transaction
-            .complete(self.key.as_str(), &self.claim, record.clone(), self.ttl)
-            .await;
+        // Bounded: work that still holds the transaction (a response body streaming from
+        // it, say) must not hold the request for ever.
+        let timeout = self.idem.settings().store_timeout;
+        let completing = transaction.complete(
+            self.key.as_str(),
+            &self.claim,
+            record.clone(),
+            self.ttl,
+            self.stands_alone,
+        );
+        let committed = tokio::time::timeout(timeout, completing)
+            .await
+            .unwrap_or(Committed::Unknown(StoreError::Timeout(timeout)));
         match committed {
             Committed::Yes => {
                 self.armed = false;

@@ -3,6 +3,7 @@
 //! writes, or both roll back. The front door sees only a [`TransactionSlot`]; a store
 //! that can do this fills it (see `store::PgTransaction`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -26,12 +27,17 @@ pub(crate) enum Committed {
 pub(crate) trait Transactional: Send + Sync {
     /// Stores `record` under `key` if `claim` still holds it, then commits the work's
     /// writes with it; or rolls everything back.
+    ///
+    /// With `stands_alone` (a refusal, such as a `4xx`, whose record holds without the
+    /// work's writes), a transaction the database has aborted is rolled back and the record
+    /// stored on its own.
     fn complete<'a>(
         &'a self,
         key: &'a str,
         claim: &'a Bytes,
         record: Bytes,
         ttl: Duration,
+        stands_alone: bool,
     ) -> BoxFuture<'a, Committed>;
 
     /// Commits the work's writes alone (work that holds no key).
@@ -44,13 +50,21 @@ pub(crate) trait Transactional: Send + Sync {
 /// Where a front door finds the transaction its work took, if it took one. Shared by
 /// everything that handles one request or call, whichever comes first.
 #[derive(Clone, Default)]
-pub(crate) struct TransactionSlot(Arc<Mutex<Option<Arc<dyn Transactional>>>>);
+pub(crate) struct TransactionSlot {
+    transaction: Arc<Mutex<Option<Arc<dyn Transactional>>>>,
+    /// Set by the front door that will finish the transaction: a transaction handed out
+    /// where nothing finishes it refuses to be used, rather than lose its writes.
+    finished_by_idem: Arc<AtomicBool>,
+}
 
 impl TransactionSlot {
     /// Puts the work's transaction in. `false` when one is there already: a request or
     /// call writes in one transaction.
     pub(crate) fn fill(&self, transaction: Arc<dyn Transactional>) -> bool {
-        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self
+            .transaction
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if slot.is_some() {
             return false;
         }
@@ -58,9 +72,19 @@ impl TransactionSlot {
         true
     }
 
+    /// Says that this front door finishes the transaction (commits or rolls it back).
+    pub(crate) fn finished_by_idem(&self) {
+        self.finished_by_idem.store(true, Ordering::Release);
+    }
+
+    /// The flag [`finished_by_idem`](Self::finished_by_idem) sets, for the transaction.
+    pub(crate) fn finish_flag(&self) -> Arc<AtomicBool> {
+        self.finished_by_idem.clone()
+    }
+
     /// Whether the work took a transaction.
     pub(crate) fn is_filled(&self) -> bool {
-        self.0
+        self.transaction
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_some()
@@ -68,7 +92,10 @@ impl TransactionSlot {
 
     /// Takes the transaction out, if the work took one.
     pub(crate) fn take(&self) -> Option<Arc<dyn Transactional>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+        self.transaction
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// Commits the work's writes when `keep`, else rolls them back; for work that ran

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -58,6 +59,8 @@ pub struct PgTransaction(Arc<Inner>);
 struct Inner {
     store: PostgresStore,
     state: Mutex<State>,
+    /// Set when a front door of idem will finish the transaction.
+    finished_by_idem: Arc<AtomicBool>,
 }
 
 /// Where the transaction stands. It is opened by the first query, so that work that
@@ -70,10 +73,11 @@ enum State {
 
 impl PgTransaction {
     /// A transaction on `store`'s pool, opened when first used.
-    pub(crate) fn new(store: &PostgresStore) -> Self {
+    pub(crate) fn new(store: &PostgresStore, finished_by_idem: Arc<AtomicBool>) -> Self {
         Self(Arc::new(Inner {
             store: store.clone(),
             state: Mutex::new(State::NotStarted),
+            finished_by_idem,
         }))
     }
 
@@ -82,6 +86,12 @@ impl PgTransaction {
     /// transaction back when the work returns. An error once idem has finished the
     /// transaction, or when the pool has no connection to give.
     pub async fn conn(&self) -> Result<MappedMutexGuard<'_, PgConnection>, sqlx::Error> {
+        if !self.0.finished_by_idem.load(Ordering::Acquire) {
+            tracing::error!(target: "idem", "`PgTransaction` used in a handler without `#[idempotent]`: nothing would commit it");
+            return Err(sqlx::Error::Protocol(
+                "a PgTransaction is committed by #[idempotent] (or Idempotent::run); this handler has neither, so its writes would be lost".into(),
+            ));
+        }
         let mut state = self.0.state.lock().await;
         if let State::NotStarted = *state {
             *state = State::Open(self.0.store.pool.begin().await?);
@@ -116,6 +126,7 @@ impl Transactional for PgTransaction {
         claim: &'a Bytes,
         record: Bytes,
         ttl: Duration,
+        stands_alone: bool,
     ) -> BoxFuture<'a, Committed> {
         Box::pin(async move {
             let store = &self.0.store;
@@ -153,6 +164,16 @@ impl Transactional for PgTransaction {
                     let _ = transaction.rollback().await;
                     Committed::Superseded
                 }
+                // The work ignored a failed statement, so the database aborted the
+                // transaction: none of its writes can commit. A refusal holds without them.
+                Err(error) if stands_alone && is_aborted(&error) => {
+                    let _ = transaction.rollback().await;
+                    match store.complete(key, claim, record, ttl).await {
+                        Ok(true) => Committed::Yes,
+                        Ok(false) => Committed::Superseded,
+                        Err(error) => Committed::Unknown(error),
+                    }
+                }
                 Err(error) => {
                     let _ = transaction.rollback().await;
                     Committed::RolledBack(store.error(error))
@@ -164,10 +185,19 @@ impl Transactional for PgTransaction {
     fn commit(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             match self.finish().await {
-                State::Open(transaction) => transaction
-                    .commit()
-                    .await
-                    .map_err(|error| self.0.store.error(error)),
+                State::Open(mut transaction) => {
+                    // PostgreSQL answers COMMIT of an aborted transaction with a rollback,
+                    // not an error: ask first, so that lost writes are never reported as
+                    // committed.
+                    if let Err(error) = sqlx::query("SELECT 1").execute(&mut *transaction).await {
+                        let _ = transaction.rollback().await;
+                        return Err(self.0.store.error(error));
+                    }
+                    transaction
+                        .commit()
+                        .await
+                        .map_err(|error| self.0.store.error(error))
+                }
                 State::NotStarted | State::Finished => Ok(()),
             }
         })
@@ -180,4 +210,13 @@ impl Transactional for PgTransaction {
             }
         })
     }
+}
+
+/// Whether `error` says the transaction was aborted by an earlier failed statement
+/// (SQLSTATE 25P02, `in_failed_sql_transaction`).
+fn is_aborted(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|error| error.code())
+        .is_some_and(|code| code == "25P02")
 }
