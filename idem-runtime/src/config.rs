@@ -9,7 +9,7 @@ use http::HeaderName;
 use http::request::Parts;
 
 use crate::fingerprint::FingerprintMode;
-use crate::key::ScopedKey;
+use crate::key::{LoggedKey, ScopedKey};
 use crate::local::LocalTier;
 use crate::scope::{Identity, Scope, ScopeRule};
 use crate::store::{MemoryStore, Store};
@@ -89,6 +89,7 @@ pub(crate) struct Settings {
     /// The local tier's size in bytes and the longest it keeps a copy.
     pub(crate) local_tier: Option<(u64, Duration)>,
     pub(crate) max_detached: usize,
+    pub(crate) log_keys: bool,
 }
 
 impl Default for Settings {
@@ -107,6 +108,7 @@ impl Default for Settings {
             store_timeout: defaults::STORE_TIMEOUT,
             local_tier: None,
             max_detached: defaults::MAX_DETACHED,
+            log_keys: true,
         }
     }
 }
@@ -191,6 +193,20 @@ impl Idempotency {
     pub(crate) fn settings(&self) -> &Settings {
         &self.shared.settings
     }
+
+    /// `key` as idem's logs show it: `raw` (what the client sent), or the digest of the
+    /// scoped key under [`log_keys(false)`](IdempotencyBuilder::log_keys).
+    pub(crate) fn logged_key<'a>(
+        &self,
+        raw: &'a dyn fmt::Display,
+        key: &ScopedKey,
+    ) -> LoggedKey<'a> {
+        if self.shared.settings.log_keys {
+            LoggedKey::Raw(raw)
+        } else {
+            LoggedKey::Digest(key.digest())
+        }
+    }
 }
 
 impl fmt::Debug for Idempotency {
@@ -204,6 +220,7 @@ impl fmt::Debug for Idempotency {
             .field("fingerprint", &s.fingerprint)
             .field("store_server_errors", &s.store_server_errors)
             .field("fail_open", &s.fail_open)
+            .field("log_keys", &s.log_keys)
             .finish_non_exhaustive()
     }
 }
@@ -368,6 +385,22 @@ impl IdempotencyBuilder {
     /// once on one instance.
     pub fn local_tier(mut self, max_bytes: u64, max_age: Duration) -> Self {
         self.settings.local_tier = Some((max_bytes, max_age.min(defaults::MAX_DURATION)));
+        self
+    }
+
+    /// Whether idem's logs and spans show idempotency keys as clients sent them (default
+    /// `true`: the per-request span carries `key`). With `false` they show
+    /// `sha256:` and the first 8 bytes of the SHA-256 of the scoped key instead (see
+    /// [`ScopedKey::digest`]): enough to follow one key through the logs, without the logs
+    /// holding what clients sent (a key may carry an order number or an e-mail address).
+    /// idem never logs `Authorization` or other credentials either way.
+    ///
+    /// ```
+    /// let idem = idem_runtime::Idempotency::builder().log_keys(false).build();
+    /// # drop(idem);
+    /// ```
+    pub fn log_keys(mut self, log_keys: bool) -> Self {
+        self.settings.log_keys = log_keys;
         self
     }
 

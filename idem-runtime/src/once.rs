@@ -361,10 +361,11 @@ impl Once {
             what: "input",
             source,
         })?;
-        let span = tracing::info_span!(target: "idem", "idem_once", key = %self.key);
+        let scoped = self.key.scoped();
+        let span = tracing::info_span!(target: "idem", "idem_once", key = %self.idem.logged_key(&self.key, &scoped));
         let begun = protocol::begin(
             &self.idem,
-            self.key.scoped(),
+            scoped,
             fingerprint,
             self.ttl,
             self.wait,
