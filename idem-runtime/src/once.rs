@@ -363,15 +363,9 @@ impl Once {
         })?;
         let scoped = self.key.scoped();
         let span = tracing::info_span!(target: "idem", "idem_once", key = %self.idem.logged_key(&self.key, &scoped));
-        let begun = protocol::begin(
-            &self.idem,
-            scoped,
-            fingerprint,
-            self.ttl,
-            self.wait,
-        )
-        .instrument(span.clone())
-        .await;
+        let begun = protocol::begin(&self.idem, scoped, fingerprint, self.ttl, self.wait)
+            .instrument(span.clone())
+            .await;
         match begun {
             Begun::Execute(execution) => {
                 let detached = self.idem.shared.detached.clone();

@@ -72,14 +72,26 @@ async fn log_keys_false_logs_digests_only() {
 
     let shown = logged(&logs, true).await;
     assert!(shown.contains("replayed"), "the log capture works: {shown}");
-    assert!(shown.contains(KEY), "by default the span shows the key: {shown}");
+    assert!(
+        shown.contains(KEY),
+        "by default the span shows the key: {shown}"
+    );
     assert!(!shown.contains(SECRET), "logs hold the credential: {shown}");
 
     let hidden = logged(&logs, false).await;
-    assert!(hidden.contains("replayed"), "the log capture works: {hidden}");
+    assert!(
+        hidden.contains("replayed"),
+        "the log capture works: {hidden}"
+    );
     assert!(!hidden.contains(KEY), "logs hold the key: {hidden}");
-    assert!(!hidden.contains("4711"), "logs hold part of the key: {hidden}");
-    assert!(!hidden.contains(SECRET), "logs hold the credential: {hidden}");
+    assert!(
+        !hidden.contains("4711"),
+        "logs hold part of the key: {hidden}"
+    );
+    assert!(
+        !hidden.contains(SECRET),
+        "logs hold the credential: {hidden}"
+    );
     assert!(
         hidden.contains("key=sha256:"),
         "the span carries a digest instead: {hidden}"

@@ -107,7 +107,8 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
             fingerprint,
             ..
         } = prepared;
-        let span = tracing::info_span!(target: "idem", "idem", key = %idem.logged_key(key.key(), &key));
+        let span =
+            tracing::info_span!(target: "idem", "idem", key = %idem.logged_key(key.key(), &key));
         async move {
             let wait = idem.settings().wait_for_in_flight;
             match protocol::begin(&idem, key.clone(), fingerprint, Self::TTL, wait).await {
