@@ -84,6 +84,7 @@ pub mod http;
 mod key;
 mod local;
 pub mod once;
+mod ops;
 mod protocol;
 pub mod record;
 mod scope;

@@ -6,7 +6,7 @@
 //! | `POST /orders` | creates a pending order (`#[idempotent(ttl = "24h")]`) |
 //! | `POST /payments` | captures the payment of an order and marks it paid (`#[idempotent(ttl = "24h")]`) |
 //! | `GET /orders/{id}`, `GET /payments/{id}` | read them back |
-//! | `GET /healthz` | `200` while the database answers |
+//! | `GET /healthz` | `200` while the database and the idempotency store answer, else `503` |
 //!
 //! A retry with the same `Idempotency-Key` gets the stored response from the
 //! idempotency store. Behind it, the `orders` and `payments` tables carry a UNIQUE

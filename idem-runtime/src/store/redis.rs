@@ -586,4 +586,13 @@ impl Store for RedisStore {
             self.run(Command::Script(invocation)).await
         })
     }
+
+    /// `PING`.
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.run::<redis::Value>(Command::Plain(redis::cmd("PING")))
+                .await
+                .map(drop)
+        })
+    }
 }
