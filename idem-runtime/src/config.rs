@@ -9,6 +9,7 @@ use http::HeaderName;
 use http::request::Parts;
 
 use crate::fingerprint::FingerprintMode;
+use crate::in_flight::InFlight;
 use crate::key::{LoggedKey, ScopedKey};
 use crate::local::LocalTier;
 use crate::scope::{Identity, Scope, ScopeRule};
@@ -70,6 +71,8 @@ pub(crate) struct Shared {
     pub(crate) local: Option<LocalTier>,
     /// Executions now running in tasks of their own, detached from clients that hung up.
     pub(crate) detached: Arc<AtomicUsize>,
+    /// Executions holding a key in this process, detached or not.
+    pub(crate) in_flight: Arc<InFlight>,
 }
 
 /// Every setting of a handle: what the builder fills in, and what the handle reads.
@@ -416,6 +419,7 @@ impl IdempotencyBuilder {
                 settings,
                 local,
                 detached: Arc::new(AtomicUsize::new(0)),
+                in_flight: Arc::new(InFlight::new()),
             }),
         }
     }

@@ -81,6 +81,7 @@
 mod config;
 pub mod fingerprint;
 pub mod http;
+mod in_flight;
 mod key;
 mod local;
 pub mod once;

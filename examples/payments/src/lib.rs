@@ -63,6 +63,8 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:3000";
 /// The database unless `DATABASE_URL` says otherwise: `payments.db` in the working
 /// directory, created if missing.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://payments.db?mode=rwc";
+/// How long a shutdown may take unless `PAYMENTS_SHUTDOWN_DEADLINE_MS` says otherwise.
+pub const DEFAULT_SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 /// The prefix of the app's keys in Redis.
 pub const DEFAULT_REDIS_PREFIX: &str = "payments:idem:";
 
@@ -81,6 +83,11 @@ pub struct Config {
     /// (`PAYMENTS_IDEM_LEASE_MS`, default idem's [`idem_runtime::defaults::LEASE`]): after a
     /// crash, the key is free again within one lease.
     pub lease: std::time::Duration,
+    /// How long a shutdown (SIGTERM, ctrl-c) may take, from the signal
+    /// (`PAYMENTS_SHUTDOWN_DEADLINE_MS`, default [`DEFAULT_SHUTDOWN_DEADLINE`]): requests
+    /// still open and payments still running (also those whose client hung up) get this
+    /// long to end. Keep it below the orchestrator's own grace period (Kubernetes: 30 s).
+    pub shutdown_deadline: std::time::Duration,
     /// The API keys the app accepts and the account each belongs to
     /// (`PAYMENTS_API_KEYS`, `key=account` pairs separated by commas; default
     /// [`DEMO_API_KEYS`]).
@@ -95,14 +102,16 @@ impl Default for Config {
             redis_url: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             lease: idem_runtime::defaults::LEASE,
+            shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
             api_keys: ApiKeys::demo(),
         }
     }
 }
 
 impl Config {
-    /// Reads `PAYMENTS_ADDR`, `DATABASE_URL`, `REDIS_URL`, `PAYMENTS_API_KEYS` and
-    /// `PAYMENTS_IDEM_LEASE_MS`; unset or empty variables keep the defaults.
+    /// Reads `PAYMENTS_ADDR`, `DATABASE_URL`, `REDIS_URL`, `PAYMENTS_API_KEYS`,
+    /// `PAYMENTS_IDEM_LEASE_MS` and `PAYMENTS_SHUTDOWN_DEADLINE_MS`; unset or empty
+    /// variables keep the defaults.
     pub fn from_env() -> Result<Self, StartupError> {
         let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
         let mut config = Self::default();
@@ -126,6 +135,12 @@ impl Config {
                 .ok_or(StartupError::Lease { lease })?;
             config.lease = std::time::Duration::from_millis(millis);
         }
+        if let Some(deadline) = var("PAYMENTS_SHUTDOWN_DEADLINE_MS") {
+            let millis = deadline
+                .parse::<u64>()
+                .map_err(|_| StartupError::ShutdownDeadline { deadline })?;
+            config.shutdown_deadline = std::time::Duration::from_millis(millis);
+        }
         Ok(config)
     }
 }
@@ -147,6 +162,12 @@ pub enum StartupError {
     Lease {
         /// The value given.
         lease: String,
+    },
+    /// `PAYMENTS_SHUTDOWN_DEADLINE_MS` is not a whole number of milliseconds.
+    #[error("PAYMENTS_SHUTDOWN_DEADLINE_MS={deadline:?} is not a number of milliseconds")]
+    ShutdownDeadline {
+        /// The value given.
+        deadline: String,
     },
     /// `PAYMENTS_API_KEYS` is not a list of `key=account` pairs.
     #[error(
@@ -185,13 +206,87 @@ impl AppState {
 /// Connects the database (running its migrations) and the idempotency store, and builds
 /// the router.
 pub async fn app(config: &Config) -> Result<Router, StartupError> {
+    Ok(app_with_idempotency(config).await?.0)
+}
+
+/// [`app`], and the idempotency handle it serves with, for [`serve`] to drain.
+pub async fn app_with_idempotency(config: &Config) -> Result<(Router, Idempotency), StartupError> {
     let db = Db::connect(&config.database_url).await?;
     let idem = idempotency(config).await?;
-    Ok(authenticated_router(
-        AppState::new(db),
-        &idem,
-        config.api_keys.clone(),
-    ))
+    let router = authenticated_router(AppState::new(db), &idem, config.api_keys.clone());
+    Ok((router, idem))
+}
+
+/// Serves `router` on `listener` until `stop` resolves, then shuts down within the
+/// config's [`shutdown_deadline`](Config::shutdown_deadline), counted from `stop`: the
+/// server stops accepting connections and waits for the requests still open, then
+/// `idem` waits for payments still running, also those whose client hung up
+/// ([`Idempotency::shutdown`]). A payment still running at the deadline is logged by its
+/// key and left to its lease: nothing half-done is stored for it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    idem: Idempotency,
+    config: &Config,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
+    let (stopping, stopped_at) = tokio::sync::oneshot::channel();
+    let stop = async move {
+        stop.await;
+        let _ = stopping.send(tokio::time::Instant::now());
+    };
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(stop)
+        .into_future();
+    let mut server = std::pin::pin!(server);
+    let mut stopped_at = std::pin::pin!(stopped_at);
+    let stopped_at = tokio::select! {
+        served = &mut server => {
+            served?;
+            tokio::time::Instant::now()
+        }
+        at = &mut stopped_at => at.unwrap_or_else(|_| tokio::time::Instant::now()),
+    };
+    let deadline = stopped_at + config.shutdown_deadline;
+    match tokio::time::timeout_at(deadline, &mut server).await {
+        Ok(served) => served?,
+        Err(_) => tracing::warn!("requests still open at the shutdown deadline; closing them"),
+    }
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let unfinished = idem.shutdown(left).await;
+    if unfinished > 0 {
+        tracing::warn!(
+            unfinished,
+            "payments still running at the shutdown deadline are left to their leases"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or ctrl-c (SIGINT), logging that the app shuts down.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
 }
 
 /// The idempotency handle the config asks for: [`idempotency_settings`] over

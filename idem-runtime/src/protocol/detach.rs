@@ -61,6 +61,7 @@ impl<O: Send + 'static> Drop for Detaching<O> {
         if let Some(work) = self.work.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
+            tracing::debug!(target: "idem", "the caller went away; the work runs on in a task of its own");
             self.detached.fetch_add(1, Ordering::Relaxed);
             let counted = Counted(self.detached.clone());
             runtime.spawn(async move {
