@@ -39,9 +39,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use idem_runtime::store::{MemoryStore, RedisStore, Store};
 use idem_runtime::{Idempotency, IdempotencyBuilder};
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
 mod auth;
 pub mod client;
@@ -63,6 +65,13 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:3000";
 /// The database unless `DATABASE_URL` says otherwise: `payments.db` in the working
 /// directory, created if missing.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://payments.db?mode=rwc";
+/// How long a client may take to send a request's headers, unless
+/// `PAYMENTS_HEADER_READ_TIMEOUT_MS` says otherwise.
+pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a request body may stall, unless `PAYMENTS_BODY_TIMEOUT_MS` says otherwise.
+pub const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a request may take, unless `PAYMENTS_REQUEST_TIMEOUT_MS` says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a shutdown may take unless `PAYMENTS_SHUTDOWN_DEADLINE_MS` says otherwise.
 pub const DEFAULT_SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 /// The prefix of the app's keys in Redis.
@@ -83,6 +92,20 @@ pub struct Config {
     /// (`PAYMENTS_IDEM_LEASE_MS`, default idem's [`idem_runtime::defaults::LEASE`]): after a
     /// crash, the key is free again within one lease.
     pub lease: std::time::Duration,
+    /// How long a client may take to send a request's headers
+    /// (`PAYMENTS_HEADER_READ_TIMEOUT_MS`, default [`DEFAULT_HEADER_READ_TIMEOUT`]); a
+    /// slower one has its connection closed, so stalled clients cannot pile up
+    /// connections.
+    pub header_read_timeout: std::time::Duration,
+    /// How long a client may pause while sending a request body
+    /// (`PAYMENTS_BODY_TIMEOUT_MS`, default [`DEFAULT_BODY_TIMEOUT`]); a body that stalls
+    /// longer fails, and the request is answered `400` without running.
+    pub body_timeout: std::time::Duration,
+    /// How long a request may take in all (`PAYMENTS_REQUEST_TIMEOUT_MS`, default
+    /// [`DEFAULT_REQUEST_TIMEOUT`]); after it the client gets `408`. A payment whose
+    /// client got `408` is not cancelled: idem runs it to the end and stores its
+    /// response, which the retry gets.
+    pub request_timeout: std::time::Duration,
     /// How long a shutdown (SIGTERM, ctrl-c) may take, from the signal
     /// (`PAYMENTS_SHUTDOWN_DEADLINE_MS`, default [`DEFAULT_SHUTDOWN_DEADLINE`]): requests
     /// still open and payments still running (also those whose client hung up) get this
@@ -102,6 +125,9 @@ impl Default for Config {
             redis_url: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             lease: idem_runtime::defaults::LEASE,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
             api_keys: ApiKeys::demo(),
         }
@@ -110,8 +136,9 @@ impl Default for Config {
 
 impl Config {
     /// Reads `PAYMENTS_ADDR`, `DATABASE_URL`, `REDIS_URL`, `PAYMENTS_API_KEYS`,
-    /// `PAYMENTS_IDEM_LEASE_MS` and `PAYMENTS_SHUTDOWN_DEADLINE_MS`; unset or empty
-    /// variables keep the defaults.
+    /// `PAYMENTS_IDEM_LEASE_MS`, `PAYMENTS_HEADER_READ_TIMEOUT_MS`,
+    /// `PAYMENTS_BODY_TIMEOUT_MS`, `PAYMENTS_REQUEST_TIMEOUT_MS` and
+    /// `PAYMENTS_SHUTDOWN_DEADLINE_MS`; unset or empty variables keep the defaults.
     pub fn from_env() -> Result<Self, StartupError> {
         let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
         let mut config = Self::default();
@@ -135,11 +162,27 @@ impl Config {
                 .ok_or(StartupError::Lease { lease })?;
             config.lease = std::time::Duration::from_millis(millis);
         }
-        if let Some(deadline) = var("PAYMENTS_SHUTDOWN_DEADLINE_MS") {
-            let millis = deadline
-                .parse::<u64>()
-                .map_err(|_| StartupError::ShutdownDeadline { deadline })?;
-            config.shutdown_deadline = std::time::Duration::from_millis(millis);
+        let millis = |name: &'static str| -> Result<Option<std::time::Duration>, StartupError> {
+            var(name)
+                .map(|value| {
+                    value
+                        .parse::<u64>()
+                        .map(std::time::Duration::from_millis)
+                        .map_err(|_| StartupError::Millis { name, value })
+                })
+                .transpose()
+        };
+        if let Some(timeout) = millis("PAYMENTS_HEADER_READ_TIMEOUT_MS")? {
+            config.header_read_timeout = timeout;
+        }
+        if let Some(timeout) = millis("PAYMENTS_BODY_TIMEOUT_MS")? {
+            config.body_timeout = timeout;
+        }
+        if let Some(timeout) = millis("PAYMENTS_REQUEST_TIMEOUT_MS")? {
+            config.request_timeout = timeout;
+        }
+        if let Some(deadline) = millis("PAYMENTS_SHUTDOWN_DEADLINE_MS")? {
+            config.shutdown_deadline = deadline;
         }
         Ok(config)
     }
@@ -163,11 +206,13 @@ pub enum StartupError {
         /// The value given.
         lease: String,
     },
-    /// `PAYMENTS_SHUTDOWN_DEADLINE_MS` is not a whole number of milliseconds.
-    #[error("PAYMENTS_SHUTDOWN_DEADLINE_MS={deadline:?} is not a number of milliseconds")]
-    ShutdownDeadline {
+    /// A timeout or deadline variable is not a whole number of milliseconds.
+    #[error("{name}={value:?} is not a number of milliseconds")]
+    Millis {
+        /// The variable.
+        name: &'static str,
         /// The value given.
-        deadline: String,
+        value: String,
     },
     /// `PAYMENTS_API_KEYS` is not a list of `key=account` pairs.
     #[error(
@@ -213,7 +258,14 @@ pub async fn app(config: &Config) -> Result<Router, StartupError> {
 pub async fn app_with_idempotency(config: &Config) -> Result<(Router, Idempotency), StartupError> {
     let db = Db::connect(&config.database_url).await?;
     let idem = idempotency(config).await?;
-    let router = authenticated_router(AppState::new(db), &idem, config.api_keys.clone());
+    let router = authenticated_router(AppState::new(db), &idem, config.api_keys.clone())
+        // Outside idem's layer, which reads the body of a keyed request before the
+        // handler: a stalled body fails there, and the request runs nothing.
+        .layer(RequestBodyTimeoutLayer::new(config.body_timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ));
     Ok((router, idem))
 }
 
@@ -223,6 +275,9 @@ pub async fn app_with_idempotency(config: &Config) -> Result<(Router, Idempotenc
 /// `idem` waits for payments still running, also those whose client hung up
 /// ([`Idempotency::shutdown`]). A payment still running at the deadline is logged by its
 /// key and left to its lease: nothing half-done is stored for it.
+///
+/// Connections are served by hyper with the config's
+/// [`header_read_timeout`](Config::header_read_timeout) (`axum::serve` sets none).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
@@ -230,27 +285,53 @@ pub async fn serve(
     config: &Config,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
-    let (stopping, stopped_at) = tokio::sync::oneshot::channel();
-    let stop = async move {
-        stop.await;
-        let _ = stopping.send(tokio::time::Instant::now());
-    };
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(stop)
-        .into_future();
-    let mut server = std::pin::pin!(server);
-    let mut stopped_at = std::pin::pin!(stopped_at);
-    let stopped_at = tokio::select! {
-        served = &mut server => {
-            served?;
-            tokio::time::Instant::now()
-        }
-        at = &mut stopped_at => at.unwrap_or_else(|_| tokio::time::Instant::now()),
-    };
-    let deadline = stopped_at + config.shutdown_deadline;
-    match tokio::time::timeout_at(deadline, &mut server).await {
-        Ok(served) => served?,
-        Err(_) => tracing::warn!("requests still open at the shutdown deadline; closing them"),
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use tower::ServiceExt;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout);
+    let connections = GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                router.clone().oneshot(request.map(axum::body::Body::new))
+            });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    let deadline = tokio::time::Instant::now() + config.shutdown_deadline;
+    drop(listener);
+    if tokio::time::timeout_at(deadline, connections.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open at the shutdown deadline; closing them");
     }
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     let unfinished = idem.shutdown(left).await;

@@ -56,10 +56,15 @@ impl App {
         Self::start(command, dir, "held", database_url, redis_url).await
     }
 
-    /// The real `payments` binary.
-    async fn start_binary(dir: &Path, database_url: &str, redis_url: &str) -> Self {
+    /// The real `payments` binary, with `env` set beside the test's own variables.
+    async fn start_binary(
+        dir: &Path,
+        database_url: &str,
+        redis_url: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_payments"));
-        command.env_remove(HELD_APP_VAR);
+        command.env_remove(HELD_APP_VAR).envs(env.iter().copied());
         Self::start(command, dir, "binary", database_url, redis_url).await
     }
 
@@ -271,7 +276,7 @@ async fn sigterm_waits_for_a_detached_payment_to_be_stored() {
     let log = held.log_text();
     assert!(log.contains("every execution in flight ended"), "{log}");
 
-    let second = App::start_binary(&dir.0, &database_url, &redis.url()).await;
+    let second = App::start_binary(&dir.0, &database_url, &redis.url(), &[]).await;
     let retry = pay(&second.url, &key, &request).await;
     assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
     assert!(
@@ -347,4 +352,39 @@ async fn serve_the_app_holding_every_completion() {
     payments::serve(listener, app, idem, &config, payments::shutdown_signal())
         .await
         .unwrap();
+}
+
+/// Guards: a client that sent half a request and stalls does not hold a SIGTERMed process
+/// past its shutdown deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_stalled_client_exits_within_the_deadline() {
+    let redis = RedisServer::start();
+    let dir = TempDir::new("shutdown-stalled");
+    let database_url = format!("sqlite://{}?mode=rwc", dir.0.join("p.db").display());
+    let mut app = App::start_binary(
+        &dir.0,
+        &database_url,
+        &redis.url(),
+        &[
+            ("PAYMENTS_SHUTDOWN_DEADLINE_MS", "500"),
+            ("PAYMENTS_HEADER_READ_TIMEOUT_MS", "60000"),
+            ("PAYMENTS_BODY_TIMEOUT_MS", "60000"),
+        ],
+    )
+    .await;
+    let addr = app.url.trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nHost: payments\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        support::DEMO_API_KEY
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, head.as_bytes())
+        .await
+        .unwrap();
+    // The handler reads the body, which never comes: the request stays open.
+    app.terminate();
+    let took = app.exits_within(Duration::from_secs(10)).await;
+    assert!(took < Duration::from_secs(3), "exited after {took:?}");
+    drop(stalled);
 }
