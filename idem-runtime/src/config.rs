@@ -12,6 +12,7 @@ use crate::fingerprint::FingerprintMode;
 use crate::in_flight::InFlight;
 use crate::key::{LoggedKey, ScopedKey};
 use crate::local::LocalTier;
+use crate::metrics::Measured;
 use crate::scope::{Identity, Scope, ScopeRule};
 use crate::store::{MemoryStore, Store};
 
@@ -415,7 +416,9 @@ impl IdempotencyBuilder {
             .map(|(max_bytes, max_age)| LocalTier::new(max_bytes, max_age));
         Idempotency {
             shared: Arc::new(Shared {
-                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                store: Arc::new(Measured(
+                    self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                )),
                 settings,
                 local,
                 detached: Arc::new(AtomicUsize::new(0)),

@@ -84,6 +84,7 @@ pub mod http;
 mod in_flight;
 mod key;
 mod local;
+mod metrics;
 pub mod once;
 mod ops;
 mod protocol;

@@ -376,7 +376,7 @@ impl Once {
                 )
                 .await
             }
-            Begun::Answer(answer) => stored(answer, &errors),
+            Begun::Answer(answer) | Begun::Local(answer) => stored(answer, &errors),
             Begun::Unprotected => Err(OnceError::Unavailable),
         }
     }

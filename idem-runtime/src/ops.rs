@@ -52,15 +52,19 @@ impl Idempotency {
     /// Returns how many executions were still running at the deadline (`0`: all ended).
     ///
     /// ```no_run
+    /// # async fn sigterm() {}
     /// # async fn demo(app: axum::Router, idem: idem_runtime::Idempotency) -> std::io::Result<()> {
     /// use std::time::Duration;
     ///
     /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     /// axum::serve(listener, app)
-    ///     .with_graceful_shutdown(async { tokio::signal::ctrl_c().await.ok(); })
+    ///     .with_graceful_shutdown(sigterm()) // SIGTERM or ctrl-c
     ///     .await?;
     /// let unfinished = idem.shutdown(Duration::from_secs(20)).await;
-    /// # let _ = unfinished; Ok(()) }
+    /// if unfinished > 0 {
+    ///     eprintln!("{unfinished} executions left to their leases");
+    /// }
+    /// # Ok(()) }
     /// ```
     pub async fn shutdown(&self, within: std::time::Duration) -> usize {
         let in_flight = &self.shared.in_flight;

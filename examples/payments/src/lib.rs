@@ -7,6 +7,7 @@
 //! | `POST /payments` | captures the payment of an order and marks it paid (`#[idempotent(ttl = "24h")]`) |
 //! | `GET /orders/{id}`, `GET /payments/{id}` | read them back |
 //! | `GET /healthz` | `200` while the database and the idempotency store answer, else `503` |
+//! | `GET /metrics` | idem's metrics, for Prometheus |
 //!
 //! A retry with the same `Idempotency-Key` gets the stored response from the
 //! idempotency store. Behind it, the `orders` and `payments` tables carry a UNIQUE
@@ -266,7 +267,40 @@ pub async fn app_with_idempotency(config: &Config) -> Result<(Router, Idempotenc
             StatusCode::REQUEST_TIMEOUT,
             config.request_timeout,
         ));
-    Ok((router, idem))
+    Ok((with_metrics(router), idem))
+}
+
+/// `router` with `GET /metrics`: what idem (and anything else in the process) reports
+/// through the `metrics` facade, in Prometheus' text format. The route is outside the
+/// router's layers, so it needs no API key; serve it where only your scraper reaches it.
+///
+/// The first call installs the process-wide Prometheus recorder.
+pub fn with_metrics(router: Router) -> Router {
+    let handle = prometheus().clone();
+    router.route("/metrics", get(move || std::future::ready(handle.render())))
+}
+
+/// The process-wide Prometheus recorder, installed on first use. Store latencies are
+/// histograms with buckets from 0.5 ms to 2.5 s.
+fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("idem_store_seconds".into()),
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            )
+            .expect("the buckets are not empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("another metrics recorder is installed; /metrics shows nothing");
+        }
+        handle
+    })
 }
 
 /// Serves `router` on `listener` until `stop` resolves, then shuts down within the

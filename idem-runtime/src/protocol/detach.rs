@@ -62,7 +62,8 @@ impl<O: Send + 'static> Drop for Detaching<O> {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             tracing::debug!(target: "idem", "the caller went away; the work runs on in a task of its own");
-            self.detached.fetch_add(1, Ordering::Relaxed);
+            let now = self.detached.fetch_add(1, Ordering::Relaxed) + 1;
+            crate::metrics::executions_detached(now);
             let counted = Counted(self.detached.clone());
             runtime.spawn(async move {
                 let _counted = counted;
@@ -77,6 +78,7 @@ struct Counted(Arc<AtomicUsize>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let now = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
+        crate::metrics::executions_detached(now);
     }
 }
