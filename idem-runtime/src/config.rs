@@ -9,8 +9,10 @@ use http::HeaderName;
 use http::request::Parts;
 
 use crate::fingerprint::FingerprintMode;
-use crate::key::ScopedKey;
+use crate::in_flight::InFlight;
+use crate::key::{LoggedKey, ScopedKey};
 use crate::local::LocalTier;
+use crate::metrics::Measured;
 use crate::scope::{Identity, Scope, ScopeRule};
 use crate::store::{MemoryStore, Store};
 
@@ -70,6 +72,8 @@ pub(crate) struct Shared {
     pub(crate) local: Option<LocalTier>,
     /// Executions now running in tasks of their own, detached from clients that hung up.
     pub(crate) detached: Arc<AtomicUsize>,
+    /// Executions holding a key in this process, detached or not.
+    pub(crate) in_flight: Arc<InFlight>,
 }
 
 /// Every setting of a handle: what the builder fills in, and what the handle reads.
@@ -89,6 +93,7 @@ pub(crate) struct Settings {
     /// The local tier's size in bytes and the longest it keeps a copy.
     pub(crate) local_tier: Option<(u64, Duration)>,
     pub(crate) max_detached: usize,
+    pub(crate) log_keys: bool,
 }
 
 impl Default for Settings {
@@ -107,6 +112,7 @@ impl Default for Settings {
             store_timeout: defaults::STORE_TIMEOUT,
             local_tier: None,
             max_detached: defaults::MAX_DETACHED,
+            log_keys: true,
         }
     }
 }
@@ -203,6 +209,20 @@ impl Idempotency {
     pub(crate) fn settings(&self) -> &Settings {
         &self.shared.settings
     }
+
+    /// `key` as idem's logs show it: `raw` (what the client sent), or the digest of the
+    /// scoped key under [`log_keys(false)`](IdempotencyBuilder::log_keys).
+    pub(crate) fn logged_key<'a>(
+        &self,
+        raw: &'a dyn fmt::Display,
+        key: &ScopedKey,
+    ) -> LoggedKey<'a> {
+        if self.shared.settings.log_keys {
+            LoggedKey::Raw(raw)
+        } else {
+            LoggedKey::Digest(key.digest())
+        }
+    }
 }
 
 impl fmt::Debug for Idempotency {
@@ -216,6 +236,7 @@ impl fmt::Debug for Idempotency {
             .field("fingerprint", &s.fingerprint)
             .field("store_server_errors", &s.store_server_errors)
             .field("fail_open", &s.fail_open)
+            .field("log_keys", &s.log_keys)
             .finish_non_exhaustive()
     }
 }
@@ -383,6 +404,22 @@ impl IdempotencyBuilder {
         self
     }
 
+    /// Whether idem's logs and spans show idempotency keys as clients sent them (default
+    /// `true`: the per-request span carries `key`). With `false` they show
+    /// `sha256:` and the first 8 bytes of the SHA-256 of the scoped key instead (see
+    /// [`ScopedKey::digest`]): enough to follow one key through the logs, without the logs
+    /// holding what clients sent (a key may carry an order number or an e-mail address).
+    /// idem never logs `Authorization` or other credentials either way.
+    ///
+    /// ```
+    /// let idem = idem_runtime::Idempotency::builder().log_keys(false).build();
+    /// # drop(idem);
+    /// ```
+    pub fn log_keys(mut self, log_keys: bool) -> Self {
+        self.settings.log_keys = log_keys;
+        self
+    }
+
     /// Builds the handle.
     pub fn build(self) -> Idempotency {
         let settings = self.settings;
@@ -391,10 +428,13 @@ impl IdempotencyBuilder {
             .map(|(max_bytes, max_age)| LocalTier::new(max_bytes, max_age));
         Idempotency {
             shared: Arc::new(Shared {
-                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                store: Arc::new(Measured(
+                    self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                )),
                 settings,
                 local,
                 detached: Arc::new(AtomicUsize::new(0)),
+                in_flight: Arc::new(InFlight::new()),
             }),
         }
     }

@@ -186,6 +186,44 @@ impl ScopedKey {
     pub fn key(&self) -> &IdempotencyKey {
         &self.0.key
     }
+
+    /// A short digest of [`as_str`](Self::as_str): the first 8 bytes of its SHA-256, in
+    /// hex. With [`log_keys(false)`](crate::IdempotencyBuilder::log_keys) idem logs this
+    /// in place of the key, so an operator can still follow one key through the logs
+    /// (and find it by computing the digest of a scoped key) without the logs holding
+    /// what clients sent.
+    ///
+    /// ```
+    /// use idem_runtime::{IdempotencyKey, Scope, ScopedKey};
+    ///
+    /// let key = ScopedKey::new(Scope::of("acct_1"), IdempotencyKey::parse(b"order-42").unwrap());
+    /// assert_eq!(key.digest().len(), 16);
+    /// assert!(!key.digest().contains("order-42"));
+    /// ```
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let hash = Sha256::digest(self.0.joined.as_bytes());
+        let mut out = String::with_capacity(16);
+        crate::scope::push_hex(&mut out, &hash[..8]);
+        out
+    }
+}
+
+/// How a key appears in idem's logs: as sent, or, under
+/// [`log_keys(false)`](crate::IdempotencyBuilder::log_keys), as `sha256:` and the
+/// [`ScopedKey::digest`].
+pub(crate) enum LoggedKey<'a> {
+    Raw(&'a dyn fmt::Display),
+    Digest(String),
+}
+
+impl fmt::Display for LoggedKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Raw(key) => key.fmt(f),
+            Self::Digest(digest) => write!(f, "sha256:{digest}"),
+        }
+    }
 }
 
 impl fmt::Debug for ScopedKey {

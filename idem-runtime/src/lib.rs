@@ -82,9 +82,12 @@
 mod config;
 pub mod fingerprint;
 pub mod http;
+mod in_flight;
 mod key;
 mod local;
+mod metrics;
 pub mod once;
+mod ops;
 mod protocol;
 pub mod record;
 mod scope;

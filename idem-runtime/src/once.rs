@@ -409,16 +409,11 @@ impl Once {
             what: "input",
             source,
         })?;
-        let span = tracing::info_span!(target: "idem", "idem_once", key = %self.key);
-        let begun = protocol::begin(
-            &self.idem,
-            self.key.scoped(),
-            fingerprint,
-            self.ttl,
-            self.wait,
-        )
-        .instrument(span.clone())
-        .await;
+        let scoped = self.key.scoped();
+        let span = tracing::info_span!(target: "idem", "idem_once", key = %self.idem.logged_key(&self.key, &scoped));
+        let begun = protocol::begin(&self.idem, scoped, fingerprint, self.ttl, self.wait)
+            .instrument(span.clone())
+            .await;
         match begun {
             Begun::Execute(mut execution) => {
                 execution.writes_in(transaction);
@@ -430,7 +425,7 @@ impl Once {
                 )
                 .await
             }
-            Begun::Answer(answer) => stored(answer, &errors),
+            Begun::Answer(answer) | Begun::Local(answer) => stored(answer, &errors),
             Begun::Unprotected => Err(OnceError::Unavailable),
         }
     }

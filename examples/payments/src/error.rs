@@ -58,6 +58,9 @@ pub enum ApiError {
     /// The database failed (503 when it cannot be reached, 500 otherwise).
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The idempotency store does not answer (503).
+    #[error("{0}")]
+    StoreUnavailable(idem_runtime::store::StoreError),
 }
 
 impl ApiError {
@@ -131,6 +134,13 @@ impl ApiError {
                 "urn:payments:problem:database-unavailable",
                 "Database unavailable",
                 "The database could not be reached; nothing was changed. Retry with the same Idempotency-Key.",
+            )
+            .with_retry_after(1),
+            Self::StoreUnavailable(_) => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "urn:payments:problem:store-unavailable",
+                "Idempotency store unavailable",
+                "The idempotency store does not answer, so payments cannot be taken now. Retry later.",
             )
             .with_retry_after(1),
             Self::Database(_) => Problem::new(

@@ -6,7 +6,8 @@
 //! | `POST /orders` | creates a pending order (`#[idempotent(ttl = "24h")]`) |
 //! | `POST /payments` | captures the payment of an order and marks it paid (`#[idempotent(ttl = "24h")]`) |
 //! | `GET /orders/{id}`, `GET /payments/{id}` | read them back |
-//! | `GET /healthz` | `200` while the database answers |
+//! | `GET /healthz` | `200` while the database and the idempotency store answer, else `503` |
+//! | `GET /metrics` | idem's metrics, for Prometheus |
 //!
 //! A retry with the same `Idempotency-Key` gets the stored response from the
 //! idempotency store. Behind it, the `orders` and `payments` tables carry a UNIQUE
@@ -39,9 +40,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use idem_runtime::store::{MemoryStore, RedisStore, Store};
 use idem_runtime::{Idempotency, IdempotencyBuilder};
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
 mod auth;
 pub mod client;
@@ -63,6 +66,15 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:3000";
 /// The database unless `DATABASE_URL` says otherwise: `payments.db` in the working
 /// directory, created if missing.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://payments.db?mode=rwc";
+/// How long a client may take to send a request's headers, unless
+/// `PAYMENTS_HEADER_READ_TIMEOUT_MS` says otherwise.
+pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a request body may stall, unless `PAYMENTS_BODY_TIMEOUT_MS` says otherwise.
+pub const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a request may take, unless `PAYMENTS_REQUEST_TIMEOUT_MS` says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a shutdown may take unless `PAYMENTS_SHUTDOWN_DEADLINE_MS` says otherwise.
+pub const DEFAULT_SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 /// The prefix of the app's keys in Redis.
 pub const DEFAULT_REDIS_PREFIX: &str = "payments:idem:";
 
@@ -81,6 +93,25 @@ pub struct Config {
     /// (`PAYMENTS_IDEM_LEASE_MS`, default idem's [`idem_runtime::defaults::LEASE`]): after a
     /// crash, the key is free again within one lease.
     pub lease: std::time::Duration,
+    /// How long a client may take to send a request's headers
+    /// (`PAYMENTS_HEADER_READ_TIMEOUT_MS`, default [`DEFAULT_HEADER_READ_TIMEOUT`]); a
+    /// slower one has its connection closed, so stalled clients cannot pile up
+    /// connections.
+    pub header_read_timeout: std::time::Duration,
+    /// How long a client may pause while sending a request body
+    /// (`PAYMENTS_BODY_TIMEOUT_MS`, default [`DEFAULT_BODY_TIMEOUT`]); a body that stalls
+    /// longer fails, and the request is answered `400` without running.
+    pub body_timeout: std::time::Duration,
+    /// How long a request may take in all (`PAYMENTS_REQUEST_TIMEOUT_MS`, default
+    /// [`DEFAULT_REQUEST_TIMEOUT`]); after it the client gets `408`. A payment whose
+    /// client got `408` is not cancelled: idem runs it to the end and stores its
+    /// response, which the retry gets.
+    pub request_timeout: std::time::Duration,
+    /// How long a shutdown (SIGTERM, ctrl-c) may take, from the signal
+    /// (`PAYMENTS_SHUTDOWN_DEADLINE_MS`, default [`DEFAULT_SHUTDOWN_DEADLINE`]): requests
+    /// still open and payments still running (also those whose client hung up) get this
+    /// long to end. Keep it below the orchestrator's own grace period (Kubernetes: 30 s).
+    pub shutdown_deadline: std::time::Duration,
     /// The API keys the app accepts and the account each belongs to
     /// (`PAYMENTS_API_KEYS`, `key=account` pairs separated by commas; default
     /// [`DEMO_API_KEYS`]).
@@ -95,14 +126,20 @@ impl Default for Config {
             redis_url: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             lease: idem_runtime::defaults::LEASE,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
             api_keys: ApiKeys::demo(),
         }
     }
 }
 
 impl Config {
-    /// Reads `PAYMENTS_ADDR`, `DATABASE_URL`, `REDIS_URL`, `PAYMENTS_API_KEYS` and
-    /// `PAYMENTS_IDEM_LEASE_MS`; unset or empty variables keep the defaults.
+    /// Reads `PAYMENTS_ADDR`, `DATABASE_URL`, `REDIS_URL`, `PAYMENTS_API_KEYS`,
+    /// `PAYMENTS_IDEM_LEASE_MS`, `PAYMENTS_HEADER_READ_TIMEOUT_MS`,
+    /// `PAYMENTS_BODY_TIMEOUT_MS`, `PAYMENTS_REQUEST_TIMEOUT_MS` and
+    /// `PAYMENTS_SHUTDOWN_DEADLINE_MS`; unset or empty variables keep the defaults.
     pub fn from_env() -> Result<Self, StartupError> {
         let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
         let mut config = Self::default();
@@ -126,6 +163,28 @@ impl Config {
                 .ok_or(StartupError::Lease { lease })?;
             config.lease = std::time::Duration::from_millis(millis);
         }
+        let millis = |name: &'static str| -> Result<Option<std::time::Duration>, StartupError> {
+            var(name)
+                .map(|value| {
+                    value
+                        .parse::<u64>()
+                        .map(std::time::Duration::from_millis)
+                        .map_err(|_| StartupError::Millis { name, value })
+                })
+                .transpose()
+        };
+        if let Some(timeout) = millis("PAYMENTS_HEADER_READ_TIMEOUT_MS")? {
+            config.header_read_timeout = timeout;
+        }
+        if let Some(timeout) = millis("PAYMENTS_BODY_TIMEOUT_MS")? {
+            config.body_timeout = timeout;
+        }
+        if let Some(timeout) = millis("PAYMENTS_REQUEST_TIMEOUT_MS")? {
+            config.request_timeout = timeout;
+        }
+        if let Some(deadline) = millis("PAYMENTS_SHUTDOWN_DEADLINE_MS")? {
+            config.shutdown_deadline = deadline;
+        }
         Ok(config)
     }
 }
@@ -147,6 +206,14 @@ pub enum StartupError {
     Lease {
         /// The value given.
         lease: String,
+    },
+    /// A timeout or deadline variable is not a whole number of milliseconds.
+    #[error("{name}={value:?} is not a number of milliseconds")]
+    Millis {
+        /// The variable.
+        name: &'static str,
+        /// The value given.
+        value: String,
     },
     /// `PAYMENTS_API_KEYS` is not a list of `key=account` pairs.
     #[error(
@@ -185,13 +252,156 @@ impl AppState {
 /// Connects the database (running its migrations) and the idempotency store, and builds
 /// the router.
 pub async fn app(config: &Config) -> Result<Router, StartupError> {
+    Ok(app_with_idempotency(config).await?.0)
+}
+
+/// [`app`], and the idempotency handle it serves with, for [`serve`] to drain.
+pub async fn app_with_idempotency(config: &Config) -> Result<(Router, Idempotency), StartupError> {
     let db = Db::connect(&config.database_url).await?;
     let idem = idempotency(config).await?;
-    Ok(authenticated_router(
-        AppState::new(db),
-        &idem,
-        config.api_keys.clone(),
-    ))
+    let router = authenticated_router(AppState::new(db), &idem, config.api_keys.clone())
+        // Outside idem's layer, which reads the body of a keyed request before the
+        // handler: a stalled body fails there, and the request runs nothing.
+        .layer(RequestBodyTimeoutLayer::new(config.body_timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ));
+    Ok((with_metrics(router), idem))
+}
+
+/// `router` with `GET /metrics`: what idem (and anything else in the process) reports
+/// through the `metrics` facade, in Prometheus' text format. The route is outside the
+/// router's layers, so it needs no API key; serve it where only your scraper reaches it.
+///
+/// The first call installs the process-wide Prometheus recorder.
+pub fn with_metrics(router: Router) -> Router {
+    let handle = prometheus().clone();
+    router.route("/metrics", get(move || std::future::ready(handle.render())))
+}
+
+/// The process-wide Prometheus recorder, installed on first use. Store latencies are
+/// histograms with buckets from 0.5 ms to 2.5 s.
+fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("idem_store_seconds".into()),
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            )
+            .expect("the buckets are not empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("another metrics recorder is installed; /metrics shows nothing");
+        }
+        handle
+    })
+}
+
+/// Serves `router` on `listener` until `stop` resolves, then shuts down within the
+/// config's [`shutdown_deadline`](Config::shutdown_deadline), counted from `stop`: the
+/// server stops accepting connections and waits for the requests still open, then
+/// `idem` waits for payments still running, also those whose client hung up
+/// ([`Idempotency::shutdown`]). A payment still running at the deadline is logged by its
+/// key and left to its lease: nothing half-done is stored for it.
+///
+/// Connections are served by hyper with the config's
+/// [`header_read_timeout`](Config::header_read_timeout) (`axum::serve` sets none).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    idem: Idempotency,
+    config: &Config,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use tower::ServiceExt;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout);
+    let connections = GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                router.clone().oneshot(request.map(axum::body::Body::new))
+            });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    let deadline = tokio::time::Instant::now() + config.shutdown_deadline;
+    drop(listener);
+    if tokio::time::timeout_at(deadline, connections.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open at the shutdown deadline; closing them");
+    }
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let unfinished = idem.shutdown(left).await;
+    if unfinished > 0 {
+        tracing::warn!(
+            unfinished,
+            "payments still running at the shutdown deadline are left to their leases"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or ctrl-c (SIGINT), logging that the app shuts down.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
 }
 
 /// The idempotency handle the config asks for: [`idempotency_settings`] over

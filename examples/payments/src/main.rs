@@ -2,7 +2,9 @@
 //!
 //! Configured by the environment: `PAYMENTS_ADDR` (default `127.0.0.1:3000`),
 //! `DATABASE_URL` (default `sqlite://payments.db?mode=rwc`; `postgres://...` for
-//! PostgreSQL), `REDIS_URL` (default: the in-memory idempotency store) and `RUST_LOG`.
+//! PostgreSQL), `REDIS_URL` (default: the in-memory idempotency store),
+//! `PAYMENTS_SHUTDOWN_DEADLINE_MS` and `RUST_LOG`. SIGTERM or ctrl-c shuts it down
+//! gracefully: payments in flight end (and are stored) first, within the deadline.
 
 use std::process::ExitCode;
 
@@ -28,7 +30,7 @@ async fn main() -> ExitCode {
 
 async fn serve() -> Result<(), StartupError> {
     let config = Config::from_env()?;
-    let app = payments::app(&config).await?;
+    let (app, idem) = payments::app_with_idempotency(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     tracing::info!(
         url = %format!("http://{}", listener.local_addr()?),
@@ -36,32 +38,5 @@ async fn serve() -> Result<(), StartupError> {
         idempotency_store = if config.redis_url.is_some() { "redis" } else { "memory" },
         "payments listening"
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let interrupt = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutting down");
+    payments::serve(listener, app, idem, &config, payments::shutdown_signal()).await
 }

@@ -1,9 +1,9 @@
 //! The HTTP handlers.
 
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use idem_runtime::{ScopedKey, idempotent};
+use axum::{Extension, Json};
+use idem_runtime::{Idempotency, ScopedKey, idempotent};
 use serde_json::{Value, json};
 
 use crate::AppState;
@@ -65,8 +65,13 @@ pub(crate) async fn get_payment(
     }
 }
 
-/// `GET /healthz`: 200 while the database answers.
-pub(crate) async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// `GET /healthz`: 200 while the database and the idempotency store answer, 503 while
+/// either does not (a payment could not be taken then).
+pub(crate) async fn healthz(
+    State(state): State<AppState>,
+    Extension(idem): Extension<Idempotency>,
+) -> Result<Json<Value>, ApiError> {
     state.db.ping().await?;
+    idem.ready().await.map_err(ApiError::StoreUnavailable)?;
     Ok(Json(json!({ "status": "ok" })))
 }

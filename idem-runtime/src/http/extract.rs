@@ -19,6 +19,7 @@ use super::replay;
 use crate::config::{Idempotency, defaults};
 use crate::fingerprint::Fingerprint;
 use crate::key::ScopedKey;
+use crate::metrics::{self, Outcome};
 use crate::protocol::{self, Begun, TransactionSlot};
 
 /// [`defaults::TTL`] in seconds, the default of [`Idempotent`]'s `TTL_SECS`.
@@ -111,19 +112,30 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
             fingerprint,
             ..
         } = prepared;
-        let span = tracing::info_span!(target: "idem", "idem", key = %key.key());
+        let span =
+            tracing::info_span!(target: "idem", "idem", key = %idem.logged_key(key.key(), &key));
         async move {
             let wait = idem.settings().wait_for_in_flight;
             match protocol::begin(&idem, key.clone(), fingerprint, Self::TTL, wait).await {
                 Begun::Execute(mut execution) => {
+                    metrics::request(Outcome::Executed);
                     execution.writes_in(transaction);
                     first_execution(execution, work).await
                 }
                 Begun::Answer(answer) => {
+                    metrics::request(Outcome::of(&answer));
                     transaction.roll_back().await;
                     replay::answer(&idem, &key, answer)
                 }
-                Begun::Unprotected => unkeyed(work, transaction).await,
+                Begun::Local(answer) => {
+                    metrics::request(Outcome::LocalHit);
+                    transaction.roll_back().await;
+                    replay::answer(&idem, &key, answer)
+                }
+                Begun::Unprotected => {
+                    metrics::request(Outcome::FailOpen);
+                    unkeyed(work, transaction).await
+                }
             }
         }
         .instrument(span)
@@ -212,9 +224,13 @@ where
         let (key, body) = match parts.extensions.get::<KeyedRequest>() {
             Some(KeyedRequest::Keyed { key, body }) => (key.clone(), body),
             Some(KeyedRequest::Invalid(error)) => {
+                metrics::request(Outcome::BadKey);
                 return Err(Problem::key_invalid(error).into_response());
             }
-            None if REQUIRED => return Err(Problem::key_missing().into_response()),
+            None if REQUIRED => {
+                metrics::request(Outcome::BadKey);
+                return Err(Problem::key_missing().into_response());
+            }
             None => return Ok(Self::unprotected(None, transaction)),
         };
         let fingerprint = match body {
@@ -241,11 +257,16 @@ where
                 )
             }
             BufferedBody::TooLarge => {
+                metrics::request(Outcome::BodyTooLarge);
                 return Err(Problem::body_too_large(settings.max_request_bytes).into_response());
             }
-            BufferedBody::Failed => return Err(Problem::body_unreadable().into_response()),
+            BufferedBody::Failed => {
+                metrics::request(Outcome::BadBody);
+                return Err(Problem::body_unreadable().into_response());
+            }
         };
         let Some(scope) = settings.scope.scope_of(parts) else {
+            metrics::request(Outcome::NoScope);
             tracing::warn!(target: "idem", path = parts.uri.path(), "keyed request without an identity to scope it by; answering 400 (see IdempotencyBuilder::scope, Principal, IdempotencyBuilder::shared_scope)");
             return Err(Problem::scope_missing().into_response());
         };

@@ -61,7 +61,9 @@ impl<O: Send + 'static> Drop for Detaching<O> {
         if let Some(work) = self.work.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            self.detached.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(target: "idem", "the caller went away; the work runs on in a task of its own");
+            let now = self.detached.fetch_add(1, Ordering::Relaxed) + 1;
+            crate::metrics::executions_detached(now);
             let counted = Counted(self.detached.clone());
             runtime.spawn(async move {
                 let _counted = counted;
@@ -76,6 +78,7 @@ struct Counted(Arc<AtomicUsize>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let now = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
+        crate::metrics::executions_detached(now);
     }
 }

@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use super::step::{later, store_step};
 use crate::config::Idempotency;
+use crate::in_flight::Entry;
 use crate::key::ScopedKey;
 
 /// Renews a claim's lease every third of it, from the claim until it is dropped, in a
@@ -19,6 +20,9 @@ use crate::key::ScopedKey;
 pub(crate) struct LeaseKeeper {
     _stop: oneshot::Sender<()>,
     state: Arc<LeaseState>,
+    /// Counts the execution in flight for as long as its claim is held, so that a
+    /// shutdown waits for it.
+    _in_flight: Entry,
 }
 
 struct LeaseState {
@@ -54,7 +58,12 @@ impl LeaseKeeper {
             stopped,
         );
         tokio::spawn(renewing.in_current_span());
-        Self { _stop: stop, state }
+        let logged = idem.logged_key(key.key(), key).to_string();
+        Self {
+            _stop: stop,
+            state,
+            _in_flight: idem.shared.in_flight.enter(logged),
+        }
     }
 
     /// Whether a renewal that started after `at` succeeded: the store answers.

@@ -43,6 +43,9 @@ pub(crate) enum Begun {
     Execute(Execution),
     /// The work does not run; this is what the key holds, or why it cannot be claimed.
     Answer(Answer),
+    /// The work does not run: the local tier holds the key's completed record, and the
+    /// store was not asked.
+    Local(Answer),
     /// The store failed and fail-open is on: run the work without protection.
     Unprotected,
 }
@@ -83,7 +86,7 @@ pub(crate) async fn begin(
         .and_then(|local| local.get(key.as_str()))
         && let Ok(Some(answer)) = classify(idem, &key, &fingerprint, copy, false)
     {
-        return Begun::Answer(answer);
+        return Begun::Local(answer);
     }
     if shared.detached.load(Ordering::Relaxed) >= settings.max_detached {
         tracing::warn!(target: "idem", limit = settings.max_detached, "too much detached work running; refusing");

@@ -94,6 +94,20 @@ pub trait Store: Send + Sync + 'static {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+
+    /// Whether the store answers: `Ok` when it can take steps now. What
+    /// [`Idempotency::ready`](crate::Idempotency::ready) asks, for a readiness probe.
+    ///
+    /// The default renews a claim that no key holds, which changes nothing; a store
+    /// with a cheaper question (Redis' `PING`) answers that instead.
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        static PROBE_CLAIM: Bytes = Bytes::from_static(b"idem readiness probe");
+        Box::pin(async move {
+            self.renew("__idem_ready_probe", &PROBE_CLAIM, Duration::from_millis(1))
+                .await
+                .map(drop)
+        })
+    }
 }
 
 /// A store step that failed; idem answers `503` (or runs unprotected in fail-open mode).

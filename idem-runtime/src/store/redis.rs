@@ -388,10 +388,30 @@ impl RedisStore {
         self.run_raw(command).await.map_err(StoreError::backend)
     }
 
+    /// Sends `command`; a command that failed because the connection was found dead (the
+    /// server restarted, a proxy cut it) is sent once more, on the connection the client
+    /// opened in its place, so that a restart costs no request.
+    ///
+    /// Safe for every step, even where the first send reached the server and only its
+    /// answer was lost, because each step may be applied twice ([`Store`]): a `begin`
+    /// applied already finds its own claim, which the protocol takes as the claim made; a
+    /// `complete` finds its own record and reports success; a `renew` extends again; a
+    /// `release` finds nothing. A timeout is not retried: the answer may still come, and
+    /// the step's time is spent.
     async fn run_raw<T: redis::FromRedisValue>(
         &self,
         command: Command<'_>,
     ) -> redis::RedisResult<T> {
+        match self.send(&command).await {
+            Err(error) if error.is_connection_dropped() => {
+                tracing::debug!(target: "idem", %error, "the Redis connection was dead; sending the command again on a new one");
+                self.send(&command).await
+            }
+            result => result,
+        }
+    }
+
+    async fn send<T: redis::FromRedisValue>(&self, command: &Command<'_>) -> redis::RedisResult<T> {
         match &self.connection {
             Connection::Server(c) => command.run(&mut c.clone()).await,
             Connection::Cluster(c) => command.run(&mut c.clone()).await,
@@ -406,7 +426,7 @@ enum Command<'a> {
 }
 
 impl Command<'_> {
-    async fn run<C, T>(self, connection: &mut C) -> redis::RedisResult<T>
+    async fn run<C, T>(&self, connection: &mut C) -> redis::RedisResult<T>
     where
         C: redis::aio::ConnectionLike + Send,
         T: redis::FromRedisValue,
@@ -584,6 +604,15 @@ impl Store for RedisStore {
             let mut invocation = RELEASE.prepare_invoke();
             invocation.key(self.redis_key(key)).arg(claim.as_ref());
             self.run(Command::Script(invocation)).await
+        })
+    }
+
+    /// `PING`.
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.run::<redis::Value>(Command::Plain(redis::cmd("PING")))
+                .await
+                .map(drop)
         })
     }
 }

@@ -121,6 +121,17 @@ impl Gate {
         GatedStore {
             inner: store,
             gate: self.clone(),
+            holds_completions: false,
+        }
+    }
+
+    /// `store` with its completions held by this gate instead: the handler has run, and
+    /// its response is not stored yet.
+    pub fn guard_completions(&self, store: Arc<dyn Store>) -> GatedStore {
+        GatedStore {
+            inner: store,
+            gate: self.clone(),
+            holds_completions: true,
         }
     }
 
@@ -146,10 +157,12 @@ impl Gate {
     }
 }
 
-/// A [`Store`] whose successful claims wait at a [`Gate`]; made by [`Gate::guard`].
+/// A [`Store`] whose successful claims (or completions) wait at a [`Gate`]; made by
+/// [`Gate::guard`] and [`Gate::guard_completions`].
 pub struct GatedStore {
     inner: Arc<dyn Store>,
     gate: Gate,
+    holds_completions: bool,
 }
 
 impl Store for GatedStore {
@@ -161,7 +174,7 @@ impl Store for GatedStore {
     ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
         Box::pin(async move {
             let found = self.inner.begin(key, claim, lease).await?;
-            if found.is_none() {
+            if found.is_none() && !self.holds_completions {
                 self.gate.hold(&*self.inner, key, claim, lease).await;
             }
             Ok(found)
@@ -184,7 +197,15 @@ impl Store for GatedStore {
         record: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.complete(key, claim, record, ttl)
+        Box::pin(async move {
+            if self.holds_completions {
+                // idem renews the lease meanwhile, as for any completion under way.
+                self.gate
+                    .hold(&*self.inner, key, claim, defaults::LEASE)
+                    .await;
+            }
+            self.inner.complete(key, claim, record, ttl).await
+        })
     }
 
     fn release<'a>(

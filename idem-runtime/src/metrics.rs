@@ -1,0 +1,186 @@
+//! What idem reports through the [`metrics`] facade; the application installs an exporter
+//! (Prometheus, StatsD, ...), and without one every call here does nothing.
+//!
+//! | name | kind | labels |
+//! | --- | --- | --- |
+//! | `idem_requests_total` | counter | `outcome` |
+//! | `idem_store_seconds` | histogram | `step`: `begin`, `renew`, `complete`, `release`, `ping` |
+//! | `idem_executions_in_flight` | gauge | |
+//! | `idem_executions_detached` | gauge | |
+//!
+//! Labels take a handful of fixed values each: never a key, a scope or a path.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::protocol::Answer;
+use crate::store::{BoxFuture, Store, StoreError};
+
+/// How idem answered a keyed request: the `outcome` of `idem_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The handler ran holding the key.
+    Executed,
+    /// A stored response was replayed from the store.
+    Replayed,
+    /// A stored response was replayed from the local tier, without a store round trip.
+    LocalHit,
+    /// The request ran before, but its response could not be stored (`409`).
+    NotStored,
+    /// The same request is running (`409`).
+    InFlight,
+    /// The key was used for a different request (`422`).
+    KeyReused,
+    /// The key is malformed, repeated, or missing where required (`400`).
+    BadKey,
+    /// The body is over the limit (`413`).
+    BodyTooLarge,
+    /// The body could not be read to its end (`400`).
+    BadBody,
+    /// Nothing identifies the client to scope the key by (`400`).
+    NoScope,
+    /// The store failed or is full (`503`).
+    StoreError,
+    /// Too much detached work is running (`503`).
+    Overloaded,
+    /// The store failed and fail-open ran the handler unprotected.
+    FailOpen,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Executed => "executed",
+            Self::Replayed => "replayed",
+            Self::LocalHit => "local_hit",
+            Self::NotStored => "not_stored",
+            Self::InFlight => "in_flight",
+            Self::KeyReused => "key_reused",
+            Self::BadKey => "bad_key",
+            Self::BodyTooLarge => "body_too_large",
+            Self::BadBody => "bad_body",
+            Self::NoScope => "no_scope",
+            Self::StoreError => "store_error",
+            Self::Overloaded => "overloaded",
+            Self::FailOpen => "fail_open",
+        }
+    }
+}
+
+impl Outcome {
+    /// The outcome of a request answered from what the store holds.
+    pub(crate) fn of(answer: &Answer) -> Self {
+        match answer {
+            Answer::Completed(_) => Self::Replayed,
+            Answer::NotStored(_) => Self::NotStored,
+            Answer::KeyReused => Self::KeyReused,
+            Answer::InFlight => Self::InFlight,
+            Answer::Overloaded => Self::Overloaded,
+            Answer::Unavailable => Self::StoreError,
+        }
+    }
+}
+
+/// Counts one keyed request under `outcome`.
+pub(crate) fn request(outcome: Outcome) {
+    ::metrics::counter!("idem_requests_total", "outcome" => outcome.label()).increment(1);
+}
+
+/// Sets `idem_executions_in_flight`.
+pub(crate) fn executions_in_flight(count: usize) {
+    ::metrics::gauge!("idem_executions_in_flight").set(count as f64);
+}
+
+/// Sets `idem_executions_detached`.
+pub(crate) fn executions_detached(count: usize) {
+    ::metrics::gauge!("idem_executions_detached").set(count as f64);
+}
+
+/// A store whose every step is timed into `idem_store_seconds`: what a handle holds.
+pub(crate) struct Measured(pub(crate) Arc<dyn Store>);
+
+/// Records the time of one step when dropped: when it answers, or when it is given up
+/// (a timeout).
+struct Timed {
+    step: &'static str,
+    started: Instant,
+}
+
+impl Timed {
+    fn start(step: &'static str) -> Self {
+        Self {
+            step,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        ::metrics::histogram!("idem_store_seconds", "step" => self.step)
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Store for Measured {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            let _timed = Timed::start("begin");
+            self.0.begin(key, claim, lease).await
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let _timed = Timed::start("renew");
+            self.0.renew(key, claim, lease).await
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        record: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let _timed = Timed::start("complete");
+            self.0.complete(key, claim, record, ttl).await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let _timed = Timed::start("release");
+            self.0.release(key, claim).await
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let _timed = Timed::start("ping");
+            self.0.ping().await
+        })
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        self.0.as_any()
+    }
+}

@@ -1,0 +1,86 @@
+//! What an operator asks of a running handle: whether its store answers, and to let the
+//! work in flight end before the process does.
+
+use crate::config::Idempotency;
+use crate::store::StoreError;
+
+impl Idempotency {
+    /// Whether the store answers now, within the [store timeout](crate::IdempotencyBuilder::store_timeout):
+    /// for a readiness probe. While it fails, keyed requests are answered `503` (or run
+    /// unprotected with [`fail_open`](crate::IdempotencyBuilder::fail_open)), so a load
+    /// balancer should send them elsewhere.
+    ///
+    /// Asks [`Store::ping`](crate::store::Store::ping): `PING` on Redis.
+    ///
+    /// ```
+    /// use axum::{Extension, http::StatusCode, routing::get, Router};
+    /// use idem_runtime::Idempotency;
+    ///
+    /// async fn ready(Extension(idem): Extension<Idempotency>) -> StatusCode {
+    ///     match idem.ready().await {
+    ///         Ok(()) => StatusCode::OK,
+    ///         Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+    ///     }
+    /// }
+    ///
+    /// let idem = Idempotency::in_memory();
+    /// // The layer puts the handle in every request's extensions.
+    /// let app: Router = Router::new().route("/ready", get(ready)).layer(idem.layer());
+    /// ```
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        let timeout = self.settings().store_timeout;
+        tokio::time::timeout(timeout, self.store().ping())
+            .await
+            .unwrap_or(Err(StoreError::Timeout(timeout)))
+    }
+}
+
+impl Idempotency {
+    /// Waits, up to `within`, until no execution holds a key in this process: call it
+    /// after the server stopped accepting requests (after `axum::serve(..)
+    /// .with_graceful_shutdown(..)` returned), so that a deploy never cuts a payment
+    /// halfway.
+    ///
+    /// It waits for every execution from its claim until its response is stored (or its
+    /// key released): those whose client is still connected, those whose client hung up
+    /// (they run on detached from it), and completions retried after a store failure.
+    /// Executions still running at the deadline are logged, each by its key (a digest
+    /// with [`log_keys(false)`](crate::IdempotencyBuilder::log_keys)), and left alone:
+    /// nothing stores a half result for them, and their claims free themselves when their
+    /// leases run out, so a retry then runs them again.
+    ///
+    /// Returns how many executions were still running at the deadline (`0`: all ended).
+    ///
+    /// ```no_run
+    /// # async fn sigterm() {}
+    /// # async fn demo(app: axum::Router, idem: idem_runtime::Idempotency) -> std::io::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// axum::serve(listener, app)
+    ///     .with_graceful_shutdown(sigterm()) // SIGTERM or ctrl-c
+    ///     .await?;
+    /// let unfinished = idem.shutdown(Duration::from_secs(20)).await;
+    /// if unfinished > 0 {
+    ///     eprintln!("{unfinished} executions left to their leases");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn shutdown(&self, within: std::time::Duration) -> usize {
+        let in_flight = &self.shared.in_flight;
+        let running = in_flight.count();
+        if running == 0 {
+            return 0;
+        }
+        tracing::info!(target: "idem", running, "waiting for executions in flight before shutting down");
+        if tokio::time::timeout(within, in_flight.idle()).await.is_ok() {
+            tracing::info!(target: "idem", "every execution in flight ended");
+            return 0;
+        }
+        let keys = in_flight.keys();
+        for key in &keys {
+            tracing::warn!(target: "idem", key = %key, "still running at the shutdown deadline; nothing is stored for it, and its claim frees itself when its lease runs out");
+        }
+        keys.len()
+    }
+}
