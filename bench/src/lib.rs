@@ -14,6 +14,8 @@ use idem_runtime::{Idempotency, idempotent};
 use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 
+pub mod wrk;
+
 /// What the handlers share: a counter, and a plain Redis connection for the floors.
 #[derive(Clone)]
 pub struct Bench {

@@ -9,8 +9,8 @@
 //! `cargo run --release -p idem-bench --bin loadtest -- [seconds per run] [connections] [rounds]`
 
 use std::io::Write;
-use std::process::Command;
 
+use idem_bench::wrk::{self, Keys, Measured, Script, median};
 use testkit::RedisServer;
 
 struct Row {
@@ -21,18 +21,6 @@ struct Row {
     target: Option<f64>,
 }
 
-#[derive(Clone, Copy)]
-enum Keys {
-    None,
-    Fresh,
-    Same,
-}
-
-struct Measured {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
 
 const ROWS: &[Row] = &[
     Row {
@@ -93,35 +81,12 @@ const ROWS: &[Row] = &[
     },
 ];
 
-const SCRIPT: &str = r#"
-local mode = "none"
-local prefix = "k"
-local counter = 0
-local body = '{"amount":2500,"currency":"EUR"}'
-function init(args)
-  mode = args[1] or "none"
-  prefix = args[2] or "k"
-end
-function request()
-  local headers = { ["Content-Type"] = "application/json" }
-  if mode == "fresh" then
-    counter = counter + 1
-    headers["Idempotency-Key"] = prefix .. "-" .. counter
-  elseif mode == "same" then
-    headers["Idempotency-Key"] = prefix
-  end
-  return wrk.format("POST", nil, headers, body)
-end
-"#;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let seconds: u64 = args.next().map_or(Ok(2), |s| s.parse())?;
     let connections: u64 = args.next().map_or(Ok(32), |s| s.parse())?;
     let rounds: usize = args.next().map_or(Ok(5), |s| s.parse())?;
-    if Command::new("wrk").arg("--version").output().is_err() {
-        return Err("wrk is not installed (apt-get install wrk)".into());
-    }
+    wrk::check_installed()?;
     let redis = RedisServer::start();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -132,8 +97,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let address = listener.local_addr()?;
     runtime.spawn(async move { axum::serve(listener, app).await });
 
-    let script = std::env::temp_dir().join(format!("idem-loadtest-{}.lua", std::process::id()));
-    std::fs::write(&script, SCRIPT)?;
+    let script = Script::write()?;
     println!(
         "wrk: 1 thread, {connections} connections, {seconds} s per run, {rounds} interleaved rounds; server: 2 tokio workers; private redis-server"
     );
@@ -150,24 +114,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for round in 0..rounds {
         for (slot, (index, row)) in rows.iter().enumerate() {
             let url = format!("http://{address}{}", row.path);
-            let mode = match row.keys {
-                Keys::None => "none",
-                Keys::Fresh => "fresh",
-                Keys::Same => "same",
-            };
             let prefix = format!("run{}-row{index}-round{round}", std::process::id());
-            if let Keys::Same = row.keys {
-                // Prime the key so that every measured request is a hit.
-                run_wrk(&url, &script, mode, &prefix, 1, 1, 1)?;
-            }
-            runs[slot].push(run_wrk(
+            runs[slot].push(wrk::run(
                 &url,
                 &script,
-                mode,
+                row.keys,
                 &prefix,
                 seconds,
                 connections,
-                1,
             )?);
             print!(".");
             std::io::stdout().flush()?;
@@ -175,10 +129,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!();
     let slot_of = |name: &str| rows.iter().position(|(_, r)| r.name == name);
-    let median = |mut values: Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-    };
     println!("| row | requests/s | p50 ms | p99 ms | floor | ratio | target |");
     println!("| --- | ---: | ---: | ---: | --- | ---: | ---: |");
     for (slot, (_, row)) in rows.iter().enumerate() {
@@ -214,59 +164,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "\np99 of the Redis miss path / p99 of row 3 (median of rounds): {p99_ratio:.2} (target ≤ 1.50)"
         );
     }
-    let _ = std::fs::remove_file(&script);
     Ok(())
-}
-
-fn run_wrk(
-    url: &str,
-    script: &std::path::Path,
-    mode: &str,
-    prefix: &str,
-    seconds: u64,
-    connections: u64,
-    threads: u64,
-) -> Result<Measured, Box<dyn std::error::Error>> {
-    let output = Command::new("wrk")
-        .args(["-t", &threads.to_string(), "-c", &connections.to_string()])
-        .args(["-d", &format!("{seconds}s"), "--latency", "-s"])
-        .arg(script)
-        .arg(url)
-        .args(["--", mode, prefix])
-        .output()?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() || text.contains("Non-2xx") {
-        return Err(format!("wrk against {url} failed or saw non-2xx answers:\n{text}").into());
-    }
-    let rps = text
-        .lines()
-        .find_map(|line| line.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| format!("no Requests/sec in wrk output:\n{text}"))?;
-    let percentile = |label: &str| {
-        text.lines()
-            .map(str::trim)
-            .find_map(|line| line.strip_prefix(label))
-            .map(|v| parse_latency(v.trim()))
-            .ok_or_else(|| format!("no {label} latency in wrk output:\n{text}"))
-    };
-    Ok(Measured {
-        rps,
-        p50_ms: percentile("50%")?,
-        p99_ms: percentile("99%")?,
-    })
-}
-
-/// wrk prints latencies as `512.00us`, `1.20ms` or `1.05s`.
-fn parse_latency(text: &str) -> f64 {
-    let (number, scale) = if let Some(v) = text.strip_suffix("us") {
-        (v, 0.001)
-    } else if let Some(v) = text.strip_suffix("ms") {
-        (v, 1.0)
-    } else if let Some(v) = text.strip_suffix('s') {
-        (v, 1000.0)
-    } else {
-        (text, 1.0)
-    };
-    number.parse::<f64>().unwrap_or(f64::NAN) * scale
 }

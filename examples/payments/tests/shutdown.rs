@@ -295,7 +295,7 @@ async fn sigterm_exits_at_the_deadline_naming_the_payment_left_running() {
     let redis = RedisServer::start();
     let dir = TempDir::new("shutdown-deadline");
     let database_url = format!("sqlite://{}?mode=rwc", dir.0.join("p.db").display());
-    let (mut held, key, _, _) =
+    let (mut held, key, request, order) =
         a_payment_detached_mid_completion(&dir.0, &database_url, &redis.url(), 500).await;
 
     held.terminate();
@@ -307,6 +307,26 @@ async fn sigterm_exits_at_the_deadline_naming_the_payment_left_running() {
         .find(|line| line.contains("still running at the shutdown deadline"))
         .unwrap_or_else(|| panic!("no payment named as left running: {log}"));
     assert!(left.contains(&key), "{left}");
+
+    // The claim was left to its lease: the retry against the restarted app answers 409
+    // while it holds, then runs the payment, which the order's one payment makes the same.
+    let second = App::start_binary(&dir.0, &database_url, &redis.url(), &[]).await;
+    let gave_up = Instant::now() + Duration::from_secs(20);
+    let retry = loop {
+        let answer = pay(&second.url, &key, &request).await;
+        if answer.status != StatusCode::CONFLICT || Instant::now() > gave_up {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(LEASE_MS / 10)).await;
+    };
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    let payment: Payment = retry.json();
+    assert_eq!(payment.order_id, order.id);
+    assert_eq!(
+        payment_count(&database_url, &order.id).await,
+        1,
+        "one payment for the order, whatever ran"
+    );
 }
 
 /// The held run of the tests above: the app as the `payments` binary serves it, through
