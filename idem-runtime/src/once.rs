@@ -175,7 +175,7 @@ pub enum OnceError<E> {
     /// the stored result, or runs the operation once its lease has run out.
     #[error("the operation's transaction did not commit; call again with the same key")]
     NotCommitted,
-    /// [`run_in_transaction`](Once::run_in_transaction) needs the handle's store to be a
+    /// `Once::run_in_transaction` (feature `postgres`) needs the handle's store to be a
     /// `PostgresStore`: nothing ran.
     #[error("running in a transaction needs the idempotency store to be a PostgresStore")]
     NoTransaction,

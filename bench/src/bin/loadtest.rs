@@ -21,7 +21,6 @@ struct Row {
     target: Option<f64>,
 }
 
-
 const ROWS: &[Row] = &[
     Row {
         name: "1 bare handler",
