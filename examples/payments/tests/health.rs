@@ -1,5 +1,6 @@
-//! `GET /healthz` follows the idempotency store: `503` while Redis is down, `200` once it
-//! is back, under the real app router.
+//! The idempotency store going away and coming back, under the real app router:
+//! `GET /healthz` follows it (`503` while Redis is down, `200` once it is back), and a
+//! Redis restart costs no request.
 
 #![allow(clippy::unwrap_used)]
 
@@ -7,8 +8,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use payments::Config;
+use payments::{Config, NewOrder, Order};
 use reqwest::StatusCode;
+use serde_json::json;
 use support::{Answer, Server, TempDir};
 use testkit::RedisServer;
 
@@ -62,4 +64,61 @@ async fn healthz_answers_503_while_redis_is_down() {
 
     redis.restart();
     health_becomes(&http, &server.url, StatusCode::OK).await;
+}
+
+/// Guards: after each of three restarts of the app's Redis, the very first request (no
+/// probe before it) and the ones after it answer as if nothing happened: `201`, then its
+/// replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_costs_no_request() {
+    let mut redis = RedisServer::start();
+    let dir = TempDir::new("restart");
+    let config = Config {
+        database_url: format!("sqlite://{}?mode=rwc", dir.0.join("p.db").display()),
+        redis_url: Some(redis.url()),
+        ..Config::default()
+    };
+    let server = Server::start(payments::app(&config).await.unwrap()).await;
+    let request: NewOrder = serde_json::from_value(json!({
+        "customer_id": "cus_restart",
+        "currency": "EUR",
+        "items": [{ "sku": "LAMP", "quantity": 1, "unit_price_cents": 4200 }],
+    }))
+    .unwrap();
+    let post = |key: String| {
+        let (url, request) = (server.url.clone(), request.clone());
+        async move {
+            let response = support::http()
+                .post(format!("{url}/orders"))
+                .header("idempotency-key", key)
+                .json(&request)
+                .send()
+                .await
+                .unwrap();
+            Answer::read(response).await.unwrap()
+        }
+    };
+    for round in 0..4 {
+        if round > 0 {
+            redis.restart();
+        }
+        for n in 0..2 {
+            let key = format!("restart-{round}-{n}");
+            let first = post(key.clone()).await;
+            assert_eq!(
+                first.status,
+                StatusCode::CREATED,
+                "round {round}: {first:?}"
+            );
+            assert!(!first.replayed, "round {round}");
+            let again = post(key).await;
+            assert_eq!(
+                again.status,
+                StatusCode::CREATED,
+                "round {round}: {again:?}"
+            );
+            assert!(again.replayed, "round {round}");
+            assert_eq!(again.json::<Order>().id, first.json::<Order>().id);
+        }
+    }
 }
