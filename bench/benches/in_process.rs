@@ -149,5 +149,46 @@ fn once(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parsing, requests, once);
+/// Whole requests with a Prometheus recorder (the example app's) and without: what the
+/// metrics cost per request. The recorder is local to the benchmark's thread, where the
+/// current-thread runtime runs the request to its end.
+fn with_metrics(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let app = router();
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let counter = AtomicU64::new(0);
+    runtime
+        .block_on(app.clone().oneshot(request("/memory", Some("hit".into()))))
+        .expect("prime");
+    let mut group = c.benchmark_group("metrics");
+    for recorded in [false, true] {
+        let label = if recorded { "with recorder" } else { "without" };
+        let run = |request| {
+            let serve = || runtime.block_on(app.clone().oneshot(request));
+            if recorded {
+                metrics::with_local_recorder(&recorder, serve)
+            } else {
+                serve()
+            }
+        };
+        group.bench_function(format!("memory hit, {label}"), |b| {
+            b.iter(|| run(request("/memory", Some("hit".into()))))
+        });
+        group.bench_function(format!("memory miss, {label}"), |b| {
+            b.iter(|| {
+                let key = format!("metrics-miss-{}", counter.fetch_add(1, Ordering::Relaxed));
+                run(request("/memory", Some(key)))
+            })
+        });
+        // Fold the histogram samples into their buckets, as a scrape does.
+        handle.run_upkeep();
+    }
+    group.finish();
+}
+
+criterion_group!(benches, parsing, requests, once, with_metrics);
 criterion_main!(benches);

@@ -3,7 +3,7 @@
 //! installs it), driven by `wrk` in interleaved rounds. Prints, per path, the median
 //! requests/s of each and the median of the per-round ratios with / without.
 //!
-//! `cargo run --release -p idem-bench --bin metrics_cost -- [seconds per run] [connections] [rounds]`
+//! `cargo run --release -p idem-bench --bin metrics_cost -- [seconds per run] [connections] [rounds] [paths]`
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -32,6 +32,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seconds: u64 = args.next().map_or(Ok(3), |s| s.parse())?;
     let connections: u64 = args.next().map_or(Ok(32), |s| s.parse())?;
     let rounds: usize = args.next().map_or(Ok(5), |s| s.parse())?;
+    // A fourth argument, "redis hit,memory", keeps the paths whose name contains a part.
+    let only = args.next().unwrap_or_default();
+    let paths: Vec<_> = PATHS
+        .iter()
+        .filter(|(name, _, _)| {
+            only.is_empty() || only.split(',').any(|part| name.contains(part.trim()))
+        })
+        .collect();
     wrk::check_installed()?;
     let redis = RedisServer::start();
     let without = Server::start(&redis.url(), false)?;
@@ -42,9 +50,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     // runs[path] = (without, with), one entry per round.
     let mut runs: Vec<(Vec<Measured>, Vec<Measured>)> =
-        PATHS.iter().map(|_| (Vec::new(), Vec::new())).collect();
+        paths.iter().map(|_| (Vec::new(), Vec::new())).collect();
     for round in 0..rounds {
-        for (index, (_, path, keys)) in PATHS.iter().enumerate() {
+        for (index, (_, path, keys)) in paths.iter().enumerate() {
             // Alternate which server goes first, so neither always runs on a warmer machine.
             let order = if round % 2 == 0 {
                 [(&without, false), (&with, true)]
@@ -67,7 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "| path | requests/s without | requests/s with recorder | with / without | p99 ms without | p99 ms with |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    for ((name, _, _), (without, with)) in PATHS.iter().zip(&runs) {
+    for ((name, _, _), (without, with)) in paths.iter().zip(&runs) {
         let ratio = median(
             with.iter()
                 .zip(without)
@@ -120,11 +128,24 @@ impl Drop for Server {
 /// The child: serves the app, printing its address first.
 fn serve(redis_url: &str, recorder: bool) -> Result<(), Box<dyn std::error::Error>> {
     // Kept for the life of the process, as an application keeps it to render `/metrics`.
-    let _handle = if recorder {
-        Some(metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?)
-    } else {
-        None
-    };
+    if recorder {
+        // As the example app sets it up: buckets for the store latencies, and the samples
+        // folded into them every 5 s.
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("idem_store_seconds".into()),
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            )?
+            .install_recorder()?;
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                handle.run_upkeep();
+            }
+        });
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -299,6 +299,19 @@ fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!("another metrics recorder is installed; /metrics shows nothing");
         }
+        // Histogram samples wait in a buffer until they are folded into the buckets: a
+        // scrape does it, and this does it between scrapes, so that the buffer stays small
+        // when nobody scrapes.
+        let upkeep = handle.clone();
+        std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            })
+            .expect("a thread can be started");
         handle
     })
 }
