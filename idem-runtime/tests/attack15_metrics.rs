@@ -1,0 +1,172 @@
+//! Attack 15: the `idem_executions_in_flight` and `idem_executions_detached` gauges. A test
+//! binary of its own, with a tiny global recorder; its tests run one at a time.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use axum::http::StatusCode;
+use common::{Backend, Counters, app, post_with, send, until};
+use metrics::{
+    Counter, CounterFn, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString,
+    Unit,
+};
+
+/// A gauge that keeps the last value set.
+#[derive(Default)]
+struct Cell(AtomicU64);
+
+impl GaugeFn for Cell {
+    fn increment(&self, value: f64) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |old| {
+                Some((f64::from_bits(old) + value).to_bits())
+            });
+    }
+
+    fn decrement(&self, value: f64) {
+        self.increment(-value);
+    }
+
+    fn set(&self, value: f64) {
+        self.0.store(value.to_bits(), Ordering::SeqCst);
+    }
+}
+
+/// A counter.
+#[derive(Default)]
+struct Count(AtomicU64);
+
+impl CounterFn for Count {
+    fn increment(&self, value: u64) {
+        self.0.fetch_add(value, Ordering::SeqCst);
+    }
+
+    fn absolute(&self, value: u64) {
+        self.0.fetch_max(value, Ordering::SeqCst);
+    }
+}
+
+/// Keeps every gauge by name and every counter by name and labels, as a real exporter's
+/// registry does.
+#[derive(Default)]
+struct TestRecorder {
+    gauges: Mutex<HashMap<String, Arc<Cell>>>,
+    counters: Mutex<HashMap<String, Arc<Count>>>,
+}
+
+/// `name{label=value,...}`.
+fn series(key: &Key) -> String {
+    let labels: Vec<String> = key
+        .labels()
+        .map(|label| format!("{}={}", label.key(), label.value()))
+        .collect();
+    format!("{}{{{}}}", key.name(), labels.join(","))
+}
+
+impl TestRecorder {
+    fn counter(&self, series: &str) -> u64 {
+        self.counters
+            .lock()
+            .unwrap()
+            .get(series)
+            .map_or(0, |count| count.0.load(Ordering::SeqCst))
+    }
+
+    fn gauge(&self, name: &str) -> f64 {
+        self.gauges
+            .lock()
+            .unwrap()
+            .get(name)
+            .map_or(0.0, |cell| f64::from_bits(cell.0.load(Ordering::SeqCst)))
+    }
+}
+
+impl Recorder for TestRecorder {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        let count = self
+            .counters
+            .lock()
+            .unwrap()
+            .entry(series(key))
+            .or_default()
+            .clone();
+        Counter::from_arc(count)
+    }
+
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        let cell = self
+            .gauges
+            .lock()
+            .unwrap()
+            .entry(key.name().to_owned())
+            .or_default()
+            .clone();
+        Gauge::from_arc(cell)
+    }
+
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
+fn recorder() -> &'static TestRecorder {
+    static RECORDER: OnceLock<&'static TestRecorder> = OnceLock::new();
+    RECORDER.get_or_init(|| {
+        let recorder: &'static TestRecorder = Box::leak(Box::default());
+        metrics::set_global_recorder(recorder).unwrap();
+        recorder
+    })
+}
+
+/// The tests of this binary share the global recorder: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Expected: `idem_executions_in_flight` is "executions holding a key in this process"
+/// (README). With two handles in one process (say one per store, or one for `once` jobs
+/// and one for HTTP), an execution of the first still holding its key counts 1.
+///
+/// Actual: every handle sets the process-wide gauge to its *own* count, so the second
+/// handle finishing a request sets it to 0 while the first handle's execution still
+/// holds its key (and a dashboard or a drain script reading the gauge sees no work).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_gauge_counts_every_handle_of_the_process() {
+    let _serial = SERIAL.lock().await;
+    let recorder = recorder();
+
+    let first = Backend::memory().builder().await.build();
+    let second = Backend::memory().builder().await.build();
+    let first_counters = Arc::new(Counters::default());
+    let first_app = app(&first, first_counters.clone());
+    let second_app = app(&second, Arc::new(Counters::default()));
+
+    // An execution of the first handle holds its key, waiting on its gate.
+    let running = tokio::spawn({
+        let first_app = first_app.clone();
+        async move { send(&first_app, post_with("/gated", Some("held"), "")).await }
+    });
+    until(|| first_counters.runs() == 1).await;
+    assert_eq!(recorder.gauge("idem_executions_in_flight"), 1.0);
+
+    // The second handle runs one request to its end.
+    let other = send(&second_app, post_with("/pay", Some("other"), "{}")).await;
+    assert_eq!(other.status, StatusCode::CREATED);
+
+    let shown = recorder.gauge("idem_executions_in_flight");
+    first_counters.gate.notify_one();
+    assert_eq!(running.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(
+        shown, 1.0,
+        "idem_executions_in_flight read {shown} while an execution of another handle still \
+         held its key"
+    );
+}
