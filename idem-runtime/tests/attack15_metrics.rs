@@ -236,3 +236,48 @@ async fn detached_gauge_matches_the_detached_work() {
         );
     }
 }
+
+/// Expected: `idem_requests_total{outcome}` says how idem answered: a key reused with a
+/// different request (`422`) counts under `outcome="key_reused"`, and `local_hit` counts
+/// "replayed from the local tier" (README).
+///
+/// Actual: with the local tier on, a reused key whose first response sits in the local
+/// tier is refused from there (`Begun::Local(Answer::KeyReused)`) and counted as
+/// `local_hit`: the dashboard shows a replay, and no `key_reused`, for a `422`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reused_refused_from_the_local_tier_counts_as_key_reused() {
+    let _serial = SERIAL.lock().await;
+    let recorder = recorder();
+    let idem = Backend::memory()
+        .builder()
+        .await
+        .local_tier(1 << 20, Duration::from_secs(60))
+        .build();
+    let router = app(&idem, Arc::new(Counters::default()));
+    let reused = "idem_requests_total{outcome=key_reused}";
+    let local = "idem_requests_total{outcome=local_hit}";
+    let (reused_before, local_before) = (recorder.counter(reused), recorder.counter(local));
+
+    let first = send(
+        &router,
+        post_with("/pay", Some("lt-reuse"), r#"{"amount":1}"#),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let other = send(
+        &router,
+        post_with("/pay", Some("lt-reuse"), r#"{"amount":999}"#),
+    )
+    .await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let counted = (
+        recorder.counter(reused) - reused_before,
+        recorder.counter(local) - local_before,
+    );
+    assert_eq!(
+        counted,
+        (1, 0),
+        "(key_reused, local_hit) counted for one 422 answered from the local tier"
+    );
+}
