@@ -59,3 +59,59 @@ async fn ready_fails_while_the_store_refuses_every_claim() {
         String::from_utf8_lossy(&refused.body)
     );
 }
+
+/// Expected: as above, for the PostgreSQL store: while every claim is refused because the
+/// database takes no writes, `ready()` fails.
+///
+/// Actual: `PostgresStore::ping` is `SELECT 1`, which a read-only server answers (a hot
+/// standby after a failover, or here a session set read-only, as a standby's are): `ready()`
+/// is `Ok` while every keyed request is refused with `503` ("cannot execute ... in a
+/// read-only transaction").
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_ready_fails_while_the_database_takes_no_writes() {
+    use idem_runtime::store::PostgresStore;
+    use sqlx::postgres::PgPoolOptions;
+
+    let schema = common::PgSchema::create("a15_ready_pg").await;
+    // One connection, so that what is set on it holds for every step of the store.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&schema.url)
+        .await
+        .unwrap();
+    let store = PostgresStore::from_pool(pool.clone())
+        .schema(schema.name.as_str())
+        .connect()
+        .await
+        .unwrap();
+    let idem = common::test_builder(idem_runtime::Idempotency::builder().store(store)).build();
+    let router = app(&idem, Arc::new(Counters::default()));
+    assert!(idem.ready().await.is_ok(), "a healthy store is ready");
+    assert_eq!(
+        send(&router, post_with("/pay", Some("before"), "{}"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+
+    // The database now takes reads only, as a standby does.
+    sqlx::query("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let refused = send(&router, post_with("/pay", Some("after"), "{}")).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the precondition: the read-only database refuses the claim: {:?}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    let ready = idem.ready().await;
+    assert!(
+        ready.is_err(),
+        "ready() answered Ok while every keyed request is refused with 503 ({:?})",
+        String::from_utf8_lossy(&refused.body)
+    );
+}
