@@ -36,7 +36,7 @@ impl InFlight {
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         running.insert(id, logged_key);
         self.count.send_replace(running.len());
-        crate::metrics::executions_in_flight(running.len());
+        crate::metrics::execution_in_flight(true);
         Entry {
             registry: self.clone(),
             id,
@@ -73,6 +73,6 @@ impl Drop for Entry {
             .unwrap_or_else(PoisonError::into_inner);
         running.remove(&self.id);
         self.registry.count.send_replace(running.len());
-        crate::metrics::executions_in_flight(running.len());
+        crate::metrics::execution_in_flight(false);
     }
 }

@@ -70,6 +70,15 @@ impl Outcome {
 }
 
 impl Outcome {
+    /// The outcome of a request answered from the local tier: a hit when it replays, else
+    /// what the answer is (a key reused, say).
+    pub(crate) fn of_local(answer: &Answer) -> Self {
+        match answer {
+            Answer::Completed(_) => Self::LocalHit,
+            other => Self::of(other),
+        }
+    }
+
     /// The outcome of a request answered from what the store holds.
     pub(crate) fn of(answer: &Answer) -> Self {
         match answer {
@@ -88,14 +97,25 @@ pub(crate) fn request(outcome: Outcome) {
     ::metrics::counter!("idem_requests_total", "outcome" => outcome.label()).increment(1);
 }
 
-/// Sets `idem_executions_in_flight`.
-pub(crate) fn executions_in_flight(count: usize) {
-    ::metrics::gauge!("idem_executions_in_flight").set(count as f64);
+/// Moves `idem_executions_in_flight` by one, up when an execution starts holding a key,
+/// down when it ends. Counted in steps rather than set, so that the gauge is the sum over
+/// every handle of the process.
+pub(crate) fn execution_in_flight(started: bool) {
+    step(::metrics::gauge!("idem_executions_in_flight"), started);
 }
 
-/// Sets `idem_executions_detached`.
-pub(crate) fn executions_detached(count: usize) {
-    ::metrics::gauge!("idem_executions_detached").set(count as f64);
+/// Moves `idem_executions_detached` by one, up when work moves to a task of its own, down
+/// when that work ends.
+pub(crate) fn execution_detached(started: bool) {
+    step(::metrics::gauge!("idem_executions_detached"), started);
+}
+
+fn step(gauge: ::metrics::Gauge, up: bool) {
+    if up {
+        gauge.increment(1.0);
+    } else {
+        gauge.decrement(1.0);
+    }
 }
 
 /// A store whose every step is timed into `idem_store_seconds`: what a handle holds.

@@ -128,7 +128,7 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
                     replay::answer(&idem, &key, answer)
                 }
                 Begun::Local(answer) => {
-                    metrics::request(Outcome::LocalHit);
+                    metrics::request(Outcome::of_local(&answer));
                     transaction.roll_back().await;
                     replay::answer(&idem, &key, answer)
                 }

@@ -62,8 +62,8 @@ impl<O: Send + 'static> Drop for Detaching<O> {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             tracing::debug!(target: "idem", "the caller went away; the work runs on in a task of its own");
-            let now = self.detached.fetch_add(1, Ordering::Relaxed) + 1;
-            crate::metrics::executions_detached(now);
+            self.detached.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::execution_detached(true);
             let counted = Counted(self.detached.clone());
             runtime.spawn(async move {
                 let _counted = counted;
@@ -78,7 +78,7 @@ struct Counted(Arc<AtomicUsize>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        let now = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
-        crate::metrics::executions_detached(now);
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        crate::metrics::execution_detached(false);
     }
 }

@@ -379,14 +379,16 @@ impl Execution {
     }
 
     /// Writes `record` in the work's own transaction under the fencing check and commits
-    /// both. While the record's row is locked by it, no other executor can take the key
-    /// over, so the lease needs no renewal from here on.
+    /// both. The lease is renewed until the commit ends: the transaction may still be in
+    /// use by the work (a task it spawned, a streamed body), and until the record's row is
+    /// written, another executor could take an expired claim over. The execution counts
+    /// as in flight until then too, so that a shutdown waits for the commit.
     async fn complete_in(
         &mut self,
         transaction: Arc<dyn Transactional>,
         record: Bytes,
     ) -> Completion {
-        self.keeper = None;
+        let renewing = self.keeper.take();
         // Bounded: work that still holds the transaction (a response body streaming from
         // it, say) must not hold the request for ever.
         let timeout = self.idem.settings().store_timeout;
@@ -400,6 +402,7 @@ impl Execution {
         let committed = tokio::time::timeout(timeout, completing)
             .await
             .unwrap_or(Committed::Unknown(StoreError::Timeout(timeout)));
+        drop(renewing);
         match committed {
             Committed::Yes => {
                 self.armed = false;

@@ -652,16 +652,6 @@ impl Store for PostgresStore {
         Some(self)
     }
 
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            sqlx::query("SELECT 1")
-                .execute(&self.pool)
-                .await
-                .map(drop)
-                .map_err(|error| self.error(error))
-        })
-    }
-
     fn release<'a>(
         &'a self,
         key: &'a str,

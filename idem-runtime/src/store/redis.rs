@@ -608,9 +608,17 @@ impl Store for RedisStore {
     }
 
     /// `PING`.
+    /// A write, not a `PING`: a server that answers but takes no claim (a read-only
+    /// replica after a failover, `MISCONF` after a failed save) is not ready.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            self.run::<redis::Value>(Command::Plain(redis::cmd("PING")))
+            let mut probe = redis::cmd("SET");
+            probe
+                .arg(self.redis_key("__ready"))
+                .arg(b"1")
+                .arg("PX")
+                .arg(1_000);
+            self.run::<redis::Value>(Command::Plain(probe))
                 .await
                 .map(drop)
         })

@@ -1,4 +1,4 @@
-//! Attack 15: `Idempotency::shutdown` and the `idem_executions_in_flight` gauge against a
+//! `Idempotency::shutdown` and the `idem_executions_in_flight` gauge against a
 //! `PgTransaction` completion that has not committed yet.
 
 #![cfg(feature = "postgres")]
@@ -41,20 +41,20 @@ async fn pay(State(app): State<App>, tx: PgTransaction) -> Response {
     (StatusCode::CREATED, "paid").into_response()
 }
 
-/// Expected: `shutdown(within)` "waits for every execution holding a key in this process
+/// Guards: `shutdown(within)` "waits for every execution holding a key in this process
 /// ... until its response is stored". An execution whose handler returned and whose
 /// `PgTransaction` is committing (here its record UPDATE waits on a row lock, as it would
 /// behind a slow disk, synchronous replication or a lock held by another session) has
 /// not stored its response yet: `shutdown(300 ms)` must wait, and report it as still
 /// running (1) at the deadline.
 ///
-/// Actual: `Execution::complete_in` drops the `LeaseKeeper` (which holds the in-flight
+/// Before the fix: `Execution::complete_in` drops the `LeaseKeeper` (which holds the in-flight
 /// entry) *before* the commit, so `shutdown` returns 0 at once ("every execution in
 /// flight ended") while the commit is still pending; a process that exits then loses the
 /// payment the client is about to be told happened, and the in-flight gauge reads 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_a_transactional_completion_that_is_still_committing() {
-    let schema = PgSchema::create("a15_shutdown_tx").await;
+    let schema = PgSchema::create("guard_shutdown_tx").await;
     let store = PostgresStore::builder(schema.url.as_str())
         .schema(schema.name.as_str())
         .connect()

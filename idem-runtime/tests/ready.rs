@@ -1,4 +1,4 @@
-//! Attack 15: `Idempotency::ready()` on a Redis that answers `PING` but takes no claim.
+//! `Idempotency::ready()` on a Redis that answers `PING` but takes no claim.
 
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used)]
@@ -11,19 +11,19 @@ use axum::http::StatusCode;
 use common::{Backend, Counters, app, post_with, send};
 use testkit::RedisServer;
 
-/// Expected: `ready()` is what a readiness probe answers with ("`Ok` when it [the store]
+/// Guards: `ready()` is what a readiness probe answers with ("`Ok` when it [the store]
 /// can take steps now", `Store::ping`); while every keyed request is refused with `503`
 /// because the store cannot take a claim, `ready()` must fail too, so that the load
 /// balancer sends the traffic elsewhere.
 ///
-/// Actual: on a Redis that has become a read-only replica (after a failover, or an
+/// Before the fix: on a Redis that has become a read-only replica (after a failover, or an
 /// endpoint pointing at a replica; a `MISCONF` server that stopped writes behaves the
 /// same), `PING` still answers, so `ready()` is `Ok` while every payment is refused with
 /// `503` (`READONLY You can't write against a read only replica`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_fails_while_the_store_refuses_every_claim() {
     let server = RedisServer::start();
-    let backend = Backend::redis_at(&server.url(), "a15_ready");
+    let backend = Backend::redis_at(&server.url(), "guard_ready");
     let idem = backend.builder().await.build();
     let router = app(&idem, Arc::new(Counters::default()));
     assert!(idem.ready().await.is_ok(), "a healthy store is ready");
@@ -60,10 +60,10 @@ async fn ready_fails_while_the_store_refuses_every_claim() {
     );
 }
 
-/// Expected: as above, for the PostgreSQL store: while every claim is refused because the
+/// Guards: as above, for the PostgreSQL store: while every claim is refused because the
 /// database takes no writes, `ready()` fails.
 ///
-/// Actual: `PostgresStore::ping` is `SELECT 1`, which a read-only server answers (a hot
+/// Before the fix: `PostgresStore::ping` is `SELECT 1`, which a read-only server answers (a hot
 /// standby after a failover, or here a session set read-only, as a standby's are): `ready()`
 /// is `Ok` while every keyed request is refused with `503` ("cannot execute ... in a
 /// read-only transaction").
@@ -73,7 +73,7 @@ async fn postgres_ready_fails_while_the_database_takes_no_writes() {
     use idem_runtime::store::PostgresStore;
     use sqlx::postgres::PgPoolOptions;
 
-    let schema = common::PgSchema::create("a15_ready_pg").await;
+    let schema = common::PgSchema::create("guard_ready_pg").await;
     // One connection, so that what is set on it holds for every step of the store.
     let pool = PgPoolOptions::new()
         .max_connections(1)

@@ -1,4 +1,4 @@
-//! Attack 15: the lease of an execution whose `PgTransaction` completion waits for the
+//! the lease of an execution whose `PgTransaction` completion waits for the
 //! transaction (a task the handler spawned still uses it).
 
 #![cfg(feature = "postgres")]
@@ -52,19 +52,19 @@ async fn pay(State(app): State<App>, tx: PgTransaction) -> Response {
     (StatusCode::CREATED, "paid").into_response()
 }
 
-/// Expected: the lease of an execution is renewed "however long extractors, the work, a
+/// Guards: the lease of an execution is renewed "however long extractors, the work, a
 /// streamed result or a completion ... take": while the first request is alive and
 /// completing (its transaction still in use, its record not written), a retry with the
 /// same key is answered `409` and the handler does not run a second time.
 ///
-/// Actual: `Execution::complete_in` drops the `LeaseKeeper` before it even gets the
+/// Before the fix: `Execution::complete_in` drops the `LeaseKeeper` before it even gets the
 /// transaction back (`finish()` waits for the spawned task, up to the store timeout), so
 /// the lease lapses while the first execution is alive; the retry claims the key and runs
 /// the handler again (two runs), and the first request then fails the fencing check and
 /// answers `409` for a payment whose handler completed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_waiting_for_its_transaction_keeps_its_lease() {
-    let schema = PgSchema::create("a15_tx_lease").await;
+    let schema = PgSchema::create("guard_tx_lease").await;
     let store = PostgresStore::builder(schema.url.as_str())
         .schema(schema.name.as_str())
         .connect()

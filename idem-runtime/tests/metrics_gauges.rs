@@ -1,4 +1,4 @@
-//! Attack 15: the `idem_executions_in_flight` and `idem_executions_detached` gauges. A test
+//! the `idem_executions_in_flight` and `idem_executions_detached` gauges. A test
 //! binary of its own, with a tiny global recorder; its tests run one at a time.
 
 #![allow(clippy::unwrap_used)]
@@ -132,11 +132,11 @@ fn recorder() -> &'static TestRecorder {
 /// The tests of this binary share the global recorder: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Expected: `idem_executions_in_flight` is "executions holding a key in this process"
+/// Guards: `idem_executions_in_flight` is "executions holding a key in this process"
 /// (README). With two handles in one process (say one per store, or one for `once` jobs
 /// and one for HTTP), an execution of the first still holding its key counts 1.
 ///
-/// Actual: every handle sets the process-wide gauge to its *own* count, so the second
+/// Before the fix: every handle sets the process-wide gauge to its *own* count, so the second
 /// handle finishing a request sets it to 0 while the first handle's execution still
 /// holds its key (and a dashboard or a drain script reading the gauge sees no work).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,10 +172,10 @@ async fn in_flight_gauge_counts_every_handle_of_the_process() {
     );
 }
 
-/// Expected: `idem_executions_detached` is the number of executions running on after
+/// Guards: `idem_executions_detached` is the number of executions running on after
 /// their client hung up, and returns to 0 once none does.
 ///
-/// Actual: `Detaching::drop` and `Counted::drop` change the count (`fetch_add` /
+/// Before the fix: `Detaching::drop` and `Counted::drop` change the count (`fetch_add` /
 /// `fetch_sub`) and then set the gauge to the value they read, unsynchronised: two
 /// executions detaching (or ending) at once on two worker threads set their values in
 /// either order, so the gauge misses some (seen: 62 with 64 detached). The same race on
@@ -237,11 +237,11 @@ async fn detached_gauge_matches_the_detached_work() {
     }
 }
 
-/// Expected: `idem_requests_total{outcome}` says how idem answered: a key reused with a
+/// Guards: `idem_requests_total{outcome}` says how idem answered: a key reused with a
 /// different request (`422`) counts under `outcome="key_reused"`, and `local_hit` counts
 /// "replayed from the local tier" (README).
 ///
-/// Actual: with the local tier on, a reused key whose first response sits in the local
+/// Before the fix: with the local tier on, a reused key whose first response sits in the local
 /// tier is refused from there (`Begun::Local(Answer::KeyReused)`) and counted as
 /// `local_hit`: the dashboard shows a replay, and no `key_reused`, for a `422`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
