@@ -94,6 +94,8 @@ pub(crate) struct Settings {
     pub(crate) local_tier: Option<(u64, Duration)>,
     pub(crate) max_detached: usize,
     pub(crate) log_keys: bool,
+    /// The secret of the logged key digests; drawn at random by `build` when not set.
+    pub(crate) log_key_secret: Option<Arc<[u8]>>,
 }
 
 impl Default for Settings {
@@ -113,6 +115,7 @@ impl Default for Settings {
             local_tier: None,
             max_detached: defaults::MAX_DETACHED,
             log_keys: true,
+            log_key_secret: None,
         }
     }
 }
@@ -220,7 +223,13 @@ impl Idempotency {
         if self.shared.settings.log_keys {
             LoggedKey::Raw(raw)
         } else {
-            LoggedKey::Digest(key.digest())
+            let secret = self
+                .shared
+                .settings
+                .log_key_secret
+                .as_deref()
+                .unwrap_or(&[]);
+            LoggedKey::Digest(key.digest(secret))
         }
     }
 }
@@ -405,10 +414,11 @@ impl IdempotencyBuilder {
     }
 
     /// Whether idem's logs and spans show idempotency keys as clients sent them (default
-    /// `true`: the per-request span carries `key`). With `false` they show
-    /// `sha256:` and the first 8 bytes of the SHA-256 of the scoped key instead (see
-    /// [`ScopedKey::digest`]): enough to follow one key through the logs, without the logs
-    /// holding what clients sent (a key may carry an order number or an e-mail address).
+    /// `true`: the per-request span carries `key`). With `false` they show `key-digest:`
+    /// and a keyed digest of the scoped key instead ([`ScopedKey::digest`] under
+    /// [`log_key_secret`](Self::log_key_secret)): enough to follow one key through the
+    /// logs, without the logs holding what clients sent (a key may carry an order number
+    /// or an e-mail address), nor letting their reader get a key back by hashing guesses.
     /// idem never logs `Authorization` or other credentials either way.
     ///
     /// ```
@@ -420,9 +430,30 @@ impl IdempotencyBuilder {
         self
     }
 
+    /// The secret of the key digests logged under [`log_keys(false)`](Self::log_keys).
+    /// Give every instance the same one (from your secret store) to follow a key across
+    /// instances and restarts, and to find a key's digest with [`ScopedKey::digest`].
+    /// Default: 32 random bytes drawn when the handle is built, so digests match within
+    /// one handle only.
+    ///
+    /// ```
+    /// let idem = idem_runtime::Idempotency::builder()
+    ///     .log_keys(false)
+    ///     .log_key_secret(b"from the secret store")
+    ///     .build();
+    /// # drop(idem);
+    /// ```
+    pub fn log_key_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.settings.log_key_secret = Some(Arc::from(secret.as_ref()));
+        self
+    }
+
     /// Builds the handle.
     pub fn build(self) -> Idempotency {
-        let settings = self.settings;
+        let mut settings = self.settings;
+        if settings.log_key_secret.is_none() {
+            settings.log_key_secret = Some(random_secret());
+        }
         let local = settings
             .local_tier
             .map(|(max_bytes, max_age)| LocalTier::new(max_bytes, max_age));
@@ -438,6 +469,20 @@ impl IdempotencyBuilder {
             }),
         }
     }
+}
+
+/// 32 random bytes; where the system has no randomness to give, the clock and the
+/// process id, still unknown to whoever reads only the logs.
+fn random_secret() -> Arc<[u8]> {
+    let mut secret = [0u8; 32];
+    if getrandom::fill(&mut secret).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        secret[..16].copy_from_slice(&nanos.to_be_bytes());
+        secret[16..20].copy_from_slice(&std::process::id().to_be_bytes());
+    }
+    Arc::from(secret.as_slice())
 }
 
 /// Which response headers are stored and replayed.

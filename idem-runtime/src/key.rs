@@ -187,22 +187,30 @@ impl ScopedKey {
         &self.0.key
     }
 
-    /// A short digest of [`as_str`](Self::as_str): the first 8 bytes of its SHA-256, in
-    /// hex. With [`log_keys(false)`](crate::IdempotencyBuilder::log_keys) idem logs this
-    /// in place of the key, so an operator can still follow one key through the logs
-    /// (and find it by computing the digest of a scoped key) without the logs holding
-    /// what clients sent.
+    /// A short keyed digest of [`as_str`](Self::as_str): the first 8 bytes, in hex, of
+    /// the SHA-256 of `secret` (its length first) followed by the scoped key. With
+    /// [`log_keys(false)`](crate::IdempotencyBuilder::log_keys) idem logs this in place of
+    /// the key, under the handle's
+    /// [`log_key_secret`](crate::IdempotencyBuilder::log_key_secret): an operator who
+    /// holds the secret can follow one key through the logs (and find it by computing its
+    /// digest), while whoever reads only the logs cannot get a key back by hashing guesses
+    /// (an order number, an e-mail address).
     ///
     /// ```
     /// use idem_runtime::{IdempotencyKey, Scope, ScopedKey};
     ///
     /// let key = ScopedKey::new(Scope::of("acct_1"), IdempotencyKey::parse(b"order-42").unwrap());
-    /// assert_eq!(key.digest().len(), 16);
-    /// assert!(!key.digest().contains("order-42"));
+    /// let digest = key.digest(b"the deployment's secret");
+    /// assert_eq!(digest.len(), 16);
+    /// assert_ne!(digest, key.digest(b"another secret"));
     /// ```
-    pub fn digest(&self) -> String {
+    pub fn digest(&self, secret: &[u8]) -> String {
         use sha2::{Digest, Sha256};
-        let hash = Sha256::digest(self.0.joined.as_bytes());
+        let hash = Sha256::new()
+            .chain_update((secret.len() as u64).to_be_bytes())
+            .chain_update(secret)
+            .chain_update(self.0.joined.as_bytes())
+            .finalize();
         let mut out = String::with_capacity(16);
         crate::scope::push_hex(&mut out, &hash[..8]);
         out
@@ -210,8 +218,8 @@ impl ScopedKey {
 }
 
 /// How a key appears in idem's logs: as sent, or, under
-/// [`log_keys(false)`](crate::IdempotencyBuilder::log_keys), as `sha256:` and the
-/// [`ScopedKey::digest`].
+/// [`log_keys(false)`](crate::IdempotencyBuilder::log_keys), as `key-digest:` and the
+/// [`ScopedKey::digest`] under the handle's secret.
 pub(crate) enum LoggedKey<'a> {
     Raw(&'a dyn fmt::Display),
     Digest(String),
@@ -221,7 +229,7 @@ impl fmt::Display for LoggedKey<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Raw(key) => key.fmt(f),
-            Self::Digest(digest) => write!(f, "sha256:{digest}"),
+            Self::Digest(digest) => write!(f, "key-digest:{digest}"),
         }
     }
 }

@@ -93,7 +93,7 @@ async fn log_keys_false_logs_digests_only() {
         "logs hold the credential: {hidden}"
     );
     assert!(
-        hidden.contains("key=sha256:"),
+        hidden.contains("key=key-digest:"),
         "the span carries a digest instead: {hidden}"
     );
 }

@@ -124,12 +124,12 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
                 }
                 Begun::Answer(answer) => {
                     metrics::request(Outcome::of(&answer));
-                    transaction.roll_back().await;
+                    transaction.roll_back(idem.settings().store_timeout).await;
                     replay::answer(&idem, &key, answer)
                 }
                 Begun::Local(answer) => {
                     metrics::request(Outcome::of_local(&answer));
-                    transaction.roll_back().await;
+                    transaction.roll_back(idem.settings().store_timeout).await;
                     replay::answer(&idem, &key, answer)
                 }
                 Begun::Unprotected => {
@@ -171,7 +171,10 @@ where
 {
     let response = work.await.into_response();
     let keep = !response.status().is_server_error();
-    match transaction.finish_unkeyed(keep).await {
+    match transaction
+        .finish_unkeyed(keep, defaults::STORE_TIMEOUT)
+        .await
+    {
         Ok(()) => response,
         Err(error) => {
             tracing::error!(target: "idem", %error, "committing the handler's transaction failed; answering 503");

@@ -439,7 +439,9 @@ impl Execution {
     /// transaction if it took one. The execution stays armed until the release is done:
     /// a caller dropped meanwhile still releases, from `Drop`.
     pub(crate) async fn release(&mut self) {
-        self.transaction.roll_back().await;
+        self.transaction
+            .roll_back(self.idem.settings().store_timeout)
+            .await;
         self.keeper = None;
         release(&self.idem, &self.key, &self.claim, self.persist_release).await;
         self.armed = false;

@@ -99,23 +99,42 @@ impl TransactionSlot {
     }
 
     /// Commits the work's writes when `keep`, else rolls them back; for work that ran
-    /// without a key. `Err` when the commit failed.
-    pub(crate) async fn finish_unkeyed(&self, keep: bool) -> Result<(), StoreError> {
+    /// without a key. `Err` when the commit failed, or did not end `within` (the work may
+    /// still hold the transaction: a body streamed from it); then nothing commits it.
+    pub(crate) async fn finish_unkeyed(
+        &self,
+        keep: bool,
+        within: Duration,
+    ) -> Result<(), StoreError> {
         let Some(transaction) = self.take() else {
             return Ok(());
         };
         if keep {
-            transaction.commit().await
+            tokio::time::timeout(within, transaction.commit())
+                .await
+                .unwrap_or(Err(StoreError::Timeout(within)))
         } else {
-            transaction.rollback().await;
+            roll_back_within(transaction.as_ref(), within).await;
             Ok(())
         }
     }
 
-    /// Rolls back what the work wrote, if it took a transaction.
-    pub(crate) async fn roll_back(&self) {
+    /// Rolls back what the work wrote, if it took a transaction. Waits at most `within`
+    /// for the work to give the transaction back (a body streamed from it may hold it):
+    /// past that, it rolls back when the work lets go of it, since nothing can commit it
+    /// any more.
+    pub(crate) async fn roll_back(&self, within: Duration) {
         if let Some(transaction) = self.take() {
-            transaction.rollback().await;
+            roll_back_within(transaction.as_ref(), within).await;
         }
+    }
+}
+
+async fn roll_back_within(transaction: &dyn Transactional, within: Duration) {
+    if tokio::time::timeout(within, transaction.rollback())
+        .await
+        .is_err()
+    {
+        tracing::warn!(target: "idem", "the work still holds its transaction; it rolls back when the work lets go of it");
     }
 }

@@ -1,4 +1,4 @@
-//! Attack 15: a `5xx` whose body streams from the handler's `PgTransaction`.
+//! a `5xx` whose body streams from the handler's `PgTransaction`.
 
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used)]
@@ -69,12 +69,12 @@ async fn export(State(app): State<App>, tx: PgTransaction) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, Body::from_stream(stream)).into_response()
 }
 
-/// Expected: like a success streamed from the transaction (README: "the request ends
+/// Guards: like a success streamed from the transaction (README: "the request ends
 /// after the store timeout with a `503` and nothing committed"), a `5xx` streamed from it
 /// ends in bounded time, its writes rolled back and its key released, so that the retry
 /// runs again.
 ///
-/// Actual: the `5xx` path (`store_response` -> `Execution::release` ->
+/// Before the fix: the `5xx` path (`store_response` -> `Execution::release` ->
 /// `TransactionSlot::roll_back` -> `PgTransaction::rollback`) waits, without the store
 /// timeout, for the transaction's lock, which the streaming task holds while it waits for
 /// the body to be read; the body is only handed out after the release. Deadlock: the
@@ -82,7 +82,7 @@ async fn export(State(app): State<App>, tx: PgTransaction) -> Response {
 /// every retry is answered `409` for ever (and `shutdown` never sees it end).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_5xx_streamed_from_the_transaction_ends_and_releases_the_key() {
-    let schema = PgSchema::create("a15_tx_5xx_stream").await;
+    let schema = PgSchema::create("guard_tx_5xx_stream").await;
     let store = PostgresStore::builder(schema.url.as_str())
         .schema(schema.name.as_str())
         .connect()
