@@ -50,26 +50,6 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Executed => "executed",
-            Self::Replayed => "replayed",
-            Self::LocalHit => "local_hit",
-            Self::NotStored => "not_stored",
-            Self::InFlight => "in_flight",
-            Self::KeyReused => "key_reused",
-            Self::BadKey => "bad_key",
-            Self::BodyTooLarge => "body_too_large",
-            Self::BadBody => "bad_body",
-            Self::NoScope => "no_scope",
-            Self::StoreError => "store_error",
-            Self::Overloaded => "overloaded",
-            Self::FailOpen => "fail_open",
-        }
-    }
-}
-
-impl Outcome {
     /// The outcome of a request answered from the local tier: a hit when it replays, else
     /// what the answer is (a key reused, say).
     pub(crate) fn of_local(answer: &Answer) -> Self {
@@ -93,8 +73,30 @@ impl Outcome {
 }
 
 /// Counts one keyed request under `outcome`.
+///
+/// Each label is written as a literal, so that the facade builds every key once, in a
+/// static, instead of on each call.
 pub(crate) fn request(outcome: Outcome) {
-    ::metrics::counter!("idem_requests_total", "outcome" => outcome.label()).increment(1);
+    macro_rules! count {
+        ($label:literal) => {
+            ::metrics::counter!("idem_requests_total", "outcome" => $label).increment(1)
+        };
+    }
+    match outcome {
+        Outcome::Executed => count!("executed"),
+        Outcome::Replayed => count!("replayed"),
+        Outcome::LocalHit => count!("local_hit"),
+        Outcome::NotStored => count!("not_stored"),
+        Outcome::InFlight => count!("in_flight"),
+        Outcome::KeyReused => count!("key_reused"),
+        Outcome::BadKey => count!("bad_key"),
+        Outcome::BodyTooLarge => count!("body_too_large"),
+        Outcome::BadBody => count!("bad_body"),
+        Outcome::NoScope => count!("no_scope"),
+        Outcome::StoreError => count!("store_error"),
+        Outcome::Overloaded => count!("overloaded"),
+        Outcome::FailOpen => count!("fail_open"),
+    }
 }
 
 /// Moves `idem_executions_in_flight` by one, up when an execution starts holding a key,
@@ -124,12 +126,22 @@ pub(crate) struct Measured(pub(crate) Arc<dyn Store>);
 /// Records the time of one step when dropped: when it answers, or when it is given up
 /// (a timeout).
 struct Timed {
-    step: &'static str,
+    step: Step,
     started: Instant,
 }
 
+/// The `step` label of `idem_store_seconds`.
+#[derive(Clone, Copy)]
+enum Step {
+    Begin,
+    Renew,
+    Complete,
+    Release,
+    Ping,
+}
+
 impl Timed {
-    fn start(step: &'static str) -> Self {
+    fn start(step: Step) -> Self {
         Self {
             step,
             started: Instant::now(),
@@ -139,8 +151,20 @@ impl Timed {
 
 impl Drop for Timed {
     fn drop(&mut self) {
-        ::metrics::histogram!("idem_store_seconds", "step" => self.step)
-            .record(self.started.elapsed().as_secs_f64());
+        let seconds = self.started.elapsed().as_secs_f64();
+        // Literal labels: the facade builds each key once (see `request`).
+        macro_rules! record {
+            ($label:literal) => {
+                ::metrics::histogram!("idem_store_seconds", "step" => $label).record(seconds)
+            };
+        }
+        match self.step {
+            Step::Begin => record!("begin"),
+            Step::Renew => record!("renew"),
+            Step::Complete => record!("complete"),
+            Step::Release => record!("release"),
+            Step::Ping => record!("ping"),
+        }
     }
 }
 
@@ -152,7 +176,7 @@ impl Store for Measured {
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
         Box::pin(async move {
-            let _timed = Timed::start("begin");
+            let _timed = Timed::start(Step::Begin);
             self.0.begin(key, claim, lease).await
         })
     }
@@ -164,7 +188,7 @@ impl Store for Measured {
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let _timed = Timed::start("renew");
+            let _timed = Timed::start(Step::Renew);
             self.0.renew(key, claim, lease).await
         })
     }
@@ -177,7 +201,7 @@ impl Store for Measured {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let _timed = Timed::start("complete");
+            let _timed = Timed::start(Step::Complete);
             self.0.complete(key, claim, record, ttl).await
         })
     }
@@ -188,14 +212,14 @@ impl Store for Measured {
         claim: &'a Bytes,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let _timed = Timed::start("release");
+            let _timed = Timed::start(Step::Release);
             self.0.release(key, claim).await
         })
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            let _timed = Timed::start("ping");
+            let _timed = Timed::start(Step::Ping);
             self.0.ping().await
         })
     }
