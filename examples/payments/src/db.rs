@@ -14,6 +14,7 @@ use crate::error::ApiError;
 use crate::model::{
     Item, NewOrder, NewPayment, ORDER_PAID, ORDER_PENDING, Order, PAYMENT_CAPTURED, Payment,
 };
+use crate::tx::{Tx, execute};
 
 /// The migrations, embedded in the binary; the files follow sqlx-cli's naming, so
 /// `sqlx migrate run --source examples/payments/migrations` applies the same ones.
@@ -63,10 +64,11 @@ impl Db {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(drop)
     }
 
-    /// Stores a new order with `total_cents` (checked by the caller) under `key`, or,
-    /// if `key` already created an order, returns that one: the second guard.
-    pub async fn create_order(
+    /// Stores a new order with `total_cents` (checked by the caller), written in `tx`,
+    /// under the scoped `key` of the request that created it (if it sent one).
+    pub(crate) async fn create_order(
         &self,
+        tx: &Tx,
         request: &NewOrder,
         total_cents: i64,
         key: Option<&str>,
@@ -80,66 +82,39 @@ impl Db {
             status: ORDER_PENDING.to_owned(),
             created_at: now(),
         };
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
+        let mut writes = tx.writes().await?;
+        let inserted = execute!(
+            writes,
             "INSERT INTO orders (id, idempotency_key, customer_id, total_cents, currency, status, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&order.id)
-        .bind(key)
-        .bind(&order.customer_id)
-        .bind(order.total_cents)
-        .bind(&order.currency)
-        .bind(&order.status)
-        .bind(&order.created_at)
-        .execute(&mut *tx)
-        .await;
+            &order.id,
+            key,
+            &order.customer_id,
+            order.total_cents,
+            &order.currency,
+            &order.status,
+            &order.created_at,
+        );
         match inserted {
-            Ok(_) => {}
-            Err(error) if is_unique_violation(&error) => {
-                tx.rollback().await?;
-                let Some(key) = key else {
-                    return Err(error.into());
-                };
-                return self.order_created_under(key, request).await;
-            }
+            Ok(()) => {}
+            // Only an idempotency store that forgot the key lets its retry get this far.
+            Err(error) if is_unique_violation(&error) => return Err(ApiError::KeyUsed),
             Err(error) => return Err(error.into()),
         }
         for (line, item) in (0_i64..).zip(&order.items) {
-            sqlx::query(
+            execute!(
+                writes,
                 "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_cents) \
                  VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(&order.id)
-            .bind(line)
-            .bind(&item.sku)
-            .bind(item.quantity)
-            .bind(item.unit_price_cents)
-            .execute(&mut *tx)
-            .await?;
+                &order.id,
+                line,
+                &item.sku,
+                item.quantity,
+                item.unit_price_cents,
+            )?;
         }
-        tx.commit().await?;
+        writes.done().await?;
         Ok(order)
-    }
-
-    async fn order_created_under(&self, key: &str, request: &NewOrder) -> Result<Order, ApiError> {
-        let row = sqlx::query("SELECT id FROM orders WHERE idempotency_key = $1")
-            .bind(key)
-            .fetch_one(&self.pool)
-            .await?;
-        let id: String = row.try_get("id")?;
-        let existing = self
-            .order(&id)
-            .await?
-            .ok_or_else(|| ApiError::OrderNotFound(id))?;
-        if existing.customer_id != request.customer_id
-            || existing.items != request.items
-            || existing.currency != request.currency
-        {
-            return Err(ApiError::KeyReused);
-        }
-        tracing::info!(order_id = %existing.id, "second guard: this key already created the order; returning it");
-        Ok(existing)
     }
 
     /// The order with this id, with its items.
@@ -180,12 +155,17 @@ impl Db {
         }))
     }
 
-    /// Captures a payment for an order and marks the order paid, in one transaction.
+    /// Captures a payment for an order and marks the order paid, written in `tx`, under
+    /// the scoped `key` of the request that made it (if it sent one).
     ///
-    /// Two UNIQUE constraints guard it, whatever the idempotency store remembers: one on
-    /// `idempotency_key`, so a retry whose record was lost gets the payment it already
-    /// made, and one on `order_id`, so a second key cannot pay the same order (409).
-    pub async fn pay(&self, request: &NewPayment, key: Option<&str>) -> Result<Payment, ApiError> {
+    /// The UNIQUE constraint on `payments.order_id` is the business rule "one payment per
+    /// order": a second payment of a paid order, whatever its key, is refused (`409`).
+    pub(crate) async fn pay(
+        &self,
+        tx: &Tx,
+        request: &NewPayment,
+        key: Option<&str>,
+    ) -> Result<Payment, ApiError> {
         let Some(order) = self.order(&request.order_id).await? else {
             return Err(ApiError::OrderNotFound(request.order_id.clone()));
         };
@@ -209,63 +189,34 @@ impl Db {
             status: PAYMENT_CAPTURED.to_owned(),
             created_at: now(),
         };
-        // The insert comes first so that it takes the write lock: on SQLite a transaction
-        // that reads before it writes can fail at once instead of waiting its turn.
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
+        let mut writes = tx.writes().await?;
+        let inserted = execute!(
+            writes,
             "INSERT INTO payments (id, idempotency_key, order_id, amount_cents, currency, status, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&payment.id)
-        .bind(key)
-        .bind(&payment.order_id)
-        .bind(payment.amount_cents)
-        .bind(&payment.currency)
-        .bind(&payment.status)
-        .bind(&payment.created_at)
-        .execute(&mut *tx)
-        .await;
+            &payment.id,
+            key,
+            &payment.order_id,
+            payment.amount_cents,
+            &payment.currency,
+            &payment.status,
+            &payment.created_at,
+        );
         match inserted {
-            Ok(_) => {}
+            Ok(()) => {}
             Err(error) if is_unique_violation(&error) => {
-                tx.rollback().await?;
-                return self.payment_made_under(key, request).await;
+                return Err(ApiError::AlreadyPaid(request.order_id.clone()));
             }
             Err(error) => return Err(error.into()),
         }
-        sqlx::query("UPDATE orders SET status = $1 WHERE id = $2")
-            .bind(ORDER_PAID)
-            .bind(&payment.order_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        execute!(
+            writes,
+            "UPDATE orders SET status = $1 WHERE id = $2",
+            ORDER_PAID,
+            &payment.order_id,
+        )?;
+        writes.done().await?;
         Ok(payment)
-    }
-
-    /// After a unique violation: the payment `key` already made, or 409 when the order
-    /// was paid under another key.
-    async fn payment_made_under(
-        &self,
-        key: Option<&str>,
-        request: &NewPayment,
-    ) -> Result<Payment, ApiError> {
-        if let Some(key) = key
-            && let Some(row) = sqlx::query(PAYMENT_BY_KEY)
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await?
-        {
-            let existing = payment_from(&row)?;
-            if existing.order_id != request.order_id
-                || existing.amount_cents != request.amount_cents
-                || existing.currency != request.currency
-            {
-                return Err(ApiError::KeyReused);
-            }
-            tracing::info!(payment_id = %existing.id, "second guard: this key already paid; returning the payment instead of charging again");
-            return Ok(existing);
-        }
-        Err(ApiError::AlreadyPaid(request.order_id.clone()))
     }
 
     /// The payment with this id.
@@ -282,8 +233,6 @@ impl Db {
 
 const PAYMENT_BY_ID: &str = "SELECT id, order_id, amount_cents, currency, status, created_at \
                              FROM payments WHERE id = $1";
-const PAYMENT_BY_KEY: &str = "SELECT id, order_id, amount_cents, currency, status, created_at \
-                              FROM payments WHERE idempotency_key = $1";
 
 fn payment_from(row: &AnyRow) -> Result<Payment, sqlx::Error> {
     Ok(Payment {

@@ -52,9 +52,10 @@ pub enum ApiError {
     /// The order was already paid under another idempotency key (409).
     #[error("order {0:?} is already paid")]
     AlreadyPaid(String),
-    /// The database holds a different request under this idempotency key (422).
-    #[error("the idempotency key was already used for a different request")]
-    KeyReused,
+    /// The database already holds a row this idempotency key created, and the idempotency
+    /// store has forgotten the key's response (409).
+    #[error("the idempotency key already created an order")]
+    KeyUsed,
     /// The database failed (503 when it cannot be reached, 500 otherwise).
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -123,11 +124,11 @@ impl ApiError {
                     "Order {id:?} was already paid by a request with another Idempotency-Key. Nothing was charged; look the order up instead of paying again."
                 ),
             ),
-            Self::KeyReused => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "urn:payments:problem:key-reused",
-                "Idempotency-Key reused",
-                "This Idempotency-Key already created a different record. Use a new key for a new request; nothing was changed.",
+            Self::KeyUsed => Problem::new(
+                StatusCode::CONFLICT,
+                "urn:payments:problem:key-used",
+                "Idempotency-Key already used",
+                "This Idempotency-Key already created an order, and its response is no longer stored. Nothing was created; look your orders up instead of creating it again.",
             ),
             Self::Database(error) if is_unavailable(error) => Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,

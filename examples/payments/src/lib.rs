@@ -1,5 +1,5 @@
-//! The example payments app of idem: orders and payments behind `#[idempotent]`, with a
-//! database that guards a second time.
+//! The example payments app of idem: orders and payments behind `#[idempotent]`, each
+//! payment committed with the record of its response.
 //!
 //! | route | does |
 //! | --- | --- |
@@ -9,13 +9,15 @@
 //! | `GET /healthz` | `200` while the database and the idempotency store answer, else `503` |
 //! | `GET /metrics` | idem's metrics, for Prometheus |
 //!
-//! A retry with the same `Idempotency-Key` gets the stored response from the
-//! idempotency store. Behind it, the `orders` and `payments` tables carry a UNIQUE
-//! constraint on the scoped key ([`idem_runtime::ScopedKey`]): if the store has forgotten
-//! the key (it expired, Redis was flushed, the app moved to a new store), the retry still
-//! finds the row it created and gets it back instead of charging again. A UNIQUE
-//! constraint on `payments.order_id` stops two different keys from paying one order
-//! (`409`). Every error is an RFC 9457 problem.
+//! A retry with the same `Idempotency-Key` gets the stored response. Out of the box idem
+//! keeps its records in the app's own database, and a payment is written in idem's
+//! transaction ([`idem_runtime::store::PgTransaction`] on PostgreSQL): the payment and
+//! the record of its response commit together, so a crash before the commit leaves
+//! neither (the retry pays afresh) and a crash after it leaves both (the retry replays).
+//! With `REDIS_URL` (or `PAYMENTS_IDEM_STORE=memory`) the records live elsewhere and the
+//! payment commits in a transaction of the app's own. Whatever the store, the UNIQUE
+//! constraint on `payments.order_id` stops a second payment of one order (`409`), also
+//! when a store has forgotten a key. Every error is an RFC 9457 problem.
 //!
 //! A body the app refuses for its shape (malformed JSON, a missing field, a value such as
 //! an unknown currency or a negative amount) is answered before idem claims the key, so
@@ -42,7 +44,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use idem_runtime::store::{MemoryStore, RedisStore, Store};
+use idem_runtime::store::{MemoryStore, PostgresStore, RedisStore, Store};
 use idem_runtime::{Idempotency, IdempotencyBuilder};
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
@@ -52,6 +54,7 @@ mod db;
 mod error;
 mod model;
 mod routes;
+mod tx;
 
 pub use crate::auth::{ApiKeys, DEMO_API_KEYS};
 pub use crate::db::Db;
@@ -85,8 +88,12 @@ pub struct Config {
     pub addr: SocketAddr,
     /// `sqlite://...` or `postgres://...` (`DATABASE_URL`, default [`DEFAULT_DATABASE_URL`]).
     pub database_url: String,
-    /// The idempotency store: Redis at this URL (`REDIS_URL`), else in memory.
+    /// The idempotency store: Redis at this URL (`REDIS_URL`), else
+    /// [`idempotency_store_kind`](Self::idempotency_store_kind).
     pub redis_url: Option<String>,
+    /// The idempotency store when `REDIS_URL` is not set (`PAYMENTS_IDEM_STORE`:
+    /// `database`, the default, or `memory`).
+    pub idempotency_store_kind: StoreKind,
     /// The prefix of the app's Redis keys (default [`DEFAULT_REDIS_PREFIX`]).
     pub redis_prefix: String,
     /// How long a payment in progress holds its key between renewals
@@ -124,6 +131,7 @@ impl Default for Config {
             addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
             database_url: DEFAULT_DATABASE_URL.to_owned(),
             redis_url: None,
+            idempotency_store_kind: StoreKind::Database,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             lease: idem_runtime::defaults::LEASE,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
@@ -136,7 +144,8 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Reads `PAYMENTS_ADDR`, `DATABASE_URL`, `REDIS_URL`, `PAYMENTS_API_KEYS`,
+    /// Reads `PAYMENTS_ADDR`, `DATABASE_URL`, `REDIS_URL`, `PAYMENTS_IDEM_STORE`,
+    /// `PAYMENTS_API_KEYS`,
     /// `PAYMENTS_IDEM_LEASE_MS`, `PAYMENTS_HEADER_READ_TIMEOUT_MS`,
     /// `PAYMENTS_BODY_TIMEOUT_MS`, `PAYMENTS_REQUEST_TIMEOUT_MS` and
     /// `PAYMENTS_SHUTDOWN_DEADLINE_MS`; unset or empty variables keep the defaults.
@@ -152,6 +161,13 @@ impl Config {
             config.database_url = url;
         }
         config.redis_url = var("REDIS_URL");
+        if let Some(kind) = var("PAYMENTS_IDEM_STORE") {
+            config.idempotency_store_kind = match kind.as_str() {
+                "database" => StoreKind::Database,
+                "memory" => StoreKind::Memory,
+                _ => return Err(StartupError::StoreKind { kind }),
+            };
+        }
         if let Some(keys) = var("PAYMENTS_API_KEYS") {
             config.api_keys = ApiKeys::parse(&keys).ok_or(StartupError::ApiKeys)?;
         }
@@ -189,6 +205,29 @@ impl Config {
     }
 }
 
+/// Where idem keeps its records when `REDIS_URL` is not set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreKind {
+    /// In the app's own database (a table `idem_records` next to `payments`), so that a
+    /// payment and the record of its response commit in one transaction: a crash can
+    /// never leave one without the other.
+    Database,
+    /// In the process' memory: one instance only, forgotten on restart.
+    Memory,
+}
+
+impl Config {
+    /// What the idempotency store is, for the logs.
+    pub fn idempotency_store_name(&self) -> &'static str {
+        match (&self.redis_url, self.idempotency_store_kind) {
+            (Some(_), _) => "redis",
+            (None, StoreKind::Memory) => "memory",
+            (None, StoreKind::Database) => "database",
+        }
+    }
+}
+
 /// Why the app could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -200,6 +239,12 @@ pub enum StartupError {
         addr: String,
         /// Why it does not parse.
         source: std::net::AddrParseError,
+    },
+    /// `PAYMENTS_IDEM_STORE` is neither `database` nor `memory`.
+    #[error("PAYMENTS_IDEM_STORE={kind:?} is neither `database` nor `memory`")]
+    StoreKind {
+        /// The value given.
+        kind: String,
     },
     /// `PAYMENTS_IDEM_LEASE_MS` is not a whole number of milliseconds of at least 100.
     #[error("PAYMENTS_IDEM_LEASE_MS={lease:?} is not a number of milliseconds (at least 100)")]
@@ -223,7 +268,7 @@ pub enum StartupError {
     /// The database could not be opened or migrated.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
-    /// Redis could not be reached.
+    /// The idempotency store could not be reached or set up.
     #[error("idempotency store: {0}")]
     Redis(#[from] idem_runtime::ConnectError),
     /// Listening or serving failed.
@@ -432,17 +477,31 @@ pub fn idempotency_settings(config: &Config) -> IdempotencyBuilder {
 }
 
 /// The idempotency store the config asks for: Redis at `redis_url` under `redis_prefix`
-/// when the URL is set, else a fresh in-memory store.
+/// when the URL is set; else the app's database (a table `idem_records`, swept of expired
+/// records every minute), or a fresh in-memory store.
 pub async fn idempotency_store(config: &Config) -> Result<Arc<dyn Store>, StartupError> {
-    let Some(url) = &config.redis_url else {
+    if let Some(url) = &config.redis_url {
+        let store = RedisStore::builder(url.as_str())
+            .prefix(config.redis_prefix.as_str())
+            .connect()
+            .await?;
+        return Ok(Arc::new(store));
+    }
+    if config.idempotency_store_kind == StoreKind::Memory {
         return Ok(Arc::new(MemoryStore::new()));
-    };
-    let store = RedisStore::builder(url.as_str())
-        .prefix(config.redis_prefix.as_str())
-        .connect()
-        .await?;
-    Ok(Arc::new(store))
+    }
+    if config.database_url.starts_with("postgres") {
+        let store = PostgresStore::builder(config.database_url.as_str())
+            .sweep_every(SWEEP_EVERY)
+            .connect()
+            .await?;
+        return Ok(Arc::new(store));
+    }
+    Ok(Arc::new(MemoryStore::new()))
 }
+
+/// How often the database store deletes expired records.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The database URL as it may be logged: scheme, host, port and database only. User
 /// names, passwords and every query parameter (`password=...`, `sslpassword=...`) are

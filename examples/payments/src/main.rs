@@ -2,7 +2,8 @@
 //!
 //! Configured by the environment: `PAYMENTS_ADDR` (default `127.0.0.1:3000`),
 //! `DATABASE_URL` (default `sqlite://payments.db?mode=rwc`; `postgres://...` for
-//! PostgreSQL), `REDIS_URL` (default: the in-memory idempotency store),
+//! PostgreSQL), `REDIS_URL` (default: idem's records in the database itself;
+//! `PAYMENTS_IDEM_STORE=memory` keeps them in memory instead),
 //! `PAYMENTS_SHUTDOWN_DEADLINE_MS` and `RUST_LOG`. SIGTERM or ctrl-c shuts it down
 //! gracefully: payments in flight end (and are stored) first, within the deadline.
 
@@ -35,7 +36,7 @@ async fn serve() -> Result<(), StartupError> {
     tracing::info!(
         url = %format!("http://{}", listener.local_addr()?),
         database = %payments::loggable_database_url(&config.database_url),
-        idempotency_store = if config.redis_url.is_some() { "redis" } else { "memory" },
+        idempotency_store = config.idempotency_store_name(),
         "payments listening"
     );
     payments::serve(listener, app, idem, &config, payments::shutdown_signal()).await

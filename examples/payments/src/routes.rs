@@ -9,17 +9,22 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::error::{ApiError, ApiJson};
 use crate::model::{NewOrder, NewPayment, Order, Payment};
+use crate::tx::Tx;
 
 /// `POST /orders`: creates a pending order.
 #[idempotent(ttl = "24h")]
 pub(crate) async fn create_order(
     State(state): State<AppState>,
     key: Option<ScopedKey>,
+    tx: Tx,
     ApiJson(request): ApiJson<NewOrder>,
 ) -> Result<(StatusCode, Json<Order>), ApiError> {
     let total_cents = request.total_cents().map_err(ApiError::Invalid)?;
     let key = key.as_ref().map(ScopedKey::as_str);
-    let order = state.db.create_order(&request, total_cents, key).await?;
+    let order = state
+        .db
+        .create_order(&tx, &request, total_cents, key)
+        .await?;
     tracing::info!(order_id = %order.id, total_cents, "order created");
     Ok((StatusCode::CREATED, Json(order)))
 }
@@ -29,10 +34,11 @@ pub(crate) async fn create_order(
 pub(crate) async fn create_payment(
     State(state): State<AppState>,
     key: Option<ScopedKey>,
+    tx: Tx,
     ApiJson(request): ApiJson<NewPayment>,
 ) -> Result<(StatusCode, Json<Payment>), ApiError> {
     let key = key.as_ref().map(ScopedKey::as_str);
-    let payment = state.db.pay(&request, key).await?;
+    let payment = state.db.pay(&tx, &request, key).await?;
     tracing::info!(payment_id = %payment.id, order_id = %payment.order_id, amount_cents = payment.amount_cents, "payment captured");
     Ok((StatusCode::CREATED, Json(payment)))
 }

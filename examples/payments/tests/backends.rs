@@ -1,5 +1,6 @@
-//! The payments app end to end, each scenario twice: on a SQLite file with the in-memory
-//! idempotency store, and on PostgreSQL with Redis. The real router is served on a
+//! The payments app end to end, each scenario three times: on a SQLite file and on
+//! PostgreSQL, each holding idem's records next to the payments (so a payment commits with
+//! the record of its response), and on PostgreSQL with Redis as the idempotency store. The real router is served on a
 //! loopback socket and spoken to over HTTP; rows are counted in the database itself.
 //!
 //! PostgreSQL (`IDEM_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`)
@@ -16,9 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idem_client::IdempotentRetry;
-use idem_runtime::Idempotency;
 use payments::client::{PayClient, demo, new_key};
-use payments::{AppState, Config, Db, NewOrder, NewPayment, Order, Payment};
+use payments::{Config, Db, NewOrder, NewPayment, Order, Payment};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Connection, Row};
@@ -27,7 +27,11 @@ use testkit::proxy::{Cut, losing_proxy};
 
 #[derive(Clone, Copy, Debug)]
 enum Backend {
-    SqliteMemory,
+    /// A SQLite file, idem's records in it.
+    Sqlite,
+    /// PostgreSQL, idem's records in it.
+    Postgres,
+    /// PostgreSQL, idem's records in Redis.
     PostgresRedis,
 }
 
@@ -44,8 +48,8 @@ enum Cleanup {
     Postgres {
         admin_url: String,
         schema: String,
-        redis_url: String,
-        redis_prefix: String,
+        /// Redis' URL and the test's key prefix, where Redis is the idempotency store.
+        redis: Option<(String, String)>,
     },
 }
 
@@ -70,18 +74,23 @@ impl Fixture {
     async fn new(backend: Backend, test: &str) -> Self {
         let mut config = Config::default();
         let cleanup = match backend {
-            Backend::SqliteMemory => {
+            Backend::Sqlite => {
                 let file =
                     std::env::temp_dir().join(format!("payments-{test}-{}.db", unique_suffix()));
                 config.database_url = format!("sqlite://{}?mode=rwc", file.display());
                 Cleanup::SqliteFile(file)
             }
-            Backend::PostgresRedis => {
-                let redis_url = testkit::shared_redis_url();
-                // Fails the test, with the reason, when Redis is down.
-                testkit::redis_connection(&redis_url).await;
-                config.redis_url = Some(redis_url.clone());
-                config.redis_prefix = testkit::unique_prefix(test);
+            Backend::Postgres | Backend::PostgresRedis => {
+                let redis = if let Backend::PostgresRedis = backend {
+                    let redis_url = testkit::shared_redis_url();
+                    // Fails the test, with the reason, when Redis is down.
+                    testkit::redis_connection(&redis_url).await;
+                    config.redis_url = Some(redis_url.clone());
+                    config.redis_prefix = testkit::unique_prefix(test);
+                    Some((redis_url, config.redis_prefix.clone()))
+                } else {
+                    None
+                };
                 let admin_url = postgres_url();
                 let schema = format!("idem_test_{}", unique_suffix());
                 execute_as_admin(&admin_url, &format!("CREATE SCHEMA {schema}")).await;
@@ -91,8 +100,7 @@ impl Fixture {
                 Cleanup::Postgres {
                     admin_url,
                     schema,
-                    redis_url,
-                    redis_prefix: config.redis_prefix.clone(),
+                    redis,
                 }
             }
         };
@@ -110,29 +118,23 @@ impl Fixture {
     }
 
     /// Makes the idempotency store forget every key, as an expired TTL or a flushed
-    /// Redis would: on Redis the test's keys are deleted; the memory store is replaced by
-    /// a fresh one (a new app on the same database).
-    async fn forget_idempotency_records(&self, server: Server) -> Server {
-        match &self.cleanup {
-            Cleanup::SqliteFile(_) => {
-                drop(server);
-                let router = payments::authenticated_router(
-                    AppState::new(self.db.clone()),
-                    &Idempotency::in_memory(),
-                    payments::ApiKeys::demo(),
-                );
-                Server::start(router).await
-            }
+    /// Redis would: the test's keys are deleted from Redis, or idem's rows from the
+    /// database.
+    async fn forget_idempotency_records(&self) {
+        let forgotten = match &self.cleanup {
             Cleanup::Postgres {
-                redis_url,
-                redis_prefix,
+                redis: Some((redis_url, redis_prefix)),
                 ..
-            } => {
-                let deleted = delete_redis_keys(redis_url, redis_prefix).await;
-                assert!(deleted > 0, "the payment left a record in Redis to delete");
-                server
+            } => delete_redis_keys(redis_url, redis_prefix).await,
+            Cleanup::SqliteFile(_) | Cleanup::Postgres { redis: None, .. } => {
+                let deleted = sqlx::query("DELETE FROM idem_records")
+                    .execute(self.db.pool())
+                    .await
+                    .unwrap();
+                usize::try_from(deleted.rows_affected()).unwrap()
             }
-        }
+        };
+        assert!(forgotten > 0, "the payment left a record to forget");
     }
 
     async fn payments_of(&self, order_id: &str) -> Vec<Payment> {
@@ -208,16 +210,10 @@ impl Drop for Cleanup {
             Cleanup::Postgres {
                 admin_url,
                 schema,
-                redis_url,
-                redis_prefix,
+                redis,
             } => {
-                let what = format!("schema {schema} and Redis keys {redis_prefix}*");
-                let (admin_url, schema, redis_url, redis_prefix) = (
-                    admin_url.clone(),
-                    schema.clone(),
-                    redis_url.clone(),
-                    redis_prefix.clone(),
-                );
+                let what = format!("schema {schema} and the test's Redis keys");
+                let (admin_url, schema, redis) = (admin_url.clone(), schema.clone(), redis.clone());
                 // Async clean-up from `drop`, on a runtime of its own in a thread of its own.
                 let cleaned = std::thread::spawn(move || {
                     tokio::runtime::Builder::new_current_thread()
@@ -227,7 +223,9 @@ impl Drop for Cleanup {
                         .block_on(async {
                             let drop_schema = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
                             execute_as_admin(&admin_url, &drop_schema).await;
-                            delete_redis_keys(&redis_url, &redis_prefix).await;
+                            if let Some((redis_url, redis_prefix)) = redis {
+                                delete_redis_keys(&redis_url, &redis_prefix).await;
+                            }
                         });
                 })
                 .join();
@@ -439,39 +437,31 @@ async fn same_key_different_amount(backend: Backend) {
     assert_eq!(before, vec![first.json::<Payment>()]);
 }
 
-async fn second_guard(backend: Backend) {
-    let fixture = Fixture::new(backend, "second-guard").await;
+/// Guards: a key whose record the idempotency store forgot (an expired TTL, a flushed
+/// Redis) never pays its order again: the retry is refused by the UNIQUE constraint on
+/// `payments.order_id`, and the one payment stays.
+async fn a_forgotten_key_never_pays_twice(backend: Backend) {
+    let fixture = Fixture::new(backend, "forgotten-key").await;
     let server = fixture.serve().await;
     let http = support::http();
     let order = create_order(&http, &server).await;
     let key = new_key();
-    let first = post(
-        &http,
-        &format!("{}/payments", server.url),
-        Some(&key),
-        &payment_of(&order),
-    )
-    .await;
+    let url = format!("{}/payments", server.url);
+    let first = post(&http, &url, Some(&key), &payment_of(&order)).await;
     assert_eq!(first.status, StatusCode::CREATED);
     let original: Payment = first.json();
 
-    let server = fixture.forget_idempotency_records(server).await;
-    let url = format!("{}/payments", server.url);
+    fixture.forget_idempotency_records().await;
     let retried = post(&http, &url, Some(&key), &payment_of(&order)).await;
 
-    assert_eq!(retried.status, StatusCode::CREATED);
-    assert!(
-        !retried.replayed,
-        "the store forgot the key: the database answered"
-    );
+    assert_eq!(retried.status, StatusCode::CONFLICT, "{retried:?}");
     assert_eq!(
-        retried.json::<Payment>(),
-        original,
-        "the original payment, not a new one"
+        retried.problem_type(),
+        "urn:payments:problem:order-already-paid"
     );
     assert_eq!(fixture.payments_of(&order.id).await, vec![original.clone()]);
 
-    // Another key cannot pay the same order again.
+    // Nor can another key.
     let other = post(&http, &url, Some(&new_key()), &payment_of(&order)).await;
     assert_eq!(other.status, StatusCode::CONFLICT);
     assert_eq!(
@@ -479,6 +469,7 @@ async fn second_guard(backend: Backend) {
         "urn:payments:problem:order-already-paid"
     );
     assert_eq!(fixture.payments_of(&order.id).await, vec![original]);
+    assert_eq!(fixture.order_status(&order.id).await, "paid");
 }
 
 /// Guards: a body refused for its shape or its values leaves its key unused, so the
@@ -595,15 +586,20 @@ async fn refused_bodies_leave_the_key_unused(backend: Backend) {
     );
 }
 
-macro_rules! on_both_backends {
-    ($($scenario:ident: $sqlite:ident, $postgres:ident;)*) => {$(
+macro_rules! on_every_backend {
+    ($($scenario:ident: $sqlite:ident, $postgres:ident, $postgres_redis:ident;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $sqlite() {
-            $scenario(Backend::SqliteMemory).await;
+            $scenario(Backend::Sqlite).await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $postgres() {
+            $scenario(Backend::Postgres).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres_redis() {
             $scenario(Backend::PostgresRedis).await;
         }
     )*};
@@ -693,36 +689,44 @@ async fn keys_are_scoped_by_account(backend: Backend) {
     assert!(a_again.replayed);
 }
 
-on_both_backends! {
+on_every_backend! {
     reset_after_commit_is_replayed_by_the_client:
         reset_after_commit_is_replayed_by_the_client_on_sqlite,
-        reset_after_commit_is_replayed_by_the_client_on_postgres;
+        reset_after_commit_is_replayed_by_the_client_on_postgres,
+        reset_after_commit_is_replayed_by_the_client_on_postgres_with_redis;
     refused_bodies_leave_the_key_unused:
         refused_bodies_leave_the_key_unused_on_sqlite,
-        refused_bodies_leave_the_key_unused_on_postgres;
+        refused_bodies_leave_the_key_unused_on_postgres,
+        refused_bodies_leave_the_key_unused_on_postgres_with_redis;
     hostile_input_is_refused:
         hostile_input_is_refused_on_sqlite,
-        hostile_input_is_refused_on_postgres;
+        hostile_input_is_refused_on_postgres,
+        hostile_input_is_refused_on_postgres_with_redis;
     keys_are_scoped_by_account:
         keys_are_scoped_by_account_on_sqlite,
-        keys_are_scoped_by_account_on_postgres;
+        keys_are_scoped_by_account_on_postgres,
+        keys_are_scoped_by_account_on_postgres_with_redis;
     concurrent_payments_with_one_key:
         hundred_concurrent_payments_with_one_key_make_one_payment_on_sqlite,
-        hundred_concurrent_payments_with_one_key_make_one_payment_on_postgres;
+        hundred_concurrent_payments_with_one_key_make_one_payment_on_postgres,
+        hundred_concurrent_payments_with_one_key_make_one_payment_on_postgres_with_redis;
     lost_response_then_retries:
         a_lost_response_and_retries_end_with_one_payment_on_sqlite,
-        a_lost_response_and_retries_end_with_one_payment_on_postgres;
+        a_lost_response_and_retries_end_with_one_payment_on_postgres,
+        a_lost_response_and_retries_end_with_one_payment_on_postgres_with_redis;
     same_key_different_amount:
         same_key_with_another_amount_is_refused_and_changes_nothing_on_sqlite,
-        same_key_with_another_amount_is_refused_and_changes_nothing_on_postgres;
-    second_guard:
-        without_the_idempotency_record_the_database_returns_the_original_payment_on_sqlite,
-        without_the_idempotency_record_the_database_returns_the_original_payment_on_postgres;
+        same_key_with_another_amount_is_refused_and_changes_nothing_on_postgres,
+        same_key_with_another_amount_is_refused_and_changes_nothing_on_postgres_with_redis;
+    a_forgotten_key_never_pays_twice:
+        a_key_whose_record_was_forgotten_never_pays_twice_on_sqlite,
+        a_key_whose_record_was_forgotten_never_pays_twice_on_postgres,
+        a_key_whose_record_was_forgotten_never_pays_twice_on_postgres_with_redis;
 }
 
 #[tokio::test]
 async fn bad_requests_are_problems() {
-    let fixture = Fixture::new(Backend::SqliteMemory, "bad-requests").await;
+    let fixture = Fixture::new(Backend::Sqlite, "bad-requests").await;
     let server = fixture.serve().await;
     let http = support::http();
     let orders = format!("{}/orders", server.url);

@@ -24,7 +24,7 @@ use payments::{
     Config, DEFAULT_REDIS_PREFIX, Db, Item, NewOrder, NewPayment, ORDER_PAID, Order, Payment,
 };
 use reqwest::StatusCode;
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyPool, Connection, PgConnection, Row};
 use support::{Answer, Gate, TempDir};
 use testkit::RedisServer;
 use tracing_subscriber::EnvFilter;
@@ -63,13 +63,7 @@ impl App {
     ///
     /// # Panics
     /// If it cannot be started, exits, or does not answer within 30 s.
-    async fn start(
-        dir: &Path,
-        name: &str,
-        run: Run,
-        database_url: &str,
-        redis_url: Option<&str>,
-    ) -> Self {
+    async fn start(dir: &Path, name: &str, run: Run, database_url: &str, store: &Store) -> Self {
         let addr = format!("127.0.0.1:{}", testkit::free_port());
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).unwrap();
@@ -95,11 +89,18 @@ impl App {
             .env("NO_COLOR", "1")
             .env("PAYMENTS_IDEM_LEASE_MS", LEASE_MS.to_string())
             .env_remove("REDIS_URL")
+            .env_remove("PAYMENTS_IDEM_STORE")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
-        if let Some(url) = redis_url {
-            command.env("REDIS_URL", url);
+        match store {
+            Store::Memory => {
+                command.env("PAYMENTS_IDEM_STORE", "memory");
+            }
+            Store::Database => {}
+            Store::Redis(server) => {
+                command.env("REDIS_URL", server.url());
+            }
         }
         let child = command
             .spawn()
@@ -239,6 +240,8 @@ async fn payments_of(database_url: &str, order_id: &str) -> Vec<(String, Option<
 /// Which store the app runs on in a scenario.
 enum Store {
     Memory,
+    /// idem's records in the app's database.
+    Database,
     Redis(RedisServer),
 }
 
@@ -246,20 +249,9 @@ enum Store {
 async fn crash_mid_payment_then_retry(store: Store) {
     let dir = TempDir::new("crash");
     let database_url = format!("sqlite://{}?mode=rwc", dir.0.join("p.db").display());
-    let redis_url = match &store {
-        Store::Memory => None,
-        Store::Redis(server) => Some(server.url()),
-    };
     let http = support::http();
 
-    let mut first = App::start(
-        &dir.0,
-        "first",
-        Run::Held,
-        &database_url,
-        redis_url.as_deref(),
-    )
-    .await;
+    let mut first = App::start(&dir.0, "first", Run::Held, &database_url, &store).await;
     let response = http
         .post(format!("{}/orders", first.url))
         .json(&NewOrder {
@@ -320,14 +312,7 @@ async fn crash_mid_payment_then_retry(store: Store) {
         "the killed payment wrote nothing"
     );
 
-    let second = App::start(
-        &dir.0,
-        "second",
-        Run::Binary,
-        &database_url,
-        redis_url.as_deref(),
-    )
-    .await;
+    let second = App::start(&dir.0, "second", Run::Binary, &database_url, &store).await;
     if let Store::Redis(server) = &store {
         // The claim outlived the crash: the retry is told to wait, and the key frees
         // itself only when the dead process's lease runs out.
@@ -445,4 +430,324 @@ async fn serve_the_app_holding_every_claim() {
         eprintln!("{HELD}");
     });
     axum::serve(listener, app).await.unwrap();
+}
+
+/// A schema of the test's own on the shared PostgreSQL server, dropped when dropped.
+struct PgSchema {
+    admin_url: String,
+    name: String,
+}
+
+impl PgSchema {
+    /// # Panics
+    /// When PostgreSQL is not running: the test fails, it does not skip.
+    async fn new(test: &str) -> Self {
+        let admin_url = std::env::var("IDEM_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let name = format!(
+            "payments_{test}_{}",
+            uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap()
+        );
+        let schema = Self { admin_url, name };
+        schema
+            .admin(&format!("CREATE SCHEMA {}", schema.name))
+            .await;
+        schema
+    }
+
+    /// The database URL that works in this schema.
+    fn url(&self) -> String {
+        let separator = if self.admin_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        format!(
+            "{}{separator}options=-csearch_path%3D{}",
+            self.admin_url, self.name
+        )
+    }
+
+    async fn admin(&self, statement: &str) {
+        let mut admin = PgConnection::connect(&self.admin_url)
+            .await
+            .unwrap_or_else(|error| {
+                panic!(
+                    "PostgreSQL at {} must be running for this test: {error}",
+                    self.admin_url
+                )
+            });
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned()))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let statement = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name);
+        let admin_url = self.admin_url.clone();
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let mut admin = PgConnection::connect(&admin_url).await.unwrap();
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                        .execute(&mut admin)
+                        .await
+                        .unwrap();
+                });
+        })
+        .join();
+        if dropped.is_err() && !std::thread::panicking() {
+            panic!("dropping schema {} failed", self.name);
+        }
+    }
+}
+
+/// An order of 42.00 EUR, created on `app` without a key.
+async fn new_order(http: &reqwest::Client, app: &App) -> (Order, NewPayment) {
+    let response = http
+        .post(format!("{}/orders", app.url))
+        .json(&NewOrder {
+            customer_id: "cus_kill".into(),
+            currency: "EUR".into(),
+            items: vec![Item {
+                sku: "LAMP".into(),
+                quantity: 1,
+                unit_price_cents: 4_200,
+            }],
+        })
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let order: Order = response.json().await.unwrap();
+    let payment = NewPayment {
+        order_id: order.id.clone(),
+        amount_cents: order.total_cents,
+        currency: "EUR".into(),
+    };
+    (order, payment)
+}
+
+/// The rows of idem's table whose scoped key ends with `key`: (completed?, value length).
+async fn records_of(database_url: &str, key: &str) -> usize {
+    let mut connection = PgConnection::connect(database_url).await.unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM idem_records WHERE key LIKE $1")
+        .bind(format!("%:{key}"))
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    usize::try_from(count).unwrap()
+}
+
+/// Guards: the real `payments` binary on PostgreSQL (idem's records in the same database),
+/// SIGKILLed after its payment INSERT and before the transaction commits: nothing of the
+/// payment survives, the key's claim frees itself with its lease, and the retry after the
+/// restart runs the payment once, afresh (`201`, not a replay).
+///
+/// The kill point is reached without any hook in the app: the test holds the order's row
+/// lock, so the payment's `UPDATE orders`, which follows its INSERT in the same
+/// transaction, waits; PostgreSQL shows that wait in `pg_stat_activity`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_killed_between_its_insert_and_its_commit_on_postgres_leaves_nothing_and_the_retry_pays_once()
+ {
+    let dir = TempDir::new("kill-before-commit");
+    let schema = PgSchema::new("kill_before_commit").await;
+    let database_url = schema.url();
+    let http = support::http();
+    let mut first = App::start(
+        &dir.0,
+        "first",
+        Run::Binary,
+        &database_url,
+        &Store::Database,
+    )
+    .await;
+    let (order, request) = new_order(&http, &first).await;
+    let key = format!("kill-{}", uuid::Uuid::new_v4());
+
+    let mut blocker = PgConnection::connect(&database_url).await.unwrap();
+    let mut lock = blocker.begin().await.unwrap();
+    sqlx::query(
+        // Not FOR UPDATE: the INSERT's foreign-key check (FOR KEY SHARE) must pass.
+        "SELECT id FROM orders WHERE id = $1 FOR NO KEY UPDATE",
+    )
+    .bind(&order.id)
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    let in_flight = tokio::spawn({
+        let (http, url, key, request) = (
+            http.clone(),
+            first.url.clone(),
+            key.clone(),
+            request.clone(),
+        );
+        async move { pay(&http, &url, &key, &request).await }
+    });
+    // The payment's transaction has inserted its row and waits for the order's lock.
+    let mut watcher = PgConnection::connect(&database_url).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE orders%' AND datname = current_database()",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        first.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "the payment never reached its UPDATE; log:\n{}",
+            first.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        records_of(&database_url, &key).await,
+        1,
+        "the key is claimed"
+    );
+
+    first.crash();
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the killed process answered"
+    );
+    lock.rollback().await.unwrap();
+    assert!(
+        payments_of(&database_url, &order.id).await.is_empty(),
+        "the uncommitted payment is gone with the process"
+    );
+
+    let second = App::start(
+        &dir.0,
+        "second",
+        Run::Binary,
+        &database_url,
+        &Store::Database,
+    )
+    .await;
+    let early = pay(&http, &second.url, &key, &request).await.unwrap();
+    assert_eq!(
+        early.status,
+        StatusCode::CONFLICT,
+        "the dead process's claim holds the key until its lease ends: {early:?}"
+    );
+    let (answer, attempts) = pay_until_settled(&http, &second.url, &key, &request).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::CREATED,
+        "the retry pays: {answer:?}"
+    );
+    assert!(!answer.replayed, "nothing was stored before the crash");
+    let payment: Payment = answer.json();
+    let rows = payments_of(&database_url, &order.id).await;
+    assert_eq!(rows.len(), 1, "exactly one payment: {rows:?}");
+    assert_eq!(rows[0].0, payment.id);
+    let again = pay(&http, &second.url, &key, &request).await.unwrap();
+    assert!(again.replayed, "then the key replays: {again:?}");
+    assert_eq!(again.json::<Payment>().id, payment.id);
+    assert_eq!(payments_of(&database_url, &order.id).await.len(), 1);
+    eprintln!("kill before commit: the retry settled after {attempts} attempt(s)");
+    drop((second, first, watcher, blocker, dir, schema));
+}
+
+/// Guards: the real `payments` binary on PostgreSQL, SIGKILLed once its payment has
+/// committed, its client never reading the answer: after the restart the retry with the
+/// same key replays the stored payment; one row.
+///
+/// The commit is seen as it happens: a trigger of the test's schema sends a notification
+/// for every payment row, and PostgreSQL delivers notifications only when the transaction
+/// commits. The payment goes out on a raw socket that is never read, so the response is
+/// lost whether or not the process wrote it before it died.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_killed_after_its_commit_on_postgres_replays_the_payment_after_restart() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let dir = TempDir::new("kill-after-commit");
+    let schema = PgSchema::new("kill_after_commit").await;
+    let database_url = schema.url();
+    let http = support::http();
+    let mut first = App::start(
+        &dir.0,
+        "first",
+        Run::Binary,
+        &database_url,
+        &Store::Database,
+    )
+    .await;
+    let (order, request) = new_order(&http, &first).await;
+    let key = format!("kill-{}", uuid::Uuid::new_v4());
+    schema
+        .admin(&format!(
+            "CREATE FUNCTION {s}.payment_committed() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN PERFORM pg_notify('{s}_payments', NEW.id); RETURN NEW; END $$; \
+             CREATE TRIGGER payment_committed AFTER INSERT ON {s}.payments \
+             FOR EACH ROW EXECUTE FUNCTION {s}.payment_committed();",
+            s = schema.name
+        ))
+        .await;
+    let mut committed = sqlx::postgres::PgListener::connect(&database_url)
+        .await
+        .unwrap();
+    committed
+        .listen(&format!("{}_payments", schema.name))
+        .await
+        .unwrap();
+
+    let body = serde_json::to_vec(&request).unwrap();
+    let host = first.url.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let head = format!(
+        "POST /payments HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {}\r\n\
+         idempotency-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        support::DEMO_API_KEY,
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket.write_all(&body).await.unwrap();
+    let notification = tokio::time::timeout(Duration::from_secs(20), committed.recv())
+        .await
+        .expect("the payment commits within 20 s")
+        .unwrap();
+    first.crash();
+    drop(socket);
+
+    let rows = payments_of(&database_url, &order.id).await;
+    assert_eq!(rows.len(), 1, "the payment committed: {rows:?}");
+    assert_eq!(rows[0].0, notification.payload());
+    assert_eq!(records_of(&database_url, &key).await, 1, "with its record");
+
+    let second = App::start(
+        &dir.0,
+        "second",
+        Run::Binary,
+        &database_url,
+        &Store::Database,
+    )
+    .await;
+    let retried = pay(&http, &second.url, &key, &request).await.unwrap();
+    assert_eq!(retried.status, StatusCode::CREATED, "{retried:?}");
+    assert!(
+        retried.replayed,
+        "the retry gets the stored payment: {retried:?}"
+    );
+    assert_eq!(retried.json::<Payment>().id, rows[0].0);
+    assert_eq!(
+        payments_of(&database_url, &order.id).await.len(),
+        1,
+        "one payment"
+    );
+    drop((second, first, committed, dir, schema));
 }

@@ -3,10 +3,13 @@
 //! while a private `redis-server` (the idempotency store) is killed and restarted twice.
 //!
 //! A killed Redis comes back empty: every record it held is gone, so a retry after the
-//! restart runs the handler again and the database's UNIQUE constraints are what keep
-//! each payment at most once. The soak proves that design end to end: no order is ever
-//! paid twice, every answer is a success or a problem the client can act on (`409`,
-//! `422`, `503`), and every key converges to its one payment once the store is back.
+//! restart runs the handler again and the UNIQUE constraint on `payments.order_id` is what
+//! keeps each order paid at most once (the retry is told `409`, "order already paid").
+//! The soak proves that end to end: no order is ever paid twice, every answer is a success
+//! or a problem the client can act on (`409`, `422`, `503`), and every key ends with its
+//! one payment once the store is back: answered `201`, or `409` "already paid" where Redis
+//! forgot the record of a payment the key made. (With idem's records in the app's own
+//! database, the record commits with the payment and cannot be lost alone; see `crash.rs`.)
 //!
 //! It finishes in a few seconds and prints its counts to stderr, past the test harness's
 //! capture, so that CI logs show them.
@@ -333,7 +336,7 @@ async fn soak() {
     let storm_took = start.elapsed();
 
     // After the last restart: the store answers again, and every key, sent once more,
-    // gets its payment (the store is empty, so mostly by the database's second guard).
+    // gets its payment, or "already paid" where Redis forgot the record of its payment.
     let probes = wait_for_store(&http, &server.url).await;
     let mut converge_retries = 0_u32;
     let mut final_answers = Vec::with_capacity(CLIENTS);
@@ -360,7 +363,7 @@ async fn soak() {
 
     // Tally and check every answer.
     let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
-    let (mut replayed, mut second_guard, mut requests_sent) = (0_usize, 0_usize, 0_usize);
+    let (mut replayed, mut forgotten, mut requests_sent) = (0_usize, 0_usize, 0_usize);
     let mut violations = Vec::new();
     let mut errors = Vec::new();
     let mut paid_with: Vec<BTreeSet<String>> = Vec::with_capacity(CLIENTS);
@@ -378,12 +381,12 @@ async fn soak() {
                 ids.insert(answer.payment(order_id).id);
                 if answer.replayed {
                     replayed += 1;
-                } else if seen_201 {
-                    // A fresh execution after a 201: the store had forgotten the key and
-                    // the database returned the payment it already made.
-                    second_guard += 1;
                 }
                 seen_201 = true;
+            } else if seen_201 && answer.text().contains("order-already-paid") {
+                // After its 201, the key's record was lost with Redis: the retry ran
+                // again and the order's one payment refused it.
+                forgotten += 1;
             }
         }
         errors.extend(
@@ -415,7 +418,7 @@ async fn soak() {
     let count = |status: u16| by_status.get(&status).copied().unwrap_or(0);
     let summary = format!(
         "soak: {CLIENTS} keys, {requests_sent} requests: 201={} replayed={replayed} \
-         second-guard={second_guard} 409={} 422={} 503={} other={} transport-errors={}; \
+         refused-after-forgotten={forgotten} 409={} 422={} 503={} other={} transport-errors={}; \
          redis killed+restarted {}x; storm {:.1} s, store back after {probes} probe(s), \
          converge retries={converge_retries}; payment rows={} (max per order {max_per_order}, \
          max per key {max_per_key}); {:.1} s in all",
@@ -450,16 +453,22 @@ async fn soak() {
         &errors[..errors.len().min(5)]
     );
     for (index, answer) in final_answers.iter().enumerate() {
-        assert_eq!(
-            answer.status,
-            StatusCode::CREATED,
-            "key {} did not converge: {}",
+        let paid_here = per_order.get(&orders[index].id).is_some_and(|paid| {
+            paid.iter()
+                .any(|(_, scoped)| scoped.ends_with(&format!(":{}", keys[index])))
+        });
+        assert!(
+            answer.status == StatusCode::CREATED
+                || (answer.text().contains("order-already-paid") && paid_here),
+            "key {} did not converge: {} {}",
             keys[index],
+            answer.status,
             answer.text()
         );
-        assert_eq!(
-            paid_with[index].len(),
-            1,
+        // At most one: a key whose record Redis lost before its client read the 201
+        // may have seen none, only "already paid".
+        assert!(
+            paid_with[index].len() <= 1,
             "key {} saw different payments: {:?}",
             keys[index],
             paid_with[index]
@@ -474,7 +483,7 @@ async fn soak() {
             .unwrap_or_else(|| panic!("order {} was never paid", order.id));
         let (payment_id, scoped_key) = &paid[0];
         assert!(
-            paid_with[index].contains(payment_id),
+            paid_with[index].is_empty() || paid_with[index].contains(payment_id),
             "the client saw another payment than {payment_id}"
         );
         assert!(
@@ -495,8 +504,8 @@ async fn soak() {
         "no request met the dead store: the storm missed"
     );
     assert!(
-        second_guard > 0,
-        "no key was answered by the database's second guard after Redis forgot it"
+        forgotten > 0,
+        "no key met its forgotten record after Redis came back empty: the storm missed"
     );
 
     // Clean up: this test's keys (the private server dies with `redis` anyway), then the

@@ -215,6 +215,11 @@ impl Store for GatedStore {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.inner.release(key, claim)
     }
+
+    // The app writes in a transaction of the store's own database where there is one.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        self.inner.as_any()
+    }
 }
 
 /// The app as [`payments::app`] builds it from `config`, over `db`, with its idempotency
