@@ -21,8 +21,8 @@ use payments::client::{PayClient, demo, new_key};
 use payments::{Config, Db, NewOrder, NewPayment, Order, Payment};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use sqlx::{AnyConnection, Connection, Row};
-use support::{Answer, Gate, Server};
+use sqlx::Row;
+use support::{Answer, Gate, PgSchema, Server};
 use testkit::proxy::{Cut, losing_proxy};
 
 #[derive(Clone, Copy, Debug)]
@@ -46,8 +46,8 @@ struct Fixture {
 enum Cleanup {
     SqliteFile(PathBuf),
     Postgres {
-        admin_url: String,
-        schema: String,
+        /// Dropped with the fixture.
+        _schema: PgSchema,
         /// Redis' URL and the test's key prefix, where Redis is the idempotency store.
         redis: Option<(String, String)>,
     },
@@ -63,11 +63,6 @@ fn unique_suffix() -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-fn postgres_url() -> String {
-    std::env::var("IDEM_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
 impl Fixture {
@@ -91,15 +86,10 @@ impl Fixture {
                 } else {
                     None
                 };
-                let admin_url = postgres_url();
-                let schema = format!("idem_test_{}", unique_suffix());
-                execute_as_admin(&admin_url, &format!("CREATE SCHEMA {schema}")).await;
-                let separator = if admin_url.contains('?') { '&' } else { '?' };
-                config.database_url =
-                    format!("{admin_url}{separator}options=-csearch_path%3D{schema}");
+                let schema = PgSchema::new(test).await;
+                config.database_url = schema.url();
                 Cleanup::Postgres {
-                    admin_url,
-                    schema,
+                    _schema: schema,
                     redis,
                 }
             }
@@ -181,22 +171,6 @@ async fn delete_redis_keys(url: &str, prefix: &str) -> usize {
     keys.len()
 }
 
-/// Runs one statement on the PostgreSQL server.
-///
-/// # Panics
-/// When PostgreSQL is not running: the test fails, it does not skip.
-async fn execute_as_admin(url: &str, statement: &str) {
-    sqlx::any::install_default_drivers();
-    let mut admin = AnyConnection::connect(url).await.unwrap_or_else(|error| {
-        panic!("PostgreSQL at {url} must be running for this test: {error}")
-    });
-    sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    admin.close().await.unwrap();
-}
-
 impl Drop for Cleanup {
     fn drop(&mut self) {
         match self {
@@ -207,32 +181,26 @@ impl Drop for Cleanup {
                     let _ = std::fs::remove_file(path);
                 }
             }
+            // The schema drops itself.
             Cleanup::Postgres {
-                admin_url,
-                schema,
-                redis,
+                redis: Some((redis_url, redis_prefix)),
+                ..
             } => {
-                let what = format!("schema {schema} and the test's Redis keys");
-                let (admin_url, schema, redis) = (admin_url.clone(), schema.clone(), redis.clone());
+                let (redis_url, redis_prefix) = (redis_url.clone(), redis_prefix.clone());
                 // Async clean-up from `drop`, on a runtime of its own in a thread of its own.
                 let cleaned = std::thread::spawn(move || {
                     tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
                         .unwrap()
-                        .block_on(async {
-                            let drop_schema = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
-                            execute_as_admin(&admin_url, &drop_schema).await;
-                            if let Some((redis_url, redis_prefix)) = redis {
-                                delete_redis_keys(&redis_url, &redis_prefix).await;
-                            }
-                        });
+                        .block_on(delete_redis_keys(&redis_url, &redis_prefix))
                 })
                 .join();
                 if cleaned.is_err() && !std::thread::panicking() {
-                    panic!("removing {what} failed");
+                    panic!("removing the test's Redis keys failed");
                 }
             }
+            Cleanup::Postgres { redis: None, .. } => {}
         }
     }
 }

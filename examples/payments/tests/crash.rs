@@ -25,7 +25,7 @@ use payments::{
 };
 use reqwest::StatusCode;
 use sqlx::{AnyPool, Connection, PgConnection, Row};
-use support::{Answer, Gate, TempDir};
+use support::{Answer, Gate, PgSchema, TempDir};
 use testkit::RedisServer;
 use tracing_subscriber::EnvFilter;
 
@@ -430,83 +430,6 @@ async fn serve_the_app_holding_every_claim() {
         eprintln!("{HELD}");
     });
     axum::serve(listener, app).await.unwrap();
-}
-
-/// A schema of the test's own on the shared PostgreSQL server, dropped when dropped.
-struct PgSchema {
-    admin_url: String,
-    name: String,
-}
-
-impl PgSchema {
-    /// # Panics
-    /// When PostgreSQL is not running: the test fails, it does not skip.
-    async fn new(test: &str) -> Self {
-        let admin_url = std::env::var("IDEM_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-        let name = format!(
-            "payments_{test}_{}",
-            uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap()
-        );
-        let schema = Self { admin_url, name };
-        schema
-            .admin(&format!("CREATE SCHEMA {}", schema.name))
-            .await;
-        schema
-    }
-
-    /// The database URL that works in this schema.
-    fn url(&self) -> String {
-        let separator = if self.admin_url.contains('?') {
-            '&'
-        } else {
-            '?'
-        };
-        format!(
-            "{}{separator}options=-csearch_path%3D{}",
-            self.admin_url, self.name
-        )
-    }
-
-    async fn admin(&self, statement: &str) {
-        let mut admin = PgConnection::connect(&self.admin_url)
-            .await
-            .unwrap_or_else(|error| {
-                panic!(
-                    "PostgreSQL at {} must be running for this test: {error}",
-                    self.admin_url
-                )
-            });
-        sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned()))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-    }
-}
-
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        let statement = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name);
-        let admin_url = self.admin_url.clone();
-        let dropped = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    let mut admin = PgConnection::connect(&admin_url).await.unwrap();
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-                        .execute(&mut admin)
-                        .await
-                        .unwrap();
-                });
-        })
-        .join();
-        if dropped.is_err() && !std::thread::panicking() {
-            panic!("dropping schema {} failed", self.name);
-        }
-    }
 }
 
 /// An order of 42.00 EUR, created on `app` without a key.

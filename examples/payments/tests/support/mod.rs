@@ -20,6 +20,7 @@ use idem_runtime::store::{BoxFuture, Store, StoreError};
 use payments::{AppState, Config, Db};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
+use sqlx::Connection as _;
 use tokio::sync::watch;
 
 /// An empty directory of the test's own, removed when dropped.
@@ -343,5 +344,88 @@ impl fmt::Debug for Answer {
             .field("retry_after", &self.retry_after)
             .field("body", &self.text())
             .finish()
+    }
+}
+
+/// A schema of the test's own on the shared PostgreSQL server, dropped when dropped.
+pub struct PgSchema {
+    admin_url: String,
+    /// The schema's name.
+    pub name: String,
+}
+
+impl PgSchema {
+    /// # Panics
+    /// When PostgreSQL is not running: the test fails, it does not skip.
+    pub async fn new(test: &str) -> Self {
+        let admin_url = std::env::var("IDEM_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let test: String = test
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let name = format!(
+            "payments_{test}_{}",
+            uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap()
+        );
+        let schema = Self { admin_url, name };
+        schema
+            .admin(&format!("CREATE SCHEMA {}", schema.name))
+            .await;
+        schema
+    }
+
+    /// The database URL that works in this schema.
+    pub fn url(&self) -> String {
+        let separator = if self.admin_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        format!(
+            "{}{separator}options=-csearch_path%3D{}",
+            self.admin_url, self.name
+        )
+    }
+
+    /// Runs `statement` (one or more, `;`-separated) as the admin user.
+    pub async fn admin(&self, statement: &str) {
+        let mut admin = sqlx::PgConnection::connect(&self.admin_url)
+            .await
+            .unwrap_or_else(|error| {
+                panic!(
+                    "PostgreSQL at {} must be running for this test: {error}",
+                    self.admin_url
+                )
+            });
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned()))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let statement = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name);
+        let admin_url = self.admin_url.clone();
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                        .execute(&mut admin)
+                        .await
+                        .unwrap();
+                });
+        })
+        .join();
+        if dropped.is_err() && !std::thread::panicking() {
+            panic!("dropping schema {} failed", self.name);
+        }
     }
 }
