@@ -12,7 +12,7 @@ use crate::fingerprint::FingerprintMode;
 use crate::in_flight::InFlight;
 use crate::key::{LoggedKey, ScopedKey};
 use crate::local::LocalTier;
-use crate::metrics::Measured;
+use crate::metrics::Metrics;
 use crate::scope::{Identity, Scope, ScopeRule};
 use crate::store::{MemoryStore, Store};
 
@@ -74,6 +74,8 @@ pub(crate) struct Shared {
     pub(crate) detached: Arc<AtomicUsize>,
     /// Executions holding a key in this process, detached or not.
     pub(crate) in_flight: Arc<InFlight>,
+    /// Where the handle reports.
+    pub(crate) metrics: Metrics,
 }
 
 /// Every setting of a handle: what the builder fills in, and what the handle reads.
@@ -450,6 +452,7 @@ impl IdempotencyBuilder {
 
     /// Builds the handle.
     pub fn build(self) -> Idempotency {
+        let metrics = Metrics::default();
         let mut settings = self.settings;
         if settings.log_key_secret.is_none() {
             settings.log_key_secret = Some(random_secret());
@@ -459,13 +462,12 @@ impl IdempotencyBuilder {
             .map(|(max_bytes, max_age)| LocalTier::new(max_bytes, max_age));
         Idempotency {
             shared: Arc::new(Shared {
-                store: Arc::new(Measured(
-                    self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
-                )),
+                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
                 settings,
                 local,
                 detached: Arc::new(AtomicUsize::new(0)),
-                in_flight: Arc::new(InFlight::new()),
+                in_flight: Arc::new(InFlight::new(metrics.clone())),
+                metrics,
             }),
         }
     }

@@ -8,8 +8,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
 
+use crate::metrics::Metrics;
+
 /// The executions now holding a key, each by its key as the logs show it.
 pub(crate) struct InFlight {
+    metrics: Metrics,
     next: AtomicU64,
     running: Mutex<HashMap<u64, String>>,
     count: watch::Sender<usize>,
@@ -22,8 +25,9 @@ pub(crate) struct Entry {
 }
 
 impl InFlight {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(metrics: Metrics) -> Self {
         Self {
+            metrics,
             next: AtomicU64::new(0),
             running: Mutex::new(HashMap::new()),
             count: watch::Sender::new(0),
@@ -36,7 +40,7 @@ impl InFlight {
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         running.insert(id, logged_key);
         self.count.send_replace(running.len());
-        crate::metrics::execution_in_flight(true);
+        self.metrics.execution_in_flight(true);
         Entry {
             registry: self.clone(),
             id,
@@ -73,6 +77,6 @@ impl Drop for Entry {
             .unwrap_or_else(PoisonError::into_inner);
         running.remove(&self.id);
         self.registry.count.send_replace(running.len());
-        crate::metrics::execution_in_flight(false);
+        self.registry.metrics.execution_in_flight(false);
     }
 }

@@ -2,6 +2,7 @@
 //! work in flight end before the process does.
 
 use crate::config::Idempotency;
+use crate::protocol::step::{Step, store_step};
 use crate::store::StoreError;
 
 impl Idempotency {
@@ -28,10 +29,7 @@ impl Idempotency {
     /// let app: Router = Router::new().route("/ready", get(ready)).layer(idem.layer());
     /// ```
     pub async fn ready(&self) -> Result<(), StoreError> {
-        let timeout = self.settings().store_timeout;
-        tokio::time::timeout(timeout, self.store().ping())
-            .await
-            .unwrap_or(Err(StoreError::Timeout(timeout)))
+        store_step(self, Step::Ping, self.store().ping()).await
     }
 }
 

@@ -47,7 +47,11 @@ async fn main() {
         ("memory, replay", "/memory", Some("hit")),
         ("redis, first execution", "/redis", Some("miss")),
         ("redis, replay", "/redis", Some("hit")),
-        ("redis + local tier, first execution", "/local", Some("miss")),
+        (
+            "redis + local tier, first execution",
+            "/local",
+            Some("miss"),
+        ),
         ("redis + local tier, replay", "/local", Some("hit")),
     ];
     println!("| row | allocations per request | bytes allocated per request |");
@@ -71,7 +75,11 @@ async fn main() {
         let before = dhat::HeapStats::get();
         for request in requests {
             let response = app.clone().oneshot(request).await.expect("infallible");
-            assert!(response.status().is_success(), "{name}: {}", response.status());
+            assert!(
+                response.status().is_success(),
+                "{name}: {}",
+                response.status()
+            );
             drop(response);
         }
         let after = dhat::HeapStats::get();

@@ -302,6 +302,8 @@ pub async fn app(config: &Config) -> Result<Router, StartupError> {
 
 /// [`app`], and the idempotency handle it serves with, for [`serve`] to drain.
 pub async fn app_with_idempotency(config: &Config) -> Result<(Router, Idempotency), StartupError> {
+    // Before idem reports anything: it reports to the recorder installed then.
+    prometheus();
     let db = Db::connect(&config.database_url).await?;
     let idem = idempotency(config).await?;
     let router = authenticated_router(AppState::new(db), &idem, config.api_keys.clone())

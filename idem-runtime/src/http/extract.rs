@@ -19,7 +19,7 @@ use super::replay;
 use crate::config::{Idempotency, defaults};
 use crate::fingerprint::Fingerprint;
 use crate::key::ScopedKey;
-use crate::metrics::{self, Outcome};
+use crate::metrics::Outcome;
 use crate::protocol::{self, Begun, TransactionSlot};
 
 /// [`defaults::TTL`] in seconds, the default of [`Idempotent`]'s `TTL_SECS`.
@@ -118,22 +118,22 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
             let wait = idem.settings().wait_for_in_flight;
             match protocol::begin(&idem, key.clone(), fingerprint, Self::TTL, wait).await {
                 Begun::Execute(mut execution) => {
-                    metrics::request(Outcome::Executed);
+                    idem.shared.metrics.request(Outcome::Executed);
                     execution.writes_in(transaction);
                     first_execution(execution, work).await
                 }
                 Begun::Answer(answer) => {
-                    metrics::request(Outcome::of(&answer));
+                    idem.shared.metrics.request(Outcome::of(&answer));
                     transaction.roll_back(idem.settings().store_timeout).await;
                     replay::answer(&idem, &key, answer)
                 }
                 Begun::Local(answer) => {
-                    metrics::request(Outcome::of_local(&answer));
+                    idem.shared.metrics.request(Outcome::of_local(&answer));
                     transaction.roll_back(idem.settings().store_timeout).await;
                     replay::answer(&idem, &key, answer)
                 }
                 Begun::Unprotected => {
-                    metrics::request(Outcome::FailOpen);
+                    idem.shared.metrics.request(Outcome::FailOpen);
                     unkeyed(work, transaction).await
                 }
             }
@@ -227,11 +227,11 @@ where
         let (key, body) = match parts.extensions.get::<KeyedRequest>() {
             Some(KeyedRequest::Keyed { key, body }) => (key.clone(), body),
             Some(KeyedRequest::Invalid(error)) => {
-                metrics::request(Outcome::BadKey);
+                idem.shared.metrics.request(Outcome::BadKey);
                 return Err(Problem::key_invalid(error).into_response());
             }
             None if REQUIRED => {
-                metrics::request(Outcome::BadKey);
+                idem.shared.metrics.request(Outcome::BadKey);
                 return Err(Problem::key_missing().into_response());
             }
             None => return Ok(Self::unprotected(None, transaction)),
@@ -260,16 +260,16 @@ where
                 )
             }
             BufferedBody::TooLarge => {
-                metrics::request(Outcome::BodyTooLarge);
+                idem.shared.metrics.request(Outcome::BodyTooLarge);
                 return Err(Problem::body_too_large(settings.max_request_bytes).into_response());
             }
             BufferedBody::Failed => {
-                metrics::request(Outcome::BadBody);
+                idem.shared.metrics.request(Outcome::BadBody);
                 return Err(Problem::body_unreadable().into_response());
             }
         };
         let Some(scope) = settings.scope.scope_of(parts) else {
-            metrics::request(Outcome::NoScope);
+            idem.shared.metrics.request(Outcome::NoScope);
             tracing::warn!(target: "idem", path = parts.uri.path(), "keyed request without an identity to scope it by; answering 400 (see IdempotencyBuilder::scope, Principal, IdempotencyBuilder::shared_scope)");
             return Err(Problem::scope_missing().into_response());
         };

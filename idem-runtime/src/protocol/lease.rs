@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 
-use super::step::{later, store_step};
+use super::step::{Step, later, store_step};
 use crate::config::Idempotency;
 use crate::in_flight::Entry;
 use crate::key::ScopedKey;
@@ -108,7 +108,7 @@ async fn renew_until_stopped(
         let started = Instant::now();
         let renewed = tokio::select! {
             _ = &mut stopped => return,
-            renewed = store_step(&idem, idem.store().renew(key.as_str(), &claim, lease)) => renewed,
+            renewed = store_step(&idem, Step::Renew, idem.store().renew(key.as_str(), &claim, lease)) => renewed,
         };
         match renewed {
             Ok(true) => {

@@ -12,7 +12,7 @@
 
 mod detach;
 mod lease;
-mod step;
+pub(crate) mod step;
 #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 mod transaction;
 
@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 pub(crate) use self::detach::to_the_end;
 use self::lease::LeaseKeeper;
-use self::step::{later, store_step};
+use self::step::{Step, later, store_step};
 #[cfg_attr(not(feature = "postgres"), allow(unused_imports))]
 pub(crate) use self::transaction::{Committed, TransactionSlot, Transactional};
 use crate::config::Idempotency;
@@ -117,6 +117,7 @@ pub(crate) async fn begin(
         let sent_at = Instant::now();
         let found = match store_step(
             idem,
+            Step::Begin,
             shared.store.begin(key.as_str(), &claim, settings.lease),
         )
         .await
@@ -156,6 +157,7 @@ pub(crate) async fn begin(
             let renewed_at = Instant::now();
             let renewed = store_step(
                 idem,
+                Step::Renew,
                 shared.store.renew(key.as_str(), &claim, settings.lease),
             )
             .await;
@@ -538,6 +540,7 @@ async fn store_completion(
 ) -> Result<bool, StoreError> {
     store_step(
         idem,
+        Step::Complete,
         idem.store().complete(key.as_str(), claim, record, ttl),
     )
     .await
@@ -548,7 +551,13 @@ async fn store_completion(
 /// back frees the key at once rather than after a whole lease.
 async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes, persist: bool) {
     let started = Instant::now();
-    let Err(error) = store_step(idem, idem.store().release(key.as_str(), claim)).await else {
+    let Err(error) = store_step(
+        idem,
+        Step::Release,
+        idem.store().release(key.as_str(), claim),
+    )
+    .await
+    else {
         return;
     };
     if !persist {
@@ -562,9 +571,13 @@ async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes, persist: bo
         let mut delay = Duration::from_millis(100);
         while Instant::now() + delay < lease_ends {
             sleep(delay).await;
-            if store_step(&idem, idem.store().release(key.as_str(), &claim))
-                .await
-                .is_ok()
+            if store_step(
+                &idem,
+                Step::Release,
+                idem.store().release(key.as_str(), &claim),
+            )
+            .await
+            .is_ok()
             {
                 tracing::info!(target: "idem", "key released after retrying");
                 return;

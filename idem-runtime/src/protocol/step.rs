@@ -6,17 +6,23 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::Idempotency;
+pub(crate) use crate::metrics::Step;
 use crate::store::StoreError;
 
-/// One store step, failed with [`StoreError::Timeout`] when it does not answer in time.
+/// One store step, failed with [`StoreError::Timeout`] when it does not answer in time,
+/// and timed into `idem_store_seconds` under `step`.
 pub(crate) async fn store_step<T>(
     idem: &Idempotency,
-    step: impl Future<Output = Result<T, StoreError>>,
+    step: Step,
+    call: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
     let timeout = idem.settings().store_timeout;
-    tokio::time::timeout(timeout, step)
+    let started = Instant::now();
+    let answer = tokio::time::timeout(timeout, call)
         .await
-        .unwrap_or(Err(StoreError::Timeout(timeout)))
+        .unwrap_or(Err(StoreError::Timeout(timeout)));
+    idem.shared.metrics.store_step(step, started.elapsed());
+    answer
 }
 
 /// `at + after`, or far in the future where that overflows.
