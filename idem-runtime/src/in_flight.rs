@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
 
+use crate::key::ScopedKey;
 use crate::metrics::Metrics;
 
-/// The executions now holding a key, each by its key as the logs show it.
+/// The executions now holding a key, each by its key.
 pub(crate) struct InFlight {
     metrics: Metrics,
     next: AtomicU64,
-    running: Mutex<HashMap<u64, String>>,
+    running: Mutex<HashMap<u64, ScopedKey>>,
     count: watch::Sender<usize>,
 }
 
@@ -34,11 +35,11 @@ impl InFlight {
         }
     }
 
-    /// Counts an execution of `logged_key` until the entry is dropped.
-    pub(crate) fn enter(self: &Arc<Self>, logged_key: String) -> Entry {
+    /// Counts an execution of `key` until the entry is dropped.
+    pub(crate) fn enter(self: &Arc<Self>, key: ScopedKey) -> Entry {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        running.insert(id, logged_key);
+        running.insert(id, key);
         self.count.send_replace(running.len());
         self.metrics.execution_in_flight(true);
         Entry {
@@ -52,12 +53,10 @@ impl InFlight {
         *self.count.borrow()
     }
 
-    /// The keys (as the logs show them) of the executions running now.
-    pub(crate) fn keys(&self) -> Vec<String> {
+    /// The keys of the executions running now.
+    pub(crate) fn keys(&self) -> Vec<ScopedKey> {
         let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut keys: Vec<String> = running.values().cloned().collect();
-        keys.sort();
-        keys
+        running.values().cloned().collect()
     }
 
     /// Returns once no execution holds a key.

@@ -75,7 +75,13 @@ impl Idempotency {
             tracing::info!(target: "idem", "every execution in flight ended");
             return 0;
         }
-        let keys = in_flight.keys();
+        // As the logs show keys (a digest with `log_keys(false)`), in order.
+        let mut keys: Vec<String> = in_flight
+            .keys()
+            .iter()
+            .map(|key| self.logged_key(key.key(), key).to_string())
+            .collect();
+        keys.sort();
         for key in &keys {
             tracing::warn!(target: "idem", key = %key, "still running at the shutdown deadline; nothing is stored for it, and its claim frees itself when its lease runs out");
         }

@@ -58,11 +58,10 @@ impl LeaseKeeper {
             stopped,
         );
         tokio::spawn(renewing.in_current_span());
-        let logged = idem.logged_key(key.key(), key).to_string();
         Self {
             _stop: stop,
             state,
-            _in_flight: idem.shared.in_flight.enter(logged),
+            _in_flight: idem.shared.in_flight.enter(key.clone()),
         }
     }
 
