@@ -47,9 +47,12 @@ use crate::store::{BoxFuture, Store, StoreError};
 /// meanwhile. On SQLite, transactional handlers therefore run **one at a time** while
 /// they write (a second one's first `conn()` waits for the lock, up to the busy
 /// timeout), and every other write to the file, other keys' claims and completions
-/// included, waits too. Do the slow part (a call to another service) before the first
-/// `conn()`, and write through `conn()` only: a write on another connection of the same
-/// file, from inside the handler, waits for the handler's own lock.
+/// included, waits too, and so do the lease renewals of every other execution: keep the
+/// time between the first `conn()` and the return well under the lease (a transaction
+/// that holds the lock for longer can let another execution's lease lapse, as a store
+/// outage that long would). Do the slow part (a call to another service) before the
+/// first `conn()`, and write through `conn()` only: a write on another connection of the
+/// same file, from inside the handler, waits for the handler's own lock.
 ///
 /// Reads on other connections (replays, `409`s) go on in WAL mode. The renewals of this
 /// execution's own lease are writes, so they wait and may fail while the work holds the
