@@ -71,8 +71,9 @@
 //! [`MemoryStore`](store::MemoryStore) is the embedded default, for one instance.
 //! [`RedisStore`](store::RedisStore) (cargo feature `redis`, on by default) shares keys
 //! between instances behind a load balancer, as does `PostgresStore` (cargo feature
-//! `postgres`) for a team with PostgreSQL and no Redis. Any other backend can implement
-//! [`Store`](store::Store).
+//! `postgres`) for a team with PostgreSQL and no Redis. `SqliteStore` (cargo feature
+//! `sqlite`) keeps the records in the SQLite file of an application on one host. Any other
+//! backend can implement [`Store`](store::Store).
 //!
 //! # Without the macro
 //!

@@ -175,9 +175,12 @@ pub enum OnceError<E> {
     /// the stored result, or runs the operation once its lease has run out.
     #[error("the operation's transaction did not commit; call again with the same key")]
     NotCommitted,
-    /// `Once::run_in_transaction` (feature `postgres`) needs the handle's store to be a
-    /// `PostgresStore`: nothing ran.
-    #[error("running in a transaction needs the idempotency store to be a PostgresStore")]
+    /// `Once::run_in_transaction` (feature `postgres` or `sqlite`) needs the handle's
+    /// store to be the store of the operation's transaction (a `PostgresStore` for a
+    /// `PgTransaction`, a `SqliteStore` for a `SqliteTransaction`): nothing ran.
+    #[error(
+        "running in a transaction needs the idempotency store to be that transaction's store (PostgresStore for PgTransaction, SqliteStore for SqliteTransaction)"
+    )]
     NoTransaction,
     /// The input or the result cannot be written as JSON.
     #[error("cannot serialize the {what} as JSON: {source}")]
@@ -341,36 +344,56 @@ impl Once {
     }
 
     /// As [`run_with_outcome`](Self::run_with_outcome), with the operation writing in a
-    /// transaction of the store's own PostgreSQL database (feature `postgres`): the stored
-    /// result commits in that transaction, with the operation's writes, under the fencing
-    /// check; an `Err` or a panic rolls them back and releases the key. See
-    /// [`PgTransaction`](crate::store::PgTransaction) for what this guarantees. An `Err` is
-    /// never stored here. [`OnceError::NotCommitted`] when the commit did not happen (or
-    /// may not have).
-    #[cfg(feature = "postgres")]
-    pub async fn run_in_transaction<T, E, F, Fut>(
+    /// transaction of the store's own database (feature `postgres` or `sqlite`): the
+    /// stored result commits in that transaction, with the operation's writes, under the
+    /// fencing check; an `Err` or a panic rolls them back and releases the key. The
+    /// operation's argument says which transaction: a `PgTransaction` on a
+    /// `PostgresStore`, a `SqliteTransaction` on a `SqliteStore` (see
+    /// [`DatabaseTransaction`](crate::store::DatabaseTransaction), and each type for
+    /// what this guarantees); name its type where the closure does not
+    /// (`|tx: SqliteTransaction| ...`). An `Err` is never stored here.
+    /// [`OnceError::NotCommitted`] when the commit did not happen (or may not have);
+    /// [`OnceError::NoTransaction`] when the handle's store is not the transaction's.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "sqlite")]
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use idem_runtime::{Idempotency, OnceKey, store::{SqliteStore, SqliteTransaction}};
+    ///
+    /// let idem = Idempotency::builder()
+    ///     .store(SqliteStore::connect("sqlite://app.db").await?)
+    ///     .build();
+    /// let invoice = idem
+    ///     .once(OnceKey::compose(["invoice", "cus_42", "2026-11"]), &"cus_42")
+    ///     .run_in_transaction(|tx: SqliteTransaction| async move {
+    ///         let mut conn = tx.conn().await?;
+    ///         sqlx::query("INSERT INTO invoices (customer) VALUES ('cus_42')")
+    ///             .execute(&mut *conn)
+    ///             .await?;
+    ///         Ok::<_, sqlx::Error>(7)
+    ///     })
+    ///     .await?;
+    /// # drop(invoice);
+    /// # Ok(()) }
+    /// ```
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub async fn run_in_transaction<T, E, F, Fut, Tx>(
         self,
         operation: F,
     ) -> Result<Outcome<T>, OnceError<E>>
     where
         T: Serialize + DeserializeOwned + Send + 'static,
         E: Send + 'static,
-        F: FnOnce(crate::store::PgTransaction) -> Fut,
+        F: FnOnce(Tx) -> Fut,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
+        Tx: crate::store::DatabaseTransaction,
     {
-        use crate::store::{PgTransaction, PostgresStore};
-        let Some(store) = self
-            .idem
-            .store()
-            .as_any()
-            .and_then(|store| store.downcast_ref::<PostgresStore>())
-        else {
-            return Err(OnceError::NoTransaction);
-        };
         let slot = TransactionSlot::default();
         slot.finished_by_idem();
-        let transaction = PgTransaction::new(store, slot.finish_flag());
-        slot.fill(std::sync::Arc::new(transaction.clone()));
+        let Some(transaction) = Tx::on_store(self.idem.store().as_ref(), slot.finish_flag()) else {
+            return Err(OnceError::NoTransaction);
+        };
+        slot.fill(transaction.transactional());
         self.execute(move || operation(transaction), ErrorsNotStored, slot)
             .await
     }

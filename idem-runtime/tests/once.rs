@@ -1,5 +1,6 @@
 //! `once`: an async operation run at most once per key, on the memory store, the shared
-//! Redis, a Redis Cluster of the test's own and (feature `postgres`) the shared PostgreSQL.
+//! Redis, a Redis Cluster of the test's own, (feature `postgres`) the shared PostgreSQL and
+//! (feature `sqlite`) a SQLite file of each test's own.
 
 #![allow(clippy::unwrap_used)]
 
@@ -384,6 +385,18 @@ on_both_stores!(
 
 #[cfg(feature = "postgres")]
 on_postgres!(
+    concurrent_calls_run_once,
+    another_input_is_key_reused,
+    the_result_expires_with_its_ttl,
+    errors_are_stored_only_when_asked,
+    panics_release_and_drops_do_not_cancel,
+    no_wait_answers_in_flight,
+    an_unwritable_result_is_not_run_again,
+    a_vanished_caller_frees_the_key_after_its_lease,
+);
+
+#[cfg(feature = "sqlite")]
+on_sqlite!(
     concurrent_calls_run_once,
     another_input_is_key_reused,
     the_result_expires_with_its_ttl,

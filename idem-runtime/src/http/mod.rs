@@ -17,7 +17,7 @@ mod extract;
 mod layer;
 mod problem;
 mod replay;
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod transaction;
 
 pub use self::extract::Idempotent;

@@ -212,7 +212,7 @@ impl Problem {
         )
     }
 
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
     pub(crate) fn no_transaction(detail: &str) -> Self {
         Self::new_internal(
             StatusCode::INTERNAL_SERVER_ERROR,

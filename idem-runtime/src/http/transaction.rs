@@ -1,7 +1,5 @@
-//! The handler's database transaction, taken as an extractor (feature `postgres`): its
-//! writes commit with the response's record, or roll back with it.
-
-use std::sync::Arc;
+//! The handler's database transaction, taken as an extractor (feature `postgres` or
+//! `sqlite`): its writes commit with the response's record, or roll back with it.
 
 use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
@@ -10,32 +8,52 @@ use http::request::Parts;
 use super::extract::transaction_slot;
 use super::problem::Problem;
 use crate::config::Idempotency;
-use crate::store::{PgTransaction, PostgresStore};
+use crate::store::DatabaseTransaction;
 
-impl<S: Send + Sync> FromRequestParts<S> for PgTransaction {
+/// The transaction `T` on the store of the request's idempotency handle, put in the
+/// request's slot for the guard to finish; a problem where the handle's store is not
+/// `T`'s, or the handler takes a second transaction.
+// The rejection is the response an extractor answers with, as `FromRequestParts` has it.
+#[allow(clippy::result_large_err)]
+fn extract<T: DatabaseTransaction>(parts: &mut Parts) -> Result<T, Response> {
+    let Some(idem) = parts.extensions.get::<Idempotency>().cloned() else {
+        tracing::error!(target: "idem", "`{}` taken by a handler served without the idempotency layer: add `.layer(idem.layer())` to the Router", T::NAME);
+        return Err(Problem::layer_missing().into_response());
+    };
+    let slot = transaction_slot(parts);
+    let Some(transaction) = T::on_store(idem.store().as_ref(), slot.finish_flag()) else {
+        let detail = format!(
+            "This handler writes in a database transaction that idem commits with the response, which needs idem's store to be a {} on that database.",
+            T::STORE
+        );
+        tracing::error!(target: "idem", "`{}` needs the idempotency handle's store to be a `{}`", T::NAME, T::STORE);
+        return Err(Problem::no_transaction(&detail).into_response());
+    };
+    if !slot.fill(transaction.transactional()) {
+        let detail = format!(
+            "This handler takes more than one `{}`; a request writes in one transaction.",
+            T::NAME
+        );
+        tracing::error!(target: "idem", "`{}` taken twice by one handler", T::NAME);
+        return Err(Problem::no_transaction(&detail).into_response());
+    }
+    Ok(transaction)
+}
+
+#[cfg(feature = "postgres")]
+impl<S: Send + Sync> FromRequestParts<S> for crate::store::PgTransaction {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
-        let Some(idem) = parts.extensions.get::<Idempotency>().cloned() else {
-            tracing::error!(target: "idem", "`PgTransaction` taken by a handler served without the idempotency layer: add `.layer(idem.layer())` to the Router");
-            return Err(Problem::layer_missing().into_response());
-        };
-        let Some(store) = idem
-            .store()
-            .as_any()
-            .and_then(|store| store.downcast_ref::<PostgresStore>())
-        else {
-            let detail = "This handler writes in a database transaction that idem commits with the response, which needs idem's store to be a PostgresStore on that database.";
-            tracing::error!(target: "idem", "`PgTransaction` needs the idempotency handle's store to be a `PostgresStore`");
-            return Err(Problem::no_transaction(detail).into_response());
-        };
-        let slot = transaction_slot(parts);
-        let transaction = PgTransaction::new(store, slot.finish_flag());
-        if !slot.fill(Arc::new(transaction.clone())) {
-            let detail = "This handler takes more than one `PgTransaction`; a request writes in one transaction.";
-            tracing::error!(target: "idem", "`PgTransaction` taken twice by one handler");
-            return Err(Problem::no_transaction(detail).into_response());
-        }
-        Ok(transaction)
+        extract(parts)
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl<S: Send + Sync> FromRequestParts<S> for crate::store::SqliteTransaction {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
+        extract(parts)
     }
 }

@@ -13,7 +13,7 @@
 mod detach;
 mod lease;
 pub(crate) mod step;
-#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 mod transaction;
 
 use std::panic::{AssertUnwindSafe, resume_unwind};
@@ -29,7 +29,10 @@ use tracing::Instrument;
 pub(crate) use self::detach::to_the_end;
 use self::lease::LeaseKeeper;
 use self::step::{Step, later, store_step};
-#[cfg_attr(not(feature = "postgres"), allow(unused_imports))]
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "sqlite")),
+    allow(unused_imports)
+)]
 pub(crate) use self::transaction::{Committed, TransactionSlot, Transactional};
 use crate::config::Idempotency;
 use crate::fingerprint::Fingerprint;

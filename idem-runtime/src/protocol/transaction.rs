@@ -1,7 +1,7 @@
 //! Work that writes in a database transaction of its own store: the completed record is
 //! written in that transaction, under the fencing check, and commits with the work's
 //! writes, or both roll back. The front door sees only a [`TransactionSlot`]; a store
-//! that can do this fills it (see `store::PgTransaction`).
+//! that can do this fills it (see `store::PgTransaction` and `store::SqliteTransaction`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -11,8 +11,12 @@ use bytes::Bytes;
 
 use crate::store::{BoxFuture, StoreError};
 
-/// How the completion of work in a transaction ended.
-pub(crate) enum Committed {
+/// How the completion of work in a transaction ended (`pub` for [`Transactional`]).
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "sqlite")),
+    allow(unreachable_pub)
+)]
+pub enum Committed {
     /// The record and the work's writes are committed together.
     Yes,
     /// The claim was no longer this execution's (fencing): everything was rolled back.
@@ -23,8 +27,13 @@ pub(crate) enum Committed {
     Unknown(StoreError),
 }
 
-/// A transaction the work writes in, which idem finishes.
-pub(crate) trait Transactional: Send + Sync {
+/// A transaction the work writes in, which idem finishes. `pub` in this private module
+/// (not nameable outside the crate): the sealed `store::DatabaseTransaction` hands it out.
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "sqlite")),
+    allow(unreachable_pub)
+)]
+pub trait Transactional: Send + Sync {
     /// Stores `record` under `key` if `claim` still holds it, then commits the work's
     /// writes with it; or rolls everything back.
     ///

@@ -185,4 +185,16 @@ pub enum ConnectError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// SQLite could not open the database, or refused a step of the store's setup
+    /// (creating the table, or a protocol step run once on a probe key).
+    #[cfg(feature = "sqlite")]
+    #[error("SQLite failed while {step}: {source}")]
+    Sqlite {
+        /// The setup step that failed, with the SQL it sends.
+        step: &'static str,
+        /// What went wrong: most often a [`sqlx::Error`] (downcast it to read a
+        /// database error's code).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }

@@ -10,6 +10,12 @@ mod memory;
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod sweeper;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod transaction;
 
 pub use self::contract::{BoxFuture, ConnectError, Store, StoreError};
 pub use self::memory::{BoundsError, MemoryStore};
@@ -17,3 +23,7 @@ pub use self::memory::{BoundsError, MemoryStore};
 pub use self::postgres::{PgTransaction, PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
+#[cfg(feature = "sqlite")]
+pub use self::sqlite::{SqliteStore, SqliteStoreBuilder, SqliteTransaction};
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub use self::transaction::DatabaseTransaction;

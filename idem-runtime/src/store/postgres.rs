@@ -10,6 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, Executor, Row, SqlSafeStr, SqlStr};
 
 use super::contract::{BoxFuture, ConnectError, Store, StoreError};
+use super::sweeper::Sweeper;
 
 mod transaction;
 
@@ -339,11 +340,14 @@ impl PostgresStoreBuilder {
         }
         store.probe().await?;
         if let Some(interval) = self.sweep_every {
-            store.sweeper = Some(Arc::new(Sweeper::start(
-                store.clone(),
-                interval,
-                self.sweep_batch,
-            )));
+            // The task holds the pool and the statements, not the sweeper: the last
+            // clone of the store going away is what stops it.
+            let sweeping = store.clone();
+            let batch = self.sweep_batch;
+            store.sweeper = Some(Arc::new(Sweeper::start(interval, move || {
+                let store = sweeping.clone();
+                async move { store.sweep(batch).await }
+            })));
         }
         Ok(store)
     }
@@ -492,42 +496,6 @@ impl PostgresStore {
             }
             error => StoreError::backend(error),
         }
-    }
-}
-
-/// The background sweep; aborted when dropped.
-struct Sweeper(tokio::task::JoinHandle<()>);
-
-impl Sweeper {
-    fn start(store: PostgresStore, interval: Duration, batch: u64) -> Self {
-        // The task holds the pool and the statements, not the sweeper: the last clone
-        // of the store going away is what stops it.
-        let store = PostgresStore {
-            sweeper: None,
-            ..store
-        };
-        Self(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                match store.sweep(batch).await {
-                    Ok(0) => {}
-                    Ok(deleted) => {
-                        tracing::debug!(target: "idem", deleted, "swept expired rows");
-                    }
-                    Err(error) => {
-                        tracing::warn!(target: "idem", %error, "sweeping expired rows failed; trying again at the next interval");
-                    }
-                }
-            }
-        }))
-    }
-}
-
-impl Drop for Sweeper {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -20,6 +20,8 @@ use http_body_util::BodyExt;
 use idem_runtime::store::PostgresStore;
 #[cfg(feature = "redis")]
 use idem_runtime::store::RedisStore;
+#[cfg(feature = "sqlite")]
+use idem_runtime::store::SqliteStore;
 use idem_runtime::store::{BoxFuture, MemoryStore, Store, StoreError};
 use idem_runtime::{Idempotency, IdempotencyBuilder, Idempotent};
 use tokio::sync::Notify;
@@ -44,6 +46,11 @@ pub enum Backend {
     Postgres {
         url: String,
         schema: String,
+    },
+    /// A SQLite file of the test's own (see [`SqliteFile`]).
+    #[cfg(feature = "sqlite")]
+    Sqlite {
+        url: String,
     },
 }
 
@@ -74,6 +81,14 @@ impl Backend {
         }
     }
 
+    /// The store in `file`, which the test created and deletes.
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite(file: &SqliteFile) -> Self {
+        Self::Sqlite {
+            url: file.url.clone(),
+        }
+    }
+
     /// A builder already holding this backend's store.
     pub async fn builder(&self) -> IdempotencyBuilder {
         let store: Arc<dyn Store> = match self {
@@ -101,6 +116,12 @@ impl Backend {
                     .connect()
                     .await
                     .unwrap_or_else(|error| panic!("PostgreSQL at {url} must be running: {error}")),
+            ),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite { url } => Arc::new(
+                SqliteStore::connect(url)
+                    .await
+                    .unwrap_or_else(|error| panic!("SQLite at {url}: {error}")),
             ),
         };
         test_builder(Idempotency::builder().shared_store(store))
@@ -141,7 +162,54 @@ impl Backend {
                 .expect("count the live rows");
                 usize::try_from(count).unwrap_or(usize::MAX)
             }
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite { url } => {
+                use sqlx::Connection;
+                let mut connection = sqlx::SqliteConnection::connect(url)
+                    .await
+                    .unwrap_or_else(|error| panic!("SQLite at {url}: {error}"));
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("a clock after 1970")
+                    .as_millis();
+                let count: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM idem_records WHERE expires_at > ?1")
+                        .bind(i64::try_from(now).expect("a clock before 292 million AD"))
+                        .fetch_one(&mut connection)
+                        .await
+                        .expect("count the live rows");
+                usize::try_from(count).unwrap_or(usize::MAX)
+            }
         }
+    }
+}
+
+/// A SQLite database file of one test's own, in a directory of its own under the system's
+/// temporary directory, deleted with the directory when this value is dropped.
+#[cfg(feature = "sqlite")]
+pub struct SqliteFile {
+    pub dir: std::path::PathBuf,
+    pub path: std::path::PathBuf,
+    /// `sqlite://<path>`, for `SqliteStore::connect`.
+    pub url: String,
+}
+
+#[cfg(feature = "sqlite")]
+impl SqliteFile {
+    pub fn create(test: &str) -> Self {
+        let dir = std::env::temp_dir()
+            .join(testkit::unique_prefix(&format!("idem-sqlite-{test}")).replace(':', "-"));
+        std::fs::create_dir_all(&dir).expect("create the test's directory");
+        let path = dir.join("idem.db");
+        let url = format!("sqlite://{}", path.display());
+        Self { dir, path, url }
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl Drop for SqliteFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -520,6 +588,24 @@ macro_rules! on_postgres {
                 async fn $check() {
                     let schema = $crate::common::PgSchema::create(stringify!($check)).await;
                     super::$check($crate::common::Backend::postgres(&schema)).await;
+                }
+            )*
+        }
+    };
+}
+
+/// Declares one test on SQLite per `async fn(Backend)` check, each on a file of its own,
+/// in a module `on_sqlite`.
+#[cfg(feature = "sqlite")]
+#[macro_export]
+macro_rules! on_sqlite {
+    ($($check:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    let file = $crate::common::SqliteFile::create(stringify!($check));
+                    super::$check($crate::common::Backend::sqlite(&file)).await;
                 }
             )*
         }

@@ -3,15 +3,15 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use bytes::Bytes;
 use sqlx::{PgConnection, Postgres};
-use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tokio::sync::MappedMutexGuard;
 
 use super::{PostgresStore, millis};
-use crate::protocol::{Committed, Transactional};
+use crate::protocol::Transactional;
+use crate::store::transaction::{Backend, DatabaseTransaction, Fenced, Shared, sealed};
 use crate::store::{BoxFuture, Store, StoreError};
 
 /// A transaction on the database of the [`PostgresStore`] that holds the key, which idem
@@ -54,161 +54,88 @@ use crate::store::{BoxFuture, Store, StoreError};
 /// }
 /// ```
 #[derive(Clone)]
-pub struct PgTransaction(Arc<Inner>);
-
-struct Inner {
-    store: PostgresStore,
-    state: Mutex<State>,
-    /// Set when a front door of idem will finish the transaction.
-    finished_by_idem: Arc<AtomicBool>,
-}
-
-/// Where the transaction stands. It is opened by the first query, so that work that
-/// never writes (a replay, a refusal) costs the database nothing.
-enum State {
-    NotStarted,
-    Open(sqlx::Transaction<'static, Postgres>),
-    Finished,
-}
+pub struct PgTransaction(Arc<Shared<PostgresStore>>);
 
 impl PgTransaction {
-    /// A transaction on `store`'s pool, opened when first used.
-    pub(crate) fn new(store: &PostgresStore, finished_by_idem: Arc<AtomicBool>) -> Self {
-        Self(Arc::new(Inner {
-            store: store.clone(),
-            state: Mutex::new(State::NotStarted),
-            finished_by_idem,
-        }))
-    }
-
     /// The transaction's connection, to run queries on (`.execute(&mut *conn)`); the
     /// first call opens the transaction. Hold it only while querying: idem takes the
     /// transaction back when the work returns. An error once idem has finished the
     /// transaction, or when the pool has no connection to give.
     pub async fn conn(&self) -> Result<MappedMutexGuard<'_, PgConnection>, sqlx::Error> {
-        if !self.0.finished_by_idem.load(Ordering::Acquire) {
-            tracing::error!(target: "idem", "`PgTransaction` used in a handler without `#[idempotent]`: nothing would commit it");
-            return Err(sqlx::Error::Protocol(
-                "a PgTransaction is committed by #[idempotent] (or Idempotent::run); this handler has neither, so its writes would be lost".into(),
-            ));
-        }
-        let mut state = self.0.state.lock().await;
-        if let State::NotStarted = *state {
-            *state = State::Open(self.0.store.pool.begin().await?);
-        }
-        MutexGuard::try_map(state, |state| match state {
-            State::Open(transaction) => Some(&mut **transaction),
-            State::NotStarted | State::Finished => None,
-        })
-        .map_err(|_| {
-            sqlx::Error::Protocol(
-                "idem has already committed or rolled back this transaction".into(),
-            )
-        })
-    }
-
-    /// Ends the transaction's use: what it was.
-    async fn finish(&self) -> State {
-        std::mem::replace(&mut *self.0.state.lock().await, State::Finished)
+        self.0.conn().await
     }
 }
 
 impl fmt::Debug for PgTransaction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgTransaction").finish_non_exhaustive()
+        self.0.fmt(f)
     }
 }
 
-impl Transactional for PgTransaction {
-    fn complete<'a>(
+impl DatabaseTransaction for PgTransaction {}
+
+impl sealed::OnStore for PgTransaction {
+    const NAME: &'static str = "PgTransaction";
+    const STORE: &'static str = "PostgresStore";
+
+    fn on_store(store: &dyn Store, finished_by_idem: Arc<AtomicBool>) -> Option<Self> {
+        let store = store.as_any()?.downcast_ref::<PostgresStore>()?;
+        Some(Self(Shared::new(store, finished_by_idem)))
+    }
+
+    fn transactional(&self) -> Arc<dyn Transactional> {
+        self.0.clone()
+    }
+}
+
+impl Backend for PostgresStore {
+    type Db = Postgres;
+    const NAME: &'static str = "PgTransaction";
+
+    fn open(&self) -> BoxFuture<'_, Result<sqlx::Transaction<'static, Postgres>, sqlx::Error>> {
+        Box::pin(self.pool.begin())
+    }
+
+    fn fence<'a>(
         &'a self,
+        connection: &'a mut PgConnection,
         key: &'a str,
-        claim: &'a Bytes,
-        record: Bytes,
+        claim: &'a [u8],
+        record: &'a [u8],
         ttl: Duration,
-        stands_alone: bool,
-    ) -> BoxFuture<'a, Committed> {
+    ) -> BoxFuture<'a, Result<Fenced, sqlx::Error>> {
         Box::pin(async move {
-            let store = &self.0.store;
-            let mut transaction = match self.finish().await {
-                State::Open(transaction) => transaction,
-                // The work wrote nothing: the plain completion is all there is to commit.
-                State::NotStarted => {
-                    return match store.complete(key, claim, record, ttl).await {
-                        Ok(true) => Committed::Yes,
-                        Ok(false) => Committed::Superseded,
-                        Err(error) => Committed::Unknown(error),
-                    };
-                }
-                State::Finished => {
-                    return Committed::RolledBack(StoreError::backend(
-                        "the work's transaction was already finished",
-                    ));
-                }
-            };
             // Locks the record's row until the commit: no other executor can take the
             // key over meanwhile.
-            let written = sqlx::query(store.statements.complete_in_transaction.clone())
+            let written = sqlx::query(self.statements.complete_in_transaction.clone())
                 .bind(key)
-                .bind(claim.as_ref())
-                .bind(record.as_ref())
+                .bind(claim)
+                .bind(record)
                 .bind(millis(ttl))
-                .execute(&mut *transaction)
+                .execute(connection)
                 .await;
             match written {
-                Ok(done) if done.rows_affected() == 1 => match transaction.commit().await {
-                    Ok(()) => Committed::Yes,
-                    Err(error) => Committed::Unknown(store.error(error)),
-                },
-                Ok(_) => {
-                    let _ = transaction.rollback().await;
-                    Committed::Superseded
-                }
+                Ok(done) if done.rows_affected() == 1 => Ok(Fenced::Written),
+                Ok(_) => Ok(Fenced::NotHeld),
                 // The work ignored a failed statement, so the database aborted the
-                // transaction: none of its writes can commit. A refusal holds without them.
-                Err(error) if stands_alone && is_aborted(&error) => {
-                    let _ = transaction.rollback().await;
-                    match store.complete(key, claim, record, ttl).await {
-                        Ok(true) => Committed::Yes,
-                        Ok(false) => Committed::Superseded,
-                        Err(error) => Committed::Unknown(error),
-                    }
-                }
-                Err(error) => {
-                    let _ = transaction.rollback().await;
-                    Committed::RolledBack(store.error(error))
-                }
+                // transaction: none of its writes can commit.
+                Err(error) if is_aborted(&error) => Ok(Fenced::Aborted(self.error(error))),
+                Err(error) => Err(error),
             }
         })
     }
 
-    fn commit(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            match self.finish().await {
-                State::Open(mut transaction) => {
-                    // PostgreSQL answers COMMIT of an aborted transaction with a rollback,
-                    // not an error: ask first, so that lost writes are never reported as
-                    // committed.
-                    if let Err(error) = sqlx::query("SELECT 1").execute(&mut *transaction).await {
-                        let _ = transaction.rollback().await;
-                        return Err(self.0.store.error(error));
-                    }
-                    transaction
-                        .commit()
-                        .await
-                        .map_err(|error| self.0.store.error(error))
-                }
-                State::NotStarted | State::Finished => Ok(()),
-            }
-        })
+    fn check_open<'a>(
+        &'a self,
+        connection: &'a mut PgConnection,
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        // PostgreSQL answers COMMIT of an aborted transaction with a rollback, not an
+        // error: ask first.
+        Box::pin(async move { sqlx::query("SELECT 1").execute(connection).await.map(drop) })
     }
 
-    fn rollback(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            if let State::Open(transaction) = self.finish().await {
-                let _ = transaction.rollback().await;
-            }
-        })
+    fn error(&self, error: sqlx::Error) -> StoreError {
+        PostgresStore::error(self, error)
     }
 }
 

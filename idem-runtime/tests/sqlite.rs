@@ -1,0 +1,422 @@
+//! The SQLite store on a real database file: every protocol check, the store's steps
+//! applied twice, concurrent claims, set-up failures named at connect, and the sweep.
+
+#![cfg(feature = "sqlite")]
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use common::SqliteFile;
+use common::checks::*;
+use futures_util::StreamExt;
+use idem_runtime::ConnectError;
+use idem_runtime::store::{SqliteStore, Store};
+
+on_sqlite!(
+    replay_is_byte_identical,
+    different_request_same_key_is_422,
+    concurrent_requests_run_once,
+    key_expires_after_ttl,
+    slow_handler_keeps_its_lease,
+    dead_owner_frees_key_after_lease,
+    stale_executor_cannot_overwrite,
+    server_error_releases_key,
+    panic_releases_key,
+    bad_input_is_refused,
+    scopes_are_isolated,
+    oversized_response_is_never_rerun,
+    waiting_for_in_flight_replays,
+    rejected_extractor_releases_key,
+    slow_body_keeps_its_lease,
+    failed_body_is_a_problem_not_a_rerun,
+    nested_routes_are_told_apart,
+);
+
+async fn store_in(file: &SqliteFile) -> SqliteStore {
+    SqliteStore::connect(&file.url)
+        .await
+        .unwrap_or_else(|error| panic!("SQLite at {}: {error}", file.url))
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+async fn live_rows(store: &SqliteStore) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {} WHERE expires_at > ?1",
+        store.table()
+    )))
+    .bind(now_ms())
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+async fn all_rows(store: &SqliteStore) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}",
+        store.table()
+    )))
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+/// Polls `condition` (an async query) every 20 ms for up to `limit`; whether it held.
+async fn eventually_async<F, Fut>(limit: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Guards: each step applied twice (re-sent after a lost answer) answers as the trait
+/// says: `begin` finds its own claim, `complete` finds its record, `release` finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_applied_twice() {
+    let file = SqliteFile::create("twice");
+    let store = store_in(&file).await;
+    let (claim, record) = (Bytes::from_static(b"claim"), Bytes::from_static(b"record"));
+    let lease = Duration::from_secs(10);
+
+    assert_eq!(store.begin("k", &claim, lease).await.unwrap(), None);
+    assert_eq!(
+        store.begin("k", &claim, lease).await.unwrap(),
+        Some(claim.clone()),
+        "a begin applied twice finds its own claim"
+    );
+    assert!(store.renew("k", &claim, lease).await.unwrap());
+    assert!(store.renew("k", &claim, lease).await.unwrap());
+    assert!(
+        store
+            .complete("k", &claim, record.clone(), lease)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .complete("k", &claim, record.clone(), lease)
+            .await
+            .unwrap(),
+        "a complete applied twice finds its record"
+    );
+    assert!(!store.renew("k", &claim, lease).await.unwrap());
+    assert!(
+        !store.release("k", &claim).await.unwrap(),
+        "a completed key is not released by its claim"
+    );
+    assert_eq!(
+        store
+            .begin("k", &Bytes::from_static(b"other"), lease)
+            .await
+            .unwrap(),
+        Some(record)
+    );
+
+    assert_eq!(store.begin("r", &claim, lease).await.unwrap(), None);
+    assert!(store.release("r", &claim).await.unwrap());
+    assert!(
+        !store.release("r", &claim).await.unwrap(),
+        "a release applied twice finds nothing"
+    );
+    assert_eq!(
+        store.begin("r", &claim, lease).await.unwrap(),
+        None,
+        "released is free"
+    );
+
+    // An expired claim is absent to every step: not renewed, not completed, and taken over.
+    let short = Bytes::from_static(b"short");
+    assert_eq!(
+        store
+            .begin("e", &short, Duration::from_millis(50))
+            .await
+            .unwrap(),
+        None
+    );
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(!store.renew("e", &short, lease).await.unwrap());
+    assert!(
+        !store
+            .complete("e", &short, Bytes::from_static(b"late"), lease)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store.release("e", &short).await.unwrap(),
+        "an expired claim is not released as live"
+    );
+    assert_eq!(store.begin("e", &claim, lease).await.unwrap(), None);
+}
+
+/// Guards: 64 concurrent `begin`s on one free key, and on one expired key, leave exactly
+/// one winner, and every other caller is handed the winner's claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_begins_have_one_winner() {
+    let file = SqliteFile::create("one_winner");
+    let store = Arc::new(store_in(&file).await);
+    let dead = Bytes::from_static(b"dead executor");
+    assert_eq!(
+        store
+            .begin("expired", &dead, Duration::from_millis(1))
+            .await
+            .unwrap(),
+        None
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for key in ["fresh", "expired"] {
+        let answers: Vec<_> = futures_util::future::join_all((0..64).map(|n| {
+            let store = store.clone();
+            async move {
+                let claim = Bytes::from(format!("claim {n}"));
+                let found = store.begin(key, &claim, Duration::from_secs(10)).await;
+                (claim, found.unwrap())
+            }
+        }))
+        .await;
+        let winners: Vec<_> = answers
+            .iter()
+            .filter(|(_, found)| found.is_none())
+            .collect();
+        assert_eq!(winners.len(), 1, "{key}: exactly one claim taken");
+        let winner = &winners[0].0;
+        for (_, found) in answers.iter().filter(|(_, found)| found.is_some()) {
+            assert_eq!(
+                found.as_ref(),
+                Some(winner),
+                "{key}: the others see the winner"
+            );
+        }
+    }
+}
+
+/// Guards: a missing table where idem may not create it, a table of another shape, or a
+/// read-only database fails at connect with the step named, not on the first request; the
+/// DDL a migration would ship makes a table the store accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_table_fails_at_connect() {
+    let file = SqliteFile::create("wrong_table");
+    let url = format!("{}?mode=rwc", file.url);
+    let missing = SqliteStore::builder(url.as_str())
+        .create_table(false)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&missing, ConnectError::Sqlite { step, .. } if step.contains("probing begin")),
+        "{missing}"
+    );
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE other_shape (key TEXT PRIMARY KEY, body TEXT)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let wrong = SqliteStore::from_pool(pool.clone())
+        .table("other_shape")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(wrong, ConnectError::Sqlite { .. }), "{wrong}");
+    let builder = SqliteStore::from_pool(pool.clone())
+        .table("migrated")
+        .create_table(false);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(builder.migration_sql()))
+        .execute(&pool)
+        .await
+        .unwrap();
+    builder.connect().await.unwrap();
+
+    let read_only = SqliteStore::builder(format!("{}?mode=ro", file.url))
+        .table("migrated")
+        .create_table(false)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&read_only, ConnectError::Sqlite { step, .. } if step.contains("begin")),
+        "{read_only}"
+    );
+    assert!(read_only.to_string().contains("readonly"), "{read_only}");
+}
+
+/// Guards: the store's own pool runs in WAL mode (reads never wait for a writer) with a
+/// busy timeout (a write waits for the one in progress), and creates the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn its_own_pool_is_in_wal_mode_with_a_busy_timeout() {
+    let file = SqliteFile::create("pragmas");
+    assert!(!file.path.exists());
+    let store = SqliteStore::builder(file.url.as_str())
+        .busy_timeout(Duration::from_millis(1500))
+        .connect()
+        .await
+        .unwrap();
+    assert!(file.path.exists(), "the file was created");
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let timeout: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(timeout, 1500);
+}
+
+/// Guards: 10,000 records past their 1 s TTL are swept in bounded batches, the table
+/// ends with only what is still live, and nothing within its TTL or lease is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_deletes_what_expired_and_nothing_else() {
+    let file = SqliteFile::create("sweep");
+    let store = Arc::new(store_in(&file).await);
+    let write = |prefix: &'static str, count: usize, ttl: Duration, complete: bool| {
+        let store = store.clone();
+        futures_util::stream::iter(0..count)
+            .map(move |n| {
+                let store = store.clone();
+                async move {
+                    let key = format!("{prefix}-{n}");
+                    let claim = Bytes::from(format!("claim {n}"));
+                    assert_eq!(store.begin(&key, &claim, ttl).await.unwrap(), None);
+                    if complete {
+                        let record = Bytes::from(format!("record {n}"));
+                        assert!(store.complete(&key, &claim, record, ttl).await.unwrap());
+                    }
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<()>>()
+    };
+    let written = Instant::now();
+    write("short", 10_000, Duration::from_secs(1), true).await;
+    eprintln!("10,000 records written in {:?}", written.elapsed());
+    write("kept", 100, Duration::from_secs(3600), true).await;
+    write("claim", 10, Duration::from_secs(3600), false).await;
+    assert_eq!(all_rows(&store).await, 10_110);
+
+    // Real expiry: wait until the short records' TTL has run out on the clock.
+    assert!(
+        eventually_async(Duration::from_secs(30), || {
+            let store = store.clone();
+            async move { live_rows(&store).await == 110 }
+        })
+        .await,
+        "expired rows count as absent"
+    );
+    let freed = store
+        .begin(
+            "short-7",
+            &Bytes::from_static(b"new claim"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        freed, None,
+        "an expired record frees its key before any sweep"
+    );
+
+    assert_eq!(
+        store.delete_expired(500).await.unwrap(),
+        500,
+        "one bounded batch"
+    );
+    let swept = Instant::now();
+    let deleted = store.sweep(1000).await.unwrap();
+    eprintln!("swept {deleted} rows in {:?}", swept.elapsed());
+    assert_eq!(deleted, 10_000 - 1 - 500);
+    assert_eq!(all_rows(&store).await, 111, "only live rows are left");
+    for n in 0..100 {
+        let found = store
+            .begin(
+                &format!("kept-{n}"),
+                &Bytes::from_static(b"x"),
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap();
+        assert_eq!(found, Some(Bytes::from(format!("record {n}"))), "kept-{n}");
+    }
+    for n in 0..10 {
+        assert!(
+            store
+                .renew(
+                    &format!("claim-{n}"),
+                    &Bytes::from(format!("claim {n}")),
+                    Duration::from_secs(60)
+                )
+                .await
+                .unwrap(),
+            "claim-{n} is still held"
+        );
+    }
+    assert_eq!(store.sweep(1000).await.unwrap(), 0, "nothing left to sweep");
+}
+
+/// Guards: `sweep_every` deletes expired rows in the background, and stops with the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_sweep() {
+    let file = SqliteFile::create("background_sweep");
+    let store = SqliteStore::builder(file.url.as_str())
+        .sweep_every(Duration::from_millis(100))
+        .sweep_batch(7)
+        .connect()
+        .await
+        .unwrap();
+    let lease = Duration::from_millis(200);
+    for n in 0..50 {
+        store
+            .begin(&format!("k{n}"), &Bytes::from_static(b"claim"), lease)
+            .await
+            .unwrap();
+    }
+    store
+        .begin(
+            "held",
+            &Bytes::from_static(b"claim"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let swept = eventually_async(Duration::from_secs(5), || {
+        let store = store.clone();
+        async move { all_rows(&store).await == 1 }
+    })
+    .await;
+    assert!(swept, "the expired claims were swept");
+    assert_eq!(live_rows(&store).await, 1, "the held claim was not");
+    let pool = store.pool().clone();
+    drop(store);
+    // With the store gone its sweeper stops: an expired row stays.
+    sqlx::query("INSERT INTO idem_records VALUES ('late', x'00', 0)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM idem_records")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 2, "no sweep ran after the store was dropped");
+}
