@@ -11,7 +11,8 @@
 //!
 //! A retry with the same `Idempotency-Key` gets the stored response. Out of the box idem
 //! keeps its records in the app's own database, and a payment is written in idem's
-//! transaction ([`idem_runtime::store::PgTransaction`] on PostgreSQL): the payment and
+//! transaction ([`idem_runtime::store::PgTransaction`] on PostgreSQL,
+//! [`idem_runtime::store::SqliteTransaction`] on SQLite): the payment and
 //! the record of its response commit together, so a crash before the commit leaves
 //! neither (the retry pays afresh) and a crash after it leaves both (the retry replays).
 //! With `REDIS_URL` (or `PAYMENTS_IDEM_STORE=memory`) the records live elsewhere and the
@@ -44,7 +45,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use idem_runtime::store::{MemoryStore, PostgresStore, RedisStore, Store};
+use idem_runtime::store::{MemoryStore, PostgresStore, RedisStore, SqliteStore, Store};
 use idem_runtime::{Idempotency, IdempotencyBuilder};
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
@@ -499,7 +500,11 @@ pub async fn idempotency_store(config: &Config) -> Result<Arc<dyn Store>, Startu
             .await?;
         return Ok(Arc::new(store));
     }
-    Ok(Arc::new(MemoryStore::new()))
+    let store = SqliteStore::builder(config.database_url.as_str())
+        .sweep_every(SWEEP_EVERY)
+        .connect()
+        .await?;
+    Ok(Arc::new(store))
 }
 
 /// How often the database store deletes expired records.

@@ -1,13 +1,13 @@
 //! The transaction a request writes in: idem's, where idem's records live in the app's
-//! database, so that the payment and the record of its response commit together; else the
+//! database (PostgreSQL or SQLite), so that the payment and the record of its response commit together; else the
 //! app's own.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::response::Response;
 use idem_runtime::Idempotency;
-use idem_runtime::store::{PgTransaction, PostgresStore};
-use sqlx::{Any, AnyPool, PgConnection};
+use idem_runtime::store::{PgTransaction, PostgresStore, SqliteStore, SqliteTransaction};
+use sqlx::{Any, AnyPool, PgConnection, SqliteConnection};
 use tokio::sync::MappedMutexGuard;
 
 use crate::AppState;
@@ -18,6 +18,10 @@ pub(crate) enum Tx {
     /// and idem's records: idem commits it with the response's record, under the check
     /// that the key is still this request's, or rolls both back.
     Postgres(PgTransaction),
+    /// The same on the SQLite file that holds both. SQLite has one writer at a time: the
+    /// transaction takes the file's write lock with its first statement and holds it
+    /// until idem commits.
+    Sqlite(SqliteTransaction),
     /// A transaction of the app's own, committed as soon as the writes are done: idem's
     /// records live elsewhere (Redis, memory), so a crash between that commit and the
     /// record leaves a payment whose retry is refused by `payments.order_id`'s UNIQUE
@@ -29,17 +33,21 @@ impl FromRequestParts<AppState> for Tx {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        // The app makes a `PostgresStore` only on its own database (see
+        // The app makes a `PostgresStore` or a `SqliteStore` only on its own database (see
         // `crate::idempotency_store`): where idem's store is one, the two are the same.
-        let store_in_database = parts
+        let store = parts
             .extensions
             .get::<Idempotency>()
-            .and_then(|idem| idem.store().as_any())
-            .is_some_and(<dyn std::any::Any>::is::<PostgresStore>);
-        if store_in_database {
+            .and_then(|idem| idem.store().as_any());
+        if store.is_some_and(<dyn std::any::Any>::is::<PostgresStore>) {
             return PgTransaction::from_request_parts(parts, state)
                 .await
                 .map(Self::Postgres);
+        }
+        if store.is_some_and(<dyn std::any::Any>::is::<SqliteStore>) {
+            return SqliteTransaction::from_request_parts(parts, state)
+                .await
+                .map(Self::Sqlite);
         }
         Ok(Self::Own(state.db.pool().clone()))
     }
@@ -50,6 +58,7 @@ impl Tx {
     pub(crate) async fn writes(&self) -> Result<Writes<'_>, sqlx::Error> {
         Ok(match self {
             Self::Postgres(tx) => Writes::Postgres(tx.conn().await?),
+            Self::Sqlite(tx) => Writes::Sqlite(tx.conn().await?),
             Self::Own(pool) => Writes::Own(pool.begin().await?),
         })
     }
@@ -58,6 +67,7 @@ impl Tx {
 /// An open [`Tx`], written with [`execute!`](crate::tx::execute).
 pub(crate) enum Writes<'t> {
     Postgres(MappedMutexGuard<'t, PgConnection>),
+    Sqlite(MappedMutexGuard<'t, SqliteConnection>),
     Own(sqlx::Transaction<'static, Any>),
 }
 
@@ -66,7 +76,7 @@ impl Writes<'_> {
     /// the handler has returned, with the response's record.
     pub(crate) async fn done(self) -> Result<(), sqlx::Error> {
         match self {
-            Self::Postgres(_) => Ok(()),
+            Self::Postgres(_) | Self::Sqlite(_) => Ok(()),
             Self::Own(tx) => tx.commit().await,
         }
     }
@@ -77,6 +87,9 @@ macro_rules! execute {
     ($writes:expr, $sql:expr $(, $bind:expr)* $(,)?) => {
         match &mut $writes {
             $crate::tx::Writes::Postgres(conn) => {
+                sqlx::query($sql)$(.bind($bind))*.execute(&mut **conn).await.map(drop)
+            }
+            $crate::tx::Writes::Sqlite(conn) => {
                 sqlx::query($sql)$(.bind($bind))*.execute(&mut **conn).await.map(drop)
             }
             $crate::tx::Writes::Own(tx) => {

@@ -24,7 +24,7 @@ use payments::{
     Config, DEFAULT_REDIS_PREFIX, Db, Item, NewOrder, NewPayment, ORDER_PAID, Order, Payment,
 };
 use reqwest::StatusCode;
-use sqlx::{AnyPool, Connection, PgConnection, Row};
+use sqlx::{AnyConnection, AnyPool, Connection, PgConnection, Row};
 use support::{Answer, Gate, PgSchema, TempDir};
 use testkit::RedisServer;
 use tracing_subscriber::EnvFilter;
@@ -313,7 +313,7 @@ async fn crash_mid_payment_then_retry(store: Store) {
     );
 
     let second = App::start(&dir.0, "second", Run::Binary, &database_url, &store).await;
-    if let Store::Redis(server) = &store {
+    if !matches!(store, Store::Memory) {
         // The claim outlived the crash: the retry is told to wait, and the key frees
         // itself only when the dead process's lease runs out.
         let early = pay(&http, &second.url, &key, &request).await.unwrap();
@@ -324,6 +324,8 @@ async fn crash_mid_payment_then_retry(store: Store) {
         );
         assert_eq!(early.content_type, PROBLEM_JSON);
         assert!(early.retry_after.is_some(), "a 409 says when to retry");
+    }
+    if let Store::Redis(server) = &store {
         let mut redis = testkit::redis_connection(&server.url()).await;
         let claims: Vec<String> = testkit::keys_under(&mut redis, DEFAULT_REDIS_PREFIX)
             .await
@@ -397,6 +399,14 @@ async fn a_payment_killed_mid_flight_runs_once_after_restart_on_the_memory_store
     crash_mid_payment_then_retry(Store::Memory).await;
 }
 
+/// A payment whose process is SIGKILLed keeps its claim in the SQLite file (retries get
+/// 409) until the lease ends, and then the retry with the same key runs it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_killed_mid_flight_holds_its_claim_in_the_sqlite_file_until_the_lease_ends_then_runs_once()
+ {
+    crash_mid_payment_then_retry(Store::Database).await;
+}
+
 /// A payment whose process is SIGKILLed keeps its claim in Redis (retries get 409) until
 /// the lease ends, and then the retry with the same key runs it exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,9 +468,10 @@ async fn new_order(http: &reqwest::Client, app: &App) -> (Order, NewPayment) {
     (order, payment)
 }
 
-/// The rows of idem's table whose scoped key ends with `key`: (completed?, value length).
+/// How many rows of idem's table hold `key`.
 async fn records_of(database_url: &str, key: &str) -> usize {
-    let mut connection = PgConnection::connect(database_url).await.unwrap();
+    sqlx::any::install_default_drivers();
+    let mut connection = AnyConnection::connect(database_url).await.unwrap();
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM idem_records WHERE key LIKE $1")
         .bind(format!("%:{key}"))
         .fetch_one(&mut connection)
@@ -586,48 +597,21 @@ async fn the_binary_killed_between_its_insert_and_its_commit_on_postgres_leaves_
     drop((second, first, watcher, blocker, dir, schema));
 }
 
-/// Guards: the real `payments` binary on PostgreSQL, SIGKILLed once its payment has
-/// committed, its client never reading the answer: after the restart the retry with the
-/// same key replays the stored payment; one row.
+/// The real `payments` binary on `database_url` (idem's records in the same database),
+/// SIGKILLed once its payment has committed, its client never reading the answer: after
+/// the restart the retry with the same key replays the stored payment; one row.
 ///
-/// The commit is seen as it happens: a trigger of the test's schema sends a notification
-/// for every payment row, and PostgreSQL delivers notifications only when the transaction
-/// commits. The payment goes out on a raw socket that is never read, so the response is
-/// lost whether or not the process wrote it before it died.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_binary_killed_after_its_commit_on_postgres_replays_the_payment_after_restart() {
+/// The commit is seen as it happens, from outside: the payment's row becomes visible to
+/// another connection only once its transaction commits. The payment goes out on a raw
+/// socket that is never read, so the response is lost whether or not the process wrote
+/// it before it died.
+async fn killed_after_commit_then_retried(dir: &TempDir, database_url: &str) {
     use tokio::io::AsyncWriteExt as _;
 
-    let dir = TempDir::new("kill-after-commit");
-    let schema = PgSchema::new("kill_after_commit").await;
-    let database_url = schema.url();
     let http = support::http();
-    let mut first = App::start(
-        &dir.0,
-        "first",
-        Run::Binary,
-        &database_url,
-        &Store::Database,
-    )
-    .await;
+    let mut first = App::start(&dir.0, "first", Run::Binary, database_url, &Store::Database).await;
     let (order, request) = new_order(&http, &first).await;
     let key = format!("kill-{}", uuid::Uuid::new_v4());
-    schema
-        .admin(&format!(
-            "CREATE FUNCTION {s}.payment_committed() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN PERFORM pg_notify('{s}_payments', NEW.id); RETURN NEW; END $$; \
-             CREATE TRIGGER payment_committed AFTER INSERT ON {s}.payments \
-             FOR EACH ROW EXECUTE FUNCTION {s}.payment_committed();",
-            s = schema.name
-        ))
-        .await;
-    let mut committed = sqlx::postgres::PgListener::connect(&database_url)
-        .await
-        .unwrap();
-    committed
-        .listen(&format!("{}_payments", schema.name))
-        .await
-        .unwrap();
 
     let body = serde_json::to_vec(&request).unwrap();
     let host = first.url.trim_start_matches("http://").to_owned();
@@ -640,23 +624,30 @@ async fn the_binary_killed_after_its_commit_on_postgres_replays_the_payment_afte
     );
     socket.write_all(head.as_bytes()).await.unwrap();
     socket.write_all(&body).await.unwrap();
-    let notification = tokio::time::timeout(Duration::from_secs(20), committed.recv())
-        .await
-        .expect("the payment commits within 20 s")
-        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rows = loop {
+        let rows = payments_of(database_url, &order.id).await;
+        if !rows.is_empty() {
+            break rows;
+        }
+        first.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "the payment did not commit within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     first.crash();
     drop(socket);
 
-    let rows = payments_of(&database_url, &order.id).await;
     assert_eq!(rows.len(), 1, "the payment committed: {rows:?}");
-    assert_eq!(rows[0].0, notification.payload());
-    assert_eq!(records_of(&database_url, &key).await, 1, "with its record");
+    assert_eq!(records_of(database_url, &key).await, 1, "with its record");
 
     let second = App::start(
         &dir.0,
         "second",
         Run::Binary,
-        &database_url,
+        database_url,
         &Store::Database,
     )
     .await;
@@ -668,9 +659,27 @@ async fn the_binary_killed_after_its_commit_on_postgres_replays_the_payment_afte
     );
     assert_eq!(retried.json::<Payment>().id, rows[0].0);
     assert_eq!(
-        payments_of(&database_url, &order.id).await.len(),
+        payments_of(database_url, &order.id).await.len(),
         1,
         "one payment"
     );
-    drop((second, first, committed, dir, schema));
+    drop((second, first));
+}
+
+/// Guards: the real `payments` binary on PostgreSQL, SIGKILLed after its commit and before
+/// its client read the answer: the retry after the restart replays the payment; one row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_killed_after_its_commit_on_postgres_replays_the_payment_after_restart() {
+    let dir = TempDir::new("kill-after-commit");
+    let schema = PgSchema::new("kill_after_commit").await;
+    killed_after_commit_then_retried(&dir, &schema.url()).await;
+}
+
+/// Guards: the same on the SQLite file (the app's default): the retry after the restart
+/// replays the payment; one row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_killed_after_its_commit_on_sqlite_replays_the_payment_after_restart() {
+    let dir = TempDir::new("kill-after-commit-sqlite");
+    let database_url = format!("sqlite://{}?mode=rwc", dir.0.join("p.db").display());
+    killed_after_commit_then_retried(&dir, &database_url).await;
 }
