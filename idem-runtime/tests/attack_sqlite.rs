@@ -1,0 +1,112 @@
+//! Attacks on the SQLite store and its transactions.
+
+#![cfg(feature = "sqlite")]
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use common::{post_with, send};
+use idem_runtime::store::{SqliteStore, SqliteTransaction};
+use idem_runtime::{Idempotency, idempotent};
+use tokio::sync::Notify;
+
+/// Gates a handler holding SQLite's write lock.
+#[derive(Clone, Default)]
+struct Gates {
+    wrote: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+/// Writes a payment in idem's transaction; with body `hold`, then waits for the test's
+/// gate while holding the write lock.
+#[idempotent]
+async fn pay(State(gates): State<Gates>, tx: SqliteTransaction, body: String) -> Response {
+    let written = async {
+        let mut conn = tx.conn().await?;
+        sqlx::query("INSERT INTO payments (note) VALUES (?1)")
+            .bind(&body)
+            .execute(&mut *conn)
+            .await
+    }
+    .await;
+    if let Err(error) = written {
+        return (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response();
+    }
+    if body == "hold" {
+        gates.wrote.notify_one();
+        gates.release.notified().await;
+    }
+    (StatusCode::CREATED, format!("paid {body}")).into_response()
+}
+
+/// Writes nothing: only idem's steps touch the database.
+#[idempotent]
+async fn plain(body: String) -> Response {
+    (StatusCode::CREATED, format!("done {body}")).into_response()
+}
+
+async fn router_on(store: &SqliteStore, gates: Gates) -> Router {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS payments (id INTEGER PRIMARY KEY AUTOINCREMENT, note TEXT NOT NULL)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let idem = Idempotency::builder()
+        .shared_scope(true)
+        .store(store.clone())
+        .build();
+    Router::new()
+        .route("/pay", post(pay))
+        .route("/plain", post(plain))
+        .with_state(gates)
+        .layer(idem.layer())
+}
+
+/// `SqliteStore::connect("sqlite::memory:")` is documented as a URL it opens. sqlx opens
+/// it with a shared cache, where a writer makes the others fail at once with
+/// `SQLITE_LOCKED` (262, "database table is locked") instead of waiting for the busy
+/// timeout: while one transactional handler holds the write lock, a request on another key
+/// is refused with 503 at once, where on a file it waits and then runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_memory_store_waits_for_the_writer_instead_of_failing() {
+    let store = SqliteStore::connect("sqlite::memory:").await.unwrap();
+    let gates = Gates::default();
+    let router = router_on(&store, gates.clone()).await;
+    let holder = tokio::spawn({
+        let router = router.clone();
+        async move { send(&router, post_with("/pay", Some("a"), "hold")).await }
+    });
+    gates.wrote.notified().await;
+    // The other request should wait for the lock (5 s busy timeout); let the holder go
+    // once it has answered, or after a moment if it is waiting as it should.
+    let other = tokio::spawn({
+        let router = router.clone();
+        async move { send(&router, post_with("/plain", Some("b"), "b")).await }
+    });
+    let release = {
+        let gates = gates.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            gates.release.notify_one();
+        })
+    };
+    let other = other.await.unwrap();
+    release.await.unwrap();
+    let holder = holder.await.unwrap();
+    assert_eq!(holder.status, StatusCode::CREATED);
+    assert_eq!(
+        other.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&other.body)
+    );
+}
