@@ -110,3 +110,53 @@ async fn an_in_memory_store_waits_for_the_writer_instead_of_failing() {
         String::from_utf8_lossy(&other.body)
     );
 }
+
+/// Writes a payment in idem's transaction, then fails with a 500.
+#[idempotent]
+async fn pay_then_fail(tx: SqliteTransaction) -> Response {
+    let written = async {
+        let mut conn = tx.conn().await?;
+        sqlx::query("INSERT INTO payments (note) VALUES ('half-done')")
+            .execute(&mut *conn)
+            .await
+    }
+    .await;
+    if let Err(error) = written {
+        return (StatusCode::BAD_GATEWAY, error.to_string()).into_response();
+    }
+    (StatusCode::INTERNAL_SERVER_ERROR, "the card network failed").into_response()
+}
+
+/// The README and `SqliteTransaction`'s documentation promise that a `5xx` rolls the
+/// handler's writes back. With `store_server_errors(true)` the 500 is stored, and the
+/// writes of the handler that failed are committed with it: the client is told (and
+/// replayed) a failure while the payment exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_never_commits_the_handlers_writes_even_when_stored() {
+    let file = common::SqliteFile::create("attack_5xx_stored");
+    let store = SqliteStore::connect(&file.url).await.unwrap();
+    sqlx::query("CREATE TABLE payments (id INTEGER PRIMARY KEY AUTOINCREMENT, note TEXT NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let idem = Idempotency::builder()
+        .shared_scope(true)
+        .store_server_errors(true)
+        .store(store.clone())
+        .build();
+    let router = Router::new()
+        .route("/pay", post(pay_then_fail))
+        .layer(idem.layer());
+    let failed = send(&router, post_with("/pay", Some("k"), "")).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let retry = send(&router, post_with("/pay", Some("k"), "")).await;
+    assert_eq!(retry.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        committed, 0,
+        "a 5xx answered (and replayed) while the handler's writes were committed"
+    );
+}
