@@ -13,8 +13,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use bytes::Bytes;
 use common::{post_with, send};
-use idem_runtime::store::{SqliteStore, SqliteTransaction};
+use idem_runtime::store::{BoxFuture, SqliteStore, SqliteTransaction, Store, StoreError};
 use idem_runtime::{Idempotency, idempotent};
 use tokio::sync::Notify;
 
@@ -158,5 +159,130 @@ async fn a_server_error_never_commits_the_handlers_writes_even_when_stored() {
     assert_eq!(
         committed, 0,
         "a 5xx answered (and replayed) while the handler's writes were committed"
+    );
+}
+
+/// The store, telling the test when a `release` ends (answered, or given up by idem's
+/// store timeout).
+struct WatchedReleases {
+    inner: SqliteStore,
+    released: Arc<Notify>,
+}
+
+/// Notifies when dropped: when the release future ends, however it ends.
+struct OnDrop(Arc<Notify>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+impl Store for WatchedReleases {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        self.inner.begin(key, claim, lease)
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.renew(key, claim, lease)
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        record: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.complete(key, claim, record, ttl)
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let guard = OnDrop(self.released.clone());
+        Box::pin(async move {
+            let _guard = guard;
+            self.inner.release(key, claim).await
+        })
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(&self.inner)
+    }
+}
+
+/// A claim that waits for SQLite's write lock longer than idem's store timeout is given
+/// up (`503`: "the request was not executed, retry after 1 s"), but SQLite still runs the
+/// statement once the lock is free: the claim lands after idem gave up on it and after its
+/// release was tried, and the retry is answered `409 in flight` for a whole lease,
+/// although nothing runs. (A pool of two connections makes the order of events
+/// deterministic: with the default eight, the release races the late claim.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_given_up_on_never_lands_afterwards() {
+    let file = common::SqliteFile::create("attack_late_claim");
+    let store = SqliteStore::builder(file.url.as_str())
+        .max_connections(2)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE payments (id INTEGER PRIMARY KEY AUTOINCREMENT, note TEXT NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let released = Arc::new(Notify::new());
+    let idem = Idempotency::builder()
+        .shared_scope(true)
+        .store_timeout(Duration::from_millis(300))
+        .store(WatchedReleases {
+            inner: store.clone(),
+            released: released.clone(),
+        })
+        .build();
+    let gates = Gates::default();
+    let router = Router::new()
+        .route("/pay", post(pay))
+        .route("/plain", post(plain))
+        .with_state(gates.clone())
+        .layer(idem.layer());
+
+    // A transactional handler holds the write lock (well under its 30 s lease).
+    let holder = tokio::spawn({
+        let router = router.clone();
+        async move { send(&router, post_with("/pay", Some("a"), "hold")).await }
+    });
+    gates.wrote.notified().await;
+
+    // Another key's claim waits for the lock past the store timeout: 503.
+    let refused = send(&router, post_with("/plain", Some("b"), "b")).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    // idem tried to release the claim it may have made, and gave up.
+    released.notified().await;
+
+    gates.release.notify_one();
+    assert_eq!(holder.await.unwrap().status, StatusCode::CREATED);
+    // Both connections back in the pool: whatever SQLite still ran has run.
+    let first = store.pool().acquire().await.unwrap();
+    let second = store.pool().acquire().await.unwrap();
+    drop((first, second));
+
+    let retry = send(&router, post_with("/plain", Some("b"), "b")).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "the retry of a request refused with 503 is refused as in flight though nothing runs: {}",
+        String::from_utf8_lossy(&retry.body)
     );
 }
