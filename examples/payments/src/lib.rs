@@ -266,6 +266,12 @@ pub enum StartupError {
         "PAYMENTS_API_KEYS must be `key=account` pairs separated by commas, such as `sk_live_1=acct_1,sk_live_2=acct_2`"
     )]
     ApiKeys,
+    /// `DATABASE_URL` names an in-memory SQLite database while idem's records are to be
+    /// kept in the database.
+    #[error(
+        "DATABASE_URL names an in-memory SQLite database, which idem's records cannot share with the payments (each pool opens one of its own): use a file (the default, sqlite://payments.db?mode=rwc), or PAYMENTS_IDEM_STORE=memory"
+    )]
+    InMemoryDatabase,
     /// The database could not be opened or migrated.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
@@ -500,7 +506,13 @@ pub async fn idempotency_store(config: &Config) -> Result<Arc<dyn Store>, Startu
             .await?;
         return Ok(Arc::new(store));
     }
-    let store = SqliteStore::builder(config.database_url.as_str())
+    let url = config.database_url.as_str();
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        // Each pool would open a database of its own: idem's records could not commit
+        // with the payments.
+        return Err(StartupError::InMemoryDatabase);
+    }
+    let store = SqliteStore::builder(url)
         .sweep_every(SWEEP_EVERY)
         .connect()
         .await?;

@@ -43,6 +43,11 @@ async fn store_response(mut execution: Execution, response: Response) -> Respons
         execution.release().await;
         return Response::from_parts(parts, body);
     }
+    if parts.status.is_server_error() {
+        // Stored (`store_server_errors`), a failure still undoes the work's writes: the
+        // record of the 5xx commits alone.
+        execution.discard_writes().await;
+    }
     execution.result_stands_alone(parts.status.is_client_error());
     // Buffering a streamed body is part of the work: the lease stays renewed meanwhile.
     match collect_bounded(body, settings.max_response_bytes).await {

@@ -106,6 +106,7 @@ pub(crate) async fn begin(
         ttl,
         armed: true,
         persist_release: true,
+        claim_may_land: false,
         keeper: None,
         transaction: TransactionSlot::default(),
         stands_alone: false,
@@ -128,8 +129,11 @@ pub(crate) async fn begin(
             Ok(found) => found,
             Err(error) => {
                 // The claim may have been applied before the failure: `Drop` releases it,
-                // once.
+                // once. A claim that timed out may also land later (a statement waiting
+                // for a lock, a command still queued): then `Drop` keeps releasing it
+                // until the store takes the release or the lease has run out.
                 execution.persist_release = false;
+                execution.claim_may_land = matches!(error, StoreError::Timeout(_));
                 return store_failed(idem, &error, seen_in_flight);
             }
         };
@@ -250,6 +254,8 @@ pub(crate) struct Execution {
     /// after a `begin` the store failed: the claim is then most likely not there, and one
     /// retrying task per refused request would pile up for as long as the outage lasts.
     persist_release: bool,
+    /// The claim's `begin` timed out: it may still be applied, after its release.
+    claim_may_land: bool,
     /// Renews the lease from the moment of the claim until the execution ends.
     keeper: Option<LeaseKeeper>,
     /// The transaction the work writes in, if it takes one: the completion is written
@@ -311,6 +317,14 @@ impl Execution {
     /// `4xx`): then a transaction the database aborted does not keep it from being stored.
     pub(crate) fn result_stands_alone(&mut self, stands_alone: bool) {
         self.stands_alone = stands_alone;
+    }
+
+    /// Rolls back the writes the work made in its transaction, if it took one, keeping
+    /// the claim: the result is then stored on its own.
+    pub(crate) async fn discard_writes(&mut self) {
+        self.transaction
+            .roll_back(self.idem.settings().store_timeout)
+            .await;
     }
 
     /// Whether the work took a transaction of its own (whose commit the completion is).
@@ -464,6 +478,12 @@ impl Drop for Execution {
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (idem, key, claim) = (self.idem.clone(), self.key.clone(), self.claim.clone());
+            if self.claim_may_land {
+                runtime.spawn(
+                    async move { release_late_claim(&idem, &key, &claim).await }.in_current_span(),
+                );
+                return;
+            }
             let persist = self.persist_release;
             runtime.spawn(
                 async move { release(&idem, &key, &claim, persist).await }.in_current_span(),
@@ -547,6 +567,32 @@ async fn store_completion(
         idem.store().complete(key.as_str(), claim, record, ttl),
     )
     .await
+}
+
+/// Releases a claim whose `begin` timed out, and so may be applied by the store after
+/// any release sent now: releases until one finds the claim and deletes it, or until a
+/// lease has passed (a claim that landed has run out by then). Backs off from 100 ms to
+/// 2 s between attempts.
+async fn release_late_claim(idem: &Idempotency, key: &ScopedKey, claim: &Bytes) {
+    let gone_by = later(Instant::now(), idem.settings().lease);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        if let Ok(true) = store_step(
+            idem,
+            Step::Release,
+            idem.store().release(key.as_str(), claim),
+        )
+        .await
+        {
+            tracing::info!(target: "idem", "released a claim that landed after its begin timed out");
+            return;
+        }
+        if Instant::now() + delay >= gone_by {
+            return;
+        }
+        sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
 }
 
 /// Releases the claim. With `persist`, a release the store does not take is retried in

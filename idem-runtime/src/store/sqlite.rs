@@ -307,12 +307,23 @@ impl SqliteStoreBuilder {
                 if self.create_table {
                     options = options.create_if_missing(true);
                 }
-                SqlitePoolOptions::new()
-                    .max_connections(self.max_connections)
+                let pool = SqlitePoolOptions::new()
                     .acquire_timeout(self.busy_timeout)
                     // A connection to a file in this process does not go stale.
-                    .test_before_acquire(false)
-                    .connect_with(options)
+                    .test_before_acquire(false);
+                // An in-memory database lives as long as a connection to it, and its
+                // connections share one cache, whose locks fail at once instead of
+                // waiting: one connection, kept open, on which steps take turns (waiting
+                // for it as they would for the file's lock).
+                let pool = if is_in_memory(&url) {
+                    pool.max_connections(1)
+                        .min_connections(1)
+                        .idle_timeout(None)
+                        .max_lifetime(None)
+                } else {
+                    pool.max_connections(self.max_connections)
+                };
+                pool.connect_with(options)
                     .await
                     .map_err(failed("opening the database"))?
             }
@@ -341,6 +352,11 @@ impl SqliteStoreBuilder {
     }
 }
 
+/// Whether `url` names an in-memory database (`sqlite::memory:`, `mode=memory`).
+fn is_in_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
 impl SqliteStore {
     /// The table's name unless another is chosen.
     pub const DEFAULT_TABLE: &str = "idem_records";
@@ -349,7 +365,9 @@ impl SqliteStore {
     pub const DEFAULT_SWEEP_BATCH: u64 = 1000;
 
     /// Opens `url` (`sqlite://path/to/file.db`, `sqlite::memory:`) with the default
-    /// settings, creating the file and the table where they do not exist.
+    /// settings, creating the file and the table where they do not exist. An in-memory
+    /// database is kept on one connection, open for the store's life, so every step takes
+    /// its turn on it.
     pub async fn connect(url: &str) -> Result<Self, ConnectError> {
         Self::builder(url).connect().await
     }
