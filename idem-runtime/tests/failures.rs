@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use axum::http::{StatusCode, header};
 use common::{Backend, Counters, app, eventually, post_with, send};
-use idem_runtime::Problem;
+use idem_runtime::store::StoreError;
+use idem_runtime::{Idempotency, Problem};
 use testkit::{Monitor, RedisServer, redis_connection};
 use tokio::io::AsyncWriteExt;
 
@@ -234,4 +235,59 @@ async fn once_round_trips_are_the_floor() {
         ["set"],
         "another input"
     );
+}
+
+/// A store whose `begin` reports the key as contended (changing under every attempt).
+struct Contended;
+
+impl idem_runtime::store::Store for Contended {
+    fn begin<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a bytes::Bytes,
+        _: Duration,
+    ) -> idem_runtime::store::BoxFuture<'a, Result<Option<bytes::Bytes>, StoreError>> {
+        Box::pin(async { Err(StoreError::Contended("five attempts".into())) })
+    }
+    fn renew<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a bytes::Bytes,
+        _: Duration,
+    ) -> idem_runtime::store::BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async { Ok(false) })
+    }
+    fn complete<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a bytes::Bytes,
+        _: bytes::Bytes,
+        _: Duration,
+    ) -> idem_runtime::store::BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async { Ok(false) })
+    }
+    fn release<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a bytes::Bytes,
+    ) -> idem_runtime::store::BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async { Ok(false) })
+    }
+}
+
+/// Guards: a key the store reports as contended (other executions claiming and releasing
+/// it between `begin`'s read and write) is answered as in flight, even in fail-open mode:
+/// never run beside the key's holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contended_key_is_in_flight_even_with_fail_open() {
+    let idem = Idempotency::builder()
+        .shared_scope(true)
+        .fail_open(true)
+        .store(Contended)
+        .build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let answer = send(&app, post_with("/pay", Some("busy"), "{}")).await;
+    assert_eq!(answer.status, StatusCode::CONFLICT);
+    assert_eq!(counters.runs(), 0, "the work never runs beside the holder");
 }

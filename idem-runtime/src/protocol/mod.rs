@@ -227,8 +227,8 @@ fn classify(
 /// flight is told so whatever the mode: running it unprotected could run it beside the
 /// request it saw.
 fn store_failed(idem: &Idempotency, error: &StoreError, seen_in_flight: bool) -> Begun {
-    if seen_in_flight {
-        tracing::warn!(target: "idem", %error, "store failed while waiting for a request in flight; answering in flight");
+    if seen_in_flight || matches!(error, StoreError::Contended(_)) {
+        tracing::warn!(target: "idem", %error, "store failed while the key is in flight; answering in flight");
         Begun::Answer(Answer::InFlight)
     } else if matches!(error, StoreError::Full(_)) {
         tracing::warn!(target: "idem", %error, "store full; refusing");

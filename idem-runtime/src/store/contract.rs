@@ -124,6 +124,11 @@ pub enum StoreError {
     /// `503`, even in fail-open mode (running it unprotected could run a key twice).
     #[error("idempotency store is full: {0}")]
     Full(String),
+    /// `begin` found the key changing under it on every attempt (other executions
+    /// claiming and releasing it between its read and its write): the key is busy. idem
+    /// answers as it does to a key in flight (`409`), never runs the work unprotected.
+    #[error("the key kept changing under concurrent claims: {0}")]
+    Contended(String),
     /// `complete` refused a record the store cannot keep (it would be evicted at once).
     /// The claim is left in place; idem then completes the key with a small record that
     /// says the response was not stored, so a retry never runs the handler again.

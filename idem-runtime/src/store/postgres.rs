@@ -555,9 +555,9 @@ impl Store for PostgresStore {
                 let value: Vec<u8> = row.try_get(0).map_err(StoreError::backend)?;
                 return Ok(Some(Bytes::from(value)));
             }
-            Err(StoreError::backend(
-                "the key kept changing under concurrent claims; no answer",
-            ))
+            Err(StoreError::Contended(format!(
+                "no answer after {BEGIN_ATTEMPTS} attempts"
+            )))
         })
     }
 

@@ -589,9 +589,9 @@ impl Store for SqliteStore {
                 }
                 // A live row appeared since the read: read it.
             }
-            Err(StoreError::backend(
-                "the key kept changing under concurrent claims; no answer",
-            ))
+            Err(StoreError::Contended(format!(
+                "no answer after {BEGIN_ATTEMPTS} attempts"
+            )))
         })
     }
 
