@@ -1,4 +1,4 @@
-//! Attacks on the example payments app.
+//! The payments app at start-up: database URLs it cannot serve are refused.
 
 #![allow(clippy::unwrap_used)]
 
@@ -24,9 +24,9 @@ async fn post(router: &axum::Router, path: &str, key: &str, body: &str) -> (Stat
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// `DATABASE_URL=sqlite::memory:` starts the app (the database opens, its migrations
-/// run, the idempotency store connects), but the app's tables and idem's records end up
-/// in two different in-memory databases: every order written in idem's transaction fails.
+/// Guards: `DATABASE_URL=sqlite::memory:` (where the app's pool and idem's store would
+/// each open a database of their own, every order failing with 500) is refused at start,
+/// or, where it starts, takes orders.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_memory_database_url_either_refuses_to_start_or_takes_orders() {
     let config = Config {

@@ -1,4 +1,5 @@
-//! Attacks on the SQLite store and its transactions.
+//! The SQLite store at its edges: an in-memory database, a stored 5xx, a claim that
+//! lands after its begin timed out.
 
 #![cfg(feature = "sqlite")]
 #![allow(clippy::unwrap_used)]
@@ -72,11 +73,9 @@ async fn router_on(store: &SqliteStore, gates: Gates) -> Router {
         .layer(idem.layer())
 }
 
-/// `SqliteStore::connect("sqlite::memory:")` is documented as a URL it opens. sqlx opens
-/// it with a shared cache, where a writer makes the others fail at once with
-/// `SQLITE_LOCKED` (262, "database table is locked") instead of waiting for the busy
-/// timeout: while one transactional handler holds the write lock, a request on another key
-/// is refused with 503 at once, where on a file it waits and then runs.
+/// Guards: an in-memory `SqliteStore` (`sqlite::memory:`) makes a request on another key
+/// wait while a transactional handler holds the write lock, and then run, as on a file
+/// (its connections shared one cache, whose locks fail at once with `SQLITE_LOCKED`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_memory_store_waits_for_the_writer_instead_of_failing() {
     let store = SqliteStore::connect("sqlite::memory:").await.unwrap();
@@ -128,10 +127,9 @@ async fn pay_then_fail(tx: SqliteTransaction) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, "the card network failed").into_response()
 }
 
-/// The README and `SqliteTransaction`'s documentation promise that a `5xx` rolls the
-/// handler's writes back. With `store_server_errors(true)` the 500 is stored, and the
-/// writes of the handler that failed are committed with it: the client is told (and
-/// replayed) a failure while the payment exists.
+/// Guards: a `5xx` rolls the handler's writes back also when it is stored
+/// (`store_server_errors(true)`): a failure is never answered and replayed while the
+/// payment it reports as failed exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_error_never_commits_the_handlers_writes_even_when_stored() {
     let file = common::SqliteFile::create("attack_5xx_stored");
@@ -224,12 +222,9 @@ impl Store for WatchedReleases {
     }
 }
 
-/// A claim that waits for SQLite's write lock longer than idem's store timeout is given
-/// up (`503`: "the request was not executed, retry after 1 s"), but SQLite still runs the
-/// statement once the lock is free: the claim lands after idem gave up on it and after its
-/// release was tried, and the retry is answered `409 in flight` for a whole lease,
-/// although nothing runs. (A pool of two connections makes the order of events
-/// deterministic: with the default eight, the release races the late claim.)
+/// Guards: a claim whose `begin` timed out while waiting for SQLite's write lock, and
+/// that SQLite applied once the lock freed (after idem had answered 503 and released
+/// nothing), is released once it lands: the retry runs within seconds, not after a lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_given_up_on_never_lands_afterwards() {
     let file = common::SqliteFile::create("attack_late_claim");
