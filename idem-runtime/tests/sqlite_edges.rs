@@ -226,7 +226,7 @@ impl Store for WatchedReleases {
 /// that SQLite applied once the lock freed (after idem had answered 503 and released
 /// nothing), is released once it lands: the retry runs within seconds, not after a lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_given_up_on_never_lands_afterwards() {
+async fn a_claim_that_lands_after_its_begin_timed_out_is_released() {
     let file = common::SqliteFile::create("attack_late_claim");
     let store = SqliteStore::builder(file.url.as_str())
         .max_connections(2)
