@@ -32,27 +32,29 @@ struct Db {
     payments: String,
 }
 
-/// The floor of a keyed request: claim with `INSERT ... ON CONFLICT`, answer from what is
-/// there on a replay, complete with `UPDATE`: the statements idem's store makes, written by
-/// hand.
+/// The floor of a keyed request: claim with `INSERT ... ON CONFLICT`, and in the same
+/// statement read what is there on a replay (a replay must answer with the stored
+/// response), complete with `UPDATE`: the statements idem's store makes, written by hand.
 async fn floor(State(db): State<Db>, headers: HeaderMap, body: Bytes) -> (StatusCode, Bytes) {
     let key = headers
         .get("idempotency-key")
         .and_then(|key| key.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let claimed = sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {} (key, value, expires_at) VALUES ($1, 'claim', now() + interval '1 minute') \
-         ON CONFLICT (key) DO NOTHING",
-        db.records
+    let stored: Option<Vec<u8>> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "WITH claimed AS ( \
+            INSERT INTO {t} (key, value, expires_at) VALUES ($1, 'claim', now() + interval '1 minute') \
+            ON CONFLICT (key) DO NOTHING RETURNING 1 \
+         ) \
+         SELECT value FROM {t} WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)",
+        t = db.records
     )))
     .bind(&key)
-    .execute(&db.pool)
+    .fetch_optional(&db.pool)
     .await
-    .map(|done| done.rows_affected() == 1)
-    .unwrap_or(false);
-    if !claimed {
-        return (StatusCode::CREATED, body);
+    .unwrap_or(None);
+    if let Some(stored) = stored {
+        return (StatusCode::CREATED, Bytes::from(stored));
     }
     let _ = sqlx::query(AssertSqlSafe(format!(
         "UPDATE {} SET value = $2, expires_at = now() + interval '1 day' WHERE key = $1 AND value = 'claim'",
