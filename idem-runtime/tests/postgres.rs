@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use bytes::Bytes;
 use common::checks::*;
+use common::sweeps::{self, Swept};
 use common::{Backend, Counters, PgSchema, app, post_with, send};
-use futures_util::StreamExt;
-use idem_runtime::store::{PostgresStore, Store};
+use idem_runtime::store::{PostgresStore, Store, StoreError};
 use idem_runtime::{ConnectError, Idempotency, Problem};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -445,87 +445,28 @@ async fn round_trips_on_the_wire() {
     assert_eq!(conflict, (2, 1, 0, 0), "409: begin");
 }
 
-/// Guards: 10,000 records past their TTL are swept in bounded batches, the table ends
-/// with only what is still live, and nothing within its TTL or lease is ever deleted.
+/// Guards: 10,000 records past their 1 s TTL are swept in bounded batches, the table
+/// ends with only what is still live, and nothing within its TTL or lease is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_deletes_what_expired_and_nothing_else() {
     let schema = PgSchema::create("sweep").await;
     let store = Arc::new(store_in(&schema).await);
-    let write = |prefix: &'static str, count: usize, ttl: Duration, complete: bool| {
-        let store = store.clone();
-        futures_util::stream::iter(0..count)
-            .map(move |n| {
-                let store = store.clone();
-                async move {
-                    let key = format!("{prefix}-{n}");
-                    let claim = Bytes::from(format!("claim {n}"));
-                    assert_eq!(store.begin(&key, &claim, ttl).await.unwrap(), None);
-                    if complete {
-                        let record = Bytes::from(format!("record {n}"));
-                        assert!(store.complete(&key, &claim, record, ttl).await.unwrap());
-                    }
-                }
-            })
-            .buffer_unordered(16)
-            .collect::<Vec<()>>()
-    };
-    let written = Instant::now();
-    write("short", 10_000, Duration::from_secs(1), true).await;
-    eprintln!("10,000 records written in {:?}", written.elapsed());
-    write("kept", 100, Duration::from_secs(3600), true).await;
-    write("claim", 10, Duration::from_secs(3600), false).await;
-    assert_eq!(all_rows(&store).await, 10_110);
+    sweeps::sweep_deletes_what_expired_and_nothing_else(store).await;
+}
 
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert_eq!(live_rows(&store).await, 110, "expired rows count as absent");
-    let freed = store
-        .begin(
-            "short-7",
-            &Bytes::from_static(b"new claim"),
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        freed, None,
-        "an expired record frees its key before any sweep"
-    );
-
-    assert_eq!(
-        store.delete_expired(500).await.unwrap(),
-        500,
-        "one bounded batch"
-    );
-    let swept = Instant::now();
-    let deleted = store.sweep(1000).await.unwrap();
-    eprintln!("swept {deleted} rows in {:?}", swept.elapsed());
-    assert_eq!(deleted, 10_000 - 1 - 500);
-    assert_eq!(all_rows(&store).await, 111, "only live rows are left");
-    for n in 0..100 {
-        let found = store
-            .begin(
-                &format!("kept-{n}"),
-                &Bytes::from_static(b"x"),
-                Duration::from_secs(1),
-            )
-            .await
-            .unwrap();
-        assert_eq!(found, Some(Bytes::from(format!("record {n}"))), "kept-{n}");
+impl Swept for PostgresStore {
+    async fn all_rows(&self) -> i64 {
+        all_rows(self).await
     }
-    for n in 0..10 {
-        assert!(
-            store
-                .renew(
-                    &format!("claim-{n}"),
-                    &Bytes::from(format!("claim {n}")),
-                    Duration::from_secs(60)
-                )
-                .await
-                .unwrap(),
-            "claim-{n} is still held"
-        );
+    async fn live_rows(&self) -> i64 {
+        live_rows(self).await
     }
-    assert_eq!(store.sweep(1000).await.unwrap(), 0, "nothing left to sweep");
+    async fn delete_expired(&self, limit: u64) -> Result<u64, StoreError> {
+        PostgresStore::delete_expired(self, limit).await
+    }
+    async fn sweep(&self, batch: u64) -> Result<u64, StoreError> {
+        PostgresStore::sweep(self, batch).await
+    }
 }
 
 /// Guards: `sweep_every` deletes expired rows in the background, and stops with the store.

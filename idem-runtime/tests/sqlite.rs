@@ -7,14 +7,14 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use common::SqliteFile;
 use common::checks::*;
-use futures_util::StreamExt;
+use common::sweeps::{self, Swept, eventually_async};
 use idem_runtime::ConnectError;
-use idem_runtime::store::{SqliteStore, Store};
+use idem_runtime::store::{SqliteStore, Store, StoreError};
 
 on_sqlite!(
     replay_is_byte_identical,
@@ -71,24 +71,6 @@ async fn all_rows(store: &SqliteStore) -> i64 {
     .fetch_one(store.pool())
     .await
     .unwrap()
-}
-
-/// Polls `condition` (an async query) every 20 ms for up to `limit`; whether it held.
-async fn eventually_async<F, Fut>(limit: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Guards: each step applied twice (re-sent after a lost answer) answers as the trait
@@ -290,88 +272,22 @@ async fn its_own_pool_is_in_wal_mode_with_a_busy_timeout() {
 async fn sweep_deletes_what_expired_and_nothing_else() {
     let file = SqliteFile::create("sweep");
     let store = Arc::new(store_in(&file).await);
-    let write = |prefix: &'static str, count: usize, ttl: Duration, complete: bool| {
-        let store = store.clone();
-        futures_util::stream::iter(0..count)
-            .map(move |n| {
-                let store = store.clone();
-                async move {
-                    let key = format!("{prefix}-{n}");
-                    let claim = Bytes::from(format!("claim {n}"));
-                    assert_eq!(store.begin(&key, &claim, ttl).await.unwrap(), None);
-                    if complete {
-                        let record = Bytes::from(format!("record {n}"));
-                        assert!(store.complete(&key, &claim, record, ttl).await.unwrap());
-                    }
-                }
-            })
-            .buffer_unordered(16)
-            .collect::<Vec<()>>()
-    };
-    let written = Instant::now();
-    write("short", 10_000, Duration::from_secs(1), true).await;
-    eprintln!("10,000 records written in {:?}", written.elapsed());
-    write("kept", 100, Duration::from_secs(3600), true).await;
-    write("claim", 10, Duration::from_secs(3600), false).await;
-    assert_eq!(all_rows(&store).await, 10_110);
+    sweeps::sweep_deletes_what_expired_and_nothing_else(store).await;
+}
 
-    // Real expiry: wait until the short records' TTL has run out on the clock.
-    assert!(
-        eventually_async(Duration::from_secs(30), || {
-            let store = store.clone();
-            async move { live_rows(&store).await == 110 }
-        })
-        .await,
-        "expired rows count as absent"
-    );
-    let freed = store
-        .begin(
-            "short-7",
-            &Bytes::from_static(b"new claim"),
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        freed, None,
-        "an expired record frees its key before any sweep"
-    );
-
-    assert_eq!(
-        store.delete_expired(500).await.unwrap(),
-        500,
-        "one bounded batch"
-    );
-    let swept = Instant::now();
-    let deleted = store.sweep(1000).await.unwrap();
-    eprintln!("swept {deleted} rows in {:?}", swept.elapsed());
-    assert_eq!(deleted, 10_000 - 1 - 500);
-    assert_eq!(all_rows(&store).await, 111, "only live rows are left");
-    for n in 0..100 {
-        let found = store
-            .begin(
-                &format!("kept-{n}"),
-                &Bytes::from_static(b"x"),
-                Duration::from_secs(1),
-            )
-            .await
-            .unwrap();
-        assert_eq!(found, Some(Bytes::from(format!("record {n}"))), "kept-{n}");
+impl Swept for SqliteStore {
+    async fn all_rows(&self) -> i64 {
+        all_rows(self).await
     }
-    for n in 0..10 {
-        assert!(
-            store
-                .renew(
-                    &format!("claim-{n}"),
-                    &Bytes::from(format!("claim {n}")),
-                    Duration::from_secs(60)
-                )
-                .await
-                .unwrap(),
-            "claim-{n} is still held"
-        );
+    async fn live_rows(&self) -> i64 {
+        live_rows(self).await
     }
-    assert_eq!(store.sweep(1000).await.unwrap(), 0, "nothing left to sweep");
+    async fn delete_expired(&self, limit: u64) -> Result<u64, StoreError> {
+        SqliteStore::delete_expired(self, limit).await
+    }
+    async fn sweep(&self, batch: u64) -> Result<u64, StoreError> {
+        SqliteStore::sweep(self, batch).await
+    }
 }
 
 /// Guards: `sweep_every` deletes expired rows in the background, and stops with the store.

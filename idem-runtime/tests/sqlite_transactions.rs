@@ -16,10 +16,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use bytes::Bytes;
-use common::{SqliteFile, post_with, send, until};
+use common::{NoRenewals, SqliteFile, post_with, send, until};
 use idem_runtime::once::{OnceError, Outcome};
-use idem_runtime::store::{BoxFuture, SqliteStore, SqliteTransaction, Store, StoreError};
+use idem_runtime::store::{SqliteStore, SqliteTransaction};
 use idem_runtime::{Idempotency, OnceKey, Problem, idempotent};
 use tokio::sync::Notify;
 
@@ -210,52 +209,6 @@ async fn server_errors_and_panics_roll_back_and_release() {
     let paid = send(&router, post_with("/pay", Some("after"), "ok")).await;
     assert_eq!(paid.status, StatusCode::CREATED);
     assert_eq!(db.notes().await, ["A"]);
-}
-
-/// A store whose lease renewals never arrive, as for an executor cut off from the
-/// database: its lease runs out while its handler still runs.
-struct NoRenewals(SqliteStore);
-
-impl Store for NoRenewals {
-    fn begin<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
-        self.0.begin(key, claim, lease)
-    }
-
-    fn renew<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a Bytes,
-        _: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async { Err(StoreError::backend("the renewal was lost")) })
-    }
-
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        record: Bytes,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.0.complete(key, claim, record, ttl)
-    }
-
-    fn release<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.0.release(key, claim)
-    }
-
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(&self.0)
-    }
 }
 
 /// Guards: a stale executor (its lease run out before it wrote, the key taken over and

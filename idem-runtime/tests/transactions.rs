@@ -16,10 +16,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use bytes::Bytes;
-use common::{PgSchema, post_with, send, until};
+use common::{NoRenewals, PgSchema, post_with, send, until};
 use idem_runtime::once::{OnceError, Outcome};
-use idem_runtime::store::{BoxFuture, PgTransaction, PostgresStore, Store, StoreError};
+use idem_runtime::store::{PgTransaction, PostgresStore};
 use idem_runtime::{Idempotency, OnceKey, Problem, idempotent};
 use sqlx::AssertSqlSafe;
 use tokio::sync::Notify;
@@ -177,52 +176,6 @@ async fn server_errors_and_panics_roll_back_and_release() {
         assert_eq!(app.runs(), run, "the key was released: the retry ran");
     }
     assert!(db.notes().await.is_empty(), "nothing committed");
-}
-
-/// A store whose lease renewals never arrive, as for an executor cut off from the
-/// database: its lease runs out while its handler still runs.
-struct NoRenewals(PostgresStore);
-
-impl Store for NoRenewals {
-    fn begin<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
-        self.0.begin(key, claim, lease)
-    }
-
-    fn renew<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a Bytes,
-        _: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async { Err(StoreError::backend("the renewal was lost")) })
-    }
-
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        record: Bytes,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.0.complete(key, claim, record, ttl)
-    }
-
-    fn release<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.0.release(key, claim)
-    }
-
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(&self.0)
-    }
 }
 
 /// Guards: a stale executor (its lease run out, the key taken over and completed by

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod checks;
+pub mod sweeps;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -685,4 +686,51 @@ pub async fn until(condition: impl FnMut() -> bool) {
 /// carry no credentials unless a test gives them, so tests opt in to one shared scope.
 pub fn test_builder(builder: IdempotencyBuilder) -> IdempotencyBuilder {
     builder.shared_scope(true)
+}
+
+/// A store whose lease renewals never arrive, as for an executor cut off from the
+/// database: its lease runs out while its handler still runs.
+pub struct NoRenewals<S>(pub S);
+
+impl<S: Store> Store for NoRenewals<S> {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        self.0.begin(key, claim, lease)
+    }
+
+    fn renew<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a Bytes,
+        _: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async { Err(StoreError::backend("the renewal was lost")) })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        record: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.0.complete(key, claim, record, ttl)
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.0.release(key, claim)
+    }
+
+    // A transaction of the inner store's database is found through the wrapper.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        self.0.as_any()
+    }
 }
