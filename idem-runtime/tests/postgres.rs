@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use bytes::Bytes;
 use common::checks::*;
-use common::sweeps::{self, Swept};
+use common::table_stores::{self, Swept};
 use common::{Backend, Counters, PgSchema, app, post_with, send};
 use idem_runtime::store::{PostgresStore, Store, StoreError};
 use idem_runtime::{ConnectError, Idempotency, Problem};
@@ -73,55 +73,7 @@ async fn all_rows(store: &PostgresStore) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_applied_twice() {
     let schema = PgSchema::create("twice").await;
-    let store = store_in(&schema).await;
-    let (claim, record) = (Bytes::from_static(b"claim"), Bytes::from_static(b"record"));
-    let lease = Duration::from_secs(10);
-
-    assert_eq!(store.begin("k", &claim, lease).await.unwrap(), None);
-    assert_eq!(
-        store.begin("k", &claim, lease).await.unwrap(),
-        Some(claim.clone()),
-        "a begin applied twice finds its own claim"
-    );
-    assert!(store.renew("k", &claim, lease).await.unwrap());
-    assert!(store.renew("k", &claim, lease).await.unwrap());
-    assert!(
-        store
-            .complete("k", &claim, record.clone(), lease)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .complete("k", &claim, record.clone(), lease)
-            .await
-            .unwrap(),
-        "a complete applied twice finds its record"
-    );
-    assert!(!store.renew("k", &claim, lease).await.unwrap());
-    assert!(
-        !store.release("k", &claim).await.unwrap(),
-        "a completed key is not released by its claim"
-    );
-    assert_eq!(
-        store
-            .begin("k", &Bytes::from_static(b"other"), lease)
-            .await
-            .unwrap(),
-        Some(record)
-    );
-
-    assert_eq!(store.begin("r", &claim, lease).await.unwrap(), None);
-    assert!(store.release("r", &claim).await.unwrap());
-    assert!(
-        !store.release("r", &claim).await.unwrap(),
-        "a release applied twice finds nothing"
-    );
-    assert_eq!(
-        store.begin("r", &claim, lease).await.unwrap(),
-        None,
-        "released is free"
-    );
+    table_stores::steps_applied_twice(Arc::new(store_in(&schema).await)).await;
 }
 
 /// Guards: 64 concurrent `begin`s on one free key, and on one expired key, leave exactly
@@ -129,41 +81,7 @@ async fn steps_applied_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_begins_have_one_winner() {
     let schema = PgSchema::create("one_winner").await;
-    let store = Arc::new(store_in(&schema).await);
-    // An expired claim on the second key: taking it over races the same way.
-    let dead = Bytes::from_static(b"dead executor");
-    assert_eq!(
-        store
-            .begin("expired", &dead, Duration::from_millis(1))
-            .await
-            .unwrap(),
-        None
-    );
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    for key in ["fresh", "expired"] {
-        let answers: Vec<_> = futures_util::future::join_all((0..64).map(|n| {
-            let store = store.clone();
-            async move {
-                let claim = Bytes::from(format!("claim {n}"));
-                let found = store.begin(key, &claim, Duration::from_secs(10)).await;
-                (claim, found.unwrap())
-            }
-        }))
-        .await;
-        let winners: Vec<_> = answers
-            .iter()
-            .filter(|(_, found)| found.is_none())
-            .collect();
-        assert_eq!(winners.len(), 1, "{key}: exactly one claim taken");
-        let winner = &winners[0].0;
-        for (_, found) in answers.iter().filter(|(_, found)| found.is_some()) {
-            assert_eq!(
-                found.as_ref(),
-                Some(winner),
-                "{key}: the others see the winner"
-            );
-        }
-    }
+    table_stores::concurrent_begins_have_one_winner(Arc::new(store_in(&schema).await)).await;
 }
 
 /// Guards: a table of another shape, or none where idem may not create it, fails at
@@ -451,7 +369,7 @@ async fn round_trips_on_the_wire() {
 async fn sweep_deletes_what_expired_and_nothing_else() {
     let schema = PgSchema::create("sweep").await;
     let store = Arc::new(store_in(&schema).await);
-    sweeps::sweep_deletes_what_expired_and_nothing_else(store).await;
+    table_stores::sweep_deletes_what_expired_and_nothing_else(store).await;
 }
 
 impl Swept for PostgresStore {

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use common::SqliteFile;
 use common::checks::*;
-use common::sweeps::{self, Swept, eventually_async};
+use common::table_stores::{self, Swept, eventually_async};
 use idem_runtime::ConnectError;
 use idem_runtime::store::{SqliteStore, Store, StoreError};
 
@@ -78,78 +78,7 @@ async fn all_rows(store: &SqliteStore) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_applied_twice() {
     let file = SqliteFile::create("twice");
-    let store = store_in(&file).await;
-    let (claim, record) = (Bytes::from_static(b"claim"), Bytes::from_static(b"record"));
-    let lease = Duration::from_secs(10);
-
-    assert_eq!(store.begin("k", &claim, lease).await.unwrap(), None);
-    assert_eq!(
-        store.begin("k", &claim, lease).await.unwrap(),
-        Some(claim.clone()),
-        "a begin applied twice finds its own claim"
-    );
-    assert!(store.renew("k", &claim, lease).await.unwrap());
-    assert!(store.renew("k", &claim, lease).await.unwrap());
-    assert!(
-        store
-            .complete("k", &claim, record.clone(), lease)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .complete("k", &claim, record.clone(), lease)
-            .await
-            .unwrap(),
-        "a complete applied twice finds its record"
-    );
-    assert!(!store.renew("k", &claim, lease).await.unwrap());
-    assert!(
-        !store.release("k", &claim).await.unwrap(),
-        "a completed key is not released by its claim"
-    );
-    assert_eq!(
-        store
-            .begin("k", &Bytes::from_static(b"other"), lease)
-            .await
-            .unwrap(),
-        Some(record)
-    );
-
-    assert_eq!(store.begin("r", &claim, lease).await.unwrap(), None);
-    assert!(store.release("r", &claim).await.unwrap());
-    assert!(
-        !store.release("r", &claim).await.unwrap(),
-        "a release applied twice finds nothing"
-    );
-    assert_eq!(
-        store.begin("r", &claim, lease).await.unwrap(),
-        None,
-        "released is free"
-    );
-
-    // An expired claim is absent to every step: not renewed, not completed, and taken over.
-    let short = Bytes::from_static(b"short");
-    assert_eq!(
-        store
-            .begin("e", &short, Duration::from_millis(50))
-            .await
-            .unwrap(),
-        None
-    );
-    tokio::time::sleep(Duration::from_millis(80)).await;
-    assert!(!store.renew("e", &short, lease).await.unwrap());
-    assert!(
-        !store
-            .complete("e", &short, Bytes::from_static(b"late"), lease)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store.release("e", &short).await.unwrap(),
-        "an expired claim is not released as live"
-    );
-    assert_eq!(store.begin("e", &claim, lease).await.unwrap(), None);
+    table_stores::steps_applied_twice(Arc::new(store_in(&file).await)).await;
 }
 
 /// Guards: 64 concurrent `begin`s on one free key, and on one expired key, leave exactly
@@ -157,40 +86,7 @@ async fn steps_applied_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_begins_have_one_winner() {
     let file = SqliteFile::create("one_winner");
-    let store = Arc::new(store_in(&file).await);
-    let dead = Bytes::from_static(b"dead executor");
-    assert_eq!(
-        store
-            .begin("expired", &dead, Duration::from_millis(1))
-            .await
-            .unwrap(),
-        None
-    );
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    for key in ["fresh", "expired"] {
-        let answers: Vec<_> = futures_util::future::join_all((0..64).map(|n| {
-            let store = store.clone();
-            async move {
-                let claim = Bytes::from(format!("claim {n}"));
-                let found = store.begin(key, &claim, Duration::from_secs(10)).await;
-                (claim, found.unwrap())
-            }
-        }))
-        .await;
-        let winners: Vec<_> = answers
-            .iter()
-            .filter(|(_, found)| found.is_none())
-            .collect();
-        assert_eq!(winners.len(), 1, "{key}: exactly one claim taken");
-        let winner = &winners[0].0;
-        for (_, found) in answers.iter().filter(|(_, found)| found.is_some()) {
-            assert_eq!(
-                found.as_ref(),
-                Some(winner),
-                "{key}: the others see the winner"
-            );
-        }
-    }
+    table_stores::concurrent_begins_have_one_winner(Arc::new(store_in(&file).await)).await;
 }
 
 /// Guards: a missing table where idem may not create it, a table of another shape, or a
@@ -272,7 +168,7 @@ async fn its_own_pool_is_in_wal_mode_with_a_busy_timeout() {
 async fn sweep_deletes_what_expired_and_nothing_else() {
     let file = SqliteFile::create("sweep");
     let store = Arc::new(store_in(&file).await);
-    sweeps::sweep_deletes_what_expired_and_nothing_else(store).await;
+    table_stores::sweep_deletes_what_expired_and_nothing_else(store).await;
 }
 
 impl Swept for SqliteStore {

@@ -3,7 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod checks;
-pub mod sweeps;
+pub mod table_stores;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

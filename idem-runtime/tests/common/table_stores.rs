@@ -1,5 +1,6 @@
-//! The sweep checks every store with a table runs (`PostgresStore`, `SqliteStore`): the
-//! same 10,000 expired records, the same live ones that must survive.
+//! The checks every store with a table runs (`PostgresStore`, `SqliteStore`) on the store
+//! itself: each step applied twice, concurrent claims of one key, and the sweep of the
+//! same 10,000 expired records around the same live ones that must survive.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,4 +124,118 @@ pub async fn sweep_deletes_what_expired_and_nothing_else<S: Swept>(store: Arc<S>
         );
     }
     assert_eq!(store.sweep(1000).await.unwrap(), 0, "nothing left to sweep");
+}
+
+/// each step applied twice (re-sent after a lost answer) answers as the trait
+/// says: `begin` finds its own claim, `complete` finds its record, `release` finds nothing.
+pub async fn steps_applied_twice<S: Store>(store: Arc<S>) {
+    let (claim, record) = (Bytes::from_static(b"claim"), Bytes::from_static(b"record"));
+    let lease = Duration::from_secs(10);
+
+    assert_eq!(store.begin("k", &claim, lease).await.unwrap(), None);
+    assert_eq!(
+        store.begin("k", &claim, lease).await.unwrap(),
+        Some(claim.clone()),
+        "a begin applied twice finds its own claim"
+    );
+    assert!(store.renew("k", &claim, lease).await.unwrap());
+    assert!(store.renew("k", &claim, lease).await.unwrap());
+    assert!(
+        store
+            .complete("k", &claim, record.clone(), lease)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .complete("k", &claim, record.clone(), lease)
+            .await
+            .unwrap(),
+        "a complete applied twice finds its record"
+    );
+    assert!(!store.renew("k", &claim, lease).await.unwrap());
+    assert!(
+        !store.release("k", &claim).await.unwrap(),
+        "a completed key is not released by its claim"
+    );
+    assert_eq!(
+        store
+            .begin("k", &Bytes::from_static(b"other"), lease)
+            .await
+            .unwrap(),
+        Some(record)
+    );
+
+    assert_eq!(store.begin("r", &claim, lease).await.unwrap(), None);
+    assert!(store.release("r", &claim).await.unwrap());
+    assert!(
+        !store.release("r", &claim).await.unwrap(),
+        "a release applied twice finds nothing"
+    );
+    assert_eq!(
+        store.begin("r", &claim, lease).await.unwrap(),
+        None,
+        "released is free"
+    );
+
+    // An expired claim is absent to every step: not renewed, not completed, and taken over.
+    let short = Bytes::from_static(b"short");
+    assert_eq!(
+        store
+            .begin("e", &short, Duration::from_millis(50))
+            .await
+            .unwrap(),
+        None
+    );
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(!store.renew("e", &short, lease).await.unwrap());
+    assert!(
+        !store
+            .complete("e", &short, Bytes::from_static(b"late"), lease)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store.release("e", &short).await.unwrap(),
+        "an expired claim is not released as live"
+    );
+    assert_eq!(store.begin("e", &claim, lease).await.unwrap(), None);
+}
+
+/// 64 concurrent `begin`s on one free key, and on one expired key, leave exactly
+/// one winner, and every other caller is handed the winner's claim.
+pub async fn concurrent_begins_have_one_winner<S: Store>(store: Arc<S>) {
+    let dead = Bytes::from_static(b"dead executor");
+    assert_eq!(
+        store
+            .begin("expired", &dead, Duration::from_millis(1))
+            .await
+            .unwrap(),
+        None
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for key in ["fresh", "expired"] {
+        let answers: Vec<_> = futures_util::future::join_all((0..64).map(|n| {
+            let store = store.clone();
+            async move {
+                let claim = Bytes::from(format!("claim {n}"));
+                let found = store.begin(key, &claim, Duration::from_secs(10)).await;
+                (claim, found.unwrap())
+            }
+        }))
+        .await;
+        let winners: Vec<_> = answers
+            .iter()
+            .filter(|(_, found)| found.is_none())
+            .collect();
+        assert_eq!(winners.len(), 1, "{key}: exactly one claim taken");
+        let winner = &winners[0].0;
+        for (_, found) in answers.iter().filter(|(_, found)| found.is_some()) {
+            assert_eq!(
+                found.as_ref(),
+                Some(winner),
+                "{key}: the others see the winner"
+            );
+        }
+    }
 }
