@@ -18,7 +18,7 @@ mod transaction;
 
 use std::panic::{AssertUnwindSafe, resume_unwind};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -478,9 +478,15 @@ impl Drop for Execution {
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (idem, key, claim) = (self.idem.clone(), self.key.clone(), self.claim.clone());
-            if self.claim_may_land {
+            if self.claim_may_land
+                && let Some(slot) = LateRelease::take()
+            {
                 runtime.spawn(
-                    async move { release_late_claim(&idem, &key, &claim).await }.in_current_span(),
+                    async move {
+                        let _slot = slot;
+                        release_late_claim(&idem, &key, &claim).await;
+                    }
+                    .in_current_span(),
                 );
                 return;
             }
@@ -567,6 +573,33 @@ async fn store_completion(
         idem.store().complete(key.as_str(), claim, record, ttl),
     )
     .await
+}
+
+/// One of the [`LateRelease::MAX`] releases of late claims that may run at once in the
+/// process; past that (an outage timing out every claim), a timed-out claim is released
+/// once, as any failed one, and left to its lease.
+struct LateRelease;
+
+/// How many [`LateRelease`]s are held now.
+static LATE_RELEASES: AtomicUsize = AtomicUsize::new(0);
+
+impl LateRelease {
+    const MAX: usize = 1024;
+
+    fn take() -> Option<Self> {
+        LATE_RELEASES
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
+                (running < Self::MAX).then_some(running + 1)
+            })
+            .ok()
+            .map(|_| Self)
+    }
+}
+
+impl Drop for LateRelease {
+    fn drop(&mut self) {
+        LATE_RELEASES.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Releases a claim whose `begin` timed out, and so may be applied by the store after
