@@ -63,10 +63,12 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 /// Redis replicates asynchronously. If a master fails after acknowledging a fresh claim
 /// but before a replica received it, the promoted replica does not know the key, and a
 /// retry arriving in that window runs the handler a second time. idem cannot close this
-/// window on its own (neither can any Redis-based lock); keep a second guard in the
-/// database for effects that must never repeat, such as a UNIQUE constraint on
-/// [`ScopedKey`](crate::ScopedKey), as the example payments app does. `WAIT`-based
-/// replication would narrow the window at the cost of a round trip per request.
+/// window on its own (neither can any Redis-based lock). For effects in a database that
+/// must never repeat, keep idem's records in that database and write in its transaction
+/// (`PostgresStore` with `PgTransaction`, `SqliteStore` with `SqliteTransaction`), or keep
+/// a business rule there that refuses the repeat (the example payments app's UNIQUE
+/// constraint on `payments.order_id`). `WAIT`-based replication would narrow the window
+/// at the cost of a round trip per request.
 ///
 /// # Eviction
 ///
