@@ -252,28 +252,8 @@ async fn crash_mid_payment_then_retry(store: Store) {
     let http = support::http();
 
     let mut first = App::start(&dir.0, "first", Run::Held, &database_url, &store).await;
-    let response = http
-        .post(format!("{}/orders", first.url))
-        .json(&NewOrder {
-            customer_id: "cus_crash".into(),
-            currency: "EUR".into(),
-            items: vec![Item {
-                sku: "LAMP".into(),
-                quantity: 1,
-                unit_price_cents: 4_200,
-            }],
-        })
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let order: Order = response.json().await.unwrap();
+    let (order, request) = new_order(&http, &first).await;
     let key = format!("crash-{}", uuid::Uuid::new_v4());
-    let request = NewPayment {
-        order_id: order.id.clone(),
-        amount_cents: order.total_cents,
-        currency: "EUR".into(),
-    };
 
     // The payment claims its key and is held at the gate. (The order above has no key, so
     // nothing held it.)
@@ -447,7 +427,7 @@ async fn new_order(http: &reqwest::Client, app: &App) -> (Order, NewPayment) {
     let response = http
         .post(format!("{}/orders", app.url))
         .json(&NewOrder {
-            customer_id: "cus_kill".into(),
+            customer_id: "cus_crash".into(),
             currency: "EUR".into(),
             items: vec![Item {
                 sku: "LAMP".into(),
