@@ -3,11 +3,15 @@
 
 use proc_macro2::{Literal, Span, TokenStream, TokenTree};
 use quote::{ToTokens, quote, quote_spanned};
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
 use syn::visit_mut::{self, VisitMut};
+
+use syn::punctuated::Punctuated;
 use syn::{
-    Attribute, FnArg, GenericArgument, GenericParam, Generics, Ident, ItemFn, Meta, PatType, Path,
-    PathArguments, PredicateType, ReturnType, Signature, Token, Type, TypeInfer, TypeParamBound,
-    WherePredicate, parse_quote,
+    Attribute, FnArg, GenericArgument, GenericParam, Generics, Ident, ItemFn, Meta, PatType,
+    PathArguments, PredicateType, ReturnType, Signature, Token, TraitBound, Type, TypeInfer,
+    TypeParamBound, WherePredicate, parse_quote,
 };
 
 use crate::Errors;
@@ -105,10 +109,7 @@ fn check_signature(sig: &Signature) -> syn::Result<()> {
     }
     // Arguments under `#[cfg]` may be configured out: only the others surely count.
     let unconditional = sig.inputs.iter().filter(|input| match input {
-        FnArg::Typed(argument) => !argument
-            .attrs
-            .iter()
-            .any(|attr| attr.path().is_ident("cfg")),
+        FnArg::Typed(argument) => cfg_condition(&argument.attrs).is_none(),
         FnArg::Receiver(_) => true,
     });
     if let Some(extra) = unconditional.clone().nth(MAX_ARGUMENTS) {
@@ -194,17 +195,35 @@ fn generate(options: &Options, function: &ItemFn) -> TokenStream {
         .collect()
 }
 
-/// `all(a, b)` of an argument's `#[cfg(a)] #[cfg(b)]`; `None` without `#[cfg]`.
+/// The condition under which an argument is compiled in: `all(a, b)` of its
+/// `#[cfg(a)] #[cfg(b)]`, with `any(not(p), c)` for a `#[cfg_attr(p, cfg(c))]`; `None`
+/// where no attribute configures it out.
 fn cfg_condition(attrs: &[Attribute]) -> Option<TokenStream> {
-    let predicates: Vec<&TokenStream> = attrs
+    let predicates: Vec<TokenStream> = attrs
         .iter()
-        .filter(|attr| attr.path().is_ident("cfg"))
-        .filter_map(|attr| match &attr.meta {
-            Meta::List(list) => Some(&list.tokens),
-            Meta::Path(_) | Meta::NameValue(_) => None,
-        })
+        .filter_map(|attr| meta_condition(&attr.meta))
         .collect();
     (!predicates.is_empty()).then(|| quote!(all(#(#predicates),*)))
+}
+
+/// The condition `meta`, an attribute's content, puts on what it is written on.
+fn meta_condition(meta: &Meta) -> Option<TokenStream> {
+    let Meta::List(list) = meta else {
+        return None;
+    };
+    if list.path.is_ident("cfg") {
+        return Some(list.tokens.clone());
+    }
+    if !list.path.is_ident("cfg_attr") {
+        return None;
+    }
+    let parts = list
+        .parse_args_with(Punctuated::<Meta, Token![,]>::parse_terminated)
+        .ok()?;
+    let mut parts = parts.into_iter();
+    let predicate = parts.next()?;
+    let inner: Vec<TokenStream> = parts.filter_map(|meta| meta_condition(&meta)).collect();
+    (!inner.is_empty()).then(|| quote!(any(not(#predicate), all(#(#inner),*))))
 }
 
 /// The handler taking `arguments`, compiled in under `selected`: all the arguments, or,
@@ -236,12 +255,13 @@ fn handler(
 
     let root = root(options);
     let at_name = ident.span();
-    let guard = local("__idem_guard", at_name);
-    let first = local("__idem_last", at_name);
-    let body = local("__idem_body", at_name);
-    let work = local("__idem_work", at_name);
+    let locals = Locals::new(function);
+    let guard = locals.name("__idem_guard", at_name);
+    let first = locals.name("__idem_last", at_name);
+    let body = locals.name("__idem_body", at_name);
+    let work = locals.name("__idem_work", at_name);
     let names: Vec<Ident> = (0..arguments.len())
-        .map(|index| local(&format!("__idem_arg{index}"), at_name))
+        .map(|index| locals.name(&format!("__idem_arg{index}"), at_name))
         .collect();
 
     // Without a ttl the guard keeps the runtime's default, written in one place there.
@@ -289,12 +309,24 @@ fn handler(
         ReturnType::Default => at_name,
     };
     let response = quote_spanned!(return_start=> #root::__private::Response);
-    let output_type = declared_output(output, at_name);
+    let (trait_uses, declared) = declared_output(output, generics, &locals, at_name);
+    let run_body = quote! {
+        async move {
+            #(#bindings)*
+            #block
+        }
+    };
+    // The output is fixed where the async block is written: rustc takes it from the
+    // expected type there, and only there.
+    let run_body = match declared {
+        Some(ty) => quote!(#root::__private::declared_output::<#ty, _>(#run_body)),
+        None => run_body,
+    };
     let checks = extractor_checks(&root, state, generics, arguments);
     // Spanned on the return type, so that rustc reports a value that is no response there
     // rather than on the attribute.
     let at_return = Span::mixed_site().located_at(return_start);
-    let output_value = local("__idem_output", return_start);
+    let output_value = locals.name("__idem_output", return_start);
     let respond = quote_spanned!(at_return=> #root::__private::into_response(#output_value));
     let run = quote_spanned!(at_name=> #guard.run(#work).await);
     // `debug_handler` below this attribute checks the handler axum is given: this one.
@@ -310,14 +342,11 @@ fn handler(
         {
             #(#checks)*
             #unpack
+            #trait_uses
             // The body runs in an async block of the handler itself, not in a function of
             // its own, so that `Self` and the generic parameters of an enclosing `impl`
             // stay in scope; `return` leaves this block with the handler's value.
-            let #body = async move {
-                #output_type
-                #(#bindings)*
-                #block
-            };
+            let #body = #run_body;
             let #work = async move {
                 let #output_value = #body.await;
                 #respond
@@ -335,43 +364,85 @@ fn root(options: &Options) -> TokenStream {
         .map_or_else(|| quote!(::idem_runtime), ToTokens::to_token_stream)
 }
 
-/// A binding of the generated code, invisible to the user's code, reported at `at`.
-fn local(name: &str, at: Span) -> Ident {
-    Ident::new(name, Span::mixed_site().located_at(at))
+/// The names the generated code binds. Mixed-site spans hide them from the user's code,
+/// but a pattern still resolves to an item in scope: a user's `const __idem_guard` would
+/// turn `let __idem_guard = ..` into a match against it. So each name carries a suffix
+/// drawn from the handler's own tokens, which no item of the user's shares by accident.
+struct Locals {
+    suffix: u64,
 }
 
-/// The statements that open the body's future: one that fixes its output to the declared
-/// return type, so that `?` converts its error into the declared one and `return` is
-/// checked against it (it never runs), and a `use` of each trait an `impl Trait` in the
-/// return type names, so that imports used only there stay used. An `impl Trait` cannot be
-/// named in a body: its place is left to inference, as for the handler itself.
-fn declared_output(output: &ReturnType, at: Span) -> TokenStream {
+impl Locals {
+    fn new(function: &ItemFn) -> Self {
+        let mut hasher = DefaultHasher::new();
+        function.to_token_stream().to_string().hash(&mut hasher);
+        Locals {
+            suffix: hasher.finish(),
+        }
+    }
+
+    /// A binding of the generated code, invisible to the user's code, reported at `at`.
+    fn name(&self, stem: &str, at: Span) -> Ident {
+        Ident::new(
+            &format!("{stem}_{:016x}", self.suffix),
+            Span::mixed_site().located_at(at),
+        )
+    }
+}
+
+/// What keeps the handler's declared return type in force on its body, which the
+/// generated handler returns as a `Response`:
+/// - an item naming each trait an `impl Trait` in the return type names, so that imports
+///   used only there stay used: a function with those bounds, which no lint reports, or,
+///   where a bound names the handler's generics or a lifetime (a nested function cannot),
+///   a `use` of the trait;
+/// - a statement that fixes the body's output to the declared type, so that `?` converts
+///   its error into the declared one and `return` is checked against it; nothing where the
+///   type is an `impl Trait` alone, which cannot be named in a body and is left to
+///   inference, as for the handler itself.
+fn declared_output(
+    output: &ReturnType,
+    generics: &Generics,
+    locals: &Locals,
+    at: Span,
+) -> (TokenStream, Option<Type>) {
     let mut ty = match output {
         ReturnType::Type(_, ty) => (**ty).clone(),
         ReturnType::Default => parse_quote!(()),
     };
     let mut opaque = OpaqueTypes::default();
     opaque.visit_type_mut(&mut ty);
-    let traits = opaque.traits;
-    let uses = quote!(#(#[allow(unused_imports)] use #traits as _;)*);
-    if matches!(ty, Type::Infer(_)) {
-        return uses;
-    }
-    let value = local("__idem_value", at);
-    quote! {
-        #uses
-        if let ::core::option::Option::Some(#value) = ::core::option::Option::None::<#ty> {
-            #[allow(unreachable_code)]
-            return #value;
+    let mut names = type_and_const_params(generics);
+    names.extend(
+        generics
+            .lifetimes()
+            .map(|lifetime| &lifetime.lifetime.ident),
+    );
+    let (in_scope, local_only): (Vec<TraitBound>, Vec<TraitBound>) =
+        opaque.traits.into_iter().partition(|bound| {
+            let tokens = bound.to_token_stream();
+            names_lifetime(tokens.clone()) || mentions_any(tokens, &names) || mentions_self(bound)
+        });
+    let params = (0..local_only.len()).map(|index| locals.name(&format!("__IdemT{index}"), at));
+    let function = locals.name("__idem_traits", at);
+    let nested =
+        (!local_only.is_empty()).then(|| quote!(fn #function<#(#params: #local_only),*>() {}));
+    let paths = in_scope.into_iter().map(|bound| {
+        let mut path = bound.path;
+        for segment in &mut path.segments {
+            segment.arguments = PathArguments::None;
         }
-    }
+        path
+    });
+    let uses = quote!(#nested #(#[allow(unused_imports)] use #paths as _;)*);
+    (uses, (!matches!(ty, Type::Infer(_))).then_some(ty))
 }
 
 /// Replaces each `impl Trait` in a type with `_`, keeping the paths of the traits it names
 /// (without their generic arguments, as a `use` names them).
 #[derive(Default)]
 struct OpaqueTypes {
-    traits: Vec<Path>,
+    traits: Vec<TraitBound>,
 }
 
 impl VisitMut for OpaqueTypes {
@@ -380,11 +451,7 @@ impl VisitMut for OpaqueTypes {
         if let Type::ImplTrait(opaque) = ty {
             for bound in &opaque.bounds {
                 if let TypeParamBound::Trait(bound) = bound {
-                    let mut path = bound.path.clone();
-                    for segment in &mut path.segments {
-                        segment.arguments = PathArguments::None;
-                    }
-                    self.traits.push(path);
+                    self.traits.push(bound.clone());
                 }
             }
             *ty = Type::Infer(TypeInfer {
@@ -508,13 +575,33 @@ fn extractor_checks(
             let check = Ident::new(&check, start);
             let open = quote_spanned!(start=> let _ = #root::__private::#check::<);
             let close = quote_spanned!(end=> >;);
-            let cfgs = argument
-                .attrs
-                .iter()
-                .filter(|attr| attr.path().is_ident("cfg"));
-            quote!(#(#cfgs)* #open #ty, #state #infer #close)
+            let cfg = cfg_condition(&argument.attrs).map(|condition| quote!(#[cfg(#condition)]));
+            quote!(#cfg #open #ty, #state #infer #close)
         })
         .collect()
+}
+
+/// Whether `tokens` name a lifetime other than `'static`.
+fn names_lifetime(tokens: TokenStream) -> bool {
+    let mut tokens = tokens.into_iter().peekable();
+    while let Some(token) = tokens.next() {
+        match token {
+            TokenTree::Punct(punct)
+                if punct.as_char() == '\''
+                    && !matches!(tokens.peek(), Some(TokenTree::Ident(ident)) if ident == "static") =>
+            {
+                return true;
+            }
+            TokenTree::Group(group) if names_lifetime(group.stream()) => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+fn mentions_self(bound: &TraitBound) -> bool {
+    let self_type = Ident::new("Self", Span::call_site());
+    mentions_any(bound.to_token_stream(), &[&self_type])
 }
 
 fn mentions_any(tokens: TokenStream, names: &[&Ident]) -> bool {

@@ -33,16 +33,14 @@ use proc_macro::TokenStream;
 /// ) -> ::idem_runtime::__private::Response {
 ///     // compile-time checks that each argument is an extractor, spanned on its type
 ///     let (__idem_guard, __idem_arg1) = __idem_last;
-///     let __idem_body = async move {
-///         if let Some(__idem_value) = None::<Result<Json<Y>, AppError>> {
-///             return __idem_value; // never runs: fixes the block's output type
-///         }
+///     // fixes the block's output type, so that `?` and `return` see the declared one
+///     let __idem_body = ::idem_runtime::__private::declared_output::<Result<Json<Y>, AppError>, _>(async move {
 ///         let __idem_arg0 = __idem_arg0;
 ///         let State(db): State<Db> = __idem_arg0;
 ///         let __idem_arg1 = __idem_arg1;
 ///         let Json(x): Json<X> = __idem_arg1;
 ///         body
-///     };
+///     });
 ///     let __idem_work = async move {
 ///         let __idem_output = __idem_body.await;
 ///         ::idem_runtime::__private::into_response(__idem_output)
@@ -54,22 +52,31 @@ use proc_macro::TokenStream;
 /// Around that shape:
 ///
 /// - Every path starts at `::idem_runtime`, or at the path given as `crate = "..."`.
-/// - An `impl Trait` in the return type is left to inference in the `None::<..>` line
-///   (`None::<Result<_, AppError>>`), and each trait it names gets a
-///   `use Trait as _;` there, so that an import used only by the return type stays used.
+/// - An `impl Trait` in the return type is left to inference in the declared output
+///   (`declared_output::<Result<_, AppError>, _>`), and the traits it names are the bounds
+///   of an empty generic `fn __idem_traits<T0: Trait>() {}` (a name no lint reports), so
+///   that an import used only by the return type stays used. Where a bound names the
+///   handler's generics or a lifetime, which a nested `fn` cannot, the trait gets an
+///   `#[allow(unused_imports)] use Trait as _;` instead.
+/// - Nothing else is `#[allow]`ed, so a crate that `#![forbid]`s lints accepts the
+///   expansion.
 /// - A type parameter gets `Send + 'static` where its own bounds are, inline or in the
 ///   `where` clause.
-/// - An argument's attributes (`#[cfg]`, lint levels) go on its parameter, its bindings and
-///   its check. Where the last arguments carry `#[cfg]`, the handler is generated once for
-///   each argument that may be the last compiled in, under the `cfg` that selects it, so
-///   that the guard always shares the real last argument's slot.
+/// - An argument's attributes (`#[cfg]`, `#[cfg_attr]`, lint levels) go on its parameter
+///   and its bindings, and its `cfg` condition on its check. Where the last arguments may
+///   be configured out (`#[cfg(..)]`, or `#[cfg_attr(p, cfg(c))]`, read as
+///   `any(not(p), c)`), the handler is generated once for each argument that may be the
+///   last compiled in, under the `cfg` that selects it, so that the guard always shares
+///   the real last argument's slot.
 /// - `#[axum::debug_handler]` below the attribute stays on the generated handler, the one
 ///   axum is given, with the handler's state filled in where it names none.
 /// - A `#[tracing::instrument]` below the attribute is moved above it (the attribute is
 ///   applied again below it), so that it sees the arguments and return type as written.
-/// - Every generated name is a local at [`Span::mixed_site`], out of the body's reach. A
-///   constant, static or unit struct named `__idem_...` would still be taken for one of
-///   them, as rustc resolves those names before it makes a binding: the prefix is reserved.
+/// - Every generated name is a local at [`Span::mixed_site`], out of the body's reach, and
+///   ends in a suffix hashed from the handler's tokens (left out above): rustc resolves a
+///   binding's name to a constant, static or unit struct in scope before it makes a
+///   binding, so a user's `const __idem_guard` would otherwise turn the `let` into a
+///   pattern.
 ///
 /// [`Span::mixed_site`]: proc_macro::Span::mixed_site
 /// [`Idempotent`]: https://docs.rs/idem-runtime/latest/idem_runtime/struct.Idempotent.html

@@ -176,6 +176,13 @@ impl<T: IntoResponse> HandlerResponse for T {
     }
 }
 
+/// `body` unchanged, with its output fixed to `T`: the handler's declared return type, so
+/// that `?` in the body converts into the declared error and `return` is checked against
+/// it.
+pub fn declared_output<T, F: core::future::Future<Output = T>>(body: F) -> F {
+    body
+}
+
 /// The handler's return value as the response to send and store.
 pub fn into_response<R: HandlerResponse>(output: R) -> Response {
     output.into_handler_response()

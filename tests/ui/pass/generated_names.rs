@@ -1,4 +1,5 @@
-//! Items named like the attribute's generated bindings stay the user's inside the body.
+//! Items named like the attribute's generated bindings stay the user's inside the body, and
+//! constants named like them do not turn the generated bindings into patterns.
 
 #![deny(warnings)]
 
@@ -47,6 +48,34 @@ async fn sum(body: String) -> String {
     format!("{body}{total}")
 }
 
+#[allow(non_upper_case_globals)]
+mod constants {
+    use axum::http::HeaderMap;
+    use idem_runtime::idempotent;
+
+    pub(crate) const __idem_guard: u8 = 1;
+    pub(crate) const __idem_last: u8 = 2;
+    pub(crate) const __idem_body: u8 = 3;
+    pub(crate) const __idem_work: u8 = 4;
+    pub(crate) const __idem_arg0: u8 = 5;
+    pub(crate) const __idem_arg1: u8 = 6;
+    pub(crate) const __idem_output: u8 = 7;
+    pub(crate) const __idem_value: u8 = 8;
+
+    #[idempotent]
+    pub(crate) async fn shadowed(headers: HeaderMap, body: String) -> Result<String, String> {
+        let total = __idem_guard
+            + __idem_last
+            + __idem_body
+            + __idem_work
+            + __idem_arg0
+            + __idem_arg1
+            + __idem_output
+            + __idem_value;
+        Ok(format!("{} {body} {total}", headers.len()))
+    }
+}
+
 // Arguments named like the generated ones.
 #[idempotent]
 async fn named(__idem_arg0: axum::http::HeaderMap, __idem_last: String) -> String {
@@ -58,5 +87,6 @@ fn main() {
     let _app: Router = Router::new()
         .route("/sum", post(sum))
         .route("/named", post(named))
+        .route("/shadowed", post(constants::shadowed))
         .layer(idem.layer());
 }

@@ -1,7 +1,8 @@
 //! A crate that forbids lints rather than denying them: the attribute's expansion must not
-//! `allow` what the crate forbids.
+//! `allow` what the crate forbids, and an import used only in an `impl Trait` return type
+//! stays used.
 
-#![forbid(unused_imports, unreachable_code)]
+#![forbid(warnings, unused, unreachable_code)]
 
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -21,10 +22,19 @@ async fn fallible(body: String) -> Result<String, StatusCode> {
     Ok(body)
 }
 
+#[idempotent]
+async fn nested_opaque(body: String) -> Result<impl IntoResponse + Send, StatusCode> {
+    if body.is_empty() {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    Ok((StatusCode::CREATED, body))
+}
+
 fn main() {
     let idem = Idempotency::in_memory();
     let _app: Router = Router::new()
         .route("/opaque", post(opaque))
         .route("/fallible", post(fallible))
+        .route("/nested-opaque", post(nested_opaque))
         .layer(idem.layer());
 }
