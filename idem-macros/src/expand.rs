@@ -493,22 +493,13 @@ fn debug_handler_with_state(attr: &Attribute, state: Option<&RouterState>) -> To
 /// The generics with `Send + 'static` on every type parameter: the work runs in a task of
 /// its own, which axum checks only once the handler is instantiated but `Idempotent::run`
 /// needs here. The bounds go where the parameter's own are, inline or in the `where` clause,
-/// so that the user's crate does not see one parameter bounded in two places.
+/// so that the user's crate does not see one parameter bounded in two places. A name the
+/// `where` clause bounds that the handler does not declare (a type parameter of the
+/// enclosing `impl`) gets them too.
 fn send_static(generics: &Generics) -> Generics {
     let mut generics = generics.clone();
-    let bounded_in_where: Vec<Ident> = generics
-        .where_clause
-        .iter()
-        .flat_map(|clause| &clause.predicates)
-        .filter_map(|predicate| match predicate {
-            WherePredicate::Type(PredicateType {
-                bounded_ty: Type::Path(path),
-                ..
-            }) if path.qself.is_none() => path.path.get_ident().cloned(),
-            _ => None,
-        })
-        .collect();
-    let mut in_where = Vec::new();
+    let bounded_in_where = bounded_in_where(&generics);
+    let mut in_where: Vec<Ident> = outer_params(&generics).into_iter().cloned().collect();
     for param in generics.type_params_mut() {
         if param.bounds.is_empty() && bounded_in_where.contains(&param.ident) {
             in_where.push(param.ident.clone());
@@ -526,7 +517,49 @@ fn send_static(generics: &Generics) -> Generics {
     generics
 }
 
-fn type_and_const_params(generics: &syn::Generics) -> Vec<&Ident> {
+/// The names a `where` predicate of the handler bounds, each a path of one segment.
+fn bounded_in_where(generics: &Generics) -> Vec<Ident> {
+    generics
+        .where_clause
+        .iter()
+        .flat_map(|clause| &clause.predicates)
+        .filter_map(|predicate| match predicate {
+            WherePredicate::Type(PredicateType {
+                bounded_ty: Type::Path(path),
+                ..
+            }) if path.qself.is_none() => path.path.get_ident().cloned(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The names the handler's `where` clause bounds without declaring them: the type
+/// parameters of an enclosing `impl` the handler names there, which the attribute cannot
+/// see otherwise.
+fn outer_params(generics: &Generics) -> Vec<&Ident> {
+    let declared = declared_params(generics);
+    let mut outer: Vec<&Ident> = Vec::new();
+    for predicate in generics
+        .where_clause
+        .iter()
+        .flat_map(|clause| &clause.predicates)
+    {
+        if let WherePredicate::Type(PredicateType {
+            bounded_ty: Type::Path(path),
+            ..
+        }) = predicate
+            && path.qself.is_none()
+            && let Some(name) = path.path.get_ident()
+            && !declared.contains(&name)
+            && !outer.contains(&name)
+        {
+            outer.push(name);
+        }
+    }
+    outer
+}
+
+fn declared_params(generics: &Generics) -> Vec<&Ident> {
     generics
         .params
         .iter()
@@ -536,6 +569,14 @@ fn type_and_const_params(generics: &syn::Generics) -> Vec<&Ident> {
             GenericParam::Lifetime(_) => None,
         })
         .collect()
+}
+
+/// The generic parameters the handler's types may name: its own type and const
+/// parameters, and those of an enclosing `impl` its `where` clause names.
+fn type_and_const_params(generics: &Generics) -> Vec<&Ident> {
+    let mut params = declared_params(generics);
+    params.extend(outer_params(generics));
+    params
 }
 
 /// One check per argument, reported on its type: the last may consume the body

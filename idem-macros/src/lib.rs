@@ -61,7 +61,9 @@ use proc_macro::TokenStream;
 /// - Nothing else is `#[allow]`ed, so a crate that `#![forbid]`s lints accepts the
 ///   expansion.
 /// - A type parameter gets `Send + 'static` where its own bounds are, inline or in the
-///   `where` clause.
+///   `where` clause. A name the `where` clause bounds that the handler does not declare
+///   (a type parameter of an enclosing `impl`, `where T: Send`) is taken for a parameter
+///   too: it gets the same bounds, and the types that name it are left to axum's check.
 /// - An argument's attributes (`#[cfg]`, `#[cfg_attr]`, lint levels) go on its parameter
 ///   and its bindings, and its `cfg` condition on its check. Where the last arguments may
 ///   be configured out (`#[cfg(..)]`, or `#[cfg_attr(p, cfg(c))]`, read as
