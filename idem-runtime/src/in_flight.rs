@@ -1,6 +1,6 @@
 //! Executions holding a key in this process, from the claim until the record is stored or
 //! the key released, whether their caller waits or went away: what a shutdown waits for,
-//! and names when it cannot wait longer.
+//! and names when it cannot wait longer, and whose leases the renewal task renews.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,15 +8,27 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
 
+use tokio::time::Instant;
+
 use crate::key::ScopedKey;
 use crate::metrics::Metrics;
+use crate::protocol::lease::HeldClaim;
 
-/// The executions now holding a key, each by its key.
+/// The executions now holding a key, each by its claim.
 pub(crate) struct InFlight {
     metrics: Metrics,
     next: AtomicU64,
-    running: Mutex<HashMap<u64, ScopedKey>>,
+    running: Mutex<Running>,
     count: watch::Sender<usize>,
+}
+
+#[derive(Default)]
+struct Running {
+    claims: HashMap<u64, Arc<HeldClaim>>,
+    /// The generation of the renewal task that runs now, if one does.
+    renewer: Option<u64>,
+    /// How many renewal tasks were started.
+    renewers_started: u64,
 }
 
 /// One execution in [`InFlight`], counted until dropped.
@@ -30,22 +42,69 @@ impl InFlight {
         Self {
             metrics,
             next: AtomicU64::new(0),
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(Running::default()),
             count: watch::Sender::new(0),
         }
     }
 
-    /// Counts an execution of `key` until the entry is dropped.
-    pub(crate) fn enter(self: &Arc<Self>, key: ScopedKey) -> Entry {
+    /// Counts an execution holding `claim` until the entry is dropped. With the entry
+    /// comes the generation of a renewal task for the caller to start, where none runs.
+    pub(crate) fn enter(self: &Arc<Self>, claim: Arc<HeldClaim>) -> (Entry, Option<u64>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        running.insert(id, key);
-        self.count.send_replace(running.len());
+        running.claims.insert(id, claim);
+        self.count.send_replace(running.claims.len());
+        let renewer = running.renewer.is_none().then(|| {
+            running.renewers_started += 1;
+            running.renewer = Some(running.renewers_started);
+            running.renewers_started
+        });
+        drop(running);
         self.metrics.execution_in_flight(true);
-        Entry {
+        let entry = Entry {
             registry: self.clone(),
             id,
+        };
+        (entry, renewer)
+    }
+
+    /// The claims whose renewal is due at `now`, each now marked as renewing, for the
+    /// renewal task `generation`; `None` when that task is to end: no claim is held (the
+    /// next claim starts another), or another task took its place.
+    pub(crate) fn due(&self, generation: u64, now: Instant) -> Option<Vec<Arc<HeldClaim>>> {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if running.renewer != Some(generation) {
+            return None;
         }
+        if running.claims.is_empty() {
+            running.renewer = None;
+            return None;
+        }
+        Some(
+            running
+                .claims
+                .values()
+                .filter(|claim| claim.take_if_due(now))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// Renewal task `generation` ended. Where it was the current one and claims are
+    /// still held (its runtime shut down under it) and `replace`, the generation of the
+    /// task the caller starts in its place; otherwise the next claim starts one.
+    pub(crate) fn renewer_gone(&self, generation: u64, replace: bool) -> Option<u64> {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if running.renewer != Some(generation) {
+            return None;
+        }
+        if !replace || running.claims.is_empty() {
+            running.renewer = None;
+            return None;
+        }
+        running.renewers_started += 1;
+        running.renewer = Some(running.renewers_started);
+        running.renewer
     }
 
     /// How many executions hold a key now.
@@ -56,7 +115,11 @@ impl InFlight {
     /// The keys of the executions running now.
     pub(crate) fn keys(&self) -> Vec<ScopedKey> {
         let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        running.values().cloned().collect()
+        running
+            .claims
+            .values()
+            .map(|claim| claim.key.clone())
+            .collect()
     }
 
     /// Returns once no execution holds a key.
@@ -74,8 +137,8 @@ impl Drop for Entry {
             .running
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        running.remove(&self.id);
-        self.registry.count.send_replace(running.len());
+        running.claims.remove(&self.id);
+        self.registry.count.send_replace(running.claims.len());
         self.registry.metrics.execution_in_flight(false);
     }
 }

@@ -94,3 +94,88 @@ on_both_stores!(
     slow_begin_answer_keeps_the_lease,
     begin_answered_after_the_lease_never_executes
 );
+
+/// Guards: a claim's lease is renewed for as long as its work runs, whichever runtime
+/// started the handle's renewals. A handle shared by two runtimes: the first one's claim
+/// starts the renewals, the second one's work then runs past its lease while the first
+/// runtime shuts down (a test's runtime, a worker's); a call with the second one's key
+/// still finds it in flight, and the work runs once.
+#[test]
+fn a_runtime_shutting_down_leaves_the_claims_of_another_renewed() {
+    use idem_runtime::OnceKey;
+    use idem_runtime::once::{OnceError, Outcome};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Notify;
+
+    let lease = Duration::from_millis(300);
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let second = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let idem = second.block_on(async {
+        common::test_builder(Idempotency::builder())
+            .lease(lease)
+            .build()
+    });
+
+    // The first runtime's work holds its key until that runtime goes.
+    let first_started = Arc::new(AtomicUsize::new(0));
+    first.spawn({
+        let (idem, started) = (idem.clone(), first_started.clone());
+        async move {
+            idem.once(OnceKey::compose(["lease", "first"]), "in")
+                .run(|| async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    std::future::pending::<Result<u32, String>>().await
+                })
+                .await
+        }
+    });
+    second.block_on(common::until(|| first_started.load(Ordering::SeqCst) == 1));
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Notify::new());
+    let gated = {
+        let (runs, gate) = (runs.clone(), gate.clone());
+        move || async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            gate.notified().await;
+            Ok::<u32, String>(7)
+        }
+    };
+    let held = second.spawn({
+        let (idem, gated) = (idem.clone(), gated.clone());
+        async move {
+            idem.once(OnceKey::compose(["lease", "second"]), "in")
+                .run_with_outcome(gated)
+                .await
+        }
+    });
+    second.block_on(common::until(|| runs.load(Ordering::SeqCst) == 1));
+
+    drop(first);
+
+    second.block_on(async {
+        // Past several leases: only renewals keep the key.
+        tokio::time::sleep(lease * 4).await;
+        // A retry that took the key over would wait on the gate: it is not waited for.
+        let retry = idem
+            .once(OnceKey::compose(["lease", "second"]), "in")
+            .wait(Duration::ZERO)
+            .run(gated);
+        let retry = tokio::time::timeout(Duration::from_secs(5), retry).await;
+        assert!(
+            matches!(retry, Ok(Err(OnceError::InFlight))),
+            "the key is still held: {retry:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the work ran once");
+        gate.notify_one();
+        assert_eq!(held.await.unwrap().unwrap(), Outcome::Ran(7));
+    });
+}

@@ -1,12 +1,17 @@
 //! Holding a claim: its lease renewed beside the work, for as long as the work runs.
+//!
+//! Most work ends long before its lease needs renewing, so a claim costs no task and no
+//! timer of its own: it joins the handle's registry of executions in flight (which a
+//! shutdown waits for), and one renewal task per handle, running while any claim is held,
+//! looks through that registry a few times per renewal period and renews the claims that
+//! are due, each in a task of its own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, sleep};
 use tracing::Instrument;
 
 use super::step::{Step, later, store_step};
@@ -14,28 +19,61 @@ use crate::config::Idempotency;
 use crate::in_flight::Entry;
 use crate::key::ScopedKey;
 
-/// Renews a claim's lease every third of it, from the claim until it is dropped, in a
-/// task of its own: the lease holds however long extractors, the work, a streamed result
+/// How many times per renewal period the renewal task looks for claims that are due: a
+/// claim is renewed at most this fraction of the period late.
+const LOOKS_PER_PERIOD: u32 = 4;
+
+/// A claim this process holds, renewed every third of its lease from the claim until the
+/// keeper is dropped: the lease holds however long extractors, the work, a streamed result
 /// or a completion retried after a store failure take.
 pub(crate) struct LeaseKeeper {
-    _stop: oneshot::Sender<()>,
-    state: Arc<LeaseState>,
+    claim: Arc<HeldClaim>,
     /// Counts the execution in flight for as long as its claim is held, so that a
-    /// shutdown waits for it.
+    /// shutdown waits for it, and lists the claim for the renewal task.
     _in_flight: Entry,
 }
 
-struct LeaseState {
+/// One claim in the registry of executions in flight.
+pub(crate) struct HeldClaim {
+    pub(crate) key: ScopedKey,
+    token: Bytes,
+    /// The execution's span, which the renewal's log lines belong to.
+    span: tracing::Span,
+    times: Mutex<LeaseTimes>,
+    /// Set while a renewal of this claim runs, and for good once the lease is lost.
+    renewing: AtomicBool,
+    lost: AtomicBool,
+    /// Set when the keeper is dropped: a renewal under way ends without a word.
+    released: AtomicBool,
+}
+
+struct LeaseTimes {
     /// When the lease surely ends unless renewed: the start of the last renewal that
     /// succeeded, plus the lease.
-    held_until: Mutex<Instant>,
+    held_until: Instant,
     /// When the last renewal that succeeded started.
-    renewed_at: Mutex<Option<Instant>>,
-    lost: AtomicBool,
+    renewed_at: Option<Instant>,
+    /// When the next renewal is due.
+    next: Instant,
+}
+
+impl HeldClaim {
+    fn times(&self) -> std::sync::MutexGuard<'_, LeaseTimes> {
+        self.times.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a renewal is due at `now` and none runs; if so, the caller runs it.
+    pub(crate) fn take_if_due(&self, now: Instant) -> bool {
+        self.times().next <= now
+            && self
+                .renewing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 impl LeaseKeeper {
-    /// Starts renewing `claim`, held since `claimed_at`.
+    /// Starts renewing `claim` on `key`, held since `claimed_at`.
     pub(crate) fn start(
         idem: &Idempotency,
         key: &ScopedKey,
@@ -43,92 +81,145 @@ impl LeaseKeeper {
         claimed_at: Instant,
     ) -> Self {
         let lease = idem.settings().lease;
-        let state = Arc::new(LeaseState {
-            held_until: Mutex::new(later(claimed_at, lease)),
-            renewed_at: Mutex::new(None),
+        let held = Arc::new(HeldClaim {
+            key: key.clone(),
+            token: claim.clone(),
+            span: tracing::Span::current(),
+            times: Mutex::new(LeaseTimes {
+                held_until: later(claimed_at, lease),
+                renewed_at: None,
+                next: later(claimed_at, lease / 3),
+            }),
+            renewing: AtomicBool::new(false),
             lost: AtomicBool::new(false),
+            released: AtomicBool::new(false),
         });
-        let (stop, stopped) = oneshot::channel::<()>();
-        let renewing = renew_until_stopped(
-            idem.clone(),
-            key.clone(),
-            claim.clone(),
-            claimed_at,
-            state.clone(),
-            stopped,
-        );
-        tokio::spawn(renewing.in_current_span());
+        let (entry, renewer) = idem.shared.in_flight.enter(held.clone());
+        if let Some(generation) = renewer {
+            tokio::spawn(renew_held(idem.clone(), generation));
+        }
         Self {
-            _stop: stop,
-            state,
-            _in_flight: idem.shared.in_flight.enter(key.clone()),
+            claim: held,
+            _in_flight: entry,
         }
     }
 
     /// Whether a renewal that started after `at` succeeded: the store answers.
     pub(crate) fn renewed_since(&self, at: Instant) -> bool {
-        self.state
+        self.claim
+            .times()
             .renewed_at
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .is_some_and(|renewed| renewed > at)
     }
 
     /// Whether the lease may still be held.
     pub(crate) fn holds(&self) -> bool {
-        !self.state.lost.load(Ordering::Relaxed)
-            && Instant::now()
-                < *self
-                    .state
-                    .held_until
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
+        !self.claim.lost.load(Ordering::Relaxed) && Instant::now() < self.claim.times().held_until
     }
 }
 
-async fn renew_until_stopped(
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.claim.released.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The handle's renewal task, `generation` of those started: it runs while any claim is
+/// held and the registry still names it, and renews each claim that is due.
+async fn renew_held(idem: Idempotency, generation: u64) {
+    // Dropped with the task, whichever way it ends, its runtime shutting down included.
+    let _gone = RenewerGone {
+        idem: idem.clone(),
+        generation,
+    };
+    let look_every = idem.settings().lease / 3 / LOOKS_PER_PERIOD;
+    loop {
+        sleep(look_every).await;
+        let Some(due) = idem.shared.in_flight.due(generation, Instant::now()) else {
+            return;
+        };
+        for claim in due {
+            let span = claim.span.clone();
+            tokio::spawn(renew(idem.clone(), claim).instrument(span));
+        }
+    }
+}
+
+struct RenewerGone {
     idem: Idempotency,
-    key: ScopedKey,
-    claim: Bytes,
-    claimed_at: Instant,
-    state: Arc<LeaseState>,
-    stopped: oneshot::Receiver<()>,
-) {
-    let mut stopped = std::pin::pin!(stopped);
+    generation: u64,
+}
+
+impl Drop for RenewerGone {
+    /// A renewal task whose runtime shut down while other claims are held (a handle
+    /// shared by several runtimes) is replaced by one on a thread of its own, which ends
+    /// once no claim is held; otherwise the next claim starts the next task.
+    fn drop(&mut self) {
+        let in_flight = &self.idem.shared.in_flight;
+        let Some(generation) = in_flight.renewer_gone(self.generation, true) else {
+            return;
+        };
+        let idem = self.idem.clone();
+        let started = std::thread::Builder::new()
+            .name("idem-lease-renewal".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(renew_held(idem, generation)),
+                    Err(error) => {
+                        tracing::error!(target: "idem", %error, "no runtime for lease renewals; the claims held now are left to their leases");
+                        idem.shared.in_flight.renewer_gone(generation, false);
+                    }
+                }
+            });
+        if let Err(error) = started {
+            tracing::error!(target: "idem", %error, "no thread for lease renewals; the claims held now are left to their leases");
+            in_flight.renewer_gone(generation, false);
+        }
+    }
+}
+
+/// Renews `claim` once, retrying a store failure until it answers or the claim is let go.
+async fn renew(idem: Idempotency, claim: Arc<HeldClaim>) {
     let lease = idem.settings().lease;
     let period = lease / 3;
     let retry = period.min(Duration::from_millis(250));
-    let mut next = later(claimed_at, period);
     loop {
-        tokio::select! {
-            _ = &mut stopped => return,
-            () = sleep_until(next) => {}
+        if claim.released.load(Ordering::Relaxed) {
+            return;
         }
         let started = Instant::now();
-        let renewed = tokio::select! {
-            _ = &mut stopped => return,
-            renewed = store_step(&idem, Step::Renew, idem.store().renew(key.as_str(), &claim, lease)) => renewed,
-        };
+        let renewed = store_step(
+            &idem,
+            Step::Renew,
+            idem.store().renew(claim.key.as_str(), &claim.token, lease),
+        )
+        .await;
         match renewed {
             Ok(true) => {
-                *state
-                    .held_until
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = later(started, lease);
-                *state
-                    .renewed_at
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(started);
-                next = later(started, period);
+                let mut times = claim.times();
+                times.held_until = later(started, lease);
+                times.renewed_at = Some(started);
+                times.next = later(started, period);
+                drop(times);
+                claim.renewing.store(false, Ordering::Release);
+                return;
             }
             Ok(false) => {
-                tracing::warn!(target: "idem", "lease lost while the work runs; its result will not be stored");
-                state.lost.store(true, Ordering::Relaxed);
+                if !claim.released.load(Ordering::Relaxed) {
+                    tracing::warn!(target: "idem", "lease lost while the work runs; its result will not be stored");
+                    claim.lost.store(true, Ordering::Relaxed);
+                }
                 return;
             }
             Err(error) => {
+                if claim.released.load(Ordering::Relaxed) {
+                    return;
+                }
                 tracing::warn!(target: "idem", %error, "lease renewal failed; retrying");
-                next = later(Instant::now(), retry);
+                sleep(retry).await;
             }
         }
     }

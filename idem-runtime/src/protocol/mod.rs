@@ -11,7 +11,7 @@
 //! between running the work, answering from what the key holds, and refusing.
 
 mod detach;
-mod lease;
+pub(crate) mod lease;
 pub(crate) mod step;
 #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 mod transaction;
