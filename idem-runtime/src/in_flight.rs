@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use tokio::time::Instant;
 
@@ -19,7 +19,8 @@ pub(crate) struct InFlight {
     metrics: Metrics,
     next: AtomicU64,
     running: Mutex<Running>,
-    count: watch::Sender<usize>,
+    /// Woken when the last execution ends.
+    idle: Notify,
 }
 
 #[derive(Default)]
@@ -43,7 +44,7 @@ impl InFlight {
             metrics,
             next: AtomicU64::new(0),
             running: Mutex::new(Running::default()),
-            count: watch::Sender::new(0),
+            idle: Notify::new(),
         }
     }
 
@@ -53,7 +54,6 @@ impl InFlight {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         running.claims.insert(id, claim);
-        self.count.send_replace(running.claims.len());
         let renewer = running.renewer.is_none().then(|| {
             running.renewers_started += 1;
             running.renewer = Some(running.renewers_started);
@@ -109,7 +109,11 @@ impl InFlight {
 
     /// How many executions hold a key now.
     pub(crate) fn count(&self) -> usize {
-        *self.count.borrow()
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .claims
+            .len()
     }
 
     /// The keys of the executions running now.
@@ -124,9 +128,17 @@ impl InFlight {
 
     /// Returns once no execution holds a key.
     pub(crate) async fn idle(&self) {
-        let mut count = self.count.subscribe();
-        // The sender lives in `self`, so the channel cannot close while this waits.
-        let _ = count.wait_for(|&count| count == 0).await;
+        loop {
+            // Registered before the count is read, so that the last execution ending in
+            // between still wakes this.
+            let ended = self.idle.notified();
+            let mut ended = std::pin::pin!(ended);
+            ended.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            ended.await;
+        }
     }
 }
 
@@ -138,7 +150,9 @@ impl Drop for Entry {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         running.claims.remove(&self.id);
-        self.registry.count.send_replace(running.claims.len());
+        if running.claims.is_empty() {
+            self.registry.idle.notify_waiters();
+        }
         self.registry.metrics.execution_in_flight(false);
     }
 }
