@@ -1,0 +1,91 @@
+//! Review of the per-handle renewal task: claims of one runtime renewed by a task that
+//! lives on another.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use idem_runtime::once::{OnceError, Outcome};
+use idem_runtime::{Idempotency, OnceKey};
+use tokio::runtime::Runtime;
+use tokio::sync::Notify;
+
+fn multi() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs a long work on `busy` under `key`, waits past several leases, and checks that a
+/// retry finds the key in flight and that the work ran once.
+fn long_work_keeps_its_key(busy: &Runtime, idem: &Idempotency, key: &'static str, lease: Duration) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Notify::new());
+    let gated = {
+        let (runs, gate) = (runs.clone(), gate.clone());
+        move || async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            gate.notified().await;
+            Ok::<u32, String>(7)
+        }
+    };
+    let held = busy.spawn({
+        let (idem, gated) = (idem.clone(), gated.clone());
+        async move {
+            idem.once(OnceKey::compose(["review", key]), "in")
+                .run_with_outcome(gated)
+                .await
+        }
+    });
+    busy.block_on(common::until(|| runs.load(Ordering::SeqCst) == 1));
+    busy.block_on(async {
+        tokio::time::sleep(lease * 4).await;
+        let retry = idem
+            .once(OnceKey::compose(["review", key]), "in")
+            .wait(Duration::ZERO)
+            .run(gated);
+        let retry = tokio::time::timeout(Duration::from_secs(5), retry).await;
+        let ran = runs.load(Ordering::SeqCst);
+        gate.notify_waiters();
+        gate.notify_one();
+        assert!(
+            matches!(retry, Ok(Err(OnceError::InFlight))),
+            "the key is still held: {retry:?}"
+        );
+        assert_eq!(ran, 1, "the work ran once");
+        assert_eq!(held.await.unwrap().unwrap(), Outcome::Ran(7));
+    });
+}
+
+/// A handle used first from a current-thread runtime (a `block_on` at start-up, a
+/// `#[tokio::test]`, one worker of a thread-per-core server) that is then left idle, not
+/// dropped: a later claim on another runtime must still be renewed.
+#[test]
+fn an_idle_runtime_that_made_the_first_claim_leaves_later_claims_renewed() {
+    let lease = Duration::from_millis(300);
+    let idle = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let busy = multi();
+    let idem = busy.block_on(async {
+        common::test_builder(Idempotency::builder())
+            .lease(lease)
+            .build()
+    });
+    // A quick call, done before the block_on returns.
+    let quick = idle.block_on(
+        idem.once(OnceKey::compose(["review", "quick"]), "in")
+            .run(|| async { Ok::<u32, String>(1) }),
+    );
+    assert_eq!(quick.unwrap(), 1);
+
+    long_work_keeps_its_key(&busy, &idem, "idle-first", lease);
+    drop(idle);
+}
