@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use tokio::runtime;
 use tokio::sync::Notify;
 
 use tokio::time::Instant;
@@ -26,8 +27,9 @@ pub(crate) struct InFlight {
 #[derive(Default)]
 struct Running {
     claims: HashMap<u64, Arc<HeldClaim>>,
-    /// The generation of the renewal task that runs now, if one does.
-    renewer: Option<u64>,
+    /// The renewal tasks that run now: one per runtime claims were made on, each by its
+    /// generation.
+    renewers: Vec<(runtime::Id, u64)>,
     /// How many renewal tasks were started.
     renewers_started: u64,
 }
@@ -49,15 +51,18 @@ impl InFlight {
     }
 
     /// Counts an execution holding `claim` until the entry is dropped. With the entry
-    /// comes the generation of a renewal task for the caller to start, where none runs.
+    /// comes the generation of a renewal task for the caller to start on the claim's
+    /// runtime, where none runs there.
     pub(crate) fn enter(self: &Arc<Self>, claim: Arc<HeldClaim>) -> (Entry, Option<u64>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let runtime = claim.runtime;
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         running.claims.insert(id, claim);
-        let renewer = running.renewer.is_none().then(|| {
+        let renewer = (!running.renewers.iter().any(|(on, _)| *on == runtime)).then(|| {
             running.renewers_started += 1;
-            running.renewer = Some(running.renewers_started);
-            running.renewers_started
+            let generation = running.renewers_started;
+            running.renewers.push((runtime, generation));
+            generation
         });
         drop(running);
         self.metrics.execution_in_flight(true);
@@ -68,43 +73,47 @@ impl InFlight {
         (entry, renewer)
     }
 
-    /// The claims whose renewal is due at `now`, each now marked as renewing, for the
-    /// renewal task `generation`; `None` when that task is to end: no claim is held (the
-    /// next claim starts another), or another task took its place.
-    pub(crate) fn due(&self, generation: u64, now: Instant) -> Option<Vec<Arc<HeldClaim>>> {
+    /// The claims made on `runtime` whose renewal is due at `now`, each now marked as
+    /// renewing, for that runtime's renewal task `generation`; `None` when that task is to
+    /// end: no claim made on its runtime is held (the next one starts another), or another
+    /// task took its place.
+    pub(crate) fn due(
+        &self,
+        runtime: runtime::Id,
+        generation: u64,
+        now: Instant,
+    ) -> Option<Vec<Arc<HeldClaim>>> {
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        if running.renewer != Some(generation) {
+        if !running.renewers.contains(&(runtime, generation)) {
             return None;
         }
-        if running.claims.is_empty() {
-            running.renewer = None;
+        if !running
+            .claims
+            .values()
+            .any(|claim| claim.runtime == runtime)
+        {
+            running
+                .renewers
+                .retain(|renewer| *renewer != (runtime, generation));
             return None;
         }
         Some(
             running
                 .claims
                 .values()
-                .filter(|claim| claim.take_if_due(now))
+                .filter(|claim| claim.runtime == runtime && claim.take_if_due(now))
                 .cloned()
                 .collect(),
         )
     }
 
-    /// Renewal task `generation` ended. Where it was the current one and claims are
-    /// still held (its runtime shut down under it) and `replace`, the generation of the
-    /// task the caller starts in its place; otherwise the next claim starts one.
-    pub(crate) fn renewer_gone(&self, generation: u64, replace: bool) -> Option<u64> {
+    /// `runtime`'s renewal task `generation` ended (its runtime may have shut down): the
+    /// next claim made on that runtime starts another.
+    pub(crate) fn renewer_gone(&self, runtime: runtime::Id, generation: u64) {
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        if running.renewer != Some(generation) {
-            return None;
-        }
-        if !replace || running.claims.is_empty() {
-            running.renewer = None;
-            return None;
-        }
-        running.renewers_started += 1;
-        running.renewer = Some(running.renewers_started);
-        running.renewer
+        running
+            .renewers
+            .retain(|renewer| *renewer != (runtime, generation));
     }
 
     /// How many executions hold a key now.

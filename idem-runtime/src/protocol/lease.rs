@@ -2,15 +2,18 @@
 //!
 //! Most work ends long before its lease needs renewing, so a claim costs no task and no
 //! timer of its own: it joins the handle's registry of executions in flight (which a
-//! shutdown waits for), and one renewal task per handle, running while any claim is held,
-//! looks through that registry a few times per renewal period and renews the claims that
-//! are due, each in a task of its own.
+//! shutdown waits for), and one renewal task per handle and runtime, running while a
+//! claim made on that runtime is held, looks through the registry a few times per renewal
+//! period and renews that runtime's claims that are due, each in a task of its own. A
+//! claim is renewed on the runtime that runs its work, as its work is: a runtime that
+//! stops being driven, or shuts down, holds up no other runtime's claims.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::runtime;
 use tokio::time::{Instant, sleep};
 use tracing::Instrument;
 
@@ -36,6 +39,8 @@ pub(crate) struct LeaseKeeper {
 /// One claim in the registry of executions in flight.
 pub(crate) struct HeldClaim {
     pub(crate) key: ScopedKey,
+    /// The runtime the claim was made on, whose renewal task renews it.
+    pub(crate) runtime: runtime::Id,
     token: Bytes,
     /// The execution's span, which the renewal's log lines belong to.
     span: tracing::Span,
@@ -81,8 +86,10 @@ impl LeaseKeeper {
         claimed_at: Instant,
     ) -> Self {
         let lease = idem.settings().lease;
+        let runtime = runtime::Handle::current();
         let held = Arc::new(HeldClaim {
             key: key.clone(),
+            runtime: runtime.id(),
             token: claim.clone(),
             span: tracing::Span::current(),
             times: Mutex::new(LeaseTimes {
@@ -96,7 +103,7 @@ impl LeaseKeeper {
         });
         let (entry, renewer) = idem.shared.in_flight.enter(held.clone());
         if let Some(generation) = renewer {
-            tokio::spawn(renew_held(idem.clone(), generation));
+            runtime.spawn(renew_held(idem.clone(), runtime.id(), generation));
         }
         Self {
             claim: held,
@@ -124,18 +131,25 @@ impl Drop for LeaseKeeper {
     }
 }
 
-/// The handle's renewal task, `generation` of those started: it runs while any claim is
-/// held and the registry still names it, and renews each claim that is due.
-async fn renew_held(idem: Idempotency, generation: u64) {
-    // Dropped with the task, whichever way it ends, its runtime shutting down included.
+/// The handle's renewal task for the claims made on `runtime`, `generation` of those
+/// started: it runs while such a claim is held and the registry still names it, and renews
+/// each of them that is due.
+async fn renew_held(idem: Idempotency, runtime: runtime::Id, generation: u64) {
+    // Dropped with the task, whichever way it ends, its runtime shutting down included:
+    // the next claim on the runtime starts another.
     let _gone = RenewerGone {
         idem: idem.clone(),
+        runtime,
         generation,
     };
     let look_every = idem.settings().lease / 3 / LOOKS_PER_PERIOD;
     loop {
         sleep(look_every).await;
-        let Some(due) = idem.shared.in_flight.due(generation, Instant::now()) else {
+        let Some(due) = idem
+            .shared
+            .in_flight
+            .due(runtime, generation, Instant::now())
+        else {
             return;
         };
         for claim in due {
@@ -147,42 +161,24 @@ async fn renew_held(idem: Idempotency, generation: u64) {
 
 struct RenewerGone {
     idem: Idempotency,
+    runtime: runtime::Id,
     generation: u64,
 }
 
 impl Drop for RenewerGone {
-    /// A renewal task whose runtime shut down while other claims are held (a handle
-    /// shared by several runtimes) is replaced by one on a thread of its own, which ends
-    /// once no claim is held; otherwise the next claim starts the next task.
     fn drop(&mut self) {
-        let in_flight = &self.idem.shared.in_flight;
-        let Some(generation) = in_flight.renewer_gone(self.generation, true) else {
-            return;
-        };
-        let idem = self.idem.clone();
-        let started = std::thread::Builder::new()
-            .name("idem-lease-renewal".into())
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime.block_on(renew_held(idem, generation)),
-                    Err(error) => {
-                        tracing::error!(target: "idem", %error, "no runtime for lease renewals; the claims held now are left to their leases");
-                        idem.shared.in_flight.renewer_gone(generation, false);
-                    }
-                }
-            });
-        if let Err(error) = started {
-            tracing::error!(target: "idem", %error, "no thread for lease renewals; the claims held now are left to their leases");
-            in_flight.renewer_gone(generation, false);
-        }
+        self.idem
+            .shared
+            .in_flight
+            .renewer_gone(self.runtime, self.generation);
     }
 }
 
 /// Renews `claim` once, retrying a store failure until it answers or the claim is let go.
 async fn renew(idem: Idempotency, claim: Arc<HeldClaim>) {
+    // A renewal dropped before its answer (its runtime shutting down) leaves the claim
+    // due, for the next renewal task to take.
+    let mut renewing = Renewing(Some(claim.clone()));
     let lease = idem.settings().lease;
     let period = lease / 3;
     let retry = period.min(Duration::from_millis(250));
@@ -204,7 +200,6 @@ async fn renew(idem: Idempotency, claim: Arc<HeldClaim>) {
                 times.renewed_at = Some(started);
                 times.next = later(started, period);
                 drop(times);
-                claim.renewing.store(false, Ordering::Release);
                 return;
             }
             Ok(false) => {
@@ -212,6 +207,8 @@ async fn renew(idem: Idempotency, claim: Arc<HeldClaim>) {
                     tracing::warn!(target: "idem", "lease lost while the work runs; its result will not be stored");
                     claim.lost.store(true, Ordering::Relaxed);
                 }
+                // Lost for good: never renewed again.
+                renewing.0 = None;
                 return;
             }
             Err(error) => {
@@ -221,6 +218,17 @@ async fn renew(idem: Idempotency, claim: Arc<HeldClaim>) {
                 tracing::warn!(target: "idem", %error, "lease renewal failed; retrying");
                 sleep(retry).await;
             }
+        }
+    }
+}
+
+/// Marks its claim as no longer renewing when dropped, unless the lease was lost.
+struct Renewing(Option<Arc<HeldClaim>>);
+
+impl Drop for Renewing {
+    fn drop(&mut self) {
+        if let Some(claim) = &self.0 {
+            claim.renewing.store(false, Ordering::Release);
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Review of the per-handle renewal task: claims of one runtime renewed by a task that
-//! lives on another.
+//! Lease renewals with a handle shared by several runtimes: each claim is renewed on the
+//! runtime that runs its work, whatever the others do.
 
 #![allow(clippy::unwrap_used)]
 
@@ -65,7 +65,8 @@ fn long_work_keeps_its_key(busy: &Runtime, idem: &Idempotency, key: &'static str
     });
 }
 
-/// A handle used first from a current-thread runtime (a `block_on` at start-up, a
+/// Guards: a claim's lease is renewed for as long as its work runs. A handle used first
+/// from a current-thread runtime (a `block_on` at start-up, a
 /// `#[tokio::test]`, one worker of a thread-per-core server) that is then left idle, not
 /// dropped: a later claim on another runtime must still be renewed.
 #[test]
@@ -141,9 +142,9 @@ impl Store for SlowRenewals {
     }
 }
 
-/// The hand-over when the renewal task's runtime shuts down, with a renewal of the other
-/// runtime's claim under way at that moment (the store answers renewals in 60 ms of a
-/// 300 ms lease): the claim must go on being renewed by the replacement.
+/// Guards: a claim's lease is renewed for as long as its work runs. A runtime that shuts
+/// down while a renewal of another runtime's claim is under way (the store answers
+/// renewals in 60 ms of a 300 ms lease): that claim goes on being renewed.
 #[test]
 fn a_runtime_shutting_down_mid_renewal_leaves_the_claims_of_another_renewed() {
     let lease = Duration::from_millis(300);
