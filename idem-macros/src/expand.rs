@@ -7,7 +7,6 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use syn::visit_mut::{self, VisitMut};
 
-use syn::punctuated::Punctuated;
 use syn::{
     Attribute, FnArg, GenericArgument, GenericParam, Generics, Ident, ItemFn, Meta, PatType,
     PathArguments, PredicateType, ReturnType, Signature, Token, TraitBound, Type, TypeInfer,
@@ -217,13 +216,30 @@ fn meta_condition(meta: &Meta) -> Option<TokenStream> {
     if !list.path.is_ident("cfg_attr") {
         return None;
     }
-    let parts = list
-        .parse_args_with(Punctuated::<Meta, Token![,]>::parse_terminated)
-        .ok()?;
-    let mut parts = parts.into_iter();
+    // The predicate is kept as tokens: it may be a literal (`true`), which no `Meta` is.
+    let mut parts = split_commas(list.tokens.clone()).into_iter();
     let predicate = parts.next()?;
-    let inner: Vec<TokenStream> = parts.filter_map(|meta| meta_condition(&meta)).collect();
+    let inner: Vec<TokenStream> = parts
+        .filter_map(|attr| syn::parse2::<Meta>(attr).ok())
+        .filter_map(|meta| meta_condition(&meta))
+        .collect();
     (!inner.is_empty()).then(|| quote!(any(not(#predicate), all(#(#inner),*))))
+}
+
+/// `tokens` split at their top-level commas, empty parts left out.
+fn split_commas(tokens: TokenStream) -> Vec<TokenStream> {
+    let mut parts = vec![TokenStream::new()];
+    for token in tokens {
+        match &token {
+            TokenTree::Punct(punct) if punct.as_char() == ',' => parts.push(TokenStream::new()),
+            _ => parts
+                .last_mut()
+                .into_iter()
+                .for_each(|part| part.extend([token.clone()])),
+        }
+    }
+    parts.retain(|part| !part.is_empty());
+    parts
 }
 
 /// The handler taking `arguments`, compiled in under `selected`: all the arguments, or,
@@ -310,10 +326,13 @@ fn handler(
     };
     let response = quote_spanned!(return_start=> #root::__private::Response);
     let (trait_uses, declared) = declared_output(output, generics, &locals, at_name);
+    // The block's statements go in the async block itself: a block alone in it would be
+    // `unused_braces` where there are no bindings.
+    let statements = &block.stmts;
     let run_body = quote! {
         async move {
             #(#bindings)*
-            #block
+            #(#statements)*
         }
     };
     // The output is fixed where the async block is written: rustc takes it from the
@@ -418,10 +437,21 @@ fn declared_output(
             .lifetimes()
             .map(|lifetime| &lifetime.lifetime.ident),
     );
+    // A trait's generic arguments may name the handler's generics, an enclosing `impl`'s
+    // (which the attribute cannot tell from concrete types) or a lifetime: a bound with
+    // any is left to a `use`.
     let (in_scope, local_only): (Vec<TraitBound>, Vec<TraitBound>) =
         opaque.traits.into_iter().partition(|bound| {
             let tokens = bound.to_token_stream();
-            names_lifetime(tokens.clone()) || mentions_any(tokens, &names) || mentions_self(bound)
+            bound.lifetimes.is_some()
+                || bound
+                    .path
+                    .segments
+                    .iter()
+                    .any(|segment| !matches!(segment.arguments, PathArguments::None))
+                || names_lifetime(tokens.clone())
+                || mentions_any(tokens, &names)
+                || mentions_self(bound)
         });
     let params = (0..local_only.len()).map(|index| locals.name(&format!("__IdemT{index}"), at));
     let function = locals.name("__idem_traits", at);
@@ -494,12 +524,13 @@ fn debug_handler_with_state(attr: &Attribute, state: Option<&RouterState>) -> To
 /// its own, which axum checks only once the handler is instantiated but `Idempotent::run`
 /// needs here. The bounds go where the parameter's own are, inline or in the `where` clause,
 /// so that the user's crate does not see one parameter bounded in two places. A name the
-/// `where` clause bounds that the handler does not declare (a type parameter of the
-/// enclosing `impl`) gets them too.
+/// `where` clause bounds that the handler does not declare gets nothing: it may be a
+/// concrete type as well as a type parameter of the enclosing `impl`, whose bounds are the
+/// user's to write.
 fn send_static(generics: &Generics) -> Generics {
     let mut generics = generics.clone();
     let bounded_in_where = bounded_in_where(&generics);
-    let mut in_where: Vec<Ident> = outer_params(&generics).into_iter().cloned().collect();
+    let mut in_where: Vec<Ident> = Vec::new();
     for param in generics.type_params_mut() {
         if param.bounds.is_empty() && bounded_in_where.contains(&param.ident) {
             in_where.push(param.ident.clone());

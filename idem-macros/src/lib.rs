@@ -55,15 +55,16 @@ use proc_macro::TokenStream;
 /// - An `impl Trait` in the return type is left to inference in the declared output
 ///   (`declared_output::<Result<_, AppError>, _>`), and the traits it names are the bounds
 ///   of an empty generic `fn __idem_traits<T0: Trait>() {}` (a name no lint reports), so
-///   that an import used only by the return type stays used. Where a bound names the
-///   handler's generics or a lifetime, which a nested `fn` cannot, the trait gets an
-///   `#[allow(unused_imports)] use Trait as _;` instead.
+///   that an import used only by the return type stays used. Where a bound has generic
+///   arguments (`impl Into<T>`), which may name parameters a nested `fn` cannot see, or
+///   names a lifetime, the trait gets an `#[allow(unused_imports)] use Trait as _;`
+///   instead.
 /// - Nothing else is `#[allow]`ed, so a crate that `#![forbid]`s lints accepts the
-///   expansion.
+///   expansion of a handler whose `impl Trait`s take no generic arguments.
 /// - A type parameter gets `Send + 'static` where its own bounds are, inline or in the
 ///   `where` clause. A name the `where` clause bounds that the handler does not declare
-///   (a type parameter of an enclosing `impl`, `where T: Send`) is taken for a parameter
-///   too: it gets the same bounds, and the types that name it are left to axum's check.
+///   (a type parameter of an enclosing `impl`, `where T: Send + 'static`) gets no bounds
+///   (it may be a concrete type), but the types that name it are left to axum's check.
 /// - An argument's attributes (`#[cfg]`, `#[cfg_attr]`, lint levels) go on its parameter
 ///   and its bindings, and its `cfg` condition on its check. Where the last arguments may
 ///   be configured out (`#[cfg(..)]`, or `#[cfg_attr(p, cfg(c))]`, read as

@@ -1,15 +1,14 @@
-//! Review: `#[cfg_attr(true, cfg(false))]` on the last argument configures it out
-//! (`cfg(true)`/`cfg(false)` are stable since 1.88). The attribute cannot parse the literal
-//! predicate as a `Meta`, counts the argument as always present, and gives the guard's
-//! slot to an argument that does not exist.
+//! `#[cfg_attr(true, cfg(false))]` on the last argument configures it out (`cfg(true)` and
+//! `cfg(false)` are stable since Rust 1.88): the literal predicate is read as one, and the
+//! guard shares the slot of the argument before.
 
 #![deny(warnings)]
 
-use axum::{Json, Router, routing::post};
+use axum::{Router, routing::post};
 use idem_runtime::{Idempotency, idempotent};
 
 #[idempotent]
-async fn create(body: String, #[cfg_attr(true, cfg(false))] _extra: Json<u32>) -> String {
+async fn create(body: String, #[cfg_attr(true, cfg(false))] _extra: axum::Json<u32>) -> String {
     body.to_uppercase()
 }
 

@@ -1,6 +1,7 @@
 //! A handler in a generic `impl` whose arguments name the impl's type parameters: named in
-//! the handler's `where` clause (with any bound), they are known to the attribute, which
-//! leaves their extractor checks to axum, as for the handler's own type parameters.
+//! the handler's `where` clause with the `Send + 'static` its work needs, they are known to
+//! the attribute, which leaves their extractor checks to axum, as for the handler's own
+//! type parameters.
 
 #![deny(warnings)]
 
@@ -17,8 +18,8 @@ impl<T: Display, B: DeserializeOwned + Display> Api<T, B> {
     #[idempotent]
     async fn describe(State(label): State<T>, Json(body): Json<B>) -> String
     where
-        T: Send,
-        B: Send,
+        T: Send + 'static,
+        B: Send + 'static,
     {
         format!("{label} {body}")
     }
@@ -26,7 +27,7 @@ impl<T: Display, B: DeserializeOwned + Display> Api<T, B> {
     #[idempotent(state = T)]
     async fn prefixed(State(label): State<T>) -> String
     where
-        T: Sync,
+        T: Send + Sync + 'static,
     {
         Self::prefix(label)
     }

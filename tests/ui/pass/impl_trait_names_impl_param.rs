@@ -1,6 +1,6 @@
-//! Review: a handler in a generic `impl` whose `impl Trait` return type names the impl's
-//! type parameter (not named in a `where` clause). It compiled before b8f46c5; the nested
-//! `fn __idem_traits_..<T0: Shown<S>>() {}` cannot name the outer `S` (E0401).
+//! A handler in a generic `impl` whose `impl Trait` return type names the impl's type
+//! parameter (not named in a `where` clause): the trait is kept used without a nested
+//! `fn`, which could not name the parameter.
 
 #![deny(warnings)]
 

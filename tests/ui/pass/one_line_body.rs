@@ -1,6 +1,5 @@
-//! Review: a one-line handler body in a crate that denies warnings. The body block becomes
-//! the tail expression of the generated `async move { .. }`, where rustc's
-//! `unused_braces` lint reports it ("unnecessary braces around block return value").
+//! A one-line handler body in a crate that denies warnings: the generated async block
+//! takes the body's statements, not the body as a block (`unused_braces`).
 
 #![deny(warnings)]
 

@@ -1,6 +1,5 @@
-//! Review: a handler whose `where` clause bounds a concrete type (or `Self`). It compiled
-//! before c9fad2a; the attribute now takes `Local` / `Self` for type parameters of an
-//! enclosing impl and adds `Local: Send + 'static`, a bound that does not hold (E0277).
+//! A handler whose `where` clause bounds a concrete type (or `Self`) that is not `Send`:
+//! the attribute adds no `Send + 'static` to a name it cannot tell from a type parameter.
 
 #![deny(warnings)]
 
