@@ -69,7 +69,8 @@ where
     message = "`{Self}` is not an extractor for an `#[idempotent]` handler with state `{S}`",
     label = "does not implement `FromRequestParts<{S}>`",
     note = "every argument but the last must implement `axum::extract::FromRequestParts<{S}>`; only the last may read the body (`Json`, `Form`, `String`, `Bytes`, ...)",
-    note = "`{S}` is the state named by `#[idempotent(state = ...)]`: it must be the router's, the type given to `.with_state(..)`"
+    note = "`{S}` is the state named by `#[idempotent(state = ...)]`: it must be the router's, the type given to `.with_state(..)`",
+    note = "if `{Self}` names a type parameter of an enclosing `impl`, name that parameter in the handler's `where` clause with the bounds its work needs (`where T: Send + 'static`): the attribute then leaves this check to axum, which makes it once the handler is instantiated"
 )]
 pub trait PartsExtractor<S> {}
 
@@ -81,7 +82,8 @@ impl<S, T: FromRequestParts<S>> PartsExtractor<S> for T {}
     message = "`{Self}` is not an extractor for an `#[idempotent]` handler with state `{S}`, inferred from its `State<{S}>` argument",
     label = "does not implement `FromRequestParts<{S}>`",
     note = "every argument but the last must implement `axum::extract::FromRequestParts<{S}>`; only the last may read the body (`Json`, `Form`, `String`, `Bytes`, ...)",
-    note = "the state `{S}` was inferred from the handler's `State<{S}>` argument; if the router's state is another type (`{S}` being a part of it taken through `FromRef`), name it: `#[idempotent(state = AppState)]`"
+    note = "the state `{S}` was inferred from the handler's `State<{S}>` argument; if the router's state is another type (`{S}` being a part of it taken through `FromRef`), name it: `#[idempotent(state = AppState)]`",
+    note = "if `{Self}` names a type parameter of an enclosing `impl`, name that parameter in the handler's `where` clause with the bounds its work needs (`where T: Send + 'static`): the attribute then leaves this check to axum, which makes it once the handler is instantiated"
 )]
 pub trait PartsExtractorInferred<S> {}
 
@@ -93,7 +95,8 @@ impl<S, T: FromRequestParts<S>> PartsExtractorInferred<S> for T {}
     message = "`{Self}` is not an extractor for an `#[idempotent]` handler with state `{S}`",
     label = "does not implement `FromRequestParts<{S}>`",
     note = "every argument but the last must implement `axum::extract::FromRequestParts<{S}>`; only the last may read the body (`Json`, `Form`, `String`, `Bytes`, ...)",
-    note = "the handler takes no `State<_>` argument, so its state was taken to be `()`; if this extractor needs the router's state, name it: `#[idempotent(state = AppState)]`"
+    note = "the handler takes no `State<_>` argument, so its state was taken to be `()`; if this extractor needs the router's state, name it: `#[idempotent(state = AppState)]`",
+    note = "if `{Self}` names a type parameter of an enclosing `impl`, name that parameter in the handler's `where` clause with the bounds its work needs (`where T: Send + 'static`): the attribute then leaves this check to axum, which makes it once the handler is instantiated"
 )]
 pub trait PartsExtractorUnit<S> {}
 
@@ -106,7 +109,8 @@ impl<S, T: FromRequestParts<S>> PartsExtractorUnit<S> for T {}
     message = "`{Self}` is not an extractor for an `#[idempotent]` handler with state `{S}`",
     label = "implements neither `FromRequest<{S}>` nor `FromRequestParts<{S}>`",
     note = "the last argument of a handler must implement `axum::extract::FromRequest<{S}>` or `axum::extract::FromRequestParts<{S}>`",
-    note = "`{S}` is the state named by `#[idempotent(state = ...)]`: it must be the router's, the type given to `.with_state(..)`"
+    note = "`{S}` is the state named by `#[idempotent(state = ...)]`: it must be the router's, the type given to `.with_state(..)`",
+    note = "if `{Self}` names a type parameter of an enclosing `impl`, name that parameter in the handler's `where` clause with the bounds its work needs (`where T: Send + 'static`): the attribute then leaves this check to axum, which makes it once the handler is instantiated"
 )]
 pub trait LastExtractor<S, M> {}
 
@@ -118,7 +122,8 @@ impl<S, M, T: FromRequest<S, M>> LastExtractor<S, M> for T {}
     message = "`{Self}` is not an extractor for an `#[idempotent]` handler with state `{S}`, inferred from its `State<{S}>` argument",
     label = "implements neither `FromRequest<{S}>` nor `FromRequestParts<{S}>`",
     note = "the last argument of a handler must implement `axum::extract::FromRequest<{S}>` or `axum::extract::FromRequestParts<{S}>`",
-    note = "the state `{S}` was inferred from the handler's `State<{S}>` argument; if the router's state is another type (`{S}` being a part of it taken through `FromRef`), name it: `#[idempotent(state = AppState)]`"
+    note = "the state `{S}` was inferred from the handler's `State<{S}>` argument; if the router's state is another type (`{S}` being a part of it taken through `FromRef`), name it: `#[idempotent(state = AppState)]`",
+    note = "if `{Self}` names a type parameter of an enclosing `impl`, name that parameter in the handler's `where` clause with the bounds its work needs (`where T: Send + 'static`): the attribute then leaves this check to axum, which makes it once the handler is instantiated"
 )]
 pub trait LastExtractorInferred<S, M> {}
 
@@ -130,7 +135,8 @@ impl<S, M, T: FromRequest<S, M>> LastExtractorInferred<S, M> for T {}
     message = "`{Self}` is not an extractor for an `#[idempotent]` handler with state `{S}`",
     label = "implements neither `FromRequest<{S}>` nor `FromRequestParts<{S}>`",
     note = "the last argument of a handler must implement `axum::extract::FromRequest<{S}>` or `axum::extract::FromRequestParts<{S}>`",
-    note = "the handler takes no `State<_>` argument, so its state was taken to be `()`; if this extractor needs the router's state, name it: `#[idempotent(state = AppState)]`"
+    note = "the handler takes no `State<_>` argument, so its state was taken to be `()`; if this extractor needs the router's state, name it: `#[idempotent(state = AppState)]`",
+    note = "if `{Self}` names a type parameter of an enclosing `impl`, name that parameter in the handler's `where` clause with the bounds its work needs (`where T: Send + 'static`): the attribute then leaves this check to axum, which makes it once the handler is instantiated"
 )]
 pub trait LastExtractorUnit<S, M> {}
 

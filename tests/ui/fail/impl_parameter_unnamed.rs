@@ -1,6 +1,7 @@
-//! A handler in a generic `impl` whose argument names the impl's type parameter: axum
-//! accepts `Api::<Label>::describe` (it checks `Send`, `'static` and `Clone` once the
-//! handler is instantiated), as it does for a generic function.
+//! A handler in a generic `impl` whose argument names the impl's type parameter, which the
+//! handler's `where` clause does not name: the attribute cannot tell it from a concrete
+//! type, and its extractor check fails; the error names the fix (`ui/pass/impl_generics.rs`
+//! applies it). Plain axum accepts the handler: it checks it once instantiated.
 
 #![deny(warnings)]
 
