@@ -40,7 +40,7 @@ fn long_work_keeps_its_key(busy: &Runtime, idem: &Idempotency, key: &'static str
     let held = busy.spawn({
         let (idem, gated) = (idem.clone(), gated.clone());
         async move {
-            idem.once(OnceKey::compose(["review", key]), "in")
+            idem.once(OnceKey::compose(["lease-runtimes", key]), "in")
                 .run_with_outcome(gated)
                 .await
         }
@@ -49,7 +49,7 @@ fn long_work_keeps_its_key(busy: &Runtime, idem: &Idempotency, key: &'static str
     busy.block_on(async {
         tokio::time::sleep(lease * 4).await;
         let retry = idem
-            .once(OnceKey::compose(["review", key]), "in")
+            .once(OnceKey::compose(["lease-runtimes", key]), "in")
             .wait(Duration::ZERO)
             .run(gated);
         let retry = tokio::time::timeout(Duration::from_secs(5), retry).await;
@@ -84,7 +84,7 @@ fn an_idle_runtime_that_made_the_first_claim_leaves_later_claims_renewed() {
     });
     // A quick call, done before the block_on returns.
     let quick = idle.block_on(
-        idem.once(OnceKey::compose(["review", "quick"]), "in")
+        idem.once(OnceKey::compose(["lease-runtimes", "quick"]), "in")
             .run(|| async { Ok::<u32, String>(1) }),
     );
     assert_eq!(quick.unwrap(), 1);
@@ -165,7 +165,7 @@ fn a_runtime_shutting_down_mid_renewal_leaves_the_claims_of_another_renewed() {
     first.spawn({
         let (idem, started) = (idem.clone(), first_started.clone());
         async move {
-            idem.once(OnceKey::compose(["review", "first"]), "in")
+            idem.once(OnceKey::compose(["lease-runtimes", "first"]), "in")
                 .run(|| async move {
                     started.fetch_add(1, Ordering::SeqCst);
                     std::future::pending::<Result<u32, String>>().await
@@ -188,7 +188,7 @@ fn a_runtime_shutting_down_mid_renewal_leaves_the_claims_of_another_renewed() {
     let held = busy.spawn({
         let (idem, gated) = (idem.clone(), gated.clone());
         async move {
-            idem.once(OnceKey::compose(["review", "slow"]), "in")
+            idem.once(OnceKey::compose(["lease-runtimes", "slow"]), "in")
                 .run_with_outcome(gated)
                 .await
         }
@@ -201,7 +201,7 @@ fn a_runtime_shutting_down_mid_renewal_leaves_the_claims_of_another_renewed() {
     busy.block_on(async {
         tokio::time::sleep(lease * 4).await;
         let retry = idem
-            .once(OnceKey::compose(["review", "slow"]), "in")
+            .once(OnceKey::compose(["lease-runtimes", "slow"]), "in")
             .wait(Duration::ZERO)
             .run(gated);
         let retry = tokio::time::timeout(Duration::from_secs(5), retry).await;
