@@ -165,3 +165,34 @@ impl Drop for Entry {
         self.registry.metrics.execution_in_flight(false);
     }
 }
+
+#[cfg(test)]
+mod review2_tests {
+    use crate::{Idempotency, OnceKey};
+
+    /// A handle shared by 200 short-lived current-thread runtimes, each making one quick
+    /// claim and then dropped: no renewal task runs any more, so the registry lists none.
+    #[test]
+    fn short_lived_runtimes_leave_no_renewer_entries() {
+        let idem = Idempotency::in_memory();
+        for i in 0..200 {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let quick = rt.block_on(
+                idem.once(OnceKey::compose(["review2", &i.to_string()]), "in")
+                    .run(|| async { Ok::<u32, String>(1) }),
+            );
+            assert_eq!(quick.unwrap(), 1);
+            drop(rt);
+        }
+        let running = idem.shared.in_flight.running.lock().unwrap();
+        assert_eq!(running.claims.len(), 0);
+        assert_eq!(
+            running.renewers.len(),
+            0,
+            "renewer entries left for runtimes that are gone"
+        );
+    }
+}
