@@ -167,11 +167,12 @@ impl Drop for Entry {
 }
 
 #[cfg(test)]
-mod review2_tests {
+mod tests {
     use crate::{Idempotency, OnceKey};
 
-    /// A handle shared by 200 short-lived current-thread runtimes, each making one quick
-    /// claim and then dropped: no renewal task runs any more, so the registry lists none.
+    /// Guards: no unbounded growth. A handle shared by 200 short-lived current-thread
+    /// runtimes, each making one quick claim and dropped before its renewal task was ever
+    /// polled: no renewal task runs any more, so the registry lists none.
     #[test]
     fn short_lived_runtimes_leave_no_renewer_entries() {
         let idem = Idempotency::in_memory();
@@ -181,7 +182,7 @@ mod review2_tests {
                 .build()
                 .unwrap();
             let quick = rt.block_on(
-                idem.once(OnceKey::compose(["review2", &i.to_string()]), "in")
+                idem.once(OnceKey::compose(["in-flight", &i.to_string()]), "in")
                     .run(|| async { Ok::<u32, String>(1) }),
             );
             assert_eq!(quick.unwrap(), 1);

@@ -103,7 +103,12 @@ impl LeaseKeeper {
         });
         let (entry, renewer) = idem.shared.in_flight.enter(held.clone());
         if let Some(generation) = renewer {
-            runtime.spawn(renew_held(idem.clone(), runtime.id(), generation));
+            let gone = RenewerGone {
+                idem: idem.clone(),
+                runtime: runtime.id(),
+                generation,
+            };
+            runtime.spawn(renew_held(gone));
         }
         Self {
             claim: held,
@@ -131,17 +136,13 @@ impl Drop for LeaseKeeper {
     }
 }
 
-/// The handle's renewal task for the claims made on `runtime`, `generation` of those
-/// started: it runs while such a claim is held and the registry still names it, and renews
-/// each of them that is due.
-async fn renew_held(idem: Idempotency, runtime: runtime::Id, generation: u64) {
-    // Dropped with the task, whichever way it ends, its runtime shutting down included:
-    // the next claim on the runtime starts another.
-    let _gone = RenewerGone {
-        idem: idem.clone(),
-        runtime,
-        generation,
-    };
+/// The handle's renewal task for the claims made on `task.runtime`, `task.generation` of
+/// those started: it runs while such a claim is held and the registry still names it, and
+/// renews each of them that is due. `task` is dropped with the task however it ends, its
+/// runtime shutting down before it was ever polled included: the next claim on the
+/// runtime starts another.
+async fn renew_held(task: RenewerGone) {
+    let (idem, runtime, generation) = (task.idem.clone(), task.runtime, task.generation);
     let look_every = idem.settings().lease / 3 / LOOKS_PER_PERIOD;
     loop {
         sleep(look_every).await;
@@ -154,7 +155,8 @@ async fn renew_held(idem: Idempotency, runtime: runtime::Id, generation: u64) {
         };
         for claim in due {
             let span = claim.span.clone();
-            tokio::spawn(renew(idem.clone(), claim).instrument(span));
+            let renewing = Renewing(Some(claim));
+            tokio::spawn(renew(idem.clone(), renewing).instrument(span));
         }
     }
 }
@@ -174,11 +176,13 @@ impl Drop for RenewerGone {
     }
 }
 
-/// Renews `claim` once, retrying a store failure until it answers or the claim is let go.
-async fn renew(idem: Idempotency, claim: Arc<HeldClaim>) {
-    // A renewal dropped before its answer (its runtime shutting down) leaves the claim
-    // due, for the next renewal task to take.
-    let mut renewing = Renewing(Some(claim.clone()));
+/// Renews the claim `renewing` holds once, retrying a store failure until it answers or
+/// the claim is let go. A renewal dropped before its answer, polled or not (its runtime
+/// shutting down), leaves the claim due, for the next renewal task to take.
+async fn renew(idem: Idempotency, mut renewing: Renewing) {
+    let Some(claim) = renewing.0.clone() else {
+        return;
+    };
     let lease = idem.settings().lease;
     let period = lease / 3;
     let retry = period.min(Duration::from_millis(250));

@@ -1,4 +1,6 @@
-//! Review of the per-runtime lease renewal and the Notify-based shutdown wait.
+//! Lease renewal under load and failure: long concurrent claims, detached work, a retried
+//! completion, the shutdown wait racing the last execution, short-lived and per-core
+//! runtimes, a lost lease.
 
 #![allow(clippy::unwrap_used)]
 
@@ -32,7 +34,7 @@ fn current() -> Runtime {
 }
 
 fn key(name: &str) -> OnceKey {
-    OnceKey::compose(["review2", name])
+    OnceKey::compose(["lease-load", name])
 }
 
 /// A retry now must find `name` in flight.
@@ -48,12 +50,16 @@ async fn assert_in_flight(idem: &Idempotency, name: &str) {
     );
 }
 
-/// Many long claims at once on a multi-thread runtime, some in spawned tasks, some in
+/// Guards: Many long claims at once on a multi-thread runtime, some in spawned tasks, some in
 /// the block_on future itself: every key stays held for 8 leases and runs once.
 #[test]
 fn many_long_claims_on_a_multi_thread_runtime_run_once() {
     let rt = multi(2);
-    let idem = rt.block_on(async { common::test_builder(Idempotency::builder()).lease(LEASE).build() });
+    let idem = rt.block_on(async {
+        common::test_builder(Idempotency::builder())
+            .lease(LEASE)
+            .build()
+    });
     let runs = Arc::new(AtomicUsize::new(0));
     let work = |runs: Arc<AtomicUsize>| {
         move || async move {
@@ -95,12 +101,16 @@ fn many_long_claims_on_a_multi_thread_runtime_run_once() {
     });
 }
 
-/// A caller that goes away (its task aborted): the work runs on, detached, its key held
+/// Guards: A caller that goes away (its task aborted): the work runs on, detached, its key held
 /// the whole time, and its result stored for a retry.
 #[test]
 fn detached_work_keeps_its_key_and_stores_its_result() {
     let rt = multi(2);
-    let idem = rt.block_on(async { common::test_builder(Idempotency::builder()).lease(LEASE).build() });
+    let idem = rt.block_on(async {
+        common::test_builder(Idempotency::builder())
+            .lease(LEASE)
+            .build()
+    });
     let runs = Arc::new(AtomicUsize::new(0));
     rt.block_on(async {
         let caller = tokio::spawn({
@@ -173,7 +183,7 @@ impl Store for FailingCompletes {
     }
 }
 
-/// A completion retried after a store failure keeps the key held (renewed) until it is
+/// Guards: A completion retried after a store failure keeps the key held (renewed) until it is
 /// stored, and a shutdown waits for it.
 #[test]
 fn a_completion_retried_keeps_its_key_and_is_waited_for() {
@@ -208,7 +218,10 @@ fn a_completion_retried_keeps_its_key_and_is_waited_for() {
             async move { idem.shutdown(Duration::from_secs(10)).await }
         });
         tokio::time::sleep(LEASE * 2).await;
-        assert!(!shutdown.is_finished(), "shutdown waits for the retried completion");
+        assert!(
+            !shutdown.is_finished(),
+            "shutdown waits for the retried completion"
+        );
         failing.store(false, Ordering::SeqCst);
         let started = Instant::now();
         assert_eq!(shutdown.await.unwrap(), 0);
@@ -222,12 +235,16 @@ fn a_completion_retried_keeps_its_key_and_is_waited_for() {
     });
 }
 
-/// The shutdown wait returns as soon as the last execution ends, however close to the
+/// Guards: The shutdown wait returns as soon as the last execution ends, however close to the
 /// count read it ends.
 #[test]
 fn shutdown_returns_when_the_last_execution_ends_even_racing_it() {
     let rt = multi(2);
-    let idem = rt.block_on(async { common::test_builder(Idempotency::builder()).lease(LEASE).build() });
+    let idem = rt.block_on(async {
+        common::test_builder(Idempotency::builder())
+            .lease(LEASE)
+            .build()
+    });
     rt.block_on(async {
         for i in 0..300u64 {
             let work = tokio::spawn({
@@ -260,12 +277,16 @@ fn shutdown_returns_when_the_last_execution_ends_even_racing_it() {
     });
 }
 
-/// A handle shared by 200 short-lived current-thread runtimes, each making one quick
+/// Guards: A handle shared by 200 short-lived current-thread runtimes, each making one quick
 /// claim: a long claim afterwards, on a fresh current-thread runtime and on a
 /// multi-thread one, is still renewed.
 #[test]
 fn many_short_lived_runtimes_leave_later_claims_renewed() {
-    let idem = current().block_on(async { common::test_builder(Idempotency::builder()).lease(LEASE).build() });
+    let idem = current().block_on(async {
+        common::test_builder(Idempotency::builder())
+            .lease(LEASE)
+            .build()
+    });
     for i in 0..200 {
         let rt = current();
         let quick = rt.block_on(
@@ -298,10 +319,14 @@ fn many_short_lived_runtimes_leave_later_claims_renewed() {
     }
 }
 
-/// The same on a multi-thread runtime, one per claim, each dropped right after.
+/// Guards: The same on a multi-thread runtime, one per claim, each dropped right after.
 #[test]
 fn many_short_lived_multi_thread_runtimes_leave_later_claims_renewed() {
-    let idem = current().block_on(async { common::test_builder(Idempotency::builder()).lease(LEASE).build() });
+    let idem = current().block_on(async {
+        common::test_builder(Idempotency::builder())
+            .lease(LEASE)
+            .build()
+    });
     for i in 0..50 {
         let rt = multi(1);
         let quick = rt.block_on(
@@ -373,7 +398,7 @@ impl Store for LosesLeases {
     }
 }
 
-/// A lease the store says is gone: the work's result is not stored, and a later call
+/// Guards: A lease the store says is gone: the work's result is not stored, and a later call
 /// (here, one that overlaps the lost work) is the one whose result is kept.
 #[test]
 fn a_lost_lease_keeps_the_result_from_being_stored() {
@@ -414,11 +439,15 @@ fn a_lost_lease_keeps_the_result_from_being_stored() {
     }
 }
 
-/// Eight threads, each with a current-thread runtime of its own, sharing one handle and
+/// Guards: Eight threads, each with a current-thread runtime of its own, sharing one handle and
 /// each running long claims in spawned tasks and in its block_on future at once.
 #[test]
 fn thread_per_core_runtimes_each_renew_their_claims() {
-    let idem = current().block_on(async { common::test_builder(Idempotency::builder()).lease(LEASE).build() });
+    let idem = current().block_on(async {
+        common::test_builder(Idempotency::builder())
+            .lease(LEASE)
+            .build()
+    });
     let runs = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..8)
         .map(|t| {
