@@ -328,8 +328,10 @@ impl IdempotencyBuilder {
 
     /// How long an execution holds its key between renewals (default 30 s, at least
     /// 100 ms, at most [`MAX_DURATION`](defaults::MAX_DURATION)). The lease is renewed every third of it from the
-    /// claim until the response is stored, so a slow handler never loses its key; after a
-    /// crash the key is free again within one lease.
+    /// claim until the response is stored (at most a twelfth of it late), so a slow handler
+    /// never loses its key; after a crash the key is free again within one lease. The
+    /// renewals run in one task per handle and tokio runtime, on the runtime that runs the
+    /// work, and only while that runtime has work holding a key.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.settings.lease = lease.clamp(defaults::MIN_LEASE, defaults::MAX_DURATION);
         self
