@@ -445,4 +445,87 @@ mod tests {
             );
         }
     }
+
+    async fn complete_new(store: &MemoryStore, key: &str) {
+        let claim = Bytes::from(format!("claim of {key}"));
+        let lease = Duration::from_secs(60);
+        assert_eq!(store.begin(key, &claim, lease).await.unwrap(), None);
+        let record = Bytes::from(format!("record of {key}"));
+        assert!(store.complete(key, &claim, record, lease).await.unwrap());
+    }
+
+    async fn replayed(store: &MemoryStore, key: &str) -> bool {
+        let other = Bytes::from_static(b"a retry");
+        let found = store
+            .begin(key, &other, Duration::from_secs(60))
+            .await
+            .unwrap();
+        found == Some(Bytes::from(format!("record of {key}")))
+    }
+
+    /// Guards: a full store keeps each new record for about as many later completions as
+    /// it holds records (in order of completion), not for a small fraction of them, and
+    /// not less when every record it holds was replayed since; a key evicted early would
+    /// run its handler again on a retry.
+    #[tokio::test]
+    async fn a_full_store_keeps_new_records_for_its_whole_bound() {
+        for replays in [0, 1, 2, 3] {
+            let store = MemoryStore::with_bounds(1_000, 1 << 30).unwrap();
+            for n in 0..1_000 {
+                complete_new(&store, &format!("old-{n}")).await;
+            }
+            for _ in 0..replays {
+                for n in 0..1_000 {
+                    // Those the store still holds (a sharded cache may have let some of
+                    // the oldest go already).
+                    replayed(&store, &format!("old-{n}")).await;
+                }
+            }
+            for round in 0..3 {
+                for n in 0..500 {
+                    complete_new(&store, &format!("new-{round}-{n}")).await;
+                }
+                let mut kept = 0;
+                for n in 0..500 {
+                    kept += usize::from(replayed(&store, &format!("new-{round}-{n}")).await);
+                }
+                assert_eq!(
+                    kept, 500,
+                    "the 500 newest of 1,000 records are kept (old records replayed {replays} times, round {round})"
+                );
+            }
+            assert!(store.entry_count() <= 1_000);
+        }
+    }
+
+    /// Guards: a record the store accepts at completion is kept (a cache drops silently
+    /// what it cannot hold), and one heavier is refused with an error.
+    #[tokio::test]
+    async fn the_heaviest_record_accepted_is_kept() {
+        let store = MemoryStore::with_bounds(10, 64 << 20).unwrap();
+        let lease = Duration::from_secs(60);
+        let key = "heavy";
+        let heaviest = store.max_record_weight - ENTRY_OVERHEAD - key.len() as u64;
+        let claim = Bytes::from_static(b"claim");
+        store.begin(key, &claim, lease).await.unwrap();
+        let record = Bytes::from(vec![b'r'; usize::try_from(heaviest).unwrap()]);
+        assert!(
+            store
+                .complete(key, &claim, record.clone(), lease)
+                .await
+                .unwrap()
+        );
+        let retry = Bytes::from_static(b"retry");
+        let found = store.begin(key, &retry, lease).await.unwrap();
+        assert!(found == Some(record), "the heaviest record is kept");
+
+        let key = "heavier";
+        store.begin(key, &claim, lease).await.unwrap();
+        let record = Bytes::from(vec![b'r'; usize::try_from(heaviest).unwrap() + 1]);
+        let refused = store.complete(key, &claim, record, lease).await;
+        assert!(
+            matches!(refused, Err(StoreError::RecordRefused { .. })),
+            "{refused:?}"
+        );
+    }
 }
