@@ -92,6 +92,7 @@ mod ops;
 mod protocol;
 pub mod record;
 mod scope;
+mod sharded;
 pub mod store;
 
 /// Makes an axum handler idempotent: the first request carrying an `Idempotency-Key`

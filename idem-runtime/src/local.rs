@@ -9,12 +9,11 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use moka::sync::Cache;
+use std::sync::Arc;
 
-/// A fast hasher, seeded at random per process so that keys chosen by clients cannot be
-/// aimed at one bucket.
-type Hasher = foldhash::quality::RandomState;
+use bytes::Bytes;
+
+use crate::sharded::{Expiring, Recent, Shards};
 
 #[derive(Clone)]
 struct Copy {
@@ -22,40 +21,42 @@ struct Copy {
     dropped_at: Instant,
 }
 
-struct Lifetime;
+impl Expiring for Copy {
+    /// Its key, its record and the map's bookkeeping.
+    fn weight(&self, key: &str) -> u64 {
+        (key.len() + self.record.len()) as u64 + 128
+    }
 
-impl moka::Expiry<String, Copy> for Lifetime {
-    fn expire_after_create(&self, _: &String, copy: &Copy, now: Instant) -> Option<Duration> {
-        Some(copy.dropped_at.saturating_duration_since(now))
+    fn is_live(&self, now: Instant) -> bool {
+        self.dropped_at > now
     }
 }
 
-/// The bounded cache behind the local tier, of encoded completed records.
+/// The bounded map behind the local tier, of encoded completed records.
 #[derive(Clone)]
 pub(crate) struct LocalTier {
-    cache: Cache<String, Copy, Hasher>,
+    copies: Arc<Shards<Recent<Copy>>>,
+    /// The byte bound of each shard.
+    shard_bytes: u64,
     max_age: Duration,
 }
 
 impl LocalTier {
     pub(crate) fn new(max_bytes: u64, max_age: Duration) -> Self {
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|key: &String, copy: &Copy| {
-                let bytes = key.len() + copy.record.len() + 128;
-                u32::try_from(bytes).unwrap_or(u32::MAX)
-            })
-            .expire_after(Lifetime)
-            .build_with_hasher(Hasher::default());
-        Self { cache, max_age }
+        let copies = Shards::new(max_bytes, Recent::new);
+        Self {
+            shard_bytes: max_bytes / copies.count(),
+            copies: Arc::new(copies),
+            max_age,
+        }
     }
 
     /// A live copy of the completed record under `key`.
     pub(crate) fn get(&self, key: &str) -> Option<Bytes> {
-        self.cache
-            .get(key)
-            .filter(|copy| copy.dropped_at > Instant::now())
-            .map(|copy| copy.record)
+        let mut shard = self.copies.of(key);
+        shard
+            .live(key, Instant::now())
+            .map(|copy| copy.record.clone())
     }
 
     /// Keeps a copy of a completed record, which expires at `expires_at_ms`, until then
@@ -70,12 +71,15 @@ impl LocalTier {
             return;
         }
         let dropped_at = Instant::now() + keep;
-        self.cache
-            .insert(key.to_owned(), Copy { record, dropped_at });
+        let copy = Copy { record, dropped_at };
+        // A copy heavier than its shard's bound would only evict the others to be dropped.
+        if copy.weight(key) <= self.shard_bytes {
+            self.copies.of(key).keep(key, copy, self.shard_bytes);
+        }
     }
 
     pub(crate) fn forget(&self, key: &str) {
-        self.cache.invalidate(key);
+        self.copies.of(key).remove(key);
     }
 }
 

@@ -2,18 +2,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use moka::sync::Cache;
-
-/// A fast hasher, seeded at random per process so that keys chosen by clients cannot be
-/// aimed at one bucket.
-type Hasher = foldhash::quality::RandomState;
 
 use super::contract::{BoxFuture, Store, StoreError};
+use crate::sharded::{Expiring, Hasher, Recent, Shards};
 
 /// An in-process store, bounded by entries and bytes, expiring by TTL.
 ///
@@ -26,28 +22,41 @@ use super::contract::{BoxFuture, Store, StoreError};
 ///   it, or its lease runs out. Claims are bounded by count ([`MemoryStore::DEFAULT_MAX_CLAIMS`]);
 ///   when that many executions are in flight, a new one is refused with a store error
 ///   (the request is answered `503`, never run unprotected).
-/// - **Completed records** live in a [moka] cache bounded by entries and bytes. When it is
-///   full, the least recently used records are evicted before their TTL, and an evicted
-///   key behaves like an unused one: size the bounds for the traffic of one TTL. A record
-///   too heavy for the byte bound is refused at completion, which idem records as a
-///   response that was not stored (a retry is told so; the handler never runs again).
+/// - **Completed records** live in [lru] maps bounded by entries and bytes. When the store
+///   is full, the least recently used records are evicted before their TTL, and an
+///   evicted key behaves like an unused one: size the bounds for the traffic of one TTL.
+///   A new record is always admitted.
+///
+/// Keys are spread over shards (up to 64, each holding at least 16 MiB of the byte bound,
+/// or the whole bound if it is smaller), each a claim map and a record map behind one
+/// lock: every step on a key is one short critical section. The bounds are divided among
+/// the shards, so a store holds about, not exactly, its bounds' worth of records; a
+/// record heavier than one shard's share of the byte bound is refused at completion,
+/// which idem records as a response that was not stored (a retry is told so; the handler
+/// never runs again).
+///
+/// Expired records are never answered; they are dropped when a step reads them, when
+/// room is needed, or by [`run_pending_tasks`](Self::run_pending_tasks). Nothing runs in
+/// the background.
 #[derive(Clone)]
 pub struct MemoryStore {
-    records: Cache<String, Entry, Hasher>,
-    shards: Arc<[Mutex<Claims>; SHARDS]>,
+    shards: Arc<Shards<Shard>>,
     claims: Arc<AtomicUsize>,
     max_claims: usize,
-    max_record_weight: u64,
+    /// The byte bound of each shard's records, and so the heaviest record kept.
+    shard_bytes: u64,
     slot: u64,
-    shard_hasher: Hasher,
 }
 
-/// Claims live in shards, each behind its lock; a step reads and writes one key under the
-/// lock of its shard, which makes it atomic against every other step on that key.
-const SHARDS: usize = 64;
+/// The claims and records of the keys that hash to one shard: a step reads and writes
+/// one key under the lock of its shard, which makes it atomic against every other step
+/// on that key.
+struct Shard {
+    claims: HashMap<String, Entry, Hasher>,
+    records: Recent<Record>,
+}
 
-type Claims = HashMap<String, Entry, Hasher>;
-
+/// A claim: the claim's bytes, until its lease runs out.
 #[derive(Clone)]
 struct Entry {
     value: Bytes,
@@ -60,28 +69,28 @@ impl Entry {
     }
 }
 
-struct Lifetime;
+/// A completed record, until its TTL runs out.
+#[derive(Clone)]
+struct Record {
+    value: Bytes,
+    expires_at: Instant,
+    weight: u64,
+}
 
-impl moka::Expiry<String, Entry> for Lifetime {
-    fn expire_after_create(&self, _: &String, entry: &Entry, now: Instant) -> Option<Duration> {
-        Some(entry.expires_at.saturating_duration_since(now))
+impl Expiring for Record {
+    fn weight(&self, _: &str) -> u64 {
+        self.weight
     }
 
-    fn expire_after_update(
-        &self,
-        _: &String,
-        entry: &Entry,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(entry.expires_at.saturating_duration_since(now))
+    fn is_live(&self, now: Instant) -> bool {
+        self.expires_at > now
     }
 }
 
 /// Bytes an entry costs beyond its key and value: the cache's bookkeeping, the
 /// allocations behind the key and record, and allocator slack, as measured with the
 /// `memory` benchmark (resident growth per entry minus key and record bytes).
-const ENTRY_OVERHEAD: u64 = 640;
+const ENTRY_OVERHEAD: u64 = 256;
 
 /// Bounds a [`MemoryStore`] cannot work with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -160,46 +169,26 @@ impl MemoryStore {
     fn build(max_entries: u64, max_bytes: u64, max_claims: usize) -> Self {
         // Each record weighs at least one "slot" of max_bytes / max_entries, so the total
         // weight bound keeps both the entry count and the byte count in bounds.
-        // Weights are u32: the slot is capped there, as is the heaviest record kept.
-        let slot = (max_bytes / max_entries).clamp(1, u64::from(u32::MAX));
-        let records = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(move |key: &String, entry: &Entry| {
-                u32::try_from(weight(key, &entry.value, slot)).unwrap_or(u32::MAX)
-            })
-            .expire_after(Lifetime)
-            // LRU, not TinyLFU: TinyLFU may refuse to admit a new record when the cache is
-            // full, and a record refused after its completion was confirmed would let a
-            // retry run the handler again.
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .build_with_hasher(Hasher::default());
+        let slot = (max_bytes / max_entries).max(1);
+        let shards = Shards::new(max_bytes, || Shard {
+            claims: HashMap::with_hasher(Hasher::default()),
+            records: Recent::new(),
+        });
         Self {
-            records,
-            shards: Arc::new(std::array::from_fn(|_| {
-                Mutex::new(HashMap::with_hasher(Hasher::default()))
-            })),
+            shard_bytes: max_bytes / shards.count(),
+            shards: Arc::new(shards),
             claims: Arc::new(AtomicUsize::new(0)),
             max_claims,
-            // moka drops an entry heavier than its whole capacity, and weights are u32.
-            max_record_weight: max_bytes.min(u64::from(u32::MAX)),
             slot,
-            shard_hasher: Hasher::default(),
         }
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, Claims> {
-        use std::hash::BuildHasher;
-        let shard = self.shard_hasher.hash_one(key) as usize % SHARDS;
-        // Every step leaves a shard consistent before it can panic, so a poisoned lock
-        // guards a consistent map.
-        self.shards[shard]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Completed records currently held (approximate while evictions are pending).
+    /// Completed records currently held, counting expired ones not yet dropped.
     pub fn entry_count(&self) -> u64 {
-        self.records.entry_count()
+        self.shards
+            .each()
+            .map(|shard| shard.records.len() as u64)
+            .sum()
     }
 
     /// Claims currently held: executions in flight (and claims whose lease ran out and
@@ -209,60 +198,60 @@ impl MemoryStore {
     }
 
     /// The total weight of completed records: bytes of keys, records and per-entry
-    /// overhead, or the per-entry minimum where that is larger (approximate while
-    /// evictions are pending).
+    /// overhead, or the per-entry minimum where that is larger; expired records not yet
+    /// dropped count.
     pub fn weighted_size(&self) -> u64 {
-        self.records.weighted_size()
+        self.shards.each().map(|shard| shard.records.weight()).sum()
     }
 
-    /// Applies pending evictions and expirations now (they otherwise run in the background).
+    /// Drops every expired record and claim now. Evictions need no call: a full store
+    /// evicts as it admits a record.
     pub fn run_pending_tasks(&self) {
-        self.records.run_pending_tasks();
-    }
-
-    fn record(&self, key: &str, now: Instant) -> Option<Bytes> {
-        self.records
-            .get(key)
-            .filter(|entry| entry.is_live(now))
-            .map(|entry| entry.value)
+        let now = Instant::now();
+        for mut shard in self.shards.each() {
+            shard.records.remove_expired(now);
+        }
+        self.sweep_expired_claims();
     }
 
     /// The live claim under `key`, dropping one whose lease ran out.
-    fn live_claim<'s>(&self, claims: &'s mut Claims, key: &str, now: Instant) -> Option<&'s Entry> {
-        if claims.get(key).is_some_and(|entry| !entry.is_live(now)) {
-            claims.remove(key);
+    fn live_claim<'s>(&self, shard: &'s mut Shard, key: &str, now: Instant) -> Option<&'s Entry> {
+        if shard
+            .claims
+            .get(key)
+            .is_some_and(|entry| !entry.is_live(now))
+        {
+            shard.claims.remove(key);
             self.claims.fetch_sub(1, Ordering::Relaxed);
         }
-        claims.get(key)
+        shard.claims.get(key)
     }
 
     /// Drops every claim whose lease ran out, one shard at a time.
     fn sweep_expired_claims(&self) {
         let now = Instant::now();
-        for shard in self.shards.iter() {
-            let mut claims = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            let before = claims.len();
-            claims.retain(|_, entry| entry.is_live(now));
+        for mut shard in self.shards.each() {
+            let before = shard.claims.len();
+            shard.claims.retain(|_, entry| entry.is_live(now));
             self.claims
-                .fetch_sub(before - claims.len(), Ordering::Relaxed);
+                .fetch_sub(before - shard.claims.len(), Ordering::Relaxed);
         }
     }
 
     fn try_claim(&self, key: &str, claim: &Bytes, lease: Duration) -> ClaimAttempt {
         let now = Instant::now();
-        let mut claims = self.shard(key);
-        if let Some(existing) = self.live_claim(&mut claims, key, now) {
+        let mut shard = self.shards.of(key);
+        if let Some(existing) = shard.records.live(key, now) {
             return ClaimAttempt::Found(existing.value.clone());
         }
-        // A completion may have landed since the caller's look without the lock.
-        if let Some(existing) = self.record(key, now) {
-            return ClaimAttempt::Found(existing);
+        if let Some(existing) = self.live_claim(&mut shard, key, now) {
+            return ClaimAttempt::Found(existing.value.clone());
         }
         if self.claims.load(Ordering::Relaxed) >= self.max_claims {
             return ClaimAttempt::Full;
         }
         self.claims.fetch_add(1, Ordering::Relaxed);
-        claims.insert(
+        shard.claims.insert(
             key.to_owned(),
             Entry {
                 value: claim.clone(),
@@ -300,8 +289,8 @@ impl Default for MemoryStore {
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("entries", &self.records.entry_count())
-            .field("weighted_size", &self.records.weighted_size())
+            .field("entries", &self.entry_count())
+            .field("weighted_size", &self.weighted_size())
             .field("claims", &self.claim_count())
             .finish()
     }
@@ -314,24 +303,20 @@ impl Store for MemoryStore {
         claim: &'a Bytes,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
-        // A completed record is returned without the lock: reading it is atomic.
-        let found = match self.record(key, Instant::now()) {
-            Some(existing) => Ok(Some(existing)),
-            None => match self.try_claim(key, claim, lease) {
-                ClaimAttempt::Taken => Ok(None),
-                ClaimAttempt::Found(existing) => Ok(Some(existing)),
-                ClaimAttempt::Full => {
-                    self.sweep_expired_claims();
-                    match self.try_claim(key, claim, lease) {
-                        ClaimAttempt::Taken => Ok(None),
-                        ClaimAttempt::Found(existing) => Ok(Some(existing)),
-                        ClaimAttempt::Full => Err(StoreError::Full(format!(
-                            "the memory store holds its maximum of {} executions in flight",
-                            self.max_claims
-                        ))),
-                    }
+        let found = match self.try_claim(key, claim, lease) {
+            ClaimAttempt::Taken => Ok(None),
+            ClaimAttempt::Found(existing) => Ok(Some(existing)),
+            ClaimAttempt::Full => {
+                self.sweep_expired_claims();
+                match self.try_claim(key, claim, lease) {
+                    ClaimAttempt::Taken => Ok(None),
+                    ClaimAttempt::Found(existing) => Ok(Some(existing)),
+                    ClaimAttempt::Full => Err(StoreError::Full(format!(
+                        "the memory store holds its maximum of {} executions in flight",
+                        self.max_claims
+                    ))),
                 }
-            },
+            }
         };
         Box::pin(std::future::ready(found))
     }
@@ -343,10 +328,10 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         let now = Instant::now();
-        let mut claims = self.shard(key);
-        let renewed = match self.live_claim(&mut claims, key, now) {
+        let mut shard = self.shards.of(key);
+        let renewed = match self.live_claim(&mut shard, key, now) {
             Some(current) if current.value == *claim => {
-                if let Some(entry) = claims.get_mut(key) {
+                if let Some(entry) = shard.claims.get_mut(key) {
                     entry.expires_at = deadline(lease);
                 }
                 true
@@ -364,32 +349,36 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         let now = Instant::now();
-        let mut claims = self.shard(key);
-        let completed = match self.live_claim(&mut claims, key, now) {
+        let mut shard = self.shards.of(key);
+        let completed = match self.live_claim(&mut shard, key, now) {
             Some(current) if current.value == *claim => {
                 let weight = weight(key, &record, self.slot);
-                if weight > self.max_record_weight {
+                if weight > self.shard_bytes {
                     Err(StoreError::RecordRefused {
                         size: record.len() as u64,
                         reason: format!(
-                            "with its key and overhead it weighs {weight} bytes, over the store's bound of {}",
-                            self.max_record_weight
+                            "with its key and overhead it weighs {weight} bytes, over the {} bytes of the store's bound one key's share holds",
+                            self.shard_bytes
                         ),
                     })
                 } else {
-                    let entry = Entry {
+                    let record = Record {
                         value: record,
                         expires_at: deadline(ttl),
+                        weight,
                     };
-                    self.records.insert(key.to_owned(), entry);
-                    claims.remove(key);
+                    shard.claims.remove(key);
                     self.claims.fetch_sub(1, Ordering::Relaxed);
+                    shard.records.keep(key, record, self.shard_bytes);
                     Ok(true)
                 }
             }
             Some(_) => Ok(false),
             // Applied already (a step sent twice): the record is there.
-            None => Ok(self.record(key, now).is_some_and(|stored| stored == record)),
+            None => Ok(shard
+                .records
+                .live(key, now)
+                .is_some_and(|stored| stored.value == record)),
         };
         Box::pin(std::future::ready(completed))
     }
@@ -400,10 +389,10 @@ impl Store for MemoryStore {
         claim: &'a Bytes,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         let now = Instant::now();
-        let mut claims = self.shard(key);
-        let released = match self.live_claim(&mut claims, key, now) {
+        let mut shard = self.shards.of(key);
+        let released = match self.live_claim(&mut shard, key, now) {
             Some(current) if current.value == *claim => {
-                claims.remove(key);
+                shard.claims.remove(key);
                 self.claims.fetch_sub(1, Ordering::Relaxed);
                 true
             }
@@ -469,32 +458,34 @@ mod tests {
     /// run its handler again on a retry.
     #[tokio::test]
     async fn a_full_store_keeps_new_records_for_its_whole_bound() {
-        for replays in [0, 1, 2, 3] {
-            let store = MemoryStore::with_bounds(1_000, 1 << 30).unwrap();
-            for n in 0..1_000 {
+        const BOUND: usize = 100_000;
+        for replays in [0, 2] {
+            let store = MemoryStore::with_bounds(BOUND as u64, 1 << 30).unwrap();
+            for n in 0..BOUND {
                 complete_new(&store, &format!("old-{n}")).await;
             }
             for _ in 0..replays {
-                for n in 0..1_000 {
-                    // Those the store still holds (a sharded cache may have let some of
-                    // the oldest go already).
+                for n in 0..BOUND {
+                    // Those the store still holds (the bound is divided among shards, and
+                    // a shard that drew more keys than its share let its oldest go).
                     replayed(&store, &format!("old-{n}")).await;
                 }
             }
-            for round in 0..3 {
-                for n in 0..500 {
+            for round in 0..2 {
+                for n in 0..BOUND / 2 {
                     complete_new(&store, &format!("new-{round}-{n}")).await;
                 }
                 let mut kept = 0;
-                for n in 0..500 {
+                for n in 0..BOUND / 2 {
                     kept += usize::from(replayed(&store, &format!("new-{round}-{n}")).await);
                 }
                 assert_eq!(
-                    kept, 500,
-                    "the 500 newest of 1,000 records are kept (old records replayed {replays} times, round {round})"
+                    kept,
+                    BOUND / 2,
+                    "the newest half of a full store's records are kept (old records replayed {replays} times, round {round})"
                 );
             }
-            assert!(store.entry_count() <= 1_000);
+            assert!(store.entry_count() <= BOUND as u64);
         }
     }
 
@@ -505,7 +496,7 @@ mod tests {
         let store = MemoryStore::with_bounds(10, 64 << 20).unwrap();
         let lease = Duration::from_secs(60);
         let key = "heavy";
-        let heaviest = store.max_record_weight - ENTRY_OVERHEAD - key.len() as u64;
+        let heaviest = store.shard_bytes - ENTRY_OVERHEAD - key.len() as u64;
         let claim = Bytes::from_static(b"claim");
         store.begin(key, &claim, lease).await.unwrap();
         let record = Bytes::from(vec![b'r'; usize::try_from(heaviest).unwrap()]);

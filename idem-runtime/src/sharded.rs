@@ -1,0 +1,143 @@
+//! What the memory store and the local tier are built of: maps spread over shards, each
+//! behind its own lock, and in each shard a least-recently-used map bounded by weight.
+//!
+//! Nothing runs in the background: an entry carries its own deadline, a read drops an
+//! entry past it, and an insert evicts the least recently used entries until its shard
+//! is back within its bound. An insert is always admitted.
+
+use std::hash::BuildHasher;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use lru::LruCache;
+
+/// A fast hasher, seeded at random per process so that keys chosen by clients cannot be
+/// aimed at one bucket.
+pub(crate) type Hasher = foldhash::quality::RandomState;
+
+/// The most shards a map has, and the least bytes of its bound a shard holds (unless the
+/// whole bound is smaller): the heaviest entry a map takes is one shard's share.
+const MAX_SHARDS: usize = 64;
+const MIN_SHARD_BYTES: u64 = 16 * 1024 * 1024;
+
+/// `T`s spread over shards by key, each behind a lock.
+pub(crate) struct Shards<T> {
+    shards: Box<[Mutex<T>]>,
+    hasher: Hasher,
+}
+
+impl<T> Shards<T> {
+    /// As many shards as a bound of `max_bytes` allows (a power of two), each made by
+    /// `shard`.
+    pub(crate) fn new(max_bytes: u64, shard: impl Fn() -> T) -> Self {
+        let mut count = MAX_SHARDS;
+        while count > 1 && max_bytes / (count as u64) < MIN_SHARD_BYTES {
+            count /= 2;
+        }
+        Self {
+            shards: (0..count).map(|_| Mutex::new(shard())).collect(),
+            hasher: Hasher::default(),
+        }
+    }
+
+    /// How many shards there are.
+    pub(crate) fn count(&self) -> u64 {
+        self.shards.len() as u64
+    }
+
+    /// The shard of `key`, locked.
+    pub(crate) fn of(&self, key: &str) -> MutexGuard<'_, T> {
+        let index = (self.hasher.hash_one(key) as usize) & (self.shards.len() - 1);
+        lock(&self.shards[index])
+    }
+
+    /// Every shard, locked one after the other.
+    pub(crate) fn each(&self) -> impl Iterator<Item = MutexGuard<'_, T>> {
+        self.shards.iter().map(lock)
+    }
+}
+
+fn lock<T>(shard: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every step leaves a shard consistent before it can panic, so a poisoned lock guards
+    // a consistent shard.
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An entry of a [`Recent`] map.
+pub(crate) trait Expiring: Clone {
+    /// What the entry under `key` weighs against the bound.
+    fn weight(&self, key: &str) -> u64;
+    /// Whether the entry is still to be answered at `now`.
+    fn is_live(&self, now: Instant) -> bool;
+}
+
+/// Entries by key, the least recently used evicted first once their total weight passes
+/// the bound given to [`keep`](Self::keep).
+pub(crate) struct Recent<V> {
+    entries: LruCache<String, V, Hasher>,
+    weight: u64,
+}
+
+impl<V: Expiring> Recent<V> {
+    pub(crate) fn new() -> Self {
+        Self {
+            entries: LruCache::unbounded_with_hasher(Hasher::default()),
+            weight: 0,
+        }
+    }
+
+    /// Entries held, counting expired ones not yet dropped.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Their total weight.
+    pub(crate) fn weight(&self) -> u64 {
+        self.weight
+    }
+
+    /// The live entry under `key`, now the most recently used; an expired one is dropped.
+    pub(crate) fn live(&mut self, key: &str, now: Instant) -> Option<&V> {
+        if self.entries.peek(key)?.is_live(now) {
+            return self.entries.get(key);
+        }
+        self.remove(key);
+        None
+    }
+
+    /// Drops the entry under `key`, if any.
+    pub(crate) fn remove(&mut self, key: &str) {
+        if let Some((key, entry)) = self.entries.pop_entry(key) {
+            self.weight -= entry.weight(&key);
+        }
+    }
+
+    /// Keeps `entry` under `key`, then evicts the least recently used entries until the
+    /// total weight is within `bound`. `entry` itself stays if it weighs no more than
+    /// `bound`.
+    pub(crate) fn keep(&mut self, key: &str, entry: V, bound: u64) {
+        self.weight += entry.weight(key);
+        if let Some(replaced) = self.entries.put(key.to_owned(), entry) {
+            self.weight -= replaced.weight(key);
+        }
+        while self.weight > bound {
+            match self.entries.pop_lru() {
+                Some((key, evicted)) => self.weight -= evicted.weight(&key),
+                None => break,
+            }
+        }
+    }
+
+    /// Drops every entry expired at `now`.
+    pub(crate) fn remove_expired(&mut self, now: Instant) {
+        let expired: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| !entry.is_live(now))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in expired {
+            self.remove(&key);
+        }
+    }
+}
