@@ -519,4 +519,19 @@ mod tests {
             "{refused:?}"
         );
     }
+
+    /// Guards: a store accepts the bounds it is built with and then stores a small record
+    /// under them: with fewer entries than shards (10 entries, 1 GiB) every record must
+    /// not weigh more than one shard's share, or every response goes unstored.
+    #[tokio::test]
+    async fn a_store_of_few_entries_and_many_bytes_stores_a_small_record() {
+        let store = MemoryStore::with_bounds(10, 1 << 30).unwrap();
+        let lease = Duration::from_secs(60);
+        let claim = Bytes::from_static(b"claim");
+        assert_eq!(store.begin("k", &claim, lease).await.unwrap(), None);
+        let stored = store
+            .complete("k", &claim, Bytes::from_static(b"small record"), lease)
+            .await;
+        assert!(matches!(stored, Ok(true)), "a 12-byte record: {stored:?}");
+    }
 }
