@@ -534,4 +534,20 @@ mod tests {
             .await;
         assert!(matches!(stored, Ok(true)), "a 12-byte record: {stored:?}");
     }
+
+    /// Guards: a store bounded at 100 records keeps the 50 it was given (half its bound),
+    /// so none of their keys runs again on a retry; sharding must not shrink the bound to
+    /// one record per shard.
+    #[tokio::test]
+    async fn a_store_keeps_half_its_entry_bound_when_entries_are_few() {
+        let store = MemoryStore::with_bounds(100, 1 << 30).unwrap();
+        for n in 0..50 {
+            complete_new(&store, &format!("key-{n}")).await;
+        }
+        let mut kept = 0;
+        for n in 0..50 {
+            kept += usize::from(replayed(&store, &format!("key-{n}")).await);
+        }
+        assert_eq!(kept, 50, "records kept of 50 in a store bounded at 100");
+    }
 }
