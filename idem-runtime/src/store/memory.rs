@@ -550,4 +550,28 @@ mod tests {
         }
         assert_eq!(kept, 50, "records kept of 50 in a store bounded at 100");
     }
+
+    /// Guards: `with_bounds(max_entries, ..)` holds at most `max_entries` completed records
+    /// (here one shard, so no division among shards excuses more).
+    #[tokio::test]
+    async fn a_store_holds_no_more_records_than_its_entry_bound() {
+        let store = MemoryStore::with_bounds(1000, 300_999).unwrap();
+        let lease = Duration::from_secs(60);
+        for n in 0..1100 {
+            let key = format!("k{n}");
+            let claim = Bytes::from_static(b"c");
+            assert_eq!(store.begin(&key, &claim, lease).await.unwrap(), None);
+            assert!(
+                store
+                    .complete(&key, &claim, Bytes::from_static(b"r"), lease)
+                    .await
+                    .unwrap()
+            );
+        }
+        assert!(
+            store.entry_count() <= 1000,
+            "a store bounded at 1000 records holds {}",
+            store.entry_count()
+        );
+    }
 }
