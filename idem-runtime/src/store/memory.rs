@@ -574,4 +574,42 @@ mod tests {
             store.entry_count()
         );
     }
+
+    /// Guards: many tasks beginning one key at once, on many threads, while the winner
+    /// completes and a sweep runs: exactly one claim is taken per key, and every other
+    /// begin finds the claim or the record, never nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_key_begun_by_many_tasks_is_claimed_once() {
+        let store = MemoryStore::with_bounds(64, MemoryStore::MIN_BYTES * 64).unwrap();
+        for round in 0..200 {
+            let key = format!("race-{round}");
+            let tasks: Vec<_> = (0..16)
+                .map(|task| {
+                    let store = store.clone();
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        let claim = Bytes::from(format!("claim {task}"));
+                        let lease = Duration::from_secs(60);
+                        let found = store.begin(&key, &claim, lease).await.unwrap();
+                        if found.is_none() {
+                            store.run_pending_tasks();
+                            assert!(
+                                store
+                                    .complete(&key, &claim, Bytes::from_static(b"done"), lease)
+                                    .await
+                                    .unwrap()
+                            );
+                        }
+                        found.is_none()
+                    })
+                })
+                .collect();
+            let mut taken = 0;
+            for task in tasks {
+                taken += usize::from(task.await.unwrap());
+            }
+            assert_eq!(taken, 1, "round {round}: claims taken");
+        }
+        assert_eq!(store.claim_count(), 0);
+    }
 }
