@@ -92,3 +92,49 @@ pub(crate) fn expiry_ms(after: Duration) -> u64 {
             u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn total_weight(tier: &LocalTier) -> u64 {
+        tier.copies.each().map(|shard| shard.weight()).sum()
+    }
+
+    /// Guards: the local tier stays within its byte bound (also a zero bound, which keeps
+    /// nothing and does not panic), keeps its weight exact when a copy is replaced under
+    /// its key or forgotten, and never answers a copy after `forget` or past `max_age`.
+    #[test]
+    fn the_local_tier_stays_bounded_and_forgets() {
+        let far = expiry_ms(Duration::from_secs(3600));
+        let zero = LocalTier::new(0, Duration::from_secs(60));
+        zero.insert("k", Bytes::from_static(b"record"), far);
+        assert_eq!(zero.get("k"), None);
+
+        let tier = LocalTier::new(64 * 1024, Duration::from_secs(60));
+        for n in 0..10_000 {
+            let record = Bytes::from(vec![b'r'; n % 700]);
+            tier.insert(&format!("k{}", n % 3000), record, far);
+            assert!(total_weight(&tier) <= 64 * 1024, "after {n}");
+        }
+        for n in 0..3000 {
+            tier.forget(&format!("k{n}"));
+        }
+        assert_eq!(total_weight(&tier), 0, "weight after every copy is forgotten");
+        tier.insert("k", Bytes::from_static(b"first"), far);
+        tier.insert("k", Bytes::from_static(b"second, longer"), far);
+        assert_eq!(tier.get("k"), Some(Bytes::from_static(b"second, longer")));
+        tier.forget("k");
+        assert_eq!(tier.get("k"), None);
+        assert_eq!(total_weight(&tier), 0);
+
+        let short = LocalTier::new(64 * 1024, Duration::from_millis(50));
+        short.insert("k", Bytes::from_static(b"record"), far);
+        assert!(short.get("k").is_some());
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(short.get("k"), None, "a copy past max_age");
+        let expired = LocalTier::new(64 * 1024, Duration::from_secs(60));
+        expired.insert("k", Bytes::from_static(b"record"), expiry_ms(Duration::ZERO));
+        assert_eq!(expired.get("k"), None, "a copy of an expired record");
+    }
+}
