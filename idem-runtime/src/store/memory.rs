@@ -612,4 +612,50 @@ mod tests {
         }
         assert_eq!(store.claim_count(), 0);
     }
+
+    /// Guards: the claim bound is a bound: beginning keys of different shards at once on
+    /// two threads never holds more claims than `max_claims` (a check then an add, each
+    /// atomic alone, let both pass).
+    #[test]
+    fn concurrent_claims_never_pass_the_claim_bound() {
+        use std::sync::Barrier;
+        for round in 0..20_000 {
+            let store = MemoryStore::with_limits(1000, 64 << 20, 1).unwrap();
+            let barrier = Arc::new(Barrier::new(2));
+            let threads: Vec<_> = (0..2)
+                .map(|n| {
+                    let store = store.clone();
+                    let barrier = barrier.clone();
+                    std::thread::spawn(move || {
+                        let claim = Bytes::from_static(b"claim");
+                        let key = format!("key-{round}-{n}");
+                        barrier.wait();
+                        let lease = Duration::from_secs(60);
+                        futures_executor(store.begin(&key, &claim, lease))
+                    })
+                })
+                .collect();
+            let taken = threads
+                .into_iter()
+                .map(|thread| thread.join().unwrap())
+                .filter(|found| matches!(found, Ok(None)))
+                .count();
+            assert!(
+                taken <= 1 && store.claim_count() <= 1,
+                "round {round}: {taken} claims taken, {} held, bound 1",
+                store.claim_count()
+            );
+        }
+    }
+
+    /// The memory store's steps are ready at once.
+    fn futures_executor<T>(future: BoxFuture<'_, T>) -> T {
+        let waker = std::task::Waker::noop();
+        let mut context = std::task::Context::from_waker(waker);
+        let mut future = future;
+        match future.as_mut().poll(&mut context) {
+            std::task::Poll::Ready(value) => value,
+            std::task::Poll::Pending => unreachable!("the memory store never waits"),
+        }
+    }
 }
