@@ -43,7 +43,7 @@ pub(crate) struct LocalTier {
 
 impl LocalTier {
     pub(crate) fn new(max_bytes: u64, max_age: Duration) -> Self {
-        let copies = Shards::new(max_bytes, Recent::new);
+        let copies = Shards::new(max_bytes, u64::MAX, Recent::new);
         Self {
             shard_bytes: max_bytes / copies.count(),
             copies: Arc::new(copies),
@@ -120,7 +120,11 @@ mod tests {
         for n in 0..3000 {
             tier.forget(&format!("k{n}"));
         }
-        assert_eq!(total_weight(&tier), 0, "weight after every copy is forgotten");
+        assert_eq!(
+            total_weight(&tier),
+            0,
+            "weight after every copy is forgotten"
+        );
         tier.insert("k", Bytes::from_static(b"first"), far);
         tier.insert("k", Bytes::from_static(b"second, longer"), far);
         assert_eq!(tier.get("k"), Some(Bytes::from_static(b"second, longer")));
@@ -134,7 +138,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(80));
         assert_eq!(short.get("k"), None, "a copy past max_age");
         let expired = LocalTier::new(64 * 1024, Duration::from_secs(60));
-        expired.insert("k", Bytes::from_static(b"record"), expiry_ms(Duration::ZERO));
+        expired.insert(
+            "k",
+            Bytes::from_static(b"record"),
+            expiry_ms(Duration::ZERO),
+        );
         assert_eq!(expired.get("k"), None, "a copy of an expired record");
     }
 }

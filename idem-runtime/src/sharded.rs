@@ -15,10 +15,12 @@ use lru::LruCache;
 /// aimed at one bucket.
 pub(crate) type Hasher = foldhash::quality::RandomState;
 
-/// The most shards a map has, and the least bytes of its bound a shard holds (unless the
-/// whole bound is smaller): the heaviest entry a map takes is one shard's share.
+/// The most shards a map has, and the least bytes and entries of its bounds a shard holds
+/// (unless the whole bound is smaller): the heaviest entry a map takes is one shard's
+/// share, and a shard of a few entries would evict long before the map is full.
 const MAX_SHARDS: usize = 64;
 const MIN_SHARD_BYTES: u64 = 16 * 1024 * 1024;
+const MIN_SHARD_ENTRIES: u64 = 32;
 
 /// `T`s spread over shards by key, each behind a lock.
 pub(crate) struct Shards<T> {
@@ -27,11 +29,14 @@ pub(crate) struct Shards<T> {
 }
 
 impl<T> Shards<T> {
-    /// As many shards as a bound of `max_bytes` allows (a power of two), each made by
-    /// `shard`.
-    pub(crate) fn new(max_bytes: u64, shard: impl Fn() -> T) -> Self {
+    /// As many shards as bounds of `max_bytes` and `max_entries` allow (a power of two),
+    /// each made by `shard`.
+    pub(crate) fn new(max_bytes: u64, max_entries: u64, shard: impl Fn() -> T) -> Self {
         let mut count = MAX_SHARDS;
-        while count > 1 && max_bytes / (count as u64) < MIN_SHARD_BYTES {
+        while count > 1
+            && (max_bytes / (count as u64) < MIN_SHARD_BYTES
+                || max_entries / (count as u64) < MIN_SHARD_ENTRIES)
+        {
             count /= 2;
         }
         Self {

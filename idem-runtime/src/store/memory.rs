@@ -27,13 +27,13 @@ use crate::sharded::{Expiring, Hasher, Recent, Shards};
 ///   evicted key behaves like an unused one: size the bounds for the traffic of one TTL.
 ///   A new record is always admitted.
 ///
-/// Keys are spread over shards (up to 64, each holding at least 16 MiB of the byte bound,
-/// or the whole bound if it is smaller), each a claim map and a record map behind one
-/// lock: every step on a key is one short critical section. The bounds are divided among
-/// the shards, so a store holds about, not exactly, its bounds' worth of records; a
-/// record heavier than one shard's share of the byte bound is refused at completion,
-/// which idem records as a response that was not stored (a retry is told so; the handler
-/// never runs again).
+/// Keys are spread over shards (up to 64, each holding at least 16 MiB of the byte bound
+/// and 32 of the entry bound, or the whole bounds if they are smaller), each a claim map
+/// and a record map behind one lock: every step on a key is one short critical section.
+/// The bounds are divided among the shards, so a store holds about, not exactly, its
+/// bounds' worth of records; a record heavier than one shard's share of the byte bound is
+/// refused at completion, which idem records as a response that was not stored (a retry
+/// is told so; the handler never runs again).
 ///
 /// Expired records are never answered; they are dropped when a step reads them, when
 /// room is needed, or by [`run_pending_tasks`](Self::run_pending_tasks). Nothing runs in
@@ -167,15 +167,19 @@ impl MemoryStore {
     }
 
     fn build(max_entries: u64, max_bytes: u64, max_claims: usize) -> Self {
-        // Each record weighs at least one "slot" of max_bytes / max_entries, so the total
-        // weight bound keeps both the entry count and the byte count in bounds.
-        let slot = (max_bytes / max_entries).max(1);
-        let shards = Shards::new(max_bytes, || Shard {
+        let shards = Shards::new(max_bytes, max_entries, || Shard {
             claims: HashMap::with_hasher(Hasher::default()),
             records: Recent::new(),
         });
+        let shard_bytes = max_bytes / shards.count();
+        // Each record weighs at least one "slot" of its shard's bytes per entry (rounded
+        // up), so the shard's weight bound keeps both its entry count and its byte count
+        // in bounds.
+        let slot = shard_bytes
+            .div_ceil((max_entries / shards.count()).max(1))
+            .max(1);
         Self {
-            shard_bytes: max_bytes / shards.count(),
+            shard_bytes,
             shards: Arc::new(shards),
             claims: Arc::new(AtomicUsize::new(0)),
             max_claims,
@@ -247,10 +251,15 @@ impl MemoryStore {
         if let Some(existing) = self.live_claim(&mut shard, key, now) {
             return ClaimAttempt::Found(existing.value.clone());
         }
-        if self.claims.load(Ordering::Relaxed) >= self.max_claims {
+        // Checked and counted in one step: claims on other shards count at the same time.
+        let counted = self
+            .claims
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held < self.max_claims).then_some(held + 1)
+            });
+        if counted.is_err() {
             return ClaimAttempt::Full;
         }
-        self.claims.fetch_add(1, Ordering::Relaxed);
         shard.claims.insert(
             key.to_owned(),
             Entry {
