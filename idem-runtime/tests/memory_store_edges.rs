@@ -1,0 +1,88 @@
+//! The memory store at the edges of its bounds and under mixed expiries, end to end and
+//! through the `Store` contract.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use bytes::Bytes;
+use common::{Counters, app, post_with, send};
+use idem_runtime::store::{MemoryStore, Store};
+use idem_runtime::Idempotency;
+
+/// Sends `request` on its own task, so that a panic inside the app is seen as an
+/// error instead of ending the test.
+async fn send_caught(app: &Router, request: axum::extract::Request) -> Option<common::Answer> {
+    let app = app.clone();
+    tokio::spawn(async move { send(&app, request).await })
+        .await
+        .ok()
+}
+
+/// Guards: a store bounded by count with no practical byte bound
+/// (`with_bounds(20, u64::MAX)`, which `with_bounds` accepts) stores every response and
+/// never runs a key twice: each record weighs `ceil(u64::MAX / 20)`, and the shard's total
+/// weight must not overflow (a panic inside `complete`, after the claim was removed and
+/// before the record was kept, leaves the key free to run again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_bounded_by_count_only_never_runs_a_key_twice() {
+    let store = MemoryStore::with_bounds(20, u64::MAX).unwrap();
+    let idem = common::test_builder(Idempotency::builder().store(store)).build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+
+    let mut failed = Vec::new();
+    for n in 0..20 {
+        let key = format!("count-{n}");
+        match send_caught(&app, post_with("/pay", Some(&key), "{}")).await {
+            Some(answer) if answer.status == StatusCode::CREATED => {}
+            other => failed.push((key, other.map(|answer| answer.status))),
+        }
+    }
+    for n in 0..20 {
+        let key = format!("count-{n}");
+        send_caught(&app, post_with("/pay", Some(&key), "{}")).await;
+    }
+    assert_eq!(
+        (counters.runs(), failed),
+        (20, vec![]),
+        "20 keys in a store of 20 records: handler runs, and first requests that failed (None: the app panicked)"
+    );
+}
+
+/// Guards: `with_bounds(20, u64::MAX)` holds at most 20 records and completes every
+/// claim it gave (no overflow of the weight sum, which panics in debug builds and wraps
+/// in release, after which no record is ever evicted).
+#[tokio::test]
+async fn a_store_bounded_by_count_only_stays_within_its_count() {
+    let store = MemoryStore::with_bounds(20, u64::MAX).unwrap();
+    let lease = Duration::from_secs(60);
+    for n in 0..100 {
+        let key = format!("k{n}");
+        let claim = Bytes::from(format!("claim {n}"));
+        assert_eq!(store.begin(&key, &claim, lease).await.unwrap(), None);
+        let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            futures_ready(store.complete(&key, &claim, Bytes::from_static(b"r"), lease))
+        }));
+        assert!(
+            matches!(stored, Ok(Ok(true))),
+            "record {n} of a store bounded at 20 records, u64::MAX bytes: {:?}",
+            stored.map_err(|_| "complete panicked")
+        );
+        assert!(store.entry_count() <= 20, "after {n}: {}", store.entry_count());
+    }
+}
+
+/// The memory store's steps are ready at once.
+fn futures_ready<T>(mut future: idem_runtime::store::BoxFuture<'_, T>) -> T {
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut context) {
+        std::task::Poll::Ready(value) => value,
+        std::task::Poll::Pending => unreachable!("the memory store never waits"),
+    }
+}
