@@ -86,3 +86,44 @@ fn futures_ready<T>(mut future: idem_runtime::store::BoxFuture<'_, T>) -> T {
         std::task::Poll::Pending => unreachable!("the memory store never waits"),
     }
 }
+
+/// Guards: records whose TTL has passed make room before live records are evicted: a
+/// store of 40 records holding 10 live long-lived records and 30 expired short-lived ones
+/// keeps the 10 when 10 more arrive (20 live records, half the bound), so none of their
+/// keys runs again on a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_records_make_room_before_live_ones_are_evicted() {
+    let store = MemoryStore::with_bounds(40, 1 << 30).unwrap();
+    let idem = common::test_builder(Idempotency::builder().store(store.clone())).build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+
+    for n in 0..10 {
+        let first = send(&app, post_with("/pay", Some(&format!("long-{n}")), "{}")).await;
+        assert_eq!(first.status, StatusCode::CREATED);
+    }
+    // Short-lived records (1 s TTL), completed after the long ones.
+    for n in 0..30 {
+        let first = send(&app, post_with("/short", Some(&format!("short-{n}")), "")).await;
+        assert_eq!(first.status, StatusCode::CREATED);
+    }
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for n in 10..20 {
+        let first = send(&app, post_with("/pay", Some(&format!("long-{n}")), "{}")).await;
+        assert_eq!(first.status, StatusCode::CREATED);
+    }
+    let runs = counters.runs();
+    let mut rerun = Vec::new();
+    for n in 0..20 {
+        let retry = send(&app, post_with("/pay", Some(&format!("long-{n}")), "{}")).await;
+        if !retry.is_replay() {
+            rerun.push(n);
+        }
+    }
+    assert_eq!(
+        (counters.runs() - runs, rerun),
+        (0, vec![]),
+        "live records (20 of a bound of 40) evicted while expired ones stayed; store held {} records",
+        store.entry_count()
+    );
+}
