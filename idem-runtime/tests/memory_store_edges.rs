@@ -9,11 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::post;
 use bytes::Bytes;
 use common::{Counters, app, post_with, send};
 use idem_runtime::store::{MemoryStore, Store};
-use idem_runtime::Idempotency;
+use idem_runtime::{Idempotency, Idempotent, Problem};
 
 /// Sends `request` on its own task, so that a panic inside the app is seen as an
 /// error instead of ending the test.
@@ -126,4 +129,41 @@ async fn expired_records_make_room_before_live_ones_are_evicted() {
         "live records (20 of a bound of 40) evicted while expired ones stayed; store held {} records",
         store.entry_count()
     );
+}
+
+async fn huge(idem: Idempotent, State(counters): State<Arc<Counters>>) -> Response {
+    idem.run(async move {
+        counters
+            .runs
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        (StatusCode::CREATED, "h".repeat(17 << 20))
+    })
+    .await
+}
+
+/// Guards: a response heavier than one shard's share of the byte bound (17 MiB, with 4
+/// shards of 16 MiB under a 64 MiB bound) but lighter than the store's bound is answered
+/// to its client, and a retry is told it was not stored: never run again, never stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_over_a_shards_share_is_not_stored_and_never_rerun() {
+    let store = MemoryStore::with_bounds(100_000, 64 << 20).unwrap();
+    let idem = common::test_builder(Idempotency::builder().store(store.clone()))
+        .max_response_bytes(32 << 20)
+        .build();
+    let counters = Arc::new(Counters::default());
+    let app = Router::new()
+        .route("/huge", post(huge))
+        .with_state(counters.clone())
+        .layer(idem.layer());
+
+    let first = send(&app, post_with("/huge", Some("huge"), "")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.body.len(), 17 << 20);
+    for _ in 0..3 {
+        let retry = send(&app, post_with("/huge", Some("huge"), "")).await;
+        retry.assert_problem(StatusCode::CONFLICT, Problem::RESPONSE_NOT_STORED);
+    }
+    assert_eq!(counters.runs(), 1);
+    assert_eq!(store.claim_count(), 0);
+    assert_eq!(store.entry_count(), 1, "the not-stored marker");
 }
