@@ -167,3 +167,83 @@ async fn a_response_over_a_shards_share_is_not_stored_and_never_rerun() {
     assert_eq!(store.claim_count(), 0);
     assert_eq!(store.entry_count(), 1, "the not-stored marker");
 }
+
+/// Guards: executions racing on one key with leases that run out under them, on many
+/// threads (begin, renew, complete, release and sweeps interleaved): at most one
+/// execution's completion is kept per key, a stale execution never completes over a
+/// newer claim or record, every begin after a kept completion finds that record, and the
+/// claim count returns to zero with no claim held.
+#[test]
+fn racing_executions_with_lapsing_leases_keep_one_record_per_key() {
+    use std::sync::Barrier;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let store = MemoryStore::with_limits(64, MemoryStore::MIN_BYTES * 64, 4).unwrap();
+    const THREADS: usize = 4;
+    for round in 0..300 {
+        let key = format!("race-{round}");
+        let barrier = Arc::new(Barrier::new(THREADS));
+        let kept = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|n| {
+                let (store, key, barrier, kept) =
+                    (store.clone(), key.clone(), barrier.clone(), kept.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let mut mine = None;
+                    for attempt in 0..20 {
+                        let claim = Bytes::from(format!("claim {n}-{attempt}"));
+                        let lease = Duration::from_micros(200 + 50 * n as u64);
+                        match futures_ready(store.begin(&key, &claim, lease)).unwrap() {
+                            None => {
+                                if attempt % 5 == 4 {
+                                    futures_ready(store.release(&key, &claim)).unwrap();
+                                    continue;
+                                }
+                                if attempt % 3 == 0 {
+                                    std::thread::sleep(Duration::from_micros(300));
+                                    futures_ready(store.renew(&key, &claim, lease)).unwrap();
+                                }
+                                if n == 0 {
+                                    store.run_pending_tasks();
+                                }
+                                let record = Bytes::from(format!("record {n}-{attempt}"));
+                                let ok = futures_ready(store.complete(
+                                    &key,
+                                    &claim,
+                                    record.clone(),
+                                    Duration::from_secs(60),
+                                ))
+                                .unwrap();
+                                if ok {
+                                    kept.fetch_add(1, Ordering::SeqCst);
+                                    mine = Some(record);
+                                    break;
+                                }
+                            }
+                            Some(found) if found.starts_with(b"record") => break,
+                            Some(_) => std::thread::yield_now(),
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let records: Vec<_> = threads
+            .into_iter()
+            .filter_map(|thread| thread.join().unwrap())
+            .collect();
+        assert!(records.len() <= 1, "round {round}: {records:?} all kept");
+        let found = futures_ready(store.begin(&key, &Bytes::from_static(b"late"), Duration::from_secs(60))).unwrap();
+        match records.first() {
+            Some(record) => assert_eq!(found.as_ref(), Some(record), "round {round}"),
+            None => {
+                if found.is_none() {
+                    futures_ready(store.release(&key, &Bytes::from_static(b"late"))).unwrap();
+                }
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(5));
+    store.run_pending_tasks();
+    assert_eq!(store.claim_count(), 0);
+}
