@@ -247,3 +247,22 @@ fn racing_executions_with_lapsing_leases_keep_one_record_per_key() {
     store.run_pending_tasks();
     assert_eq!(store.claim_count(), 0);
 }
+
+/// Guards: the smallest store `with_bounds` accepts (1 record, `MIN_BYTES`) keeps the
+/// not-stored marker of a response too large for it under the longest key a client may
+/// send (255 characters), so a retry is told it was not stored: never stuck, never rerun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_smallest_store_keeps_the_marker_of_the_longest_key() {
+    let store = MemoryStore::with_bounds(1, MemoryStore::MIN_BYTES).unwrap();
+    let idem = common::test_builder(Idempotency::builder().store(store.clone())).build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let key = "k".repeat(idem_runtime::IdempotencyKey::MAX_LEN);
+    let first = send(&app, post_with("/big", Some(&key), "")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.body.len(), 4096);
+    let retry = send(&app, post_with("/big", Some(&key), "")).await;
+    retry.assert_problem(StatusCode::CONFLICT, Problem::RESPONSE_NOT_STORED);
+    assert_eq!(counters.runs(), 1);
+    assert_eq!((store.claim_count(), store.entry_count()), (0, 1));
+}
