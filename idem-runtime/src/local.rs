@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::sharded::{Expiring, Recent, Shards};
+use crate::sharded::{Expiring, LARGEST_BOUND, Recent, Shards};
 
 #[derive(Clone)]
 struct Copy {
@@ -27,8 +27,8 @@ impl Expiring for Copy {
         (key.len() + self.record.len()) as u64 + 128
     }
 
-    fn is_live(&self, now: Instant) -> bool {
-        self.dropped_at > now
+    fn expires_at(&self) -> Instant {
+        self.dropped_at
     }
 }
 
@@ -43,6 +43,7 @@ pub(crate) struct LocalTier {
 
 impl LocalTier {
     pub(crate) fn new(max_bytes: u64, max_age: Duration) -> Self {
+        let max_bytes = max_bytes.min(LARGEST_BOUND);
         let copies = Shards::new(max_bytes, u64::MAX, Recent::new);
         Self {
             shard_bytes: max_bytes / copies.count(),
@@ -74,7 +75,9 @@ impl LocalTier {
         let copy = Copy { record, dropped_at };
         // A copy heavier than its shard's bound would only evict the others to be dropped.
         if copy.weight(key) <= self.shard_bytes {
-            self.copies.of(key).keep(key, copy, self.shard_bytes);
+            self.copies
+                .of(key)
+                .keep(key, copy, self.shard_bytes, usize::MAX);
         }
     }
 

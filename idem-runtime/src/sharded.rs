@@ -2,12 +2,13 @@
 //! behind its own lock, and in each shard a least-recently-used map bounded by weight.
 //!
 //! Nothing runs in the background: an entry carries its own deadline, a read drops an
-//! entry past it, and an insert evicts the least recently used entries until its shard
-//! is back within its bound. An insert is always admitted.
+//! entry past it, and an insert that takes its shard over its bound first drops the
+//! shard's expired entries (at most once a second), then evicts the least recently used
+//! until the shard is back within its bound. An insert is always admitted.
 
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
@@ -21,6 +22,14 @@ pub(crate) type Hasher = foldhash::quality::RandomState;
 const MAX_SHARDS: usize = 64;
 const MIN_SHARD_BYTES: u64 = 16 * 1024 * 1024;
 const MIN_SHARD_ENTRIES: u64 = 32;
+
+/// The largest byte bound a map keeps to: larger ones are taken as this, so that a
+/// shard's weight (its bound plus one entry at most) never overflows.
+pub(crate) const LARGEST_BOUND: u64 = 1 << 62;
+
+/// How often at most a shard over its bound looks for expired entries to drop before it
+/// evicts live ones.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// `T`s spread over shards by key, each behind a lock.
 pub(crate) struct Shards<T> {
@@ -72,8 +81,13 @@ fn lock<T>(shard: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) trait Expiring: Clone {
     /// What the entry under `key` weighs against the bound.
     fn weight(&self, key: &str) -> u64;
+    /// When the entry expires: it is answered until then.
+    fn expires_at(&self) -> Instant;
+
     /// Whether the entry is still to be answered at `now`.
-    fn is_live(&self, now: Instant) -> bool;
+    fn is_live(&self, now: Instant) -> bool {
+        self.expires_at() > now
+    }
 }
 
 /// Entries by key, the least recently used evicted first once their total weight passes
@@ -81,6 +95,9 @@ pub(crate) trait Expiring: Clone {
 pub(crate) struct Recent<V> {
     entries: LruCache<String, V, Hasher>,
     weight: u64,
+    /// No entry expires before this (it may be earlier than the first that does).
+    earliest_expiry: Option<Instant>,
+    swept_at: Instant,
 }
 
 impl<V: Expiring> Recent<V> {
@@ -88,6 +105,8 @@ impl<V: Expiring> Recent<V> {
         Self {
             entries: LruCache::unbounded_with_hasher(Hasher::default()),
             weight: 0,
+            earliest_expiry: None,
+            swept_at: Instant::now(),
         }
     }
 
@@ -117,15 +136,31 @@ impl<V: Expiring> Recent<V> {
         }
     }
 
-    /// Keeps `entry` under `key`, then evicts the least recently used entries until the
-    /// total weight is within `bound`. `entry` itself stays if it weighs no more than
-    /// `bound`.
-    pub(crate) fn keep(&mut self, key: &str, entry: V, bound: u64) {
+    /// Keeps `entry` under `key`; if that takes the total weight over `bound` or the
+    /// count over `max_len`, drops the expired entries (unless that was done less than
+    /// [`SWEEP_EVERY`] ago), then evicts the least recently used entries until both are
+    /// within their bounds. `entry` itself stays if it weighs no more than `bound` (at
+    /// most [`LARGEST_BOUND`]) and `max_len` is at least 1.
+    pub(crate) fn keep(&mut self, key: &str, entry: V, bound: u64, max_len: usize) {
+        let expires_at = entry.expires_at();
+        self.earliest_expiry = Some(
+            self.earliest_expiry
+                .map_or(expires_at, |e| e.min(expires_at)),
+        );
         self.weight += entry.weight(key);
         if let Some(replaced) = self.entries.put(key.to_owned(), entry) {
             self.weight -= replaced.weight(key);
         }
-        while self.weight > bound {
+        let over = |this: &Self| this.weight > bound || this.entries.len() > max_len;
+        if over(self) {
+            let now = Instant::now();
+            let due = self.earliest_expiry.is_some_and(|earliest| earliest <= now)
+                && now.duration_since(self.swept_at) >= SWEEP_EVERY;
+            if due {
+                self.remove_expired(now);
+            }
+        }
+        while over(self) {
             match self.entries.pop_lru() {
                 Some((key, evicted)) => self.weight -= evicted.weight(&key),
                 None => break,
@@ -135,14 +170,20 @@ impl<V: Expiring> Recent<V> {
 
     /// Drops every entry expired at `now`.
     pub(crate) fn remove_expired(&mut self, now: Instant) {
-        let expired: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(_, entry)| !entry.is_live(now))
-            .map(|(key, _)| key.clone())
-            .collect();
+        let mut expired = Vec::new();
+        let mut earliest: Option<Instant> = None;
+        for (key, entry) in &self.entries {
+            if entry.is_live(now) {
+                let at = entry.expires_at();
+                earliest = Some(earliest.map_or(at, |e| e.min(at)));
+            } else {
+                expired.push(key.clone());
+            }
+        }
         for key in expired {
             self.remove(&key);
         }
+        self.earliest_expiry = earliest;
+        self.swept_at = now;
     }
 }

@@ -77,7 +77,11 @@ async fn a_store_bounded_by_count_only_stays_within_its_count() {
             "record {n} of a store bounded at 20 records, u64::MAX bytes: {:?}",
             stored.map_err(|_| "complete panicked")
         );
-        assert!(store.entry_count() <= 20, "after {n}: {}", store.entry_count());
+        assert!(
+            store.entry_count() <= 20,
+            "after {n}: {}",
+            store.entry_count()
+        );
     }
 }
 
@@ -233,7 +237,9 @@ fn racing_executions_with_lapsing_leases_keep_one_record_per_key() {
             .filter_map(|thread| thread.join().unwrap())
             .collect();
         assert!(records.len() <= 1, "round {round}: {records:?} all kept");
-        let found = futures_ready(store.begin(&key, &Bytes::from_static(b"late"), Duration::from_secs(60))).unwrap();
+        let found =
+            futures_ready(store.begin(&key, &Bytes::from_static(b"late"), Duration::from_secs(60)))
+                .unwrap();
         match records.first() {
             Some(record) => assert_eq!(found.as_ref(), Some(record), "round {round}"),
             None => {

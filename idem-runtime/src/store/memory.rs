@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::contract::{BoxFuture, Store, StoreError};
-use crate::sharded::{Expiring, Hasher, Recent, Shards};
+use crate::sharded::{Expiring, Hasher, LARGEST_BOUND, Recent, Shards};
 
 /// An in-process store, bounded by entries and bytes, expiring by TTL.
 ///
@@ -35,9 +35,10 @@ use crate::sharded::{Expiring, Hasher, Recent, Shards};
 /// refused at completion, which idem records as a response that was not stored (a retry
 /// is told so; the handler never runs again).
 ///
-/// Expired records are never answered; they are dropped when a step reads them, when
-/// room is needed, or by [`run_pending_tasks`](Self::run_pending_tasks). Nothing runs in
-/// the background.
+/// Expired records are never answered; they are dropped when a step reads them, by a
+/// shard that needs room (it drops its expired records before it evicts a live one,
+/// looking for them at most once a second), or by
+/// [`run_pending_tasks`](Self::run_pending_tasks). Nothing runs in the background.
 #[derive(Clone)]
 pub struct MemoryStore {
     shards: Arc<Shards<Shard>>,
@@ -45,6 +46,8 @@ pub struct MemoryStore {
     max_claims: usize,
     /// The byte bound of each shard's records, and so the heaviest record kept.
     shard_bytes: u64,
+    /// The entry bound of each shard's records.
+    shard_entries: usize,
     slot: u64,
 }
 
@@ -82,8 +85,8 @@ impl Expiring for Record {
         self.weight
     }
 
-    fn is_live(&self, now: Instant) -> bool {
-        self.expires_at > now
+    fn expires_at(&self) -> Instant {
+        self.expires_at
     }
 }
 
@@ -167,19 +170,20 @@ impl MemoryStore {
     }
 
     fn build(max_entries: u64, max_bytes: u64, max_claims: usize) -> Self {
+        let max_bytes = max_bytes.min(LARGEST_BOUND);
         let shards = Shards::new(max_bytes, max_entries, || Shard {
             claims: HashMap::with_hasher(Hasher::default()),
             records: Recent::new(),
         });
         let shard_bytes = max_bytes / shards.count();
-        // Each record weighs at least one "slot" of its shard's bytes per entry (rounded
-        // up), so the shard's weight bound keeps both its entry count and its byte count
-        // in bounds.
-        let slot = shard_bytes
-            .div_ceil((max_entries / shards.count()).max(1))
-            .max(1);
+        let shard_entries = (max_entries / shards.count()).max(1);
+        // Each record weighs at least one "slot" of its shard's bytes per entry, so the
+        // shard's weight bound also bounds its entry count; the count is bounded as well,
+        // exactly, since the slot is rounded down.
+        let slot = (shard_bytes / shard_entries).max(1);
         Self {
             shard_bytes,
+            shard_entries: usize::try_from(shard_entries).unwrap_or(usize::MAX),
             shards: Arc::new(shards),
             claims: Arc::new(AtomicUsize::new(0)),
             max_claims,
@@ -378,7 +382,9 @@ impl Store for MemoryStore {
                     };
                     shard.claims.remove(key);
                     self.claims.fetch_sub(1, Ordering::Relaxed);
-                    shard.records.keep(key, record, self.shard_bytes);
+                    shard
+                        .records
+                        .keep(key, record, self.shard_bytes, self.shard_entries);
                     Ok(true)
                 }
             }
