@@ -2,13 +2,14 @@
 //! behind its own lock, and in each shard a least-recently-used map bounded by weight.
 //!
 //! Nothing runs in the background: an entry carries its own deadline, a read drops an
-//! entry past it, and an insert that takes its shard over its bound first drops the
-//! shard's expired entries (at most once a second), then evicts the least recently used
-//! until the shard is back within its bound. An insert is always admitted.
+//! entry past it, and an insert that takes its shard over its bound drops expired
+//! entries (soonest expired first), then the least recently used, until the shard is
+//! back within its bound. An insert is always admitted.
 
+use std::collections::BTreeSet;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use lru::LruCache;
 
@@ -26,10 +27,6 @@ const MIN_SHARD_ENTRIES: u64 = 32;
 /// The largest byte bound a map keeps to: larger ones are taken as this, so that a
 /// shard's weight (its bound plus one entry at most) never overflows.
 pub(crate) const LARGEST_BOUND: u64 = 1 << 62;
-
-/// How often at most a shard over its bound looks for expired entries to drop before it
-/// evicts live ones.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// `T`s spread over shards by key, each behind a lock.
 pub(crate) struct Shards<T> {
@@ -95,9 +92,9 @@ pub(crate) trait Expiring: Clone {
 pub(crate) struct Recent<V> {
     entries: LruCache<String, V, Hasher>,
     weight: u64,
-    /// No entry expires before this (it may be earlier than the first that does).
-    earliest_expiry: Option<Instant>,
-    swept_at: Instant,
+    /// Every entry's expiry and key, soonest first: what a shard over its bound drops
+    /// first, if it has expired.
+    expiries: BTreeSet<(Instant, String)>,
 }
 
 impl<V: Expiring> Recent<V> {
@@ -105,8 +102,7 @@ impl<V: Expiring> Recent<V> {
         Self {
             entries: LruCache::unbounded_with_hasher(Hasher::default()),
             weight: 0,
-            earliest_expiry: None,
-            swept_at: Instant::now(),
+            expiries: BTreeSet::new(),
         }
     }
 
@@ -132,58 +128,54 @@ impl<V: Expiring> Recent<V> {
     /// Drops the entry under `key`, if any.
     pub(crate) fn remove(&mut self, key: &str) {
         if let Some((key, entry)) = self.entries.pop_entry(key) {
-            self.weight -= entry.weight(&key);
+            self.forget(key, &entry);
         }
     }
 
-    /// Keeps `entry` under `key`; if that takes the total weight over `bound` or the
-    /// count over `max_len`, drops the expired entries (unless that was done less than
-    /// [`SWEEP_EVERY`] ago), then evicts the least recently used entries until both are
-    /// within their bounds. `entry` itself stays if it weighs no more than `bound` (at
-    /// most [`LARGEST_BOUND`]) and `max_len` is at least 1.
+    fn forget(&mut self, key: String, entry: &V) {
+        self.weight -= entry.weight(&key);
+        self.expiries.remove(&(entry.expires_at(), key));
+    }
+
+    /// Keeps `entry` under `key`; then, while the total weight is over `bound` or the
+    /// count over `max_len`, drops the entry that expires first if it has expired, else
+    /// the least recently used one. `entry` itself stays if it weighs no more than
+    /// `bound` (at most [`LARGEST_BOUND`]) and `max_len` is at least 1.
     pub(crate) fn keep(&mut self, key: &str, entry: V, bound: u64, max_len: usize) {
-        let expires_at = entry.expires_at();
-        self.earliest_expiry = Some(
-            self.earliest_expiry
-                .map_or(expires_at, |e| e.min(expires_at)),
-        );
         self.weight += entry.weight(key);
+        self.expiries.insert((entry.expires_at(), key.to_owned()));
         if let Some(replaced) = self.entries.put(key.to_owned(), entry) {
             self.weight -= replaced.weight(key);
+            self.expiries
+                .remove(&(replaced.expires_at(), key.to_owned()));
         }
-        let over = |this: &Self| this.weight > bound || this.entries.len() > max_len;
-        if over(self) {
-            let now = Instant::now();
-            let due = self.earliest_expiry.is_some_and(|earliest| earliest <= now)
-                && now.duration_since(self.swept_at) >= SWEEP_EVERY;
-            if due {
-                self.remove_expired(now);
+        let mut now = None;
+        while self.weight > bound || self.entries.len() > max_len {
+            let now = *now.get_or_insert_with(Instant::now);
+            if !self.remove_first_expired(now) {
+                match self.entries.pop_lru() {
+                    Some((key, evicted)) => self.forget(key, &evicted),
+                    None => break,
+                }
             }
         }
-        while over(self) {
-            match self.entries.pop_lru() {
-                Some((key, evicted)) => self.weight -= evicted.weight(&key),
-                None => break,
-            }
+    }
+
+    /// Drops the entry that expires first, if it expired at `now`; whether it did.
+    fn remove_first_expired(&mut self, now: Instant) -> bool {
+        let Some((at, key)) = self.expiries.first() else {
+            return false;
+        };
+        if *at > now {
+            return false;
         }
+        let key = key.clone();
+        self.remove(&key);
+        true
     }
 
     /// Drops every entry expired at `now`.
     pub(crate) fn remove_expired(&mut self, now: Instant) {
-        let mut expired = Vec::new();
-        let mut earliest: Option<Instant> = None;
-        for (key, entry) in &self.entries {
-            if entry.is_live(now) {
-                let at = entry.expires_at();
-                earliest = Some(earliest.map_or(at, |e| e.min(at)));
-            } else {
-                expired.push(key.clone());
-            }
-        }
-        for key in expired {
-            self.remove(&key);
-        }
-        self.earliest_expiry = earliest;
-        self.swept_at = now;
+        while self.remove_first_expired(now) {}
     }
 }

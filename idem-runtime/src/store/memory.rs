@@ -36,9 +36,8 @@ use crate::sharded::{Expiring, Hasher, LARGEST_BOUND, Recent, Shards};
 /// is told so; the handler never runs again).
 ///
 /// Expired records are never answered; they are dropped when a step reads them, by a
-/// shard that needs room (it drops its expired records before it evicts a live one,
-/// looking for them at most once a second), or by
-/// [`run_pending_tasks`](Self::run_pending_tasks). Nothing runs in the background.
+/// shard that needs room (it drops its expired records before it evicts a live one), or
+/// by [`run_pending_tasks`](Self::run_pending_tasks). Nothing runs in the background.
 #[derive(Clone)]
 pub struct MemoryStore {
     shards: Arc<Shards<Shard>>,
