@@ -27,6 +27,8 @@
 //! ```
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -389,8 +391,8 @@ impl Once {
         Tx: crate::store::DatabaseTransaction,
     {
         let slot = TransactionSlot::default();
-        slot.finished_by_idem();
-        let Some(transaction) = Tx::on_store(self.idem.store().as_ref(), slot.finish_flag()) else {
+        let finished_by_idem = Arc::new(AtomicBool::new(true));
+        let Some(transaction) = Tx::on_store(self.idem.store().as_ref(), finished_by_idem) else {
             return Err(OnceError::NoTransaction);
         };
         slot.fill(transaction.transactional());
@@ -434,12 +436,18 @@ impl Once {
         })?;
         let scoped = self.key.scoped();
         let span = tracing::info_span!(target: "idem", "idem_once", key = %self.idem.logged_key(&self.key, &scoped));
-        let begun = protocol::begin(&self.idem, scoped, fingerprint, self.ttl, self.wait)
-            .instrument(span.clone())
-            .await;
+        let begun = protocol::begin(
+            &self.idem,
+            scoped,
+            fingerprint,
+            self.ttl,
+            self.wait,
+            transaction,
+        )
+        .instrument(span.clone())
+        .await;
         match begun {
-            Begun::Execute(mut execution) => {
-                execution.writes_in(transaction);
+            Begun::Execute(execution) => {
                 let detached = self.idem.shared.detached.clone();
                 let work = operation();
                 protocol::to_the_end(

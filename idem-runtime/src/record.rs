@@ -25,7 +25,7 @@
 //! wrote it (the HTTP layer stores a response).
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::fingerprint::Fingerprint;
 
@@ -278,26 +278,7 @@ impl Record {
 
     /// Decodes a record; the body of a completed record shares `bytes`' memory.
     pub fn decode(bytes: &Bytes) -> Result<Self, RecordError> {
-        if bytes.len() < 6 || &bytes[..4] != MAGIC {
-            return Err(RecordError::Foreign);
-        }
-        if bytes[4] != VERSION {
-            return Err(RecordError::UnsupportedVersion(bytes[4]));
-        }
-        let kind = bytes[5];
-        if !(KIND_IN_PROGRESS..=KIND_VALUE_NOT_STORED).contains(&kind) {
-            return Err(RecordError::UnknownKind(kind));
-        }
-        let mut reader = Reader {
-            bytes,
-            at: HEADER_LEN,
-        };
-        if bytes.len() < HEADER_LEN {
-            return Err(RecordError::Malformed);
-        }
-        let mut fingerprint = [0; 32];
-        fingerprint.copy_from_slice(&bytes[6..HEADER_LEN]);
-        let fingerprint = Fingerprint(fingerprint);
+        let (kind, fingerprint, mut reader) = open(bytes)?;
         let record = match kind {
             KIND_IN_PROGRESS => {
                 let mut token = [0; 16];
@@ -309,32 +290,13 @@ impl Record {
                 }
             }
             KIND_COMPLETED => {
-                let expires_at_ms = reader.u64()?;
-                let status = reader.status()?;
-                let count = reader.u16()?;
-                let mut headers = Vec::with_capacity(usize::from(count));
-                for _ in 0..count {
-                    let name_len = usize::from(reader.u16()?);
-                    let name = HeaderName::from_bytes(reader.take(name_len)?)
-                        .map_err(|_| RecordError::Malformed)?;
-                    let value_len = reader.u32()? as usize;
-                    let value = HeaderValue::from_maybe_shared(
-                        bytes.slice(reader.at..reader.at + reader.check(value_len)?),
-                    )
-                    .map_err(|_| RecordError::Malformed)?;
-                    reader.at += value_len;
-                    headers.push((name, value));
-                }
-                let body_len =
-                    usize::try_from(reader.u64()?).map_err(|_| RecordError::Malformed)?;
-                let start = reader.at;
-                reader.take(body_len)?;
-                reader.finish()?;
+                let mut headers = Vec::new();
+                let (expires_at_ms, status, body) = reader.completed(&mut headers)?;
                 Self::Completed(StoredResponse {
                     fingerprint,
                     status,
                     headers,
-                    body: bytes.slice(start..start + body_len),
+                    body,
                     expires_at_ms,
                 })
             }
@@ -373,6 +335,73 @@ impl Record {
             }
         };
         Ok(record)
+    }
+}
+
+/// Checks a record's head: its kind, its fingerprint, and a reader at what follows.
+fn open(bytes: &Bytes) -> Result<(u8, Fingerprint, Reader<'_>), RecordError> {
+    if bytes.len() < 6 || &bytes[..4] != MAGIC {
+        return Err(RecordError::Foreign);
+    }
+    if bytes[4] != VERSION {
+        return Err(RecordError::UnsupportedVersion(bytes[4]));
+    }
+    let kind = bytes[5];
+    if !(KIND_IN_PROGRESS..=KIND_VALUE_NOT_STORED).contains(&kind) {
+        return Err(RecordError::UnknownKind(kind));
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(RecordError::Malformed);
+    }
+    let mut fingerprint = [0; 32];
+    fingerprint.copy_from_slice(&bytes[6..HEADER_LEN]);
+    let reader = Reader {
+        bytes,
+        at: HEADER_LEN,
+    };
+    Ok((kind, Fingerprint(fingerprint), reader))
+}
+
+/// The response of a completed record as a replay sends it: its status, its kept headers
+/// (in order, in a map with room for one more, the replay's mark) and its body, which
+/// shares `bytes`' memory. [`Record::decode`] without the steps a replay does not need.
+pub(crate) fn decode_response(
+    bytes: &Bytes,
+) -> Result<(StatusCode, HeaderMap, Bytes), RecordError> {
+    let (kind, _, mut reader) = open(bytes)?;
+    if kind != KIND_COMPLETED {
+        return Err(RecordError::Malformed);
+    }
+    let mut headers = HeaderMap::new();
+    let (_, status, body) = reader.completed(&mut headers)?;
+    Ok((status, headers, body))
+}
+
+/// Where a completed record's headers are decoded to.
+trait Headers {
+    /// Makes room for the `count` headers to come.
+    fn reserve_for(&mut self, count: usize);
+    fn push(&mut self, name: HeaderName, value: HeaderValue);
+}
+
+impl Headers for Vec<(HeaderName, HeaderValue)> {
+    fn reserve_for(&mut self, count: usize) {
+        self.reserve(count);
+    }
+
+    fn push(&mut self, name: HeaderName, value: HeaderValue) {
+        Vec::push(self, (name, value));
+    }
+}
+
+impl Headers for HeaderMap {
+    /// With room for one more: a replay marks the response it sends.
+    fn reserve_for(&mut self, count: usize) {
+        self.reserve(count + 1);
+    }
+
+    fn push(&mut self, name: HeaderName, value: HeaderValue) {
+        self.append(name, value);
     }
 }
 
@@ -455,6 +484,39 @@ impl<'a> Reader<'a> {
 
     fn status(&mut self) -> Result<StatusCode, RecordError> {
         StatusCode::from_u16(self.u16()?).map_err(|_| RecordError::Malformed)
+    }
+
+    /// The rest of a completed record: its expiry, its status, its headers (into
+    /// `headers`) and its body; the whole record is read.
+    fn completed(
+        &mut self,
+        headers: &mut impl Headers,
+    ) -> Result<(u64, StatusCode, Bytes), RecordError> {
+        let expires_at_ms = self.u64()?;
+        let status = self.status()?;
+        let count = self.u16()?;
+        headers.reserve_for(usize::from(count));
+        for _ in 0..count {
+            let name_len = usize::from(self.u16()?);
+            let name =
+                HeaderName::from_bytes(self.take(name_len)?).map_err(|_| RecordError::Malformed)?;
+            let value_len = self.u32()? as usize;
+            let value = HeaderValue::from_maybe_shared(
+                self.bytes.slice(self.at..self.at + self.check(value_len)?),
+            )
+            .map_err(|_| RecordError::Malformed)?;
+            self.at += value_len;
+            headers.push(name, value);
+        }
+        let body_len = usize::try_from(self.u64()?).map_err(|_| RecordError::Malformed)?;
+        let start = self.at;
+        self.take(body_len)?;
+        self.finish()?;
+        Ok((
+            expires_at_ms,
+            status,
+            self.bytes.slice(start..start + body_len),
+        ))
     }
 
     fn finish(&self) -> Result<(), RecordError> {

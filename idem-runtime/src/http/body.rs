@@ -9,28 +9,6 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use crate::key::{IdempotencyKey, KeyError};
-
-/// What the layer found on a request that carries an `Idempotency-Key`.
-#[derive(Debug, Clone)]
-pub(crate) enum KeyedRequest {
-    /// The key is malformed; the body was not read.
-    Invalid(KeyError),
-    /// A well-formed key, and the body as buffered for the fingerprint.
-    Keyed {
-        key: IdempotencyKey,
-        body: BufferedBody,
-    },
-}
-
-/// A request body that the layer buffered, for the fingerprint.
-#[derive(Debug, Clone)]
-pub(crate) enum BufferedBody {
-    Complete(Bytes),
-    TooLarge,
-    Failed,
-}
-
 /// A body read up to a limit.
 pub(crate) enum Collected {
     /// The whole body, within the limit.

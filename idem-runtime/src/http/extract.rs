@@ -2,8 +2,6 @@
 //! [`ScopedKey`].
 
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, OptionalFromRequestParts};
@@ -12,10 +10,10 @@ use http::request::Parts;
 
 use tracing::Instrument;
 
-use super::body::{BufferedBody, KeyedRequest};
 use super::execute::first_execution;
 use super::problem::Problem;
 use super::replay;
+use super::state::{BufferedBody, Found, RequestState};
 use crate::config::{Idempotency, defaults};
 use crate::fingerprint::Fingerprint;
 use crate::key::ScopedKey;
@@ -66,14 +64,7 @@ struct Prepared {
     idem: Idempotency,
     key: ScopedKey,
     fingerprint: Fingerprint,
-    /// Shared by every guard of one request: the first `run` protects, any other runs its
-    /// work as it is (a guard taken by hand beside the attribute never locks it out).
-    slot: Arc<AtomicBool>,
 }
-
-/// Marks a request whose key a guard already prepared.
-#[derive(Clone)]
-struct GuardSlot(Arc<AtomicBool>);
 
 impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
     const TTL: Duration = {
@@ -102,7 +93,10 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         let Some(prepared) = self.prepared else {
             return unkeyed(work, transaction).await;
         };
-        if prepared.slot.swap(true, Ordering::AcqRel) {
+        // Every guard of one request shares its transaction slot: the first `run` protects,
+        // any other runs its work as it is (a guard taken by hand beside the attribute
+        // never locks it out).
+        if !transaction.first_guard() {
             // The first guard of this request holds the key and finishes the transaction.
             return work.await.into_response();
         }
@@ -110,16 +104,23 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
             idem,
             key,
             fingerprint,
-            ..
         } = prepared;
         let span =
             tracing::info_span!(target: "idem", "idem", key = %idem.logged_key(key.key(), &key));
         async move {
             let wait = idem.settings().wait_for_in_flight;
-            match protocol::begin(&idem, key.clone(), fingerprint, Self::TTL, wait).await {
-                Begun::Execute(mut execution) => {
+            let begun = protocol::begin(
+                &idem,
+                key.clone(),
+                fingerprint,
+                Self::TTL,
+                wait,
+                transaction.clone(),
+            )
+            .await;
+            match begun {
+                Begun::Execute(execution) => {
                     idem.shared.metrics.request(Outcome::Executed);
-                    execution.writes_in(transaction);
                     first_execution(execution, work).await
                 }
                 Begun::Answer(answer) => {
@@ -183,17 +184,6 @@ where
     }
 }
 
-/// The request's transaction slot, shared by its guard and the extractor that hands out
-/// the transaction, whichever is extracted first.
-pub(crate) fn transaction_slot(parts: &mut Parts) -> TransactionSlot {
-    if let Some(slot) = parts.extensions.get::<TransactionSlot>() {
-        return slot.clone();
-    }
-    let slot = TransactionSlot::default();
-    parts.extensions.insert(slot.clone());
-    slot
-}
-
 impl<const TTL_SECS: u64, const REQUIRED: bool> fmt::Debug for Idempotent<TTL_SECS, REQUIRED> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Idempotent")
@@ -222,19 +212,19 @@ where
             return Err(Problem::layer_missing().into_response());
         };
         let settings = idem.settings();
-        let transaction = transaction_slot(parts);
-        transaction.finished_by_idem();
-        let (key, body) = match parts.extensions.get::<KeyedRequest>() {
-            Some(KeyedRequest::Keyed { key, body }) => (key.clone(), body),
-            Some(KeyedRequest::Invalid(error)) => {
+        let state = RequestState::of(&mut parts.extensions);
+        let transaction = state.guard_transaction();
+        let body = match state.found() {
+            Found::Keyed(body) => body,
+            Found::Invalid(error) => {
                 idem.shared.metrics.request(Outcome::BadKey);
-                return Err(Problem::key_invalid(error).into_response());
+                return Err(Problem::key_invalid(&error).into_response());
             }
-            None if REQUIRED => {
+            Found::None if REQUIRED => {
                 idem.shared.metrics.request(Outcome::BadKey);
                 return Err(Problem::key_missing().into_response());
             }
-            None => return Ok(Self::unprotected(None, transaction)),
+            Found::None => return Ok(Self::unprotected(None, transaction)),
         };
         let fingerprint = match body {
             BufferedBody::Complete(body) => {
@@ -256,7 +246,7 @@ where
                     &parts.method,
                     path,
                     content_type,
-                    body,
+                    &body,
                 )
             }
             BufferedBody::TooLarge => {
@@ -273,33 +263,18 @@ where
             tracing::warn!(target: "idem", path = parts.uri.path(), "keyed request without an identity to scope it by; answering 400 (see IdempotencyBuilder::scope, Principal, IdempotencyBuilder::shared_scope)");
             return Err(Problem::scope_missing().into_response());
         };
-        let key = ScopedKey::new(scope, key);
         // A `ScopedKey` taken by an earlier argument, before the extractor that put the
         // principal in, names another scope than this record: a database guard keyed by it
         // would not catch a retry. Refuse loudly rather than run on two identities.
-        let earlier_differs = match parts.extensions.get::<ScopedKey>() {
-            Some(earlier) => *earlier != key,
-            None => parts.extensions.get::<ReadWithoutScope>().is_some(),
-        };
-        if earlier_differs {
+        let Ok(key) = RequestState::of(&mut parts.extensions).scope_for_guard(scope) else {
             tracing::error!(target: "idem", path = parts.uri.path(), "`ScopedKey` was extracted before the extractor that authenticates the request; take it after that extractor");
             return Err(Problem::scope_conflict().into_response());
-        }
-        parts.extensions.insert(key.clone());
-        let slot = match parts.extensions.get::<GuardSlot>() {
-            Some(GuardSlot(slot)) => slot.clone(),
-            None => {
-                let slot = Arc::new(AtomicBool::new(false));
-                parts.extensions.insert(GuardSlot(slot.clone()));
-                slot
-            }
         };
         Ok(Self {
             prepared: Some(Prepared {
                 idem,
                 key: key.clone(),
                 fingerprint,
-                slot,
             }),
             key: Some(key),
             transaction,
@@ -307,37 +282,29 @@ where
     }
 }
 
-/// The request's scoped key: the one a guard already found, else found the same way. Take
-/// it after the extractor that authenticates the request: one taken before it, where the
-/// two scopes differ, makes the guard answer `500` rather than run on two identities.
-fn scoped_key_of(parts: &Parts) -> Option<ScopedKey> {
-    if let Some(key) = parts.extensions.get::<ScopedKey>() {
+/// The request's scoped key: the one a guard or an earlier extractor already found, else
+/// found the same way. Take it after the extractor that authenticates the request: one
+/// taken before it, where the two scopes differ, makes the guard answer `500` rather than
+/// run on two identities. A keyed request read without a scope is marked for the guard.
+fn scoped_key_of(parts: &mut Parts) -> Option<ScopedKey> {
+    let state = parts.extensions.get::<RequestState>()?;
+    if let Some(key) = state.scoped() {
         return Some(key.clone());
     }
-    let idem = parts.extensions.get::<Idempotency>()?;
-    let key = match parts.extensions.get::<KeyedRequest>()? {
-        KeyedRequest::Keyed { key, .. } => key.clone(),
-        KeyedRequest::Invalid(_) => return None,
-    };
-    let scope = idem.scope_of(parts)?;
-    Some(ScopedKey::new(scope, key))
+    if !state.needs_scope() {
+        return None;
+    }
+    let scope = parts.extensions.get::<Idempotency>()?.scope_of(parts);
+    RequestState::of(&mut parts.extensions).read_scoped(scope)
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for ScopedKey {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
-        let key = scoped_key_of(parts).ok_or_else(|| Problem::key_missing().into_response())?;
-        parts.extensions.insert(key.clone());
-        Ok(key)
+        scoped_key_of(parts).ok_or_else(|| Problem::key_missing().into_response())
     }
 }
-
-/// Marks a keyed request whose `Option<ScopedKey>` was read as `None` because nothing
-/// identified the client yet: a guard that finds a scope later refuses the request, as
-/// for a `ScopedKey` of another scope.
-#[derive(Clone, Copy)]
-struct ReadWithoutScope;
 
 impl<S: Send + Sync> OptionalFromRequestParts<S> for ScopedKey {
     type Rejection = std::convert::Infallible;
@@ -346,20 +313,6 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for ScopedKey {
         parts: &mut Parts,
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
-        let key = scoped_key_of(parts);
-        match &key {
-            Some(key) => {
-                parts.extensions.insert(key.clone());
-            }
-            None if matches!(
-                parts.extensions.get::<KeyedRequest>(),
-                Some(KeyedRequest::Keyed { .. })
-            ) =>
-            {
-                parts.extensions.insert(ReadWithoutScope);
-            }
-            None => {}
-        }
-        Ok(key)
+        Ok(scoped_key_of(parts))
     }
 }

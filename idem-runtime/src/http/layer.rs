@@ -10,7 +10,8 @@ use axum::response::Response;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::body::{BufferedBody, Collected, KeyedRequest, collect_bounded};
+use super::body::{Collected, collect_bounded};
+use super::state::{BufferedBody, RequestState};
 use crate::config::Idempotency;
 use crate::key::IdempotencyKey;
 use crate::store::BoxFuture;
@@ -74,7 +75,7 @@ where
             Err(error) => {
                 request
                     .extensions_mut()
-                    .insert(KeyedRequest::Invalid(error));
+                    .insert(RequestState::invalid(error));
                 return Box::pin(self.inner.call(request));
             }
         };
@@ -91,10 +92,7 @@ where
                 Collected::TooLarge { read, .. } => (BufferedBody::TooLarge, read.into_body()),
                 Collected::Failed(read) => (BufferedBody::Failed, read.into_body()),
             };
-            parts.extensions.insert(KeyedRequest::Keyed {
-                key,
-                body: buffered,
-            });
+            parts.extensions.insert(RequestState::keyed(key, buffered));
             inner.call(Request::from_parts(parts, body)).await
         })
     }

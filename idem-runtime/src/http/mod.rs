@@ -17,6 +17,7 @@ mod extract;
 mod layer;
 mod problem;
 mod replay;
+mod state;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod transaction;
 

@@ -4,14 +4,16 @@
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 
-use super::IDEMPOTENT_REPLAYED;
 use super::problem::Problem;
 use crate::config::Idempotency;
 use crate::key::ScopedKey;
 use crate::protocol::Answer;
-use crate::record::{Record, RecordError};
+use crate::record::{self, Record, RecordError};
+
+/// [`IDEMPOTENT_REPLAYED`](super::IDEMPOTENT_REPLAYED), made once.
+const REPLAYED: HeaderName = HeaderName::from_static(super::IDEMPOTENT_REPLAYED);
 
 /// The response to a request whose handler does not run.
 pub(crate) fn answer(idem: &Idempotency, key: &ScopedKey, answer: Answer) -> Response {
@@ -48,16 +50,10 @@ pub(crate) fn answer(idem: &Idempotency, key: &ScopedKey, answer: Answer) -> Res
 /// What happens on a replay: the stored response as the client receives it again, its
 /// status, kept headers and body byte for byte, plus `Idempotent-Replayed: true`.
 pub(crate) fn replay(record: &Bytes) -> Result<Response, RecordError> {
-    let Record::Completed(stored) = Record::decode(record)? else {
-        return Err(RecordError::Malformed);
-    };
-    let mut response = Response::new(Body::from(stored.body));
-    *response.status_mut() = stored.status;
-    let headers = response.headers_mut();
-    headers.reserve(stored.headers.len() + 1);
-    for (name, value) in stored.headers {
-        headers.append(name, value);
-    }
-    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    let (status, mut headers, body) = record::decode_response(record)?;
+    headers.insert(REPLAYED, HeaderValue::from_static("true"));
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
     Ok(response)
 }

@@ -5,8 +5,8 @@ use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 
-use super::extract::transaction_slot;
 use super::problem::Problem;
+use super::state::RequestState;
 use crate::config::Idempotency;
 use crate::store::DatabaseTransaction;
 
@@ -20,8 +20,9 @@ fn extract<T: DatabaseTransaction>(parts: &mut Parts) -> Result<T, Response> {
         tracing::error!(target: "idem", "`{}` taken by a handler served without the idempotency layer: add `.layer(idem.layer())` to the Router", T::NAME);
         return Err(Problem::layer_missing().into_response());
     };
-    let slot = transaction_slot(parts);
-    let Some(transaction) = T::on_store(idem.store().as_ref(), slot.finish_flag()) else {
+    let state = RequestState::of(&mut parts.extensions);
+    let slot = state.transaction_slot();
+    let Some(transaction) = T::on_store(idem.store().as_ref(), state.finish_flag()) else {
         let detail = format!(
             "This handler writes in a database transaction that idem commits with the response, which needs idem's store to be a {} on that database.",
             T::STORE

@@ -73,13 +73,15 @@ pub(crate) enum Answer {
 
 /// Claims `key` for a request with `fingerprint`, or finds what is already there. While
 /// the same request runs under the key, waits up to `wait` for it to end before answering
-/// that it is in flight.
+/// that it is in flight. An execution writes in the transaction the work puts in
+/// `transaction`, if it takes one: the completion is then written and committed in it.
 pub(crate) async fn begin(
     idem: &Idempotency,
     key: ScopedKey,
     fingerprint: Fingerprint,
     ttl: Duration,
     wait: Option<Duration>,
+    transaction: TransactionSlot,
 ) -> Begun {
     let shared = &idem.shared;
     let settings = &shared.settings;
@@ -108,7 +110,7 @@ pub(crate) async fn begin(
         persist_release: true,
         claim_may_land: false,
         keeper: None,
-        transaction: TransactionSlot::default(),
+        transaction,
         stands_alone: false,
     };
     let wait_until = wait.map(|max| later(Instant::now(), max));
@@ -306,11 +308,6 @@ impl Execution {
     /// How long the completed record is kept.
     pub(crate) fn ttl(&self) -> Duration {
         self.ttl
-    }
-
-    /// Where the work puts the transaction it writes in, if it takes one.
-    pub(crate) fn writes_in(&mut self, slot: TransactionSlot) {
-        self.transaction = slot;
     }
 
     /// Says whether the result holds without the work's writes (a refusal, such as a

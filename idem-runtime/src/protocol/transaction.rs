@@ -59,21 +59,21 @@ pub trait Transactional: Send + Sync {
 /// Where a front door finds the transaction its work took, if it took one. Shared by
 /// everything that handles one request or call, whichever comes first.
 #[derive(Clone, Default)]
-pub(crate) struct TransactionSlot {
-    transaction: Arc<Mutex<Option<Arc<dyn Transactional>>>>,
-    /// Set by the front door that will finish the transaction: a transaction handed out
-    /// where nothing finishes it refuses to be used, rather than lose its writes.
-    finished_by_idem: Arc<AtomicBool>,
+pub(crate) struct TransactionSlot(Arc<Slot>);
+
+#[derive(Default)]
+struct Slot {
+    transaction: Mutex<Option<Arc<dyn Transactional>>>,
+    /// Taken by the first guard of a request that runs its work: that one protects it
+    /// and finishes the transaction.
+    guarded: AtomicBool,
 }
 
 impl TransactionSlot {
     /// Puts the work's transaction in. `false` when one is there already: a request or
     /// call writes in one transaction.
     pub(crate) fn fill(&self, transaction: Arc<dyn Transactional>) -> bool {
-        let mut slot = self
-            .transaction
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self.lock();
         if slot.is_some() {
             return false;
         }
@@ -81,30 +81,27 @@ impl TransactionSlot {
         true
     }
 
-    /// Says that this front door finishes the transaction (commits or rolls it back).
-    pub(crate) fn finished_by_idem(&self) {
-        self.finished_by_idem.store(true, Ordering::Release);
+    /// `true` for the first caller only: the guard that protects the work and finishes
+    /// its transaction.
+    pub(crate) fn first_guard(&self) -> bool {
+        !self.0.guarded.swap(true, Ordering::AcqRel)
     }
 
-    /// The flag [`finished_by_idem`](Self::finished_by_idem) sets, for the transaction.
-    pub(crate) fn finish_flag(&self) -> Arc<AtomicBool> {
-        self.finished_by_idem.clone()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<dyn Transactional>>> {
+        self.0
+            .transaction
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether the work took a transaction.
     pub(crate) fn is_filled(&self) -> bool {
-        self.transaction
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+        self.lock().is_some()
     }
 
     /// Takes the transaction out, if the work took one.
     pub(crate) fn take(&self) -> Option<Arc<dyn Transactional>> {
-        self.transaction
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+        self.lock().take()
     }
 
     /// Commits the work's writes when `keep`, else rolls them back; for work that ran
