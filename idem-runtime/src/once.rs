@@ -27,8 +27,6 @@
 //! ```
 
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -391,7 +389,7 @@ impl Once {
         Tx: crate::store::DatabaseTransaction,
     {
         let slot = TransactionSlot::default();
-        let finished_by_idem = Arc::new(AtomicBool::new(true));
+        let finished_by_idem = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let Some(transaction) = Tx::on_store(self.idem.store().as_ref(), finished_by_idem) else {
             return Err(OnceError::NoTransaction);
         };

@@ -105,6 +105,7 @@ impl RequestState {
 
     /// The flag a transaction handed out on this request checks: set once a guard is
     /// taken, before or after the transaction.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(crate) fn finish_flag(&mut self) -> Arc<AtomicBool> {
         let finished = self.finished_by_idem;
         self.finish_flag
