@@ -389,10 +389,10 @@ impl Once {
         Tx: crate::store::DatabaseTransaction,
     {
         let slot = TransactionSlot::default();
-        let finished_by_idem = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let Some(transaction) = Tx::on_store(self.idem.store().as_ref(), finished_by_idem) else {
+        let Some(transaction) = Tx::on_store(self.idem.store().as_ref(), slot.finish_flag()) else {
             return Err(OnceError::NoTransaction);
         };
+        slot.finished_by_idem();
         slot.fill(transaction.transactional());
         self.execute(move || operation(transaction), ErrorsNotStored, slot)
             .await

@@ -379,9 +379,12 @@ pub(crate) fn decode_response(
 
 /// Where a completed record's headers are decoded to.
 trait Headers {
-    /// Makes room for the `count` headers to come.
+    /// Makes room for the `count` headers to come; a hint, which a map past its largest
+    /// size ignores.
     fn reserve_for(&mut self, count: usize);
-    fn push(&mut self, name: HeaderName, value: HeaderValue);
+    /// `Err` where the map would grow past its largest size (a record no response of
+    /// this process can have produced).
+    fn push(&mut self, name: HeaderName, value: HeaderValue) -> Result<(), RecordError>;
 }
 
 impl Headers for Vec<(HeaderName, HeaderValue)> {
@@ -389,19 +392,24 @@ impl Headers for Vec<(HeaderName, HeaderValue)> {
         self.reserve(count);
     }
 
-    fn push(&mut self, name: HeaderName, value: HeaderValue) {
+    fn push(&mut self, name: HeaderName, value: HeaderValue) -> Result<(), RecordError> {
         Vec::push(self, (name, value));
+        Ok(())
     }
 }
 
 impl Headers for HeaderMap {
     /// With room for one more: a replay marks the response it sends.
     fn reserve_for(&mut self, count: usize) {
-        self.reserve(count + 1);
+        // The count counts values, not names: many values of one name fit in a map
+        // that could not reserve a slot for each.
+        let _ = self.try_reserve(count + 1);
     }
 
-    fn push(&mut self, name: HeaderName, value: HeaderValue) {
-        self.append(name, value);
+    fn push(&mut self, name: HeaderName, value: HeaderValue) -> Result<(), RecordError> {
+        self.try_append(name, value)
+            .map(drop)
+            .map_err(|_| RecordError::Malformed)
     }
 }
 
@@ -495,7 +503,10 @@ impl<'a> Reader<'a> {
         let expires_at_ms = self.u64()?;
         let status = self.status()?;
         let count = self.u16()?;
-        headers.reserve_for(usize::from(count));
+        // Each header takes at least 7 bytes of the record (lengths and a name): a count
+        // the record cannot hold reserves no more than it can.
+        let left = self.bytes.len().saturating_sub(self.at);
+        headers.reserve_for(usize::from(count).min(left / 7));
         for _ in 0..count {
             let name_len = usize::from(self.u16()?);
             let name =
@@ -506,7 +517,7 @@ impl<'a> Reader<'a> {
             )
             .map_err(|_| RecordError::Malformed)?;
             self.at += value_len;
-            headers.push(name, value);
+            headers.push(name, value)?;
         }
         let body_len = usize::try_from(self.u64()?).map_err(|_| RecordError::Malformed)?;
         let start = self.at;

@@ -18,55 +18,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
-use common::{PgSchema, post_with, send};
-use idem_runtime::store::{PgTransaction, PostgresStore};
+use common::{PaymentsDb, post_with, send};
+use idem_runtime::store::PgTransaction;
 use idem_runtime::{Idempotency, idempotent};
 use sqlx::AssertSqlSafe;
-
-struct Db {
-    schema: PgSchema,
-    store: PostgresStore,
-}
-
-impl Db {
-    async fn new(test: &str) -> Self {
-        let schema = PgSchema::create(test).await;
-        let store = PostgresStore::builder(schema.url.as_str())
-            .schema(schema.name.as_str())
-            .connect()
-            .await
-            .unwrap();
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE TABLE \"{}\".payments (id serial PRIMARY KEY, note text NOT NULL)",
-            schema.name
-        )))
-        .execute(store.pool())
-        .await
-        .unwrap();
-        Self { schema, store }
-    }
-
-    fn table(&self) -> String {
-        format!("\"{}\".payments", self.schema.name)
-    }
-
-    async fn notes(&self) -> Vec<String> {
-        sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT note FROM {} ORDER BY id",
-            self.table()
-        )))
-        .fetch_all(self.store.pool())
-        .await
-        .unwrap()
-    }
-
-    fn idem(&self) -> Idempotency {
-        Idempotency::builder()
-            .shared_scope(true)
-            .store(self.store.clone())
-            .build()
-    }
-}
 
 #[derive(Clone)]
 struct App {
@@ -75,7 +30,7 @@ struct App {
 }
 
 impl App {
-    fn new(db: &Db) -> Self {
+    fn new(db: &PaymentsDb) -> Self {
         Self {
             table: db.table(),
             runs: Arc::default(),
@@ -107,7 +62,7 @@ async fn plain_pay(State(app): State<App>, tx: PgTransaction) -> Response {
 /// success for writes that are rolled back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_transaction_without_idempotent_never_answers_success_for_lost_writes() {
-    let db = Db::new("tx_edge_plain").await;
+    let db = PaymentsDb::new("tx_edge_plain").await;
     let idem = db.idem();
     let router = Router::new()
         .route("/pay", post(plain_pay))
@@ -161,7 +116,7 @@ async fn pay_once(State(app): State<App>, tx: PgTransaction, body: String) -> Re
 /// it gets that 4xx delivered and replayed, though PostgreSQL aborted its transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_4xx_after_a_failed_statement_is_delivered_and_replayed() {
-    let db = Db::new("tx_edge_aborted").await;
+    let db = PaymentsDb::new("tx_edge_aborted").await;
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {} (id, note) VALUES (7, 'existing')",
         db.table()
@@ -223,7 +178,7 @@ async fn export(State(app): State<App>, tx: PgTransaction) -> Response {
 /// success for writes that did not commit, and the export commits at most once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_streamed_from_the_transaction_ends_and_commits_at_most_once() {
-    let db = Db::new("tx_edge_stream").await;
+    let db = PaymentsDb::new("tx_edge_stream").await;
     let idem = Idempotency::builder()
         .shared_scope(true)
         .store(db.store.clone())
@@ -294,7 +249,7 @@ async fn lenient(State(app): State<App>, tx: PgTransaction) -> Response {
 /// key, the client never gets a success for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_commit_of_an_aborted_transaction_never_answers_success() {
-    let db = Db::new("tx_edge_unkeyed_abort").await;
+    let db = PaymentsDb::new("tx_edge_unkeyed_abort").await;
     let router = Router::new()
         .route("/pay", post(lenient))
         .with_state(App::new(&db))

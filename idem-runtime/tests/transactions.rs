@@ -16,59 +16,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use common::{NoRenewals, PgSchema, post_with, send, until};
+use common::{NoRenewals, PaymentsDb, post_with, send, until};
 use idem_runtime::once::{OnceError, Outcome};
 use idem_runtime::store::{PgTransaction, PostgresStore};
 use idem_runtime::{Idempotency, OnceKey, Problem, idempotent};
 use sqlx::AssertSqlSafe;
 use tokio::sync::Notify;
-
-/// The test's schema, its idem store and a business table `payments (note)`.
-struct Db {
-    schema: PgSchema,
-    store: PostgresStore,
-}
-
-impl Db {
-    async fn new(test: &str) -> Self {
-        let schema = PgSchema::create(test).await;
-        let store = PostgresStore::builder(schema.url.as_str())
-            .schema(schema.name.as_str())
-            .connect()
-            .await
-            .unwrap();
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE TABLE \"{}\".payments (id serial PRIMARY KEY, note text NOT NULL)",
-            schema.name
-        )))
-        .execute(store.pool())
-        .await
-        .unwrap();
-        Self { schema, store }
-    }
-
-    fn table(&self) -> String {
-        format!("\"{}\".payments", self.schema.name)
-    }
-
-    /// The notes of the committed payments, in order.
-    async fn notes(&self) -> Vec<String> {
-        sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT note FROM {} ORDER BY id",
-            self.table()
-        )))
-        .fetch_all(self.store.pool())
-        .await
-        .unwrap()
-    }
-
-    fn idem(&self) -> Idempotency {
-        Idempotency::builder()
-            .shared_scope(true)
-            .store(self.store.clone())
-            .build()
-    }
-}
 
 /// The handler's world: where it writes, what it calls itself, and a gate it may wait on.
 #[derive(Clone)]
@@ -81,7 +34,7 @@ struct Payments {
 }
 
 impl Payments {
-    fn new(db: &Db, name: &'static str) -> Self {
+    fn new(db: &PaymentsDb, name: &'static str) -> Self {
         Self {
             table: db.table(),
             name,
@@ -132,7 +85,7 @@ fn router(idem: &Idempotency, app: Payments) -> Router {
 /// and writes nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn success_commits_both_and_the_retry_replays() {
-    let db = Db::new("tx_success").await;
+    let db = PaymentsDb::new("tx_success").await;
     let app = Payments::new(&db, "A");
     let router = router(&db.idem(), app.clone());
     let first = send(&router, post_with("/pay", Some("k"), "ok")).await;
@@ -153,7 +106,7 @@ async fn success_commits_both_and_the_retry_replays() {
 /// business row, and the retry runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_and_panics_roll_back_and_release() {
-    let db = Db::new("tx_rollback").await;
+    let db = PaymentsDb::new("tx_rollback").await;
     let app = Payments::new(&db, "A");
     let router = router(&db.idem(), app.clone());
     for _ in 0..2 {
@@ -183,7 +136,7 @@ async fn server_errors_and_panics_roll_back_and_release() {
 /// writes never become visible, it answers 409, and exactly one payment exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_executor_rolls_back() {
-    let db = Db::new("tx_stale").await;
+    let db = PaymentsDb::new("tx_stale").await;
     let stale_idem = Idempotency::builder()
         .shared_scope(true)
         .store(NoRenewals(db.store.clone()))
@@ -231,7 +184,7 @@ async fn a_stale_executor_rolls_back() {
 /// the replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_payments_make_one() {
-    let db = Db::new("tx_concurrent").await;
+    let db = PaymentsDb::new("tx_concurrent").await;
     let app = Payments::new(&db, "A");
     let router = router(&db.idem(), app.clone());
     let mut calls = Vec::new();
@@ -260,7 +213,7 @@ async fn a_hundred_concurrent_payments_make_one() {
 /// its lease runs out, the retry runs afresh and exactly one payment exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_before_the_commit_leaves_nothing() {
-    let db = Db::new("tx_crash").await;
+    let db = PaymentsDb::new("tx_crash").await;
     let lease = Duration::from_millis(500);
     let doomed = Payments::new(&db, "doomed");
     std::thread::spawn({
@@ -318,7 +271,7 @@ async fn a_crash_before_the_commit_leaves_nothing() {
 /// (a later call replays without writing), `Err` rolls them back and the next call runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_commits_with_its_result() {
-    let db = Db::new("tx_once").await;
+    let db = PaymentsDb::new("tx_once").await;
     let idem = db.idem();
     let table = db.table();
     let write = |note: &'static str, fail: bool| {

@@ -90,6 +90,9 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         R: IntoResponse + 'static,
     {
         let transaction = self.transaction;
+        // From here idem finishes the transaction, whatever the answer: a transaction
+        // beside a guard whose `run` is never called refuses to be used.
+        transaction.finished_by_idem();
         let Some(prepared) = self.prepared else {
             return unkeyed(work, transaction).await;
         };
@@ -213,7 +216,7 @@ where
         };
         let settings = idem.settings();
         let state = RequestState::of(&mut parts.extensions);
-        let transaction = state.guard_transaction();
+        let transaction = state.transaction_slot();
         let body = match state.found() {
             Found::Keyed(body) => body,
             Found::Invalid(error) => {

@@ -2,9 +2,6 @@
 //! request's extractors share (its scoped key, its transaction). One extension for all of
 //! it, so a keyed request costs one insertion, not one per extractor.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use bytes::Bytes;
 use http::Extensions;
 
@@ -20,13 +17,8 @@ pub(crate) struct RequestState {
     /// An `Option<ScopedKey>` was read as `None` on a keyed request, because nothing
     /// identified the client yet: a guard that finds a scope later refuses the request.
     read_without_scope: bool,
-    /// Shared by the guard and the extractor that hands out the transaction.
+    /// Shared by the guards and the extractor that hands out the transaction.
     transaction: Option<TransactionSlot>,
-    /// A guard will finish the transaction.
-    finished_by_idem: bool,
-    /// The flag a handed-out transaction checks before it is used; set when a guard is
-    /// (or was) taken.
-    finish_flag: Option<Arc<AtomicBool>>,
 }
 
 /// The request's `Idempotency-Key`, as far as it is known.
@@ -94,25 +86,6 @@ impl RequestState {
         self.transaction.get_or_insert_default().clone()
     }
 
-    /// Says that a guard finishes the request's transaction, and hands out its slot.
-    pub(crate) fn guard_transaction(&mut self) -> TransactionSlot {
-        self.finished_by_idem = true;
-        if let Some(flag) = &self.finish_flag {
-            flag.store(true, Ordering::Release);
-        }
-        self.transaction_slot()
-    }
-
-    /// The flag a transaction handed out on this request checks: set once a guard is
-    /// taken, before or after the transaction.
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
-    pub(crate) fn finish_flag(&mut self) -> Arc<AtomicBool> {
-        let finished = self.finished_by_idem;
-        self.finish_flag
-            .get_or_insert_with(|| Arc::new(AtomicBool::new(finished)))
-            .clone()
-    }
-
     /// What a guard finds: the key's validity and the buffered body.
     pub(crate) fn found(&self) -> Found {
         match &self.key {
@@ -128,8 +101,12 @@ impl RequestState {
     /// the key in another scope, or read it as `None` for want of one: a database guard
     /// keyed by what it read would not catch a retry.
     pub(crate) fn scope_for_guard(&mut self, scope: Scope) -> Result<ScopedKey, ScopeConflict> {
+        if self.read_without_scope {
+            // The handler holds a `None` for a key that idem protects.
+            return Err(ScopeConflict);
+        }
         match std::mem::take(&mut self.key) {
-            RequestKey::Unscoped { key, body } if !self.read_without_scope => {
+            RequestKey::Unscoped { key, body } => {
                 let key = ScopedKey::new(scope, key);
                 self.key = RequestKey::Scoped {
                     key: key.clone(),

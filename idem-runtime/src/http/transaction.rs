@@ -20,9 +20,8 @@ fn extract<T: DatabaseTransaction>(parts: &mut Parts) -> Result<T, Response> {
         tracing::error!(target: "idem", "`{}` taken by a handler served without the idempotency layer: add `.layer(idem.layer())` to the Router", T::NAME);
         return Err(Problem::layer_missing().into_response());
     };
-    let state = RequestState::of(&mut parts.extensions);
-    let slot = state.transaction_slot();
-    let Some(transaction) = T::on_store(idem.store().as_ref(), state.finish_flag()) else {
+    let slot = RequestState::of(&mut parts.extensions).transaction_slot();
+    let Some(transaction) = T::on_store(idem.store().as_ref(), slot.finish_flag()) else {
         let detail = format!(
             "This handler writes in a database transaction that idem commits with the response, which needs idem's store to be a {} on that database.",
             T::STORE

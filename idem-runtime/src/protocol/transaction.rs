@@ -4,7 +4,7 @@
 //! that can do this fills it (see `store::PgTransaction` and `store::SqliteTransaction`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -67,6 +67,10 @@ struct Slot {
     /// Taken by the first guard of a request that runs its work: that one protects it
     /// and finishes the transaction.
     guarded: AtomicBool,
+    /// The flag a transaction handed out through this slot checks before it is used,
+    /// made when the first one is handed out. Not in `Slot` itself: the transaction it
+    /// is given to sits in this slot.
+    finish: OnceLock<Arc<AtomicBool>>,
 }
 
 impl TransactionSlot {
@@ -85,6 +89,23 @@ impl TransactionSlot {
     /// its transaction.
     pub(crate) fn first_guard(&self) -> bool {
         !self.0.guarded.swap(true, Ordering::AcqRel)
+    }
+
+    /// The flag the work's transaction checks before it is used: set by
+    /// [`finished_by_idem`](Self::finished_by_idem). A transaction handed out where
+    /// nothing runs the work through a front door refuses to be used, rather than lose
+    /// its writes.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(crate) fn finish_flag(&self) -> Arc<AtomicBool> {
+        self.0.finish.get_or_init(Arc::default).clone()
+    }
+
+    /// Says that a front door now runs the work and will finish its transaction (commit
+    /// it or roll it back). Called after the transaction is handed out.
+    pub(crate) fn finished_by_idem(&self) {
+        if let Some(flag) = self.0.finish.get() {
+            flag.store(true, Ordering::Release);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<dyn Transactional>>> {

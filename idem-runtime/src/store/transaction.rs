@@ -120,15 +120,16 @@ impl<B: Backend> Shared<B> {
     }
 
     /// The transaction's connection; the first call opens the transaction. An error
-    /// where no front door of idem finishes it, once idem has finished it, or when the
-    /// database gives no transaction.
+    /// before a front door of idem runs the work (`Idempotent::run`, `once`: the one that
+    /// finishes the transaction), once idem has finished it, or when the database gives
+    /// no transaction.
     pub(crate) async fn conn(
         &self,
     ) -> Result<MappedMutexGuard<'_, <B::Db as Database>::Connection>, sqlx::Error> {
         if !self.finished_by_idem.load(Ordering::Acquire) {
-            tracing::error!(target: "idem", "`{}` used in a handler without `#[idempotent]`: nothing would commit it", B::NAME);
+            tracing::error!(target: "idem", "`{}` used outside the work of `#[idempotent]` or `Idempotent::run`: nothing would commit it", B::NAME);
             return Err(sqlx::Error::Protocol(format!(
-                "a {} is committed by #[idempotent] (or Idempotent::run); this handler has neither, so its writes would be lost",
+                "a {} is committed by #[idempotent] (or Idempotent::run) and is used in the work they run; used anywhere else, its writes would be lost",
                 B::NAME
             )));
         }

@@ -267,6 +267,58 @@ impl PgSchema {
     }
 }
 
+/// A test's schema, its idem store, and a business table `payments (note)` that
+/// handlers write in with `PgTransaction`.
+#[cfg(feature = "postgres")]
+pub struct PaymentsDb {
+    pub schema: PgSchema,
+    pub store: PostgresStore,
+}
+
+#[cfg(feature = "postgres")]
+impl PaymentsDb {
+    pub async fn new(test: &str) -> Self {
+        let schema = PgSchema::create(test).await;
+        let store = PostgresStore::builder(schema.url.as_str())
+            .schema(schema.name.as_str())
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE \"{}\".payments (id serial PRIMARY KEY, note text NOT NULL)",
+            schema.name
+        )))
+        .execute(store.pool())
+        .await
+        .unwrap();
+        Self { schema, store }
+    }
+
+    /// The business table's qualified name.
+    pub fn table(&self) -> String {
+        format!("\"{}\".payments", self.schema.name)
+    }
+
+    /// The notes of the committed payments, in order.
+    pub async fn notes(&self) -> Vec<String> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT note FROM {} ORDER BY id",
+            self.table()
+        )))
+        .fetch_all(self.store.pool())
+        .await
+        .unwrap()
+    }
+
+    /// A handle on this store, every key in the shared scope.
+    pub fn idem(&self) -> Idempotency {
+        Idempotency::builder()
+            .shared_scope(true)
+            .store(self.store.clone())
+            .build()
+    }
+}
+
 #[cfg(feature = "postgres")]
 impl Drop for PgSchema {
     fn drop(&mut self) {

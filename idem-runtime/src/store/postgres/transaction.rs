@@ -59,8 +59,9 @@ pub struct PgTransaction(Arc<Shared<PostgresStore>>);
 impl PgTransaction {
     /// The transaction's connection, to run queries on (`.execute(&mut *conn)`); the
     /// first call opens the transaction. Hold it only while querying: idem takes the
-    /// transaction back when the work returns. An error once idem has finished the
-    /// transaction, or when the pool has no connection to give.
+    /// transaction back when the work returns. An error outside the work that
+    /// `#[idempotent]` (or `Idempotent::run`) runs, since nothing would commit it there;
+    /// once idem has finished the transaction; or when the pool has no connection to give.
     pub async fn conn(&self) -> Result<MappedMutexGuard<'_, PgConnection>, sqlx::Error> {
         self.0.conn().await
     }

@@ -88,9 +88,10 @@ pub struct SqliteTransaction(Arc<Shared<SqliteStore>>);
 impl SqliteTransaction {
     /// The transaction's connection, to run queries on (`.execute(&mut *conn)`); the
     /// first call opens the transaction and takes the write lock. Hold it only while
-    /// querying: idem takes the transaction back when the work returns. An error once
-    /// idem has finished the transaction, when the pool has no connection to give, or
-    /// when the lock is not free within the busy timeout.
+    /// querying: idem takes the transaction back when the work returns. An error outside
+    /// the work that `#[idempotent]` (or `Idempotent::run`) runs, since nothing would
+    /// commit it there; once idem has finished the transaction; when the pool has no
+    /// connection to give; or when the lock is not free within the busy timeout.
     pub async fn conn(&self) -> Result<MappedMutexGuard<'_, SqliteConnection>, sqlx::Error> {
         self.0.conn().await
     }
