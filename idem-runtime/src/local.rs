@@ -63,10 +63,12 @@ impl LocalTier {
     /// Keeps a copy of a completed record, which expires at `expires_at_ms`, until then
     /// or until `max_age` passes.
     pub(crate) fn insert(&self, key: &str, record: Bytes, expires_at_ms: u64) {
-        let now_ms = SystemTime::now()
+        // Not rounded to the millisecond: a copy kept up to a millisecond longer than the
+        // time its record has left could be replayed after the store dropped the record.
+        let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let remaining = Duration::from_millis(expires_at_ms.saturating_sub(now_ms));
+            .unwrap_or_default();
+        let remaining = Duration::from_millis(expires_at_ms).saturating_sub(now);
         let keep = remaining.min(self.max_age);
         if keep.is_zero() {
             return;

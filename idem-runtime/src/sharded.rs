@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::hash::BuildHasher;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use lru::LruCache;
@@ -90,11 +90,11 @@ pub(crate) trait Expiring: Clone {
 /// Entries by key, the least recently used evicted first once their total weight passes
 /// the bound given to [`keep`](Self::keep).
 pub(crate) struct Recent<V> {
-    entries: LruCache<String, V, Hasher>,
+    entries: LruCache<Arc<str>, V, Hasher>,
     weight: u64,
     /// Every entry's expiry and key, soonest first: what a shard over its bound drops
-    /// first, if it has expired.
-    expiries: BTreeSet<(Instant, String)>,
+    /// first, if it has expired. The key is the one the entry holds, not a copy.
+    expiries: BTreeSet<(Instant, Arc<str>)>,
 }
 
 impl<V: Expiring> Recent<V> {
@@ -132,7 +132,7 @@ impl<V: Expiring> Recent<V> {
         }
     }
 
-    fn forget(&mut self, key: String, entry: &V) {
+    fn forget(&mut self, key: Arc<str>, entry: &V) {
         self.weight -= entry.weight(&key);
         self.expiries.remove(&(entry.expires_at(), key));
     }
@@ -142,13 +142,12 @@ impl<V: Expiring> Recent<V> {
     /// the least recently used one. `entry` itself stays if it weighs no more than
     /// `bound` (at most [`LARGEST_BOUND`]) and `max_len` is at least 1.
     pub(crate) fn keep(&mut self, key: &str, entry: V, bound: u64, max_len: usize) {
-        self.weight += entry.weight(key);
-        self.expiries.insert((entry.expires_at(), key.to_owned()));
-        if let Some(replaced) = self.entries.put(key.to_owned(), entry) {
-            self.weight -= replaced.weight(key);
-            self.expiries
-                .remove(&(replaced.expires_at(), key.to_owned()));
-        }
+        // The entry it replaces goes first: its index entry may equal the new one's.
+        self.remove(key);
+        let key: Arc<str> = Arc::from(key);
+        self.weight += entry.weight(&key);
+        self.expiries.insert((entry.expires_at(), key.clone()));
+        self.entries.put(key, entry);
         let mut now = None;
         while self.weight > bound || self.entries.len() > max_len {
             let now = *now.get_or_insert_with(Instant::now);
@@ -163,14 +162,15 @@ impl<V: Expiring> Recent<V> {
 
     /// Drops the entry that expires first, if it expired at `now`; whether it did.
     fn remove_first_expired(&mut self, now: Instant) -> bool {
-        let Some((at, key)) = self.expiries.first() else {
-            return false;
-        };
-        if *at > now {
-            return false;
+        match self.expiries.first() {
+            Some((at, _)) if *at <= now => {}
+            _ => return false,
         }
-        let key = key.clone();
-        self.remove(&key);
+        if let Some((_, key)) = self.expiries.pop_first()
+            && let Some(entry) = self.entries.pop(&*key)
+        {
+            self.weight -= entry.weight(&key);
+        }
         true
     }
 

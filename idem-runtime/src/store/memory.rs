@@ -31,7 +31,9 @@ use crate::sharded::{Expiring, Hasher, LARGEST_BOUND, Recent, Shards};
 /// and 32 of the entry bound, or the whole bounds if they are smaller), each a claim map
 /// and a record map behind one lock: every step on a key is one short critical section.
 /// The bounds are divided among the shards, so a store holds about, not exactly, its
-/// bounds' worth of records; a record heavier than one shard's share of the byte bound is
+/// bounds' worth of records (given exactly as many records as its entry bound, the default
+/// store keeps all but a fraction of a percent, those of its fullest shards: leave some
+/// headroom); a record heavier than one shard's share of the byte bound is
 /// refused at completion, which idem records as a response that was not stored (a retry
 /// is told so; the handler never runs again).
 ///
@@ -89,10 +91,12 @@ impl Expiring for Record {
     }
 }
 
-/// Bytes an entry costs beyond its key and value: the cache's bookkeeping, the
-/// allocations behind the key and record, and allocator slack, as measured with the
-/// `memory` benchmark (resident growth per entry minus key and record bytes).
-const ENTRY_OVERHEAD: u64 = 256;
+/// Bytes an entry costs beyond its key and value: the map's bookkeeping, its expiry
+/// index, the allocations behind the key and record, and allocator slack, as measured
+/// with the `memory` benchmark and `tests/memory_review.rs`'s probe (resident growth per
+/// entry minus key and record bytes: 17 to 42 bytes over 256 for keys of 33 to 288
+/// bytes).
+const ENTRY_OVERHEAD: u64 = 300;
 
 /// Bounds a [`MemoryStore`] cannot work with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
