@@ -5,13 +5,16 @@
 //! ```text
 //! "idem" | version: u8 | kind: u8 | fingerprint: [u8; 32] | kind-specific part
 //! kind 1, in progress: fencing token [u8; 16]
-//! kind 2, completed:   expires_at_ms u64 | status u16 | header count u16
+//! kind 2, completed:   expires_at_ms u64 | status u16 | header count
 //!                      | (name_len u16, name, value_len u32, value)*
 //!                      | body_len u64 | body
 //! kind 3, unstorable:  status u16 | body length u64
 //! kind 4, value:       expires_at_ms u64 | outcome u8 (0 ok, 1 err) | json_len u64 | JSON
 //! kind 5, value not stored: length of the value u64
 //! ```
+//!
+//! A header count under 65,535 is one `u16`; a larger one is `u16` 65,535 followed by the
+//! count as a `u32`, so a response with any number of header values replays whole.
 //!
 //! Kinds 2 and 3 are written by the HTTP front door, kinds 4 and 5 by
 //! [`once`](crate::Idempotency::once): each front door reads only its own, so a stored
@@ -422,17 +425,25 @@ pub(crate) fn encode_completed(
     headers: &[(&HeaderName, &HeaderValue)],
     body: &[u8],
 ) -> Bytes {
-    let headers = &headers[..headers.len().min(usize::from(u16::MAX))];
+    // More than 4 billion header values cannot be held in memory to begin with.
+    let headers = &headers[..headers.len().min(u32::MAX as usize)];
     let header_bytes: usize = headers
         .iter()
         .map(|(n, v)| 6 + n.as_str().len() + v.len())
         .sum();
-    let mut out = start(KIND_COMPLETED, fingerprint, 20 + header_bytes + body.len());
+    let mut out = start(KIND_COMPLETED, fingerprint, 24 + header_bytes + body.len());
     out.put_u64(expires_at_ms);
     out.put_u16(status.as_u16());
-    out.put_u16(headers.len() as u16);
+    match u16::try_from(headers.len()) {
+        Ok(count) if count < u16::MAX => out.put_u16(count),
+        _ => {
+            out.put_u16(u16::MAX);
+            out.put_u32(headers.len() as u32);
+        }
+    }
     for (name, value) in headers {
-        // Header names are short tokens and hyper bounds header sizes far below u32.
+        // A header name is at most 65,535 bytes (`http` refuses longer ones); a value
+        // of 4 GiB or more cannot be held in memory beside its response.
         out.put_u16(name.as_str().len() as u16);
         out.put_slice(name.as_str().as_bytes());
         out.put_u32(value.len() as u32);
@@ -502,11 +513,14 @@ impl<'a> Reader<'a> {
     ) -> Result<(u64, StatusCode, Bytes), RecordError> {
         let expires_at_ms = self.u64()?;
         let status = self.status()?;
-        let count = self.u16()?;
+        let count = match self.u16()? {
+            u16::MAX => self.u32()? as usize,
+            count => usize::from(count),
+        };
         // Each header takes at least 7 bytes of the record (lengths and a name): a count
         // the record cannot hold reserves no more than it can.
         let left = self.bytes.len().saturating_sub(self.at);
-        headers.reserve_for(usize::from(count).min(left / 7));
+        headers.reserve_for(count.min(left / 7));
         for _ in 0..count {
             let name_len = usize::from(self.u16()?);
             let name =
@@ -553,6 +567,29 @@ mod tests {
         let a = FencingToken::generate();
         let b = FencingToken::generate();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn any_number_of_header_values_round_trips() {
+        // Either side of the count's switch from two bytes to six.
+        for count in [0, 1, 65_534, 65_535, 65_536, 70_000] {
+            let headers: Vec<_> = (0..count)
+                .map(|n| (HeaderName::from_static("x-n"), HeaderValue::from(n)))
+                .collect();
+            let record = Record::Completed(StoredResponse {
+                fingerprint: fingerprint(3),
+                status: StatusCode::CREATED,
+                headers: headers.clone(),
+                body: Bytes::from_static(b"body"),
+                expires_at_ms: 7,
+            });
+            let bytes = record.encode();
+            assert_eq!(Record::decode(&bytes), Ok(record), "{count} values");
+            let (status, map, body) = decode_response(&bytes).expect("a replay");
+            assert_eq!(status, StatusCode::CREATED);
+            assert!(map.get_all("x-n").iter().eq(headers.iter().map(|(_, v)| v)));
+            assert_eq!(body, "body");
+        }
     }
 
     #[test]

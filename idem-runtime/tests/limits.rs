@@ -116,3 +116,63 @@ async fn a_malformed_key_is_refused_before_the_body_is_read() {
     );
     assert_eq!(counters.runs(), 0, "the handler did not run");
 }
+
+/// Guards (a defect once shown): a response with more than 65,535 header values was stored
+/// with only its first 65,535, so its retry got a different response than the first try.
+/// Held: the retry replays every value, in order, and the handler runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_with_more_than_65535_header_values_replays_every_one() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::extract::State;
+    use axum::http::{HeaderMap, HeaderValue};
+    use axum::routing::post;
+
+    const VALUES: usize = 70_000;
+
+    async fn many_values(
+        idem: idem_runtime::Idempotent,
+        State(runs): State<Arc<AtomicUsize>>,
+    ) -> axum::response::Response {
+        idem.run(async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let mut headers = HeaderMap::new();
+            for n in 0..VALUES {
+                headers.append("x-n", HeaderValue::from(n));
+            }
+            headers.insert("x-last", HeaderValue::from_static("end"));
+            (headers, "many")
+        })
+        .await
+    }
+
+    let idem = common::test_builder(Idempotency::builder()).build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .route("/many", post(many_values))
+        .with_state(runs.clone())
+        .layer(idem.layer());
+    let first = send(&app, post_with("/many", Some("many-1"), "")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.headers.get_all("x-n").iter().count(), VALUES);
+
+    let retry = send(&app, post_with("/many", Some("many-1"), "")).await;
+    assert!(
+        retry.is_replay(),
+        "{} {:?} runs {} x-n {}",
+        retry.status,
+        String::from_utf8_lossy(&retry.body),
+        runs.load(Ordering::SeqCst),
+        retry.headers.get_all("x-n").iter().count()
+    );
+    let replayed: Vec<_> = retry.headers.get_all("x-n").iter().collect();
+    let sent: Vec<_> = first.headers.get_all("x-n").iter().collect();
+    assert_eq!(replayed.len(), VALUES, "values replayed");
+    assert!(
+        replayed == sent,
+        "the replayed values differ from the first response's"
+    );
+    assert_eq!(retry.headers.get("x-last").unwrap(), "end");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
