@@ -142,12 +142,22 @@ impl<V: Expiring> Recent<V> {
     /// the least recently used one. `entry` itself stays if it weighs no more than
     /// `bound` (at most [`LARGEST_BOUND`]) and `max_len` is at least 1.
     pub(crate) fn keep(&mut self, key: &str, entry: V, bound: u64, max_len: usize) {
-        // The entry it replaces goes first: its index entry may equal the new one's.
-        self.remove(key);
         let key: Arc<str> = Arc::from(key);
-        self.weight += entry.weight(&key);
-        self.expiries.insert((entry.expires_at(), key.clone()));
-        self.entries.put(key, entry);
+        let weight = entry.weight(&key);
+        let expires_at = entry.expires_at();
+        // An entry replaced keeps its key in the map: its index entry, which holds that
+        // key, moves to the new expiry (taken out first, as it may equal the new one).
+        let indexed = match self.entries.push(key.clone(), entry) {
+            None => key,
+            Some((key, replaced)) => {
+                self.weight -= replaced.weight(&key);
+                self.expiries
+                    .take(&(replaced.expires_at(), key.clone()))
+                    .map_or(key, |(_, held)| held)
+            }
+        };
+        self.weight += weight;
+        self.expiries.insert((expires_at, indexed));
         let mut now = None;
         while self.weight > bound || self.entries.len() > max_len {
             let now = *now.get_or_insert_with(Instant::now);
