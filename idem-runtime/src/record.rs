@@ -5,18 +5,19 @@
 //! ```text
 //! "idem" | version: u8 | kind: u8 | fingerprint: [u8; 32] | kind-specific part
 //! kind 1, in progress: fencing token [u8; 16]
-//! kind 2, completed:   expires_at_ms u64 | status u16 | header count
+//! kind 2, completed:   expires_at_ms u64 | status u16 | header count u16
 //!                      | (name_len u16, name, value_len u32, value)*
 //!                      | body_len u64 | body
 //! kind 3, unstorable:  status u16 | body length u64
 //! kind 4, value:       expires_at_ms u64 | outcome u8 (0 ok, 1 err) | json_len u64 | JSON
 //! kind 5, value not stored: length of the value u64
+//! kind 6, completed, 65,535 header values or more: as kind 2, with a u32 header count
 //! ```
 //!
-//! A header count under 65,535 is one `u16`; a larger one is `u16` 65,535 followed by the
-//! count as a `u32`, so a response with any number of header values replays whole.
+//! Kind 6 leaves every response with fewer header values a kind 2 record, byte for byte
+//! what earlier builds write and read (an earlier build answers `503` to a kind 6).
 //!
-//! Kinds 2 and 3 are written by the HTTP front door, kinds 4 and 5 by
+//! Kinds 2, 3 and 6 are written by the HTTP front door, kinds 4 and 5 by
 //! [`once`](crate::Idempotency::once): each front door reads only its own, so a stored
 //! response and a stored value are never mistaken for each other.
 //!
@@ -41,6 +42,7 @@ const KIND_COMPLETED: u8 = 2;
 const KIND_UNSTORABLE: u8 = 3;
 const KIND_VALUE: u8 = 4;
 const KIND_VALUE_NOT_STORED: u8 = 5;
+const KIND_COMPLETED_WIDE: u8 = 6;
 
 /// A fencing token: unique to one execution of one key.
 ///
@@ -107,7 +109,7 @@ pub(crate) fn head(bytes: &[u8]) -> Result<Head, RecordError> {
     }
     let kind = match bytes[5] {
         KIND_IN_PROGRESS => Kind::InProgress,
-        KIND_COMPLETED => Kind::Completed,
+        KIND_COMPLETED | KIND_COMPLETED_WIDE => Kind::Completed,
         KIND_UNSTORABLE | KIND_VALUE_NOT_STORED => Kind::NotStored,
         KIND_VALUE => Kind::Completed,
         other => return Err(RecordError::UnknownKind(other)),
@@ -292,9 +294,10 @@ impl Record {
                     token: FencingToken(token),
                 }
             }
-            KIND_COMPLETED => {
+            KIND_COMPLETED | KIND_COMPLETED_WIDE => {
                 let mut headers = Vec::new();
-                let (expires_at_ms, status, body) = reader.completed(&mut headers)?;
+                let wide = kind == KIND_COMPLETED_WIDE;
+                let (expires_at_ms, status, body) = reader.completed(&mut headers, wide)?;
                 Self::Completed(StoredResponse {
                     fingerprint,
                     status,
@@ -350,7 +353,7 @@ fn open(bytes: &Bytes) -> Result<(u8, Fingerprint, Reader<'_>), RecordError> {
         return Err(RecordError::UnsupportedVersion(bytes[4]));
     }
     let kind = bytes[5];
-    if !(KIND_IN_PROGRESS..=KIND_VALUE_NOT_STORED).contains(&kind) {
+    if !(KIND_IN_PROGRESS..=KIND_COMPLETED_WIDE).contains(&kind) {
         return Err(RecordError::UnknownKind(kind));
     }
     if bytes.len() < HEADER_LEN {
@@ -372,11 +375,11 @@ pub(crate) fn decode_response(
     bytes: &Bytes,
 ) -> Result<(StatusCode, HeaderMap, Bytes), RecordError> {
     let (kind, _, mut reader) = open(bytes)?;
-    if kind != KIND_COMPLETED {
+    if kind != KIND_COMPLETED && kind != KIND_COMPLETED_WIDE {
         return Err(RecordError::Malformed);
     }
     let mut headers = HeaderMap::new();
-    let (_, status, body) = reader.completed(&mut headers)?;
+    let (_, status, body) = reader.completed(&mut headers, kind == KIND_COMPLETED_WIDE)?;
     Ok((status, headers, body))
 }
 
@@ -431,15 +434,14 @@ pub(crate) fn encode_completed(
         .iter()
         .map(|(n, v)| 6 + n.as_str().len() + v.len())
         .sum();
-    let mut out = start(KIND_COMPLETED, fingerprint, 24 + header_bytes + body.len());
+    let narrow = u16::try_from(headers.len()).ok().filter(|n| *n < u16::MAX);
+    let kind = narrow.map_or(KIND_COMPLETED_WIDE, |_| KIND_COMPLETED);
+    let mut out = start(kind, fingerprint, 22 + header_bytes + body.len());
     out.put_u64(expires_at_ms);
     out.put_u16(status.as_u16());
-    match u16::try_from(headers.len()) {
-        Ok(count) if count < u16::MAX => out.put_u16(count),
-        _ => {
-            out.put_u16(u16::MAX);
-            out.put_u32(headers.len() as u32);
-        }
+    match narrow {
+        Some(count) => out.put_u16(count),
+        None => out.put_u32(headers.len() as u32),
     }
     for (name, value) in headers {
         // A header name is at most 65,535 bytes (`http` refuses longer ones); a value
@@ -507,20 +509,24 @@ impl<'a> Reader<'a> {
 
     /// The rest of a completed record: its expiry, its status, its headers (into
     /// `headers`) and its body; the whole record is read.
+    /// With `wide`, the header count is a `u32` (kind 6), else a `u16` (kind 2).
     fn completed(
         &mut self,
         headers: &mut impl Headers,
+        wide: bool,
     ) -> Result<(u64, StatusCode, Bytes), RecordError> {
         let expires_at_ms = self.u64()?;
         let status = self.status()?;
-        let count = match self.u16()? {
-            u16::MAX => self.u32()? as usize,
-            count => usize::from(count),
+        let count = if wide {
+            self.u32()? as usize
+        } else {
+            usize::from(self.u16()?)
         };
         // Each header takes at least 7 bytes of the record (lengths and a name): a count
-        // the record cannot hold reserves no more than it can.
+        // the record cannot hold reserves no more than it can, and no more than a
+        // narrow count could (more is made room for as the headers are read).
         let left = self.bytes.len().saturating_sub(self.at);
-        headers.reserve_for(count.min(left / 7));
+        headers.reserve_for(count.min(left / 7).min(usize::from(u16::MAX)));
         for _ in 0..count {
             let name_len = usize::from(self.u16()?);
             let name =
@@ -571,7 +577,7 @@ mod tests {
 
     #[test]
     fn any_number_of_header_values_round_trips() {
-        // Either side of the count's switch from two bytes to six.
+        // Either side of the switch from a two-byte count (kind 2) to a four-byte one (kind 6).
         for count in [0, 1, 65_534, 65_535, 65_536, 70_000] {
             let headers: Vec<_> = (0..count)
                 .map(|n| (HeaderName::from_static("x-n"), HeaderValue::from(n)))

@@ -37,7 +37,7 @@ where
 async fn store_response(mut execution: Execution, response: Response) -> Response {
     let idem = execution.idem().clone();
     let settings = idem.settings();
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
     if parts.status.is_server_error() && !settings.store_server_errors {
         tracing::info!(target: "idem", status = parts.status.as_u16(), "server error; releasing the key so a retry runs again");
         execution.release().await;
@@ -51,6 +51,14 @@ async fn store_response(mut execution: Execution, response: Response) -> Respons
     execution.result_stands_alone(parts.status.is_client_error());
     // Buffering a streamed body is part of the work: the lease stays renewed meanwhile.
     match collect_bounded(body, settings.max_response_bytes).await {
+        // A replay adds its mark, and the body's length where the headers give none: a
+        // header map without room for both could not be replayed.
+        Collected::Complete(bytes) if parts.headers.try_reserve(2).is_err() => {
+            tracing::warn!(target: "idem", names = parts.headers.keys_len(), "response has too many header names to replay; a retry will be told it was not stored and not run again");
+            let (status, len) = (parts.status, bytes.len() as u64);
+            let response = Response::from_parts(parts, Body::from(bytes));
+            not_stored_answer(execution, status, len, response).await
+        }
         Collected::Complete(bytes) => {
             let kept: Vec<_> = parts
                 .headers
@@ -75,25 +83,30 @@ async fn store_response(mut execution: Execution, response: Response) -> Respons
         }
         Collected::TooLarge { read, seen } => {
             tracing::warn!(target: "idem", limit = settings.max_response_bytes, "response too large to store; a retry will be told so and not run again");
-            let record = not_stored(&execution, parts.status, seen);
-            let transactional = execution.in_transaction();
-            let completion = execution.complete(record.clone(), record).await;
-            if let Some(problem) = undone(transactional, completion, &execution) {
-                return problem;
-            }
-            Response::from_parts(parts, read.into_body())
+            let status = parts.status;
+            let response = Response::from_parts(parts, read.into_body());
+            not_stored_answer(execution, status, seen, response).await
         }
         Collected::Failed(_) => {
             tracing::warn!(target: "idem", "response body failed; a retry will be told the response was not stored");
-            let record = not_stored(&execution, parts.status, 0);
-            let transactional = execution.in_transaction();
-            let completion = execution.complete(record.clone(), record).await;
-            if let Some(problem) = undone(transactional, completion, &execution) {
-                return problem;
-            }
-            Problem::response_lost(parts.status).into_response()
+            let response = Problem::response_lost(parts.status).into_response();
+            not_stored_answer(execution, parts.status, 0, response).await
         }
     }
+}
+
+/// Records that the request ran and answered `status` with a body of `body_len` bytes,
+/// which was not stored, then answers `response`.
+async fn not_stored_answer(
+    mut execution: Execution,
+    status: StatusCode,
+    body_len: u64,
+    response: Response,
+) -> Response {
+    let record = not_stored(&execution, status, body_len);
+    let transactional = execution.in_transaction();
+    let completion = execution.complete(record.clone(), record).await;
+    undone(transactional, completion, &execution).unwrap_or(response)
 }
 
 /// The record saying the request ran and answered `status` with a body of `body_len`

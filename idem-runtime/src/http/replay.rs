@@ -51,6 +51,9 @@ pub(crate) fn answer(idem: &Idempotency, key: &ScopedKey, answer: Answer) -> Res
 /// status, kept headers and body byte for byte, plus `Idempotent-Replayed: true`.
 pub(crate) fn replay(record: &Bytes) -> Result<Response, RecordError> {
     let (status, mut headers, body) = record::decode_response(record)?;
+    // Room for the mark and the body's length, which the server adds where the headers
+    // give none: idem stores no response without it, so a record lacking it is damaged.
+    headers.try_reserve(2).map_err(|_| RecordError::Malformed)?;
     headers.insert(REPLAYED, HeaderValue::from_static("true"));
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
