@@ -111,17 +111,25 @@ async fn a_claim_resent_after_a_lost_reply_is_its_own() {
         // Queued behind the request's command: closes the application's connections
         // after its `SET` applies and before the reply is read.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        for mut killer in killers {
-            tokio::spawn(async move {
-                let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
-                    .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"][..])
-                    .query_async(&mut killer)
-                    .await;
-            });
-        }
+        let kills: Vec<_> = killers
+            .into_iter()
+            .map(|mut killer| {
+                tokio::spawn(async move {
+                    let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+                        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"][..])
+                        .query_async(&mut killer)
+                        .await;
+                })
+            })
+            .collect();
         let first = request.await.expect("the request");
         for blocker in blockers {
             let _ = blocker.await;
+        }
+        // Every kill has run before the next attempt opens its connections, so that a
+        // late one cannot cut those.
+        for kill in kills {
+            let _ = kill.await;
         }
         assert_eq!(
             first.status,
