@@ -52,6 +52,14 @@ const ROWS: &[Row] = &[
         tail_floor: None,
     },
     Row {
+        name: "3b bare + SET NX GET + script",
+        path: "/floor/script",
+        keys: Keys::None,
+        floor: Some("3 bare + 2 Redis cmds"),
+        target: None,
+        tail_floor: None,
+    },
+    Row {
         name: "4 memory miss",
         path: "/memory",
         keys: Keys::Fresh,
@@ -178,6 +186,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             shown(ratio_to(slot, row.floor, |m| m.rps)),
             row.target.map_or("-".to_owned(), |t| format!("≥ {t:.2}")),
             shown(ratio_to(slot, row.tail_floor, |m| m.p99_ms)),
+        );
+    }
+    // The Redis miss beside the floor whose completion is the same script.
+    if let (Some(miss), Some(_)) = (
+        slot_of("5 redis miss"),
+        slot_of("3b bare + SET NX GET + script"),
+    ) {
+        println!(
+            "\n5 redis miss / 3b bare + SET NX GET + script: {}",
+            shown(ratio_to(miss, Some("3b bare + SET NX GET + script"), |m| m.rps))
         );
     }
     Ok(())
