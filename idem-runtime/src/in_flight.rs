@@ -1,9 +1,11 @@
 //! Executions holding a key in this process, from the claim until the record is stored or
 //! the key released, whether their caller waits or went away: what a shutdown waits for,
-//! and names when it cannot wait longer, and whose leases the renewal task renews.
+//! and names when it cannot wait longer, and whose leases the renewal task renews. Beside
+//! them, the keys not yet settled without a claim held: a claim sent and not answered
+//! yet, a release under way.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::runtime;
@@ -20,7 +22,11 @@ pub(crate) struct InFlight {
     metrics: Metrics,
     next: AtomicU64,
     running: Mutex<Running>,
-    /// Woken when the last execution ends.
+    /// How many [`Settling`]s there are.
+    settling: AtomicUsize,
+    /// Set while a shutdown waits: only then does the last [`Settling`] wake it.
+    awaited: AtomicBool,
+    /// Woken when the last execution ends, or the last key settles.
     idle: Notify,
 }
 
@@ -40,12 +46,32 @@ pub(crate) struct Entry {
     id: u64,
 }
 
+/// A key of this process not yet settled, while no [`Entry`] counts it: its claim sent
+/// and unanswered, or its release under way. Counted until dropped, without a lock.
+pub(crate) struct Settling {
+    registry: Arc<InFlight>,
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        // With `idle`'s store and load, sequentially consistent: either it reads this
+        // decrement or this reads that it waits.
+        if self.registry.settling.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.registry.awaited.load(Ordering::SeqCst)
+        {
+            self.registry.idle.notify_waiters();
+        }
+    }
+}
+
 impl InFlight {
     pub(crate) fn new(metrics: Metrics) -> Self {
         Self {
             metrics,
             next: AtomicU64::new(0),
             running: Mutex::new(Running::default()),
+            settling: AtomicUsize::new(0),
+            awaited: AtomicBool::new(false),
             idle: Notify::new(),
         }
     }
@@ -116,6 +142,14 @@ impl InFlight {
             .retain(|renewer| *renewer != (runtime, generation));
     }
 
+    /// Counts a key not yet settled until the [`Settling`] is dropped.
+    pub(crate) fn settling(self: &Arc<Self>) -> Settling {
+        self.settling.fetch_add(1, Ordering::SeqCst);
+        Settling {
+            registry: self.clone(),
+        }
+    }
+
     /// How many executions hold a key now.
     pub(crate) fn count(&self) -> usize {
         self.running
@@ -123,6 +157,12 @@ impl InFlight {
             .unwrap_or_else(PoisonError::into_inner)
             .claims
             .len()
+    }
+
+    /// How many keys are not settled, and held by no execution: claims unanswered and
+    /// releases under way.
+    pub(crate) fn unsettled(&self) -> usize {
+        self.settling.load(Ordering::SeqCst)
     }
 
     /// The keys of the executions running now.
@@ -135,15 +175,16 @@ impl InFlight {
             .collect()
     }
 
-    /// Returns once no execution holds a key.
+    /// Returns once no execution holds a key and every key is settled.
     pub(crate) async fn idle(&self) {
+        self.awaited.store(true, Ordering::SeqCst);
         loop {
-            // Registered before the count is read, so that the last execution ending in
+            // Registered before the counts are read, so that the last execution ending in
             // between still wakes this.
             let ended = self.idle.notified();
             let mut ended = std::pin::pin!(ended);
             ended.as_mut().enable();
-            if self.count() == 0 {
+            if self.count() == 0 && self.unsettled() == 0 {
                 return;
             }
             ended.await;

@@ -41,13 +41,17 @@ impl Idempotency {
     ///
     /// It waits for every execution from its claim until its response is stored (or its
     /// key released): those whose client is still connected, those whose client hung up
-    /// (they run on detached from it), and completions retried after a store failure.
+    /// (they run on detached from it), and completions retried after a store failure. It
+    /// also waits for claims sent and not yet answered, and for releases under way (of a
+    /// claim whose caller went away before its answer, or of a key after a failure).
     /// Executions still running at the deadline are logged, each by its key (a digest
-    /// with [`log_keys(false)`](crate::IdempotencyBuilder::log_keys)), and left alone:
-    /// nothing stores a half result for them, and their claims free themselves when their
-    /// leases run out, so a retry then runs them again.
+    /// with [`log_keys(false)`](crate::IdempotencyBuilder::log_keys)), claims and releases
+    /// still on their way by their number, and all are left alone: nothing stores a half
+    /// result for them, and their claims free themselves when their leases run out, so a
+    /// retry then runs them again.
     ///
-    /// Returns how many executions were still running at the deadline (`0`: all ended).
+    /// Returns how many executions, unanswered claims and releases were still under way at
+    /// the deadline (`0`: all ended).
     ///
     /// ```no_run
     /// # async fn sigterm() {}
@@ -67,10 +71,11 @@ impl Idempotency {
     pub async fn shutdown(&self, within: std::time::Duration) -> usize {
         let in_flight = &self.shared.in_flight;
         let running = in_flight.count();
-        if running == 0 {
+        let unsettled = in_flight.unsettled();
+        if running == 0 && unsettled == 0 {
             return 0;
         }
-        tracing::info!(target: "idem", running, "waiting for executions in flight before shutting down");
+        tracing::info!(target: "idem", running, unsettled, "waiting for executions in flight, and claims or releases on their way, before shutting down");
         if tokio::time::timeout(within, in_flight.idle()).await.is_ok() {
             tracing::info!(target: "idem", "every execution in flight ended");
             return 0;
@@ -85,6 +90,10 @@ impl Idempotency {
         for key in &keys {
             tracing::warn!(target: "idem", key = %key, "still running at the shutdown deadline; nothing is stored for it, and its claim frees itself when its lease runs out");
         }
-        keys.len()
+        let unsettled = in_flight.unsettled();
+        if unsettled > 0 {
+            tracing::warn!(target: "idem", unsettled, "claims unanswered or releases under way at the shutdown deadline; their keys free themselves when their leases run out");
+        }
+        keys.len() + unsettled
     }
 }

@@ -36,6 +36,7 @@ use self::step::{Step, later, store_step};
 pub(crate) use self::transaction::{Committed, TransactionSlot, Transactional};
 use crate::config::Idempotency;
 use crate::fingerprint::Fingerprint;
+use crate::in_flight::Settling;
 use crate::key::ScopedKey;
 use crate::record::{self, Kind};
 use crate::store::StoreError;
@@ -110,6 +111,7 @@ pub(crate) async fn begin(
         persist_release: true,
         claim_may_land: false,
         keeper: None,
+        settling: Some(shared.in_flight.settling()),
         transaction,
         stands_alone: false,
     };
@@ -190,6 +192,7 @@ pub(crate) async fn begin(
         }
         tracing::debug!(target: "idem", "executing");
         execution.keeper = Some(LeaseKeeper::start(idem, &key, &claim, held_from));
+        execution.settling = None;
         return Begun::Execute(execution);
     }
 }
@@ -260,6 +263,9 @@ pub(crate) struct Execution {
     claim_may_land: bool,
     /// Renews the lease from the moment of the claim until the execution ends.
     keeper: Option<LeaseKeeper>,
+    /// Counts the key as not settled for a shutdown while no keeper does: until the claim
+    /// is answered, and while the key is released.
+    settling: Option<Settling>,
     /// The transaction the work writes in, if it takes one: the completion is written
     /// and committed in it.
     transaction: TransactionSlot,
@@ -458,9 +464,13 @@ impl Execution {
         self.transaction
             .roll_back(self.idem.settings().store_timeout)
             .await;
+        if self.settling.is_none() {
+            self.settling = Some(self.idem.shared.in_flight.settling());
+        }
         self.keeper = None;
         release(&self.idem, &self.key, &self.claim, self.persist_release).await;
         self.armed = false;
+        self.settling = None;
     }
 
     async fn store(&self, record: Bytes) -> Result<bool, StoreError> {
@@ -475,12 +485,16 @@ impl Drop for Execution {
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (idem, key, claim) = (self.idem.clone(), self.key.clone(), self.claim.clone());
+            let settling = self
+                .settling
+                .take()
+                .unwrap_or_else(|| idem.shared.in_flight.settling());
             if self.claim_may_land
                 && let Some(slot) = LateRelease::take()
             {
                 runtime.spawn(
                     async move {
-                        let _slot = slot;
+                        let _counted = (slot, settling);
                         release_late_claim(&idem, &key, &claim).await;
                     }
                     .in_current_span(),
@@ -489,7 +503,11 @@ impl Drop for Execution {
             }
             let persist = self.persist_release;
             runtime.spawn(
-                async move { release(&idem, &key, &claim, persist).await }.in_current_span(),
+                async move {
+                    let _settling = settling;
+                    release(&idem, &key, &claim, persist).await;
+                }
+                .in_current_span(),
             );
         }
     }
@@ -645,7 +663,9 @@ async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes, persist: bo
     }
     tracing::warn!(target: "idem", %error, "releasing the key failed; retrying until its lease ends");
     let (idem, key, claim) = (idem.clone(), key.clone(), claim.clone());
+    let settling = idem.shared.in_flight.settling();
     let retrying = async move {
+        let _settling = settling;
         let lease_ends = later(started, idem.settings().lease);
         let mut delay = Duration::from_millis(100);
         while Instant::now() + delay < lease_ends {
