@@ -199,7 +199,9 @@ impl Idempotency {
     }
 
     /// Drops this instance's local copy of the record under `key`, if the local tier is
-    /// on. Other instances drop theirs when it expires or reaches its maximum age.
+    /// on; a replay or completion that read or wrote the record before this call keeps no
+    /// copy after it. Other instances drop theirs when it expires or reaches its maximum
+    /// age.
     pub fn forget_local(&self, key: &ScopedKey) {
         if let Some(local) = &self.shared.local {
             local.forget(key.as_str());

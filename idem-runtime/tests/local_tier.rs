@@ -144,3 +144,71 @@ async fn manual_eviction_takes_effect_within_max_age() {
     assert!(!rerun.is_replay(), "forget_local drops the copy at once");
     assert_eq!(counters.runs(), 3);
 }
+
+/// Guards (a defect once shown): a retry whose store read found the record before an
+/// operator deleted it and called `forget_local`, and which copied it to the local tier
+/// after, restored the copy: the deleted record was replayed from it for up to `max_age`.
+/// Held: that retry is answered from what it read, keeps no copy, and the next request
+/// sees the deletion and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_local_racing_a_replay_leaves_no_copy() {
+    use common::{Gated, Gates};
+    use idem_runtime::Idempotency;
+    use idem_runtime::store::RedisStore;
+
+    let url = testkit::shared_redis_url();
+    let prefix = testkit::unique_prefix("local-race");
+    let store = RedisStore::builder(url.as_str())
+        .prefix(prefix.as_str())
+        .connect()
+        .await
+        .unwrap_or_else(|error| panic!("Redis at {url} must be running: {error}"));
+    let gates = Arc::new(Gates::default());
+    let idem = common::test_builder(
+        Idempotency::builder().store(Gated::new(Arc::new(store), gates.clone())),
+    )
+    .local_tier(1024 * 1024, Duration::from_secs(60))
+    .build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let key = idem_runtime::ScopedKey::new(
+        idem_runtime::Scope::anonymous(),
+        idem_runtime::IdempotencyKey::parse(b"race").unwrap(),
+    );
+    let mut connection = redis_connection(&url).await;
+
+    let first = send(&app, post_with("/pay", Some("race"), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    // The completion's own copy goes; the next request reads the record from Redis.
+    idem.forget_local(&key);
+    gates.answer.close();
+    let answered = gates.answer.reached.notified();
+    let retry = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post_with("/pay", Some("race"), "{}")).await }
+    });
+    answered.await;
+    // The operator deletes the record and drops this instance's copy, while the retry's
+    // answer (the record) is on its way.
+    for stored in keys_under(&mut connection, &prefix).await {
+        let _: i64 = redis::cmd("DEL")
+            .arg(stored)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+    idem.forget_local(&key);
+    gates.answer.open();
+    assert!(
+        retry.await.unwrap().is_replay(),
+        "answered from what it read"
+    );
+
+    let after = send(&app, post_with("/pay", Some("race"), "{}")).await;
+    assert!(
+        !after.is_replay(),
+        "the deleted record was replayed from a copy kept after forget_local"
+    );
+    assert_eq!(after.status, StatusCode::CREATED);
+    assert_eq!(counters.runs(), 2);
+}

@@ -8,107 +8,17 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use bytes::Bytes;
-use common::{Counters, app, post_with, send};
+use common::{Counters, Gated, Gates, app, post_with, send};
 use futures_util::FutureExt;
 use idem_runtime::Idempotency;
-use idem_runtime::store::{BoxFuture, MemoryStore, Store, StoreError};
-use tokio::sync::Notify;
-
-/// A gate a store step waits at while it is closed, and says it reached.
-#[derive(Default)]
-struct Gate {
-    closed: AtomicBool,
-    reached: Notify,
-    opened: Notify,
-}
-
-impl Gate {
-    fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-    }
-
-    fn open(&self) {
-        self.closed.store(false, Ordering::SeqCst);
-        self.opened.notify_waiters();
-    }
-
-    async fn pass(&self) {
-        let opened = self.opened.notified();
-        let mut opened = std::pin::pin!(opened);
-        opened.as_mut().enable();
-        if self.closed.load(Ordering::SeqCst) {
-            self.reached.notify_one();
-            opened.await;
-        }
-    }
-}
-
-/// The memory store with a gate after each `begin` is applied (its answer held back) and
-/// one before each `release` is applied.
-struct Gated {
-    inner: MemoryStore,
-    gates: Arc<Gates>,
-}
-
-#[derive(Default)]
-struct Gates {
-    answer: Gate,
-    release: Gate,
-}
-
-impl Store for Gated {
-    fn begin<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
-        Box::pin(async move {
-            let found = self.inner.begin(key, claim, lease).await;
-            self.gates.answer.pass().await;
-            found
-        })
-    }
-    fn renew<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.renew(key, claim, lease)
-    }
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        record: Bytes,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.complete(key, claim, record, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            self.gates.release.pass().await;
-            self.inner.release(key, claim).await
-        })
-    }
-}
+use idem_runtime::store::MemoryStore;
 
 fn gated() -> (Arc<Gates>, Idempotency) {
     let gates = Arc::new(Gates::default());
-    let store = Gated {
-        inner: MemoryStore::new(),
-        gates: gates.clone(),
-    };
+    let store = Gated::new(Arc::new(MemoryStore::new()), gates.clone());
     let idem = common::test_builder(Idempotency::builder().store(store))
         .lease(Duration::from_secs(60))
         .build();

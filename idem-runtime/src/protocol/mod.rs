@@ -38,6 +38,7 @@ use crate::config::Idempotency;
 use crate::fingerprint::Fingerprint;
 use crate::in_flight::Settling;
 use crate::key::ScopedKey;
+use crate::local::LocalTier;
 use crate::record::{self, Kind};
 use crate::store::StoreError;
 
@@ -90,7 +91,7 @@ pub(crate) async fn begin(
         .local
         .as_ref()
         .and_then(|local| local.get(key.as_str()))
-        && let Ok(Some(answer)) = classify(idem, &key, &fingerprint, copy, false)
+        && let Ok(Some(answer)) = classify(idem, &key, &fingerprint, copy, None)
     {
         return Begun::Local(answer);
     }
@@ -123,6 +124,7 @@ pub(crate) async fn begin(
     loop {
         // The lease runs from when the claim is sent, not from when its answer arrives.
         let sent_at = Instant::now();
+        let forgets = shared.local.as_ref().map_or(0, LocalTier::forgets);
         let found = match store_step(
             idem,
             Step::Begin,
@@ -145,7 +147,7 @@ pub(crate) async fn begin(
         // because a client library re-sent it after losing the answer.
         if let Some(found) = found.filter(|found| *found != claim) {
             execution.armed = false;
-            match classify(idem, &key, &fingerprint, found, true) {
+            match classify(idem, &key, &fingerprint, found, Some(forgets)) {
                 Ok(Some(answer)) => return Begun::Answer(answer),
                 Ok(None) => seen_in_flight = true,
                 Err(error) => return store_failed(idem, &error, seen_in_flight),
@@ -199,12 +201,14 @@ pub(crate) async fn begin(
 
 /// What a record found under the key means for this request: an answer, or `None` for a
 /// request in flight. The one place where the stored fingerprint meets the new one.
+/// `from_store` is `Some` for a record the store answered, with the local tier's count of
+/// forgets read before the store was asked: a completed one is copied to the tier.
 fn classify(
     idem: &Idempotency,
     key: &ScopedKey,
     fingerprint: &Fingerprint,
     found: Bytes,
-    from_store: bool,
+    from_store: Option<u64>,
 ) -> Result<Option<Answer>, StoreError> {
     let head = record::head(&found).map_err(StoreError::backend)?;
     if head.fingerprint != *fingerprint {
@@ -214,10 +218,10 @@ fn classify(
     match head.kind {
         Kind::InProgress => Ok(None),
         Kind::Completed => {
-            if from_store
-                && let (Some(local), Some(expires_at_ms)) = (&idem.shared.local, head.expires_at_ms)
+            if let (Some(local), Some(forgets), Some(expires_at_ms)) =
+                (&idem.shared.local, from_store, head.expires_at_ms)
             {
-                local.insert(key.as_str(), found.clone(), expires_at_ms);
+                local.insert(key.as_str(), found.clone(), expires_at_ms, forgets);
             }
             Ok(Some(Answer::Completed(found)))
         }
@@ -356,6 +360,7 @@ impl Execution {
             return self.complete_in(transaction, record).await;
         }
         self.armed = false;
+        let forgets = self.local_forgets();
         let mut record = record;
         let mut stored_whole = true;
         let mut outcome = self.store(record.clone()).await;
@@ -367,15 +372,7 @@ impl Execution {
         }
         match outcome {
             Ok(true) if stored_whole => {
-                if let Some(local) = &self.idem.shared.local
-                    && let Ok(record::Head {
-                        kind: Kind::Completed,
-                        expires_at_ms: Some(expires_at_ms),
-                        ..
-                    }) = record::head(&record)
-                {
-                    local.insert(self.key.as_str(), record, expires_at_ms);
-                }
+                self.copy_locally(record, forgets);
                 Completion::Stored
             }
             Ok(true) => Completion::NotStored,
@@ -411,6 +408,7 @@ impl Execution {
         record: Bytes,
     ) -> Completion {
         let renewing = self.keeper.take();
+        let forgets = self.local_forgets();
         // Bounded: work that still holds the transaction (a response body streaming from
         // it, say) must not hold the request for ever.
         let timeout = self.idem.settings().store_timeout;
@@ -428,15 +426,7 @@ impl Execution {
         match committed {
             Committed::Yes => {
                 self.armed = false;
-                if let Some(local) = &self.idem.shared.local
-                    && let Ok(record::Head {
-                        kind: Kind::Completed,
-                        expires_at_ms: Some(expires_at_ms),
-                        ..
-                    }) = record::head(&record)
-                {
-                    local.insert(self.key.as_str(), record, expires_at_ms);
-                }
+                self.copy_locally(record, forgets);
                 Completion::Stored
             }
             Committed::Superseded => {
@@ -471,6 +461,29 @@ impl Execution {
         release(&self.idem, &self.key, &self.claim, self.persist_release).await;
         self.armed = false;
         self.settling = None;
+    }
+
+    /// The local tier's count of forgets, read before the record is written.
+    fn local_forgets(&self) -> u64 {
+        self.idem
+            .shared
+            .local
+            .as_ref()
+            .map_or(0, LocalTier::forgets)
+    }
+
+    /// Copies the record this execution stored to the local tier, if it is on and the
+    /// record is a completed one: not if a copy was forgotten since `forgets` was read.
+    fn copy_locally(&self, record: Bytes, forgets: u64) {
+        if let Some(local) = &self.idem.shared.local
+            && let Ok(record::Head {
+                kind: Kind::Completed,
+                expires_at_ms: Some(expires_at_ms),
+                ..
+            }) = record::head(&record)
+        {
+            local.insert(self.key.as_str(), record, expires_at_ms, forgets);
+        }
     }
 
     async fn store(&self, record: Bytes) -> Result<bool, StoreError> {

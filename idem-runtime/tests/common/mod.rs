@@ -665,6 +665,98 @@ macro_rules! on_sqlite {
     };
 }
 
+/// A gate a store step waits at while it is closed, and says it reached.
+#[derive(Default)]
+pub struct Gate {
+    closed: std::sync::atomic::AtomicBool,
+    /// Notified (a permit kept) each time a step stops at the closed gate.
+    pub reached: Notify,
+    opened: Notify,
+}
+
+impl Gate {
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn open(&self) {
+        self.closed.store(false, Ordering::SeqCst);
+        self.opened.notify_waiters();
+    }
+
+    pub async fn pass(&self) {
+        let opened = self.opened.notified();
+        let mut opened = std::pin::pin!(opened);
+        opened.as_mut().enable();
+        if self.closed.load(Ordering::SeqCst) {
+            self.reached.notify_one();
+            opened.await;
+        }
+    }
+}
+
+/// A store with a gate after each `begin` is applied (its answer held back) and one
+/// before each `release` is applied, both open until closed.
+pub struct Gated {
+    inner: Arc<dyn Store>,
+    gates: Arc<Gates>,
+}
+
+impl Gated {
+    pub fn new(inner: Arc<dyn Store>, gates: Arc<Gates>) -> Self {
+        Self { inner, gates }
+    }
+}
+
+/// The gates of a [`Gated`] store.
+#[derive(Default)]
+pub struct Gates {
+    pub answer: Gate,
+    pub release: Gate,
+}
+
+impl Store for Gated {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            let found = self.inner.begin(key, claim, lease).await;
+            self.gates.answer.pass().await;
+            found
+        })
+    }
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.renew(key, claim, lease)
+    }
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        record: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.complete(key, claim, record, ttl)
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            self.gates.release.pass().await;
+            self.inner.release(key, claim).await
+        })
+    }
+}
+
 /// A store whose `begin` is applied at once but answered some time later: a slow network,
 /// a busy server, or a reply on its way when the caller gives up.
 pub struct SlowAnswers(Arc<dyn Store>, Duration);
