@@ -165,6 +165,18 @@ impl InFlight {
         self.settling.load(Ordering::SeqCst)
     }
 
+    /// `within`'s executions, and the unsettled keys beside them: zero only if there was a
+    /// moment with neither. A key passes from one count to the other (a claim answered
+    /// becomes an execution, an execution ending becomes a release) counted by both for a
+    /// moment, so the unsettled keys are read before and after, and the larger taken: a
+    /// key read as neither while it passes is counted.
+    pub(crate) fn under_way<T>(&self, within: impl FnOnce(&Self) -> T) -> (T, usize) {
+        let before = self.unsettled();
+        let executions = within(self);
+        let after = self.unsettled();
+        (executions, before.max(after))
+    }
+
     /// The keys of the executions running now.
     pub(crate) fn keys(&self) -> Vec<ScopedKey> {
         let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
@@ -184,7 +196,7 @@ impl InFlight {
             let ended = self.idle.notified();
             let mut ended = std::pin::pin!(ended);
             ended.as_mut().enable();
-            if self.count() == 0 && self.unsettled() == 0 {
+            if self.under_way(Self::count) == (0, 0) {
                 return;
             }
             ended.await;

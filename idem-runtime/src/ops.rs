@@ -2,6 +2,7 @@
 //! work in flight end before the process does.
 
 use crate::config::Idempotency;
+use crate::in_flight::InFlight;
 use crate::protocol::step::{Step, store_step};
 use crate::store::StoreError;
 
@@ -42,8 +43,12 @@ impl Idempotency {
     /// It waits for every execution from its claim until its response is stored (or its
     /// key released): those whose client is still connected, those whose client hung up
     /// (they run on detached from it), and completions retried after a store failure. It
-    /// also waits for claims sent and not yet answered, and for releases under way (of a
-    /// claim whose caller went away before its answer, or of a key after a failure).
+    /// also waits for claims sent and not yet answered (a request waiting for a key in
+    /// flight, with [`wait_for_in_flight`](crate::IdempotencyBuilder::wait_for_in_flight),
+    /// counts as one until it is answered: it may yet claim the key and run), and for
+    /// releases under way (of a claim whose caller went away before its answer, or of a
+    /// key after a failure); not for the background retries of a release the store
+    /// refused, or of a claim whose answer timed out, which their leases end anyway.
     /// Executions still running at the deadline are logged, each by its key (a digest
     /// with [`log_keys(false)`](crate::IdempotencyBuilder::log_keys)), claims and releases
     /// still on their way by their number, and all are left alone: nothing stores a half
@@ -70,8 +75,7 @@ impl Idempotency {
     /// ```
     pub async fn shutdown(&self, within: std::time::Duration) -> usize {
         let in_flight = &self.shared.in_flight;
-        let running = in_flight.count();
-        let unsettled = in_flight.unsettled();
+        let (running, unsettled) = in_flight.under_way(InFlight::count);
         if running == 0 && unsettled == 0 {
             return 0;
         }
@@ -81,8 +85,8 @@ impl Idempotency {
             return 0;
         }
         // As the logs show keys (a digest with `log_keys(false)`), in order.
-        let mut keys: Vec<String> = in_flight
-            .keys()
+        let (keys, unsettled) = in_flight.under_way(InFlight::keys);
+        let mut keys: Vec<String> = keys
             .iter()
             .map(|key| self.logged_key(key.key(), key).to_string())
             .collect();
@@ -90,7 +94,6 @@ impl Idempotency {
         for key in &keys {
             tracing::warn!(target: "idem", key = %key, "still running at the shutdown deadline; nothing is stored for it, and its claim frees itself when its lease runs out");
         }
-        let unsettled = in_flight.unsettled();
         if unsettled > 0 {
             tracing::warn!(target: "idem", unsettled, "claims unanswered or releases under way at the shutdown deadline; their keys free themselves when their leases run out");
         }

@@ -422,7 +422,22 @@ impl Execution {
         let committed = tokio::time::timeout(timeout, completing)
             .await
             .unwrap_or(Committed::Unknown(StoreError::Timeout(timeout)));
+        // Counted for a shutdown from before the keeper goes until the outcome settles: a
+        // rollback still releases the key.
+        self.settling = Some(self.idem.shared.in_flight.settling());
         drop(renewing);
+        let completion = self.after_commit(committed, record, forgets).await;
+        self.settling = None;
+        completion
+    }
+
+    /// What the outcome of the commit of the work's transaction means for the key.
+    async fn after_commit(
+        &mut self,
+        committed: Committed,
+        record: Bytes,
+        forgets: u64,
+    ) -> Completion {
         match committed {
             Committed::Yes => {
                 self.armed = false;
@@ -507,8 +522,8 @@ impl Drop for Execution {
             {
                 runtime.spawn(
                     async move {
-                        let _counted = (slot, settling);
-                        release_late_claim(&idem, &key, &claim).await;
+                        let _slot = slot;
+                        release_late_claim(&idem, &key, &claim, settling).await;
                     }
                     .in_current_span(),
                 );
@@ -633,18 +648,27 @@ impl Drop for LateRelease {
 /// Releases a claim whose `begin` timed out, and so may be applied by the store after
 /// any release sent now: releases until one finds the claim and deletes it, or until a
 /// lease has passed (a claim that landed has run out by then). Backs off from 100 ms to
-/// 2 s between attempts.
-async fn release_late_claim(idem: &Idempotency, key: &ScopedKey, claim: &Bytes) {
+/// 2 s between attempts. A shutdown waits for the first attempt (`settling`), not for the
+/// rest: the claim most likely never landed, and they could only end with the lease.
+async fn release_late_claim(
+    idem: &Idempotency,
+    key: &ScopedKey,
+    claim: &Bytes,
+    settling: Settling,
+) {
     let gone_by = later(Instant::now(), idem.settings().lease);
     let mut delay = Duration::from_millis(100);
-    loop {
-        if let Ok(true) = store_step(
+    let release = || {
+        store_step(
             idem,
             Step::Release,
             idem.store().release(key.as_str(), claim),
         )
-        .await
-        {
+    };
+    let mut released = release().await;
+    drop(settling);
+    loop {
+        if let Ok(true) = released {
             tracing::info!(target: "idem", "released a claim that landed after its begin timed out");
             return;
         }
@@ -653,6 +677,7 @@ async fn release_late_claim(idem: &Idempotency, key: &ScopedKey, claim: &Bytes) 
         }
         sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
+        released = release().await;
     }
 }
 
@@ -674,11 +699,11 @@ async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes, persist: bo
         tracing::warn!(target: "idem", %error, "releasing the key failed; its lease frees it");
         return;
     }
+    // Retried in the background until the lease ends; a shutdown does not wait for that
+    // (the store refused the release once, and the lease frees the key anyway).
     tracing::warn!(target: "idem", %error, "releasing the key failed; retrying until its lease ends");
     let (idem, key, claim) = (idem.clone(), key.clone(), claim.clone());
-    let settling = idem.shared.in_flight.settling();
     let retrying = async move {
-        let _settling = settling;
         let lease_ends = later(started, idem.settings().lease);
         let mut delay = Duration::from_millis(100);
         while Instant::now() + delay < lease_ends {
