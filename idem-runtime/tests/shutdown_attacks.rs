@@ -10,156 +10,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use bytes::Bytes;
-use common::{Counters, app, post_with, send, until};
+use common::{Counters, Gated, Gates, app, post_with, send, until};
 use futures_util::FutureExt;
 use idem_runtime::once::OnceError;
-use idem_runtime::store::{BoxFuture, MemoryStore, Store, StoreError};
+use idem_runtime::store::MemoryStore;
 use idem_runtime::{Idempotency, IdempotencyBuilder, OnceKey};
-use tokio::sync::{Notify, Semaphore};
-
-/// A gate a store step waits at while it is closed, and says it reached.
-#[derive(Default)]
-struct Gate {
-    closed: AtomicBool,
-    reached: Notify,
-    opened: Notify,
-}
-
-impl Gate {
-    fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-    }
-
-    fn open(&self) {
-        self.closed.store(false, Ordering::SeqCst);
-        self.opened.notify_waiters();
-    }
-
-    async fn pass(&self) {
-        let opened = self.opened.notified();
-        let mut opened = std::pin::pin!(opened);
-        opened.as_mut().enable();
-        if self.closed.load(Ordering::SeqCst) {
-            self.reached.notify_one();
-            opened.await;
-        }
-    }
-}
-
-/// What the test store does to each step.
-struct Hooks {
-    /// This many `begin`s never answer, and are never applied (a command lost on its way).
-    hang_begins: AtomicUsize,
-    /// This many `begin`s fail with a backend error, not applied.
-    fail_begins: AtomicUsize,
-    /// `begin`s answered so far.
-    begins_answered: AtomicUsize,
-    /// After a `begin` is applied, before its answer.
-    answer: Gate,
-    /// Before a `complete` is applied.
-    complete: Gate,
-    /// Before a `release` is applied.
-    release: Gate,
-    /// With `paced`, each `begin` says it was sent (`entered`), then waits for a permit.
-    paced: AtomicBool,
-    entered: Notify,
-    permits: Semaphore,
-}
-
-impl Hooks {
-    fn new() -> Self {
-        Self {
-            hang_begins: AtomicUsize::new(0),
-            fail_begins: AtomicUsize::new(0),
-            begins_answered: AtomicUsize::new(0),
-            answer: Gate::default(),
-            complete: Gate::default(),
-            release: Gate::default(),
-            paced: AtomicBool::new(false),
-            entered: Notify::new(),
-            permits: Semaphore::new(0),
-        }
-    }
-}
-
-fn take_one(counter: &AtomicUsize) -> bool {
-    counter
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok()
-}
-
-/// The memory store behind [`Hooks`].
-struct Hooked {
-    inner: MemoryStore,
-    hooks: Arc<Hooks>,
-}
-
-impl Store for Hooked {
-    fn begin<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
-        Box::pin(async move {
-            if take_one(&self.hooks.hang_begins) {
-                std::future::pending::<()>().await;
-            }
-            if take_one(&self.hooks.fail_begins) {
-                return Err(StoreError::backend("begin refused by the test"));
-            }
-            if self.hooks.paced.load(Ordering::SeqCst) {
-                self.hooks.entered.notify_one();
-                self.hooks.permits.acquire().await.unwrap().forget();
-            }
-            let found = self.inner.begin(key, claim, lease).await;
-            self.hooks.answer.pass().await;
-            self.hooks.begins_answered.fetch_add(1, Ordering::SeqCst);
-            found
-        })
-    }
-    fn renew<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.renew(key, claim, lease)
-    }
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        record: Bytes,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            self.hooks.complete.pass().await;
-            self.inner.complete(key, claim, record, ttl).await
-        })
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            self.hooks.release.pass().await;
-            self.inner.release(key, claim).await
-        })
-    }
-}
+use tokio::sync::Notify;
 
 /// A handle on a hooked memory store (lease 60 s), configured further by `configure`.
 fn hooked(
     configure: impl FnOnce(IdempotencyBuilder) -> IdempotencyBuilder,
-) -> (Arc<Hooks>, Idempotency) {
-    let hooks = Arc::new(Hooks::new());
-    let store = Hooked {
-        inner: MemoryStore::new(),
-        hooks: hooks.clone(),
-    };
+) -> (Arc<Gates>, Idempotency) {
+    let hooks = Arc::new(Gates::default());
+    let store = Gated::new(Arc::new(MemoryStore::new()), hooks.clone());
     let builder =
         common::test_builder(Idempotency::builder().store(store)).lease(Duration::from_secs(60));
     (hooks, configure(builder).build())

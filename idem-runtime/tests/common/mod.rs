@@ -695,8 +695,7 @@ impl Gate {
     }
 }
 
-/// A store with a gate after each `begin` is applied (its answer held back) and one
-/// before each `release` is applied, both open until closed.
+/// A store with hooks on its steps (see [`Gates`]), each gate open until closed.
 pub struct Gated {
     inner: Arc<dyn Store>,
     gates: Arc<Gates>,
@@ -708,11 +707,46 @@ impl Gated {
     }
 }
 
-/// The gates of a [`Gated`] store.
-#[derive(Default)]
+/// What a [`Gated`] store does to each step.
 pub struct Gates {
+    /// After a `begin` is applied, before its answer.
     pub answer: Gate,
+    /// Before a `complete` is applied.
+    pub complete: Gate,
+    /// Before a `release` is applied.
     pub release: Gate,
+    /// This many `begin`s never answer, and are never applied (a command lost on its way).
+    pub hang_begins: AtomicUsize,
+    /// This many `begin`s fail with a backend error, not applied.
+    pub fail_begins: AtomicUsize,
+    /// `begin`s answered so far.
+    pub begins_answered: AtomicUsize,
+    /// With `paced`, each `begin` says it was sent (`entered`), then waits for a permit.
+    pub paced: std::sync::atomic::AtomicBool,
+    pub entered: Notify,
+    pub permits: tokio::sync::Semaphore,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Self {
+            answer: Gate::default(),
+            complete: Gate::default(),
+            release: Gate::default(),
+            hang_begins: AtomicUsize::new(0),
+            fail_begins: AtomicUsize::new(0),
+            begins_answered: AtomicUsize::new(0),
+            paced: std::sync::atomic::AtomicBool::new(false),
+            entered: Notify::new(),
+            permits: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+fn take_one(counter: &AtomicUsize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 impl Store for Gated {
@@ -723,8 +757,20 @@ impl Store for Gated {
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
         Box::pin(async move {
+            let gates = &self.gates;
+            if take_one(&gates.hang_begins) {
+                std::future::pending::<()>().await;
+            }
+            if take_one(&gates.fail_begins) {
+                return Err(StoreError::backend("begin refused by the test"));
+            }
+            if gates.paced.load(Ordering::SeqCst) {
+                gates.entered.notify_one();
+                gates.permits.acquire().await.expect("open").forget();
+            }
             let found = self.inner.begin(key, claim, lease).await;
-            self.gates.answer.pass().await;
+            gates.answer.pass().await;
+            gates.begins_answered.fetch_add(1, Ordering::SeqCst);
             found
         })
     }
@@ -743,7 +789,10 @@ impl Store for Gated {
         record: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.complete(key, claim, record, ttl)
+        Box::pin(async move {
+            self.gates.complete.pass().await;
+            self.inner.complete(key, claim, record, ttl).await
+        })
     }
     fn release<'a>(
         &'a self,
