@@ -55,9 +55,11 @@ async fn store_response(mut execution: Execution, response: Response) -> Respons
         // header map without room for both could not be replayed.
         Collected::Complete(bytes) if parts.headers.try_reserve(2).is_err() => {
             tracing::warn!(target: "idem", names = parts.headers.keys_len(), "response has too many header names to replay; a retry will be told it was not stored and not run again");
-            let (status, len) = (parts.status, bytes.len() as u64);
-            let response = Response::from_parts(parts, Body::from(bytes));
-            not_stored_answer(execution, status, len, response).await
+            let len = bytes.len() as u64;
+            if let Some(problem) = complete_not_stored(&mut execution, parts.status, len).await {
+                return problem;
+            }
+            Response::from_parts(parts, Body::from(bytes))
         }
         Collected::Complete(bytes) => {
             let kept: Vec<_> = parts
@@ -83,30 +85,33 @@ async fn store_response(mut execution: Execution, response: Response) -> Respons
         }
         Collected::TooLarge { read, seen } => {
             tracing::warn!(target: "idem", limit = settings.max_response_bytes, "response too large to store; a retry will be told so and not run again");
-            let status = parts.status;
-            let response = Response::from_parts(parts, read.into_body());
-            not_stored_answer(execution, status, seen, response).await
+            if let Some(problem) = complete_not_stored(&mut execution, parts.status, seen).await {
+                return problem;
+            }
+            Response::from_parts(parts, read.into_body())
         }
         Collected::Failed(_) => {
             tracing::warn!(target: "idem", "response body failed; a retry will be told the response was not stored");
-            let response = Problem::response_lost(parts.status).into_response();
-            not_stored_answer(execution, parts.status, 0, response).await
+            if let Some(problem) = complete_not_stored(&mut execution, parts.status, 0).await {
+                return problem;
+            }
+            Problem::response_lost(parts.status).into_response()
         }
     }
 }
 
 /// Records that the request ran and answered `status` with a body of `body_len` bytes,
-/// which was not stored, then answers `response`.
-async fn not_stored_answer(
-    mut execution: Execution,
+/// which was not stored; the problem to answer instead of the response, if any (see
+/// [`undone`]). Borrows the execution, so that the future it makes stays small.
+async fn complete_not_stored(
+    execution: &mut Execution,
     status: StatusCode,
     body_len: u64,
-    response: Response,
-) -> Response {
-    let record = not_stored(&execution, status, body_len);
+) -> Option<Response> {
+    let record = not_stored(execution, status, body_len);
     let transactional = execution.in_transaction();
     let completion = execution.complete(record.clone(), record).await;
-    undone(transactional, completion, &execution).unwrap_or(response)
+    undone(transactional, completion, execution)
 }
 
 /// The record saying the request ran and answered `status` with a body of `body_len`
