@@ -9,7 +9,8 @@
 //!
 //! [`forget`](LocalTier::forget) drops a copy at once (the record was deleted by hand). A
 //! copy of what the store answered before a `forget` is not kept after it: each copy is
-//! kept only if no `forget` came between the store's read and the copy.
+//! kept only if no `forget` of its key (or of a key that hashes alike, one in
+//! [`FORGET_SLOTS`]) came between the store's read and the copy.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +18,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::sharded::{Expiring, LARGEST_BOUND, Recent, Shards};
+use std::hash::BuildHasher;
+
+use crate::sharded::{Expiring, Hasher, LARGEST_BOUND, Recent, Shards};
+
+/// How many counts of forgets the tier keeps, each for the keys that hash to it: forgets
+/// of other keys, however many, rarely stop a copy from being kept.
+const FORGET_SLOTS: usize = 256;
 
 #[derive(Clone)]
 struct Copy {
@@ -43,8 +50,9 @@ pub(crate) struct LocalTier {
     /// The byte bound of each shard.
     shard_bytes: u64,
     max_age: Duration,
-    /// How many times a copy was forgotten.
-    forgets: Arc<AtomicU64>,
+    /// How many times a copy was forgotten, by a hash of its key.
+    forgets: Arc<[AtomicU64]>,
+    hasher: Hasher,
 }
 
 impl LocalTier {
@@ -55,14 +63,20 @@ impl LocalTier {
             shard_bytes: max_bytes / copies.count(),
             copies: Arc::new(copies),
             max_age,
-            forgets: Arc::new(AtomicU64::new(0)),
+            forgets: (0..FORGET_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: Hasher::default(),
         }
     }
 
-    /// What [`insert`](Self::insert) is given, read before the store is asked for the
-    /// record to copy.
-    pub(crate) fn forgets(&self) -> u64 {
-        self.forgets.load(Ordering::SeqCst)
+    /// The count of forgets of `key` (and of the keys that hash alike).
+    fn forgets_of(&self, key: &str) -> &AtomicU64 {
+        &self.forgets[(self.hasher.hash_one(key) as usize) % FORGET_SLOTS]
+    }
+
+    /// What [`insert`](Self::insert) is given for `key`, read before the store is asked
+    /// for the record to copy.
+    pub(crate) fn forgets(&self, key: &str) -> u64 {
+        self.forgets_of(key).load(Ordering::SeqCst)
     }
 
     /// A live copy of the completed record under `key`.
@@ -94,7 +108,7 @@ impl LocalTier {
             let mut shard = self.copies.of(key);
             // Read under the shard's lock, which `forget` takes after counting: either
             // this sees its count, or its removal comes after this copy.
-            if self.forgets.load(Ordering::SeqCst) == forgets {
+            if self.forgets_of(key).load(Ordering::SeqCst) == forgets {
                 shard.keep(key, copy, self.shard_bytes, usize::MAX);
             }
         }
@@ -102,7 +116,7 @@ impl LocalTier {
 
     /// Drops the copy under `key`, and any copy of what the store answered before.
     pub(crate) fn forget(&self, key: &str) {
-        self.forgets.fetch_add(1, Ordering::SeqCst);
+        self.forgets_of(key).fetch_add(1, Ordering::SeqCst);
         self.copies.of(key).remove(key);
     }
 }
@@ -149,7 +163,7 @@ mod tests {
             0,
             "weight after every copy is forgotten"
         );
-        let forgets = tier.forgets();
+        let forgets = tier.forgets("k");
         tier.insert("k", Bytes::from_static(b"first"), far, forgets);
         tier.insert("k", Bytes::from_static(b"second, longer"), far, forgets);
         assert_eq!(tier.get("k"), Some(Bytes::from_static(b"second, longer")));
@@ -173,16 +187,21 @@ mod tests {
     }
 
     /// Guards (a defect once shown): a copy of what the store answered before a `forget`
-    /// (of any key) is not kept after it; one read after it is.
+    /// of its key is not kept after it; one read after it is.
     #[test]
     fn a_copy_read_before_a_forget_is_not_kept() {
         let far = expiry_ms(Duration::from_secs(3600));
         let tier = LocalTier::new(64 * 1024, Duration::from_secs(60));
-        let read = tier.forgets();
+        let read = tier.forgets("k");
         tier.forget("k");
         tier.insert("k", Bytes::from_static(b"deleted"), far, read);
         assert_eq!(tier.get("k"), None);
-        tier.insert("k", Bytes::from_static(b"read after"), far, tier.forgets());
+        tier.insert(
+            "k",
+            Bytes::from_static(b"read after"),
+            far,
+            tier.forgets("k"),
+        );
         assert_eq!(tier.get("k"), Some(Bytes::from_static(b"read after")));
     }
 }

@@ -38,7 +38,6 @@ use crate::config::Idempotency;
 use crate::fingerprint::Fingerprint;
 use crate::in_flight::Settling;
 use crate::key::ScopedKey;
-use crate::local::LocalTier;
 use crate::record::{self, Kind};
 use crate::store::StoreError;
 
@@ -124,7 +123,10 @@ pub(crate) async fn begin(
     loop {
         // The lease runs from when the claim is sent, not from when its answer arrives.
         let sent_at = Instant::now();
-        let forgets = shared.local.as_ref().map_or(0, LocalTier::forgets);
+        let forgets = shared
+            .local
+            .as_ref()
+            .map_or(0, |local| local.forgets(key.as_str()));
         let found = match store_step(
             idem,
             Step::Begin,
@@ -426,19 +428,7 @@ impl Execution {
         // rollback still releases the key.
         self.settling = Some(self.idem.shared.in_flight.settling());
         drop(renewing);
-        let completion = self.after_commit(committed, record, forgets).await;
-        self.settling = None;
-        completion
-    }
-
-    /// What the outcome of the commit of the work's transaction means for the key.
-    async fn after_commit(
-        &mut self,
-        committed: Committed,
-        record: Bytes,
-        forgets: u64,
-    ) -> Completion {
-        match committed {
+        let completion = match committed {
             Committed::Yes => {
                 self.armed = false;
                 self.copy_locally(record, forgets);
@@ -459,7 +449,9 @@ impl Execution {
                 tracing::error!(target: "idem", %error, "the commit of the work's transaction failed without an answer; the key is left to its lease");
                 Completion::Unknown
             }
-        }
+        };
+        self.settling = None;
+        completion
     }
 
     /// Gives the key up, so that a retry runs the work again, and rolls back the work's
@@ -484,7 +476,7 @@ impl Execution {
             .shared
             .local
             .as_ref()
-            .map_or(0, LocalTier::forgets)
+            .map_or(0, |local| local.forgets(self.key.as_str()))
     }
 
     /// Copies the record this execution stored to the local tier, if it is on and the
