@@ -18,7 +18,10 @@ use crate::record::{Record, encode_completed};
 /// The work runs inside the request's own task (no hop to another task on the happy
 /// path); if that task drops it before it ends (the client disconnected), the rest of the
 /// work moves to a task of its own, so it still completes and its response is stored.
-pub(crate) async fn first_execution<F, R>(mut execution: Execution, handler: F) -> Response
+pub(crate) fn first_execution<F, R>(
+    mut execution: Execution,
+    handler: F,
+) -> impl Future<Output = Response> + Send
 where
     F: Future<Output = R> + Send + 'static,
     R: IntoResponse + 'static,
@@ -28,13 +31,13 @@ where
         let response = execution
             .run(async move { handler.await.into_response() })
             .await;
-        store_response(execution, response).await
+        store_response(&mut execution, response).await
     })
-    .await
 }
 
-/// Stores the handler's response under the key and returns it to the client.
-async fn store_response(mut execution: Execution, response: Response) -> Response {
+/// Stores the handler's response under the key and returns it to the client. Borrows the
+/// execution, so that the future it makes holds no second copy of it.
+async fn store_response(execution: &mut Execution, response: Response) -> Response {
     let idem = execution.idem().clone();
     let settings = idem.settings();
     let (mut parts, body) = response.into_parts();
@@ -56,7 +59,7 @@ async fn store_response(mut execution: Execution, response: Response) -> Respons
         Collected::Complete(bytes) if parts.headers.try_reserve(2).is_err() => {
             tracing::warn!(target: "idem", names = parts.headers.keys_len(), "response has too many header names to replay; a retry will be told it was not stored and not run again");
             let len = bytes.len() as u64;
-            if let Some(problem) = complete_not_stored(&mut execution, parts.status, len).await {
+            if let Some(problem) = complete_not_stored(execution, parts.status, len).await {
                 return problem;
             }
             Response::from_parts(parts, Body::from(bytes))
@@ -74,10 +77,10 @@ async fn store_response(mut execution: Execution, response: Response) -> Respons
                 &kept,
                 &bytes,
             );
-            let not_stored = not_stored(&execution, parts.status, bytes.len() as u64);
+            let not_stored = not_stored(execution, parts.status, bytes.len() as u64);
             let transactional = execution.in_transaction();
             let completion = execution.complete(record, not_stored).await;
-            if let Some(problem) = undone(transactional, completion, &execution) {
+            if let Some(problem) = undone(transactional, completion, execution) {
                 return problem;
             }
             tracing::debug!(target: "idem", status = parts.status.as_u16(), "executed and stored");
@@ -85,14 +88,14 @@ async fn store_response(mut execution: Execution, response: Response) -> Respons
         }
         Collected::TooLarge { read, seen } => {
             tracing::warn!(target: "idem", limit = settings.max_response_bytes, "response too large to store; a retry will be told so and not run again");
-            if let Some(problem) = complete_not_stored(&mut execution, parts.status, seen).await {
+            if let Some(problem) = complete_not_stored(execution, parts.status, seen).await {
                 return problem;
             }
             Response::from_parts(parts, read.into_body())
         }
         Collected::Failed(_) => {
             tracing::warn!(target: "idem", "response body failed; a retry will be told the response was not stored");
-            if let Some(problem) = complete_not_stored(&mut execution, parts.status, 0).await {
+            if let Some(problem) = complete_not_stored(execution, parts.status, 0).await {
                 return problem;
             }
             Problem::response_lost(parts.status).into_response()

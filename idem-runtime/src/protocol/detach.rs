@@ -13,7 +13,10 @@ use tracing::Instrument;
 /// Runs `work` in the caller's task (no hop to another task while the caller waits); if
 /// the caller drops it before it ends, the rest runs in a task of its own, counted in
 /// `detached` while it runs there.
-pub(crate) async fn to_the_end<O, F>(detached: &Arc<AtomicUsize>, work: F) -> O
+///
+/// `work` is boxed here, when called, not when first polled: the caller's future holds
+/// only the box, never `work` itself on its way into it.
+pub(crate) fn to_the_end<O, F>(detached: &Arc<AtomicUsize>, work: F) -> Detaching<O>
 where
     F: Future<Output = O> + Send + 'static,
     O: Send + 'static,
@@ -22,11 +25,10 @@ where
         work: Some(Box::pin(work.in_current_span())),
         detached: detached.clone(),
     }
-    .await
 }
 
 /// Unfinished work that moves to a task of its own when dropped.
-struct Detaching<O: Send + 'static> {
+pub(crate) struct Detaching<O: Send + 'static> {
     work: Option<Pin<Box<dyn Future<Output = O> + Send>>>,
     detached: Arc<AtomicUsize>,
 }
