@@ -263,8 +263,8 @@ fn parse_bare(value: &[u8]) -> Result<String, KeyError> {
             position,
         });
     }
-    // Every byte is visible ASCII, so this is valid UTF-8.
-    Ok(value.iter().map(|&b| char::from(b)).collect())
+    // Every byte is visible ASCII, so this is valid UTF-8, copied whole.
+    Ok(String::from_utf8_lossy(value).into_owned())
 }
 
 fn parse_quoted(value: &[u8]) -> Result<String, KeyError> {
