@@ -175,7 +175,7 @@ impl Script {
             self.started.notify_one();
             self.gate.notified().await;
         }
-        tracing::info!(target: "review", run = n, "handler resumed");
+        tracing::info!(target: "detached_work", run = n, "handler resumed");
         n
     }
 }
@@ -207,7 +207,7 @@ async fn server_error(idem: Idempotent, State(script): State<Shared>) -> Respons
 async fn panics(idem: Idempotent, State(script): State<Shared>) -> Response {
     idem.run(async move {
         let n = script.enter().await;
-        assert!(n != 1, "review: the first run panics");
+        assert!(n != 1, "test: the first run panics");
         script.finished.fetch_add(1, Ordering::SeqCst);
         (StatusCode::CREATED, format!("run {n}"))
     })
@@ -257,7 +257,7 @@ async fn body_panics(idem: Idempotent, State(script): State<Shared>) -> Response
             match step {
                 0 => Some((Ok::<_, std::io::Error>(Bytes::from_static(b"part ")), 1)),
                 1 => {
-                    assert!(n != 1, "review: the first run's body panics");
+                    assert!(n != 1, "test: the first run's body panics");
                     Some((Ok(Bytes::from(format!("run {n}"))), 2))
                 }
                 _ => None,
@@ -475,7 +475,11 @@ impl Fixture {
     /// `max_detached` executions run detached.
     async fn probe(&self) -> Answer {
         let n = self.probes.fetch_add(1, Ordering::SeqCst);
-        send(&self.app, post_with("/probe", Some(&format!("probe-{n}")), "")).await
+        send(
+            &self.app,
+            post_with("/probe", Some(&format!("probe-{n}")), ""),
+        )
+        .await
     }
 
     /// With `max_detached(1)`: waits (yielding, bounded) until no work runs detached.
@@ -652,10 +656,12 @@ async fn hang_up_while_a_streamed_body_is_collected_stores_the_whole_body() {
 async fn panic_propagates_and_releases_the_key_once() {
     let f = fixture(|builder| builder.max_detached(1));
     let client = f.client(post_with("/panic", Some("panics"), "{}"));
-    let error = client.await.expect_err("the panic must propagate to the caller");
+    let error = client
+        .await
+        .expect_err("the panic must propagate to the caller");
     let message = panic_message(error);
     assert!(
-        message.contains("review: the first run panics"),
+        message.contains("test: the first run panics"),
         "the handler's own panic propagates, got {message:?}"
     );
     f.shutdown_settles("after the panic").await;
@@ -751,10 +757,12 @@ async fn hang_up_during_the_release_after_a_panic_still_releases_once() {
 async fn body_panic_propagates_and_releases_the_key_once() {
     let f = fixture(|builder| builder.max_detached(1));
     let client = f.client(post_with("/body-panic", Some("body-panic"), "{}"));
-    let error = client.await.expect_err("the panic must propagate to the caller");
+    let error = client
+        .await
+        .expect_err("the panic must propagate to the caller");
     let message = panic_message(error);
     assert!(
-        message.contains("review: the first run's body panics"),
+        message.contains("test: the first run's body panics"),
         "got {message:?}"
     );
     f.shutdown_settles("after the body panic").await;
@@ -908,8 +916,17 @@ async fn too_large_response_is_recorded_not_stored_once_connected_or_detached() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_header_names_is_recorded_not_stored_once_connected_or_detached() {
     let f = fixture(|builder| builder.max_detached(1));
-    let connected = send(&f.app, post_with("/many-headers", Some("hdr-connected"), "{}")).await;
-    assert_eq!(connected.status, StatusCode::CREATED, "{:?}", body(&connected));
+    let connected = send(
+        &f.app,
+        post_with("/many-headers", Some("hdr-connected"), "{}"),
+    )
+    .await;
+    assert_eq!(
+        connected.status,
+        StatusCode::CREATED,
+        "{:?}",
+        body(&connected)
+    );
     assert_eq!(body(&connected), "run 1");
     f.shutdown_settles("after the connected many-headers").await;
     assert_eq!(
@@ -921,9 +938,12 @@ async fn too_many_header_names_is_recorded_not_stored_once_connected_or_detached
             releases_applied: 0
         }
     );
-    send(&f.app, post_with("/many-headers", Some("hdr-connected"), "{}"))
-        .await
-        .assert_problem(StatusCode::CONFLICT, Problem::RESPONSE_NOT_STORED);
+    send(
+        &f.app,
+        post_with("/many-headers", Some("hdr-connected"), "{}"),
+    )
+    .await
+    .assert_problem(StatusCode::CONFLICT, Problem::RESPONSE_NOT_STORED);
 
     f.script.hold(true);
     let client = f.client(post_with("/many-headers", Some("hdr-detached"), "{}"));
@@ -943,9 +963,12 @@ async fn too_many_header_names_is_recorded_not_stored_once_connected_or_detached
     f.script.hold(false);
     // The detached task uncounts itself just after the work ends.
     f.detached_drained().await;
-    send(&f.app, post_with("/many-headers", Some("hdr-detached"), "{}"))
-        .await
-        .assert_problem(StatusCode::CONFLICT, Problem::RESPONSE_NOT_STORED);
+    send(
+        &f.app,
+        post_with("/many-headers", Some("hdr-detached"), "{}"),
+    )
+    .await
+    .assert_problem(StatusCode::CONFLICT, Problem::RESPONSE_NOT_STORED);
     assert_eq!(f.script.runs(), 2, "each key ran once, no retry ran");
 }
 
@@ -1042,7 +1065,7 @@ async fn once_caller_dropped_mid_operation_completes_detached() {
         let (idem, runs, started, gate) =
             (f.idem.clone(), runs.clone(), started.clone(), gate.clone());
         tokio::spawn(async move {
-            idem.once(OnceKey::new("review-once").unwrap(), "input")
+            idem.once(OnceKey::new("detached-once").unwrap(), "input")
                 .run(move || async move {
                     let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
                     started.notify_one();
@@ -1059,14 +1082,19 @@ async fn once_caller_dropped_mid_operation_completes_detached() {
         .await
         .assert_problem(StatusCode::SERVICE_UNAVAILABLE, Problem::OVERLOADED);
     gate.notify_one();
-    f.shutdown_settles("after the detached once operation").await;
-    let calls = f.ledger.containing("review-once");
-    assert_eq!((calls.completes, calls.completes_applied, calls.releases), (1, 1, 0), "{calls:?}");
+    f.shutdown_settles("after the detached once operation")
+        .await;
+    let calls = f.ledger.containing("detached-once");
+    assert_eq!(
+        (calls.completes, calls.completes_applied, calls.releases),
+        (1, 1, 0),
+        "{calls:?}"
+    );
     // The detached task uncounts itself just after the work ends.
     f.detached_drained().await;
     let again = f
         .idem
-        .once(OnceKey::new("review-once").unwrap(), "input")
+        .once(OnceKey::new("detached-once").unwrap(), "input")
         .run_with_outcome({
             let runs = runs.clone();
             move || async move {
@@ -1085,12 +1113,12 @@ async fn once_caller_dropped_mid_operation_completes_detached() {
     let call = {
         let (idem, started, gate) = (f.idem.clone(), started.clone(), gate.clone());
         tokio::spawn(async move {
-            idem.once(OnceKey::new("review-once-panic").unwrap(), "input")
+            idem.once(OnceKey::new("detached-once-panic").unwrap(), "input")
                 .run(move || async move {
                     started.notify_one();
                     gate.notified().await;
                     if true {
-                        panic!("review: the once operation panics");
+                        panic!("test: the once operation panics");
                     }
                     Ok::<usize, String>(0)
                 })
@@ -1102,13 +1130,17 @@ async fn once_caller_dropped_mid_operation_completes_detached() {
     assert!(call.await.unwrap_err().is_cancelled());
     gate.notify_one();
     f.shutdown_settles("after the detached once panic").await;
-    let calls = f.ledger.containing("review-once-panic");
-    assert_eq!((calls.completes, calls.releases, calls.releases_applied), (0, 1, 1), "{calls:?}");
+    let calls = f.ledger.containing("detached-once-panic");
+    assert_eq!(
+        (calls.completes, calls.releases, calls.releases_applied),
+        (0, 1, 1),
+        "{calls:?}"
+    );
     // The detached task uncounts itself just after the work ends.
     f.detached_drained().await;
     let ran = f
         .idem
-        .once(OnceKey::new("review-once-panic").unwrap(), "input")
+        .once(OnceKey::new("detached-once-panic").unwrap(), "input")
         .run_with_outcome(|| async { Ok::<usize, String>(7) })
         .await;
     match ran {
@@ -1136,7 +1168,8 @@ async fn detached_work_runs_in_the_requests_idem_span() {
     f.script.started.notified().await;
     hang_up(client).await;
     f.script.gate.notify_one();
-    f.shutdown_settles("after the traced detached handler").await;
+    f.shutdown_settles("after the traced detached handler")
+        .await;
 
     // The handler runs only here, so every "handler resumed" with this key's span is its.
     let resumed: Vec<_> = capture::with_message("handler resumed")
