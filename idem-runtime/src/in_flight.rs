@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::key::ScopedKey;
 use crate::metrics::Metrics;
 use crate::protocol::lease::HeldClaim;
+use crate::sharded::Hasher;
 
 /// The executions now holding a key, each by its claim.
 pub(crate) struct InFlight {
@@ -32,7 +33,8 @@ pub(crate) struct InFlight {
 
 #[derive(Default)]
 struct Running {
-    claims: HashMap<u64, Arc<HeldClaim>>,
+    /// By the entry's number, which no client chooses: hashed with the fast hasher.
+    claims: HashMap<u64, Arc<HeldClaim>, Hasher>,
     /// The renewal tasks that run now: one per runtime claims were made on, each by its
     /// generation.
     renewers: Vec<(runtime::Id, u64)>,
@@ -212,7 +214,9 @@ impl Drop for Entry {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         running.claims.remove(&self.id);
-        if running.claims.is_empty() {
+        // Only a shutdown waits on `idle`. Read under the lock its count is read under:
+        // a shutdown that read this entry as running set `awaited` before, and is woken.
+        if running.claims.is_empty() && self.registry.awaited.load(Ordering::SeqCst) {
             self.registry.idle.notify_waiters();
         }
         self.registry.metrics.execution_in_flight(false);

@@ -157,3 +157,36 @@ async fn shutdown_counts_a_release_it_cannot_wait_for() {
     );
     assert_eq!(idem.shutdown(Duration::from_secs(30)).await, 0);
 }
+
+/// Guards: the last execution to end wakes a shutdown that waits for it (the registry
+/// wakes `shutdown` only while one waits). Its deadline is an hour: a shutdown not woken
+/// would still be waiting when the test gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_execution_to_end_wakes_a_waiting_shutdown() {
+    let (store, idem) = gated();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    store.complete.close();
+
+    let completing = store.complete.reached.notified();
+    let request = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post_with("/pay", Some("last"), "{}")).await }
+    });
+    completing.await;
+
+    let mut shutdown = std::pin::pin!(idem.shutdown(Duration::from_secs(3600)));
+    assert_eq!(
+        shutdown.as_mut().now_or_never(),
+        None,
+        "shutdown returned while an execution held its key"
+    );
+    store.complete.open();
+    assert_eq!(request.await.unwrap().status, StatusCode::CREATED);
+    let woken = tokio::time::timeout(Duration::from_secs(20), shutdown).await;
+    assert_eq!(
+        woken,
+        Ok(0),
+        "the execution ended, and the waiting shutdown was not woken"
+    );
+}
