@@ -271,7 +271,7 @@ impl MemoryStore {
             key.to_owned(),
             Entry {
                 value: claim.clone(),
-                expires_at: deadline(lease),
+                expires_at: deadline(now, lease),
             },
         );
         ClaimAttempt::Taken
@@ -288,9 +288,9 @@ fn weight(key: &str, value: &Bytes, slot: u64) -> u64 {
     (key.len() as u64 + value.len() as u64 + ENTRY_OVERHEAD).max(slot)
 }
 
-/// `now + after`, capped far in the future instead of overflowing.
-fn deadline(after: Duration) -> Instant {
-    let now = Instant::now();
+/// `now + after`, capped far in the future instead of overflowing. `now` is read before
+/// the shard's lock is taken: a deadline is never later than it would be read after.
+fn deadline(now: Instant, after: Duration) -> Instant {
     now.checked_add(after)
         .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
         .unwrap_or(now)
@@ -348,7 +348,7 @@ impl Store for MemoryStore {
         let renewed = match self.live_claim(&mut shard, key, now) {
             Some(current) if current.value == *claim => {
                 if let Some(entry) = shard.claims.get_mut(key) {
-                    entry.expires_at = deadline(lease);
+                    entry.expires_at = deadline(now, lease);
                 }
                 true
             }
@@ -380,7 +380,7 @@ impl Store for MemoryStore {
                 } else {
                     let record = Record {
                         value: record,
-                        expires_at: deadline(ttl),
+                        expires_at: deadline(now, ttl),
                         weight,
                     };
                     shard.claims.remove(key);
