@@ -441,6 +441,7 @@ impl Once {
             self.ttl,
             self.wait,
             transaction,
+            &span,
         )
         .instrument(span.clone())
         .await;

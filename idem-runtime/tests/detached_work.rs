@@ -1202,3 +1202,91 @@ async fn detached_work_runs_in_the_requests_idem_span() {
         went_away.len()
     );
 }
+
+/// A memory store whose lease renewals are refused: the claim is lost while the work
+/// runs. Says when the first renewal was asked for.
+struct RenewalsRefused {
+    inner: MemoryStore,
+    renewed: Arc<Notify>,
+}
+
+impl Store for RenewalsRefused {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        self.inner.begin(key, claim, lease)
+    }
+
+    fn renew<'a>(
+        &'a self,
+        _key: &'a str,
+        _claim: &'a Bytes,
+        _lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.renewed.notify_one();
+        Box::pin(std::future::ready(Ok(false)))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        record: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.complete(key, claim, record, ttl)
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.release(key, claim)
+    }
+}
+
+/// The lease's renewal logs in the `idem` span of the request whose claim it renews
+/// (with its key), as the request's own lines do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_is_logged_in_the_requests_idem_span() {
+    capture::install();
+    let renewed = Arc::new(Notify::new());
+    let store = RenewalsRefused {
+        inner: MemoryStore::new(),
+        renewed: renewed.clone(),
+    };
+    let idem = common::test_builder(Idempotency::builder().store(store))
+        .lease(Duration::from_millis(300))
+        .log_keys(true)
+        .build();
+    let script = Arc::new(Script::default());
+    let app = routes(script.clone()).layer(idem.layer());
+    script.hold(true);
+    let client = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post_with("/ok", Some("renewed-key"), "{}")).await }
+    });
+    script.started.notified().await;
+    renewed.notified().await;
+    // The refusal is logged by the renewal once its answer is read; the work then ends.
+    let lost = "lease lost while the work runs; its result will not be stored";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !capture::with_message(lost)
+        .iter()
+        .any(|seen| seen.idem_key.as_deref() == Some("renewed-key"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no \"{lost}\" in the request's idem span; every one seen: {:?}",
+            capture::with_message(lost)
+        );
+        tokio::task::yield_now().await;
+    }
+    script.gate.notify_one();
+    let answer = client.await.unwrap();
+    assert_eq!(answer.status, StatusCode::CREATED);
+}

@@ -5,6 +5,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::StatusCode;
+use tracing::Instrument;
 
 use super::body::{Collected, collect_bounded};
 use super::problem::Problem;
@@ -21,18 +22,23 @@ use crate::record::{Record, encode_completed};
 pub(crate) fn first_execution<F, R>(
     mut execution: Execution,
     handler: F,
+    span: tracing::Span,
 ) -> impl Future<Output = Response> + Send
 where
     F: Future<Output = R> + Send + 'static,
     R: IntoResponse + 'static,
 {
     let detached = execution.idem().shared.detached.clone();
-    protocol::to_the_end(&detached, async move {
-        let response = execution
-            .run(async move { handler.await.into_response() })
-            .await;
-        store_response(&mut execution, response).await
-    })
+    protocol::to_the_end(
+        &detached,
+        async move {
+            let response = execution
+                .run(async move { handler.await.into_response() })
+                .await;
+            store_response(&mut execution, response).await
+        }
+        .instrument(span),
+    )
 }
 
 /// Stores the handler's response under the key and returns it to the client. Borrows the

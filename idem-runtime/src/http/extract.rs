@@ -110,6 +110,7 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         } = prepared;
         let span =
             tracing::info_span!(target: "idem", "idem", key = %idem.logged_key(key.key(), &key));
+        let work_span = span.clone();
         async move {
             let wait = idem.settings().wait_for_in_flight;
             let begun = protocol::begin(
@@ -119,12 +120,13 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
                 Self::TTL,
                 wait,
                 transaction.clone(),
+                &work_span,
             )
             .await;
             match begun {
                 Begun::Execute(execution) => {
                     idem.shared.metrics.request(Outcome::Executed);
-                    first_execution(execution, work).await
+                    first_execution(execution, work, work_span).await
                 }
                 Begun::Answer(answer) => {
                     idem.shared.metrics.request(Outcome::of(&answer));

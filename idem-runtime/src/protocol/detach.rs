@@ -8,21 +8,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
-use tracing::Instrument;
-
 /// Runs `work` in the caller's task (no hop to another task while the caller waits); if
 /// the caller drops it before it ends, the rest runs in a task of its own, counted in
 /// `detached` while it runs there.
 ///
 /// `work` is boxed here, when called, not when first polled: the caller's future holds
-/// only the box, never `work` itself on its way into it.
+/// only the box, never `work` itself on its way into it. The caller instruments `work`
+/// with the span its logs belong to: looking up the current span costs every request.
 pub(crate) fn to_the_end<O, F>(detached: &Arc<AtomicUsize>, work: F) -> Detaching<O>
 where
     F: Future<Output = O> + Send + 'static,
     O: Send + 'static,
 {
     Detaching {
-        work: Some(Box::pin(work.in_current_span())),
+        work: Some(Box::pin(work)),
         detached: detached.clone(),
     }
 }

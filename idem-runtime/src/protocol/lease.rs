@@ -78,12 +78,14 @@ impl HeldClaim {
 }
 
 impl LeaseKeeper {
-    /// Starts renewing `claim` on `key`, held since `claimed_at`.
+    /// Starts renewing `claim` on `key`, held since `claimed_at`; the renewals log in
+    /// `span`.
     pub(crate) fn start(
         idem: &Idempotency,
         key: &ScopedKey,
         claim: &Bytes,
         claimed_at: Instant,
+        span: tracing::Span,
     ) -> Self {
         let lease = idem.settings().lease;
         let runtime = runtime::Handle::current();
@@ -91,7 +93,7 @@ impl LeaseKeeper {
             key: key.clone(),
             runtime: runtime.id(),
             token: claim.clone(),
-            span: tracing::Span::current(),
+            span,
             times: Mutex::new(LeaseTimes {
                 held_until: later(claimed_at, lease),
                 renewed_at: None,

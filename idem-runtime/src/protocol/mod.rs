@@ -76,6 +76,7 @@ pub(crate) enum Answer {
 /// the same request runs under the key, waits up to `wait` for it to end before answering
 /// that it is in flight. An execution writes in the transaction the work puts in
 /// `transaction`, if it takes one: the completion is then written and committed in it.
+/// The lease's renewals log in `span`.
 pub(crate) async fn begin(
     idem: &Idempotency,
     key: ScopedKey,
@@ -83,6 +84,7 @@ pub(crate) async fn begin(
     ttl: Duration,
     wait: Option<Duration>,
     transaction: TransactionSlot,
+    span: &tracing::Span,
 ) -> Begun {
     let shared = &idem.shared;
     let settings = &shared.settings;
@@ -195,7 +197,13 @@ pub(crate) async fn begin(
             }
         }
         tracing::debug!(target: "idem", "executing");
-        execution.keeper = Some(LeaseKeeper::start(idem, &key, &claim, held_from));
+        execution.keeper = Some(LeaseKeeper::start(
+            idem,
+            &key,
+            &claim,
+            held_from,
+            span.clone(),
+        ));
         execution.settling = None;
         return Begun::Execute(execution);
     }
