@@ -135,12 +135,15 @@ pub(crate) fn head(bytes: &[u8]) -> Result<Head, RecordError> {
 }
 
 /// The claim of one execution: an in-progress record with a fresh fencing token.
+///
+/// Encoded as [`Record::InProgress`] is, into one allocation that its clones share (the
+/// execution, its lease and the store each hold one).
 pub(crate) fn new_claim(fingerprint: Fingerprint) -> Bytes {
-    Record::InProgress {
-        fingerprint,
-        token: FencingToken::generate(),
-    }
-    .encode()
+    let mut claim = [0; HEADER_LEN + 16];
+    let (head_bytes, token) = claim.split_at_mut(HEADER_LEN);
+    head_bytes.copy_from_slice(&head_of(KIND_IN_PROGRESS, &fingerprint));
+    token.copy_from_slice(&FencingToken::generate().0);
+    Bytes::from_owner(claim)
 }
 
 /// What a store holds under one key.
@@ -240,16 +243,13 @@ impl Record {
                 out.put_slice(&token.0);
                 out.freeze()
             }
-            Self::Completed(response) => {
-                let headers: Vec<_> = response.headers.iter().map(|(n, v)| (n, v)).collect();
-                encode_completed(
-                    &response.fingerprint,
-                    response.expires_at_ms,
-                    response.status,
-                    &headers,
-                    &response.body,
-                )
-            }
+            Self::Completed(response) => encode_completed(
+                &response.fingerprint,
+                response.expires_at_ms,
+                response.status,
+                || response.headers.iter().map(|(n, v)| (n, v)),
+                &response.body,
+            ),
             Self::Unstorable {
                 fingerprint,
                 status,
@@ -421,29 +421,36 @@ impl Headers for HeaderMap {
 
 /// Encodes a completed record straight from response parts, without building a
 /// [`StoredResponse`] first.
-pub(crate) fn encode_completed(
+///
+/// `headers` gives the headers to store, each time it is called (counted, then written).
+pub(crate) fn encode_completed<'h, I>(
     fingerprint: &Fingerprint,
     expires_at_ms: u64,
     status: StatusCode,
-    headers: &[(&HeaderName, &HeaderValue)],
+    headers: impl Fn() -> I,
     body: &[u8],
-) -> Bytes {
+) -> Bytes
+where
+    I: Iterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+{
     // More than 4 billion header values cannot be held in memory to begin with.
-    let headers = &headers[..headers.len().min(u32::MAX as usize)];
-    let header_bytes: usize = headers
-        .iter()
-        .map(|(n, v)| 6 + n.as_str().len() + v.len())
-        .sum();
-    let narrow = u16::try_from(headers.len()).ok().filter(|n| *n < u16::MAX);
+    let (count, header_bytes) = headers()
+        .take(u32::MAX as usize)
+        .fold((0, 0), |(count, bytes), (n, v)| {
+            (count + 1, bytes + 6 + n.as_str().len() + v.len())
+        });
+    let narrow = u16::try_from(count).ok().filter(|n| *n < u16::MAX);
     let kind = narrow.map_or(KIND_COMPLETED_WIDE, |_| KIND_COMPLETED);
-    let mut out = start(kind, fingerprint, 22 + header_bytes + body.len());
+    // Expiry, status, header count, body length.
+    let fixed = 8 + 2 + if narrow.is_some() { 2 } else { 4 } + 8;
+    let mut out = start(kind, fingerprint, fixed + header_bytes + body.len());
     out.put_u64(expires_at_ms);
     out.put_u16(status.as_u16());
     match narrow {
         Some(count) => out.put_u16(count),
-        None => out.put_u32(headers.len() as u32),
+        None => out.put_u32(count as u32),
     }
-    for (name, value) in headers {
+    for (name, value) in headers().take(count) {
         // A header name is at most 65,535 bytes (`http` refuses longer ones); a value
         // of 4 GiB or more cannot be held in memory beside its response.
         out.put_u16(name.as_str().len() as u16);
@@ -458,11 +465,18 @@ pub(crate) fn encode_completed(
 
 fn start(kind: u8, fingerprint: &Fingerprint, rest: usize) -> BytesMut {
     let mut out = BytesMut::with_capacity(HEADER_LEN + rest);
-    out.put_slice(MAGIC);
-    out.put_u8(VERSION);
-    out.put_u8(kind);
-    out.put_slice(&fingerprint.0);
+    out.put_slice(&head_of(kind, fingerprint));
     out
+}
+
+/// The head every record starts with.
+fn head_of(kind: u8, fingerprint: &Fingerprint) -> [u8; HEADER_LEN] {
+    let mut head = [0; HEADER_LEN];
+    head[..4].copy_from_slice(MAGIC);
+    head[4] = VERSION;
+    head[5] = kind;
+    head[6..].copy_from_slice(&fingerprint.0);
+    head
 }
 
 struct Reader<'a> {
@@ -573,6 +587,26 @@ mod tests {
         let a = FencingToken::generate();
         let b = FencingToken::generate();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_new_claim_is_an_in_progress_record_with_a_fresh_token() {
+        let claim = new_claim(fingerprint(9));
+        let Ok(Record::InProgress {
+            fingerprint: fp,
+            token,
+        }) = Record::decode(&claim)
+        else {
+            panic!("not an in-progress record: {claim:?}");
+        };
+        assert_eq!(fp, fingerprint(9));
+        let encoded = Record::InProgress {
+            fingerprint: fp,
+            token,
+        }
+        .encode();
+        assert_eq!(claim, encoded);
+        assert_ne!(claim, new_claim(fingerprint(9)));
     }
 
     #[test]

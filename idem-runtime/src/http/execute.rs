@@ -71,16 +71,17 @@ async fn store_response(execution: &mut Execution, response: Response) -> Respon
             Response::from_parts(parts, Body::from(bytes))
         }
         Collected::Complete(bytes) => {
-            let kept: Vec<_> = parts
-                .headers
-                .iter()
-                .filter(|(name, _)| settings.headers.keeps(name))
-                .collect();
+            let kept = || {
+                parts
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| settings.headers.keeps(name))
+            };
             let record = encode_completed(
                 execution.fingerprint(),
                 expiry_ms(execution.ttl()),
                 parts.status,
-                &kept,
+                kept,
                 &bytes,
             );
             let not_stored = not_stored(execution, parts.status, bytes.len() as u64);
