@@ -67,6 +67,9 @@ pub struct Idempotency {
 /// What every clone of one handle shares.
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
+    /// The same store, when it is a [`MemoryStore`]: its steps are then called directly,
+    /// answered at once with no future boxed and no timeout armed.
+    pub(crate) memory: Option<MemoryStore>,
     pub(crate) settings: Settings,
     /// The local tier, when [`Settings::local_tier`] turns it on.
     pub(crate) local: Option<LocalTier>,
@@ -182,6 +185,7 @@ impl Idempotency {
     pub fn builder() -> IdempotencyBuilder {
         IdempotencyBuilder {
             store: None,
+            memory: None,
             settings: Settings::default(),
         }
     }
@@ -258,18 +262,23 @@ impl fmt::Debug for Idempotency {
 #[must_use]
 pub struct IdempotencyBuilder {
     store: Option<Arc<dyn Store>>,
+    memory: Option<MemoryStore>,
     settings: Settings,
 }
 
 impl IdempotencyBuilder {
     /// The store (default: a [`MemoryStore`] with its default bounds).
     pub fn store(mut self, store: impl Store) -> Self {
+        self.memory = (&store as &dyn std::any::Any)
+            .downcast_ref::<MemoryStore>()
+            .cloned();
         self.store = Some(Arc::new(store));
         self
     }
 
     /// A store already behind an `Arc`, to share it between handles.
     pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.memory = None;
         self.store = Some(store);
         self
     }
@@ -397,7 +406,8 @@ impl IdempotencyBuilder {
     }
 
     /// Time allowed for one store step before it counts as a failure (default 2 s,
-    /// clamped to [`MAX_DURATION`](defaults::MAX_DURATION)).
+    /// clamped to [`MAX_DURATION`](defaults::MAX_DURATION)). A [`MemoryStore`]'s steps
+    /// answer at once and are not timed out.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
         self.settings.store_timeout = timeout.min(defaults::MAX_DURATION);
         self
@@ -464,9 +474,17 @@ impl IdempotencyBuilder {
         let local = settings
             .local_tier
             .map(|(max_bytes, max_age)| LocalTier::new(max_bytes, max_age));
+        let (store, memory) = match self.store {
+            Some(store) => (store, self.memory),
+            None => {
+                let memory = MemoryStore::new();
+                (Arc::new(memory.clone()) as Arc<dyn Store>, Some(memory))
+            }
+        };
         Idempotency {
             shared: Arc::new(Shared {
-                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                store,
+                memory,
                 settings,
                 local,
                 detached: Arc::new(AtomicUsize::new(0)),

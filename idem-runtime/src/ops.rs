@@ -3,7 +3,7 @@
 
 use crate::config::Idempotency;
 use crate::in_flight::InFlight;
-use crate::protocol::step::{Step, store_step};
+use crate::protocol::step::{Call, Step, store_step};
 use crate::store::StoreError;
 
 impl Idempotency {
@@ -30,7 +30,7 @@ impl Idempotency {
     /// let app: Router = Router::new().route("/ready", get(ready)).layer(idem.layer());
     /// ```
     pub async fn ready(&self) -> Result<(), StoreError> {
-        store_step(self, Step::Ping, self.store().ping()).await
+        store_step(self, Step::Ping, Call::Pending(self.store().ping())).await
     }
 }
 

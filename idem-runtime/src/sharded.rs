@@ -142,7 +142,11 @@ impl<V: Expiring> Recent<V> {
     /// the least recently used one. `entry` itself stays if it weighs no more than
     /// `bound` (at most [`LARGEST_BOUND`]) and `max_len` is at least 1.
     pub(crate) fn keep(&mut self, key: &str, entry: V, bound: u64, max_len: usize) {
-        let key: Arc<str> = Arc::from(key);
+        self.keep_shared(Arc::from(key), entry, bound, max_len);
+    }
+
+    /// [`keep`](Self::keep), under a key already shared.
+    pub(crate) fn keep_shared(&mut self, key: Arc<str>, entry: V, bound: u64, max_len: usize) {
         let weight = entry.weight(&key);
         let expires_at = entry.expires_at();
         // An entry replaced keeps its key in the map: its index entry, which holds that

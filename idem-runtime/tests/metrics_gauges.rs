@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::{Backend, Counters, app, post_with, send, until};
+use idem_runtime::Idempotency;
+use idem_runtime::store::MemoryStore;
 use metrics::{
-    Counter, CounterFn, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString,
-    Unit,
+    Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
+    SharedString, Unit,
 };
 
 /// A gauge that keeps the last value set.
@@ -53,12 +55,23 @@ impl CounterFn for Count {
     }
 }
 
-/// Keeps every gauge by name and every counter by name and labels, as a real exporter's
-/// registry does.
+/// A histogram that counts what it records.
+#[derive(Default)]
+struct Recorded(AtomicU64);
+
+impl HistogramFn for Recorded {
+    fn record(&self, _: f64) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Keeps every gauge by name, and every counter and histogram by name and labels, as a
+/// real exporter's registry does.
 #[derive(Default)]
 struct TestRecorder {
     gauges: Mutex<HashMap<String, Arc<Cell>>>,
     counters: Mutex<HashMap<String, Arc<Count>>>,
+    histograms: Mutex<HashMap<String, Arc<Recorded>>>,
 }
 
 /// `name{label=value,...}`.
@@ -77,6 +90,14 @@ impl TestRecorder {
             .unwrap()
             .get(series)
             .map_or(0, |count| count.0.load(Ordering::SeqCst))
+    }
+
+    fn recorded(&self, series: &str) -> u64 {
+        self.histograms
+            .lock()
+            .unwrap()
+            .get(series)
+            .map_or(0, |recorded| recorded.0.load(Ordering::SeqCst))
     }
 
     fn gauge(&self, name: &str) -> f64 {
@@ -115,8 +136,15 @@ impl Recorder for TestRecorder {
         Gauge::from_arc(cell)
     }
 
-    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
-        Histogram::noop()
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        let recorded = self
+            .histograms
+            .lock()
+            .unwrap()
+            .entry(series(key))
+            .or_default()
+            .clone();
+        Histogram::from_arc(recorded)
     }
 }
 
@@ -280,4 +308,46 @@ async fn a_key_reused_refused_from_the_local_tier_counts_as_key_reused() {
         (1, 0),
         "(key_reused, local_hit) counted for one 422 answered from the local tier"
     );
+}
+
+/// Guards: `idem_store_seconds{step}` times every store step (README, metrics), on the
+/// memory store too, whose steps idem calls directly rather than through a future: a first
+/// execution's claim and completion, a replay's lookup, a server error's release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_stores_steps_are_timed() {
+    let _serial = SERIAL.lock().await;
+    let recorder = recorder();
+    let by_default = Idempotency::builder().shared_scope(true).build();
+    let given = Idempotency::builder()
+        .shared_scope(true)
+        .store(MemoryStore::new())
+        .build();
+    for (name, idem) in [("default store", by_default), ("MemoryStore given", given)] {
+        let router = app(&idem, Arc::new(Counters::default()));
+        let steps = ["begin", "complete", "release"]
+            .map(|step| format!("idem_store_seconds{{step={step}}}"));
+        let before = steps.clone().map(|step| recorder.recorded(&step));
+        let key = format!("timed-{}", name.len());
+        // The app's first run answers 503 on `/fail`.
+        let failed = send(
+            &router,
+            post_with("/fail", Some(&format!("{key}-fail")), "{}"),
+        )
+        .await;
+        assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE, "{name}");
+        let first = send(&router, post_with("/pay", Some(&key), r#"{"amount":1}"#)).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{name}");
+        let replay = send(&router, post_with("/pay", Some(&key), r#"{"amount":1}"#)).await;
+        assert_eq!(replay.status, StatusCode::CREATED, "{name}");
+        let counted: Vec<u64> = steps
+            .iter()
+            .zip(before)
+            .map(|(step, before)| recorder.recorded(step) - before)
+            .collect();
+        assert_eq!(
+            counted,
+            [3, 1, 1],
+            "{name}: (begin, complete, release) steps timed for a first execution, a replay and a 503"
+        );
+    }
 }

@@ -196,7 +196,7 @@ async fn renew(idem: Idempotency, mut renewing: Renewing) {
         let renewed = store_step(
             &idem,
             Step::Renew,
-            idem.store().renew(claim.key.as_str(), &claim.token, lease),
+            idem.renew_call(claim.key.as_str(), &claim.token, lease),
         )
         .await;
         match renewed {

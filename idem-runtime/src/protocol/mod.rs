@@ -132,7 +132,7 @@ pub(crate) async fn begin(
         let found = match store_step(
             idem,
             Step::Begin,
-            shared.store.begin(key.as_str(), &claim, settings.lease),
+            idem.begin_call(key.as_str(), &claim, settings.lease),
         )
         .await
         {
@@ -175,7 +175,7 @@ pub(crate) async fn begin(
             let renewed = store_step(
                 idem,
                 Step::Renew,
-                shared.store.renew(key.as_str(), &claim, settings.lease),
+                idem.renew_call(key.as_str(), &claim, settings.lease),
             )
             .await;
             match renewed {
@@ -613,7 +613,7 @@ async fn store_completion(
     store_step(
         idem,
         Step::Complete,
-        idem.store().complete(key.as_str(), claim, record, ttl),
+        idem.complete_call(key.as_str(), claim, record, ttl),
     )
     .await
 }
@@ -658,13 +658,7 @@ async fn release_late_claim(
 ) {
     let gone_by = later(Instant::now(), idem.settings().lease);
     let mut delay = Duration::from_millis(100);
-    let release = || {
-        store_step(
-            idem,
-            Step::Release,
-            idem.store().release(key.as_str(), claim),
-        )
-    };
+    let release = || store_step(idem, Step::Release, idem.release_call(key.as_str(), claim));
     let mut released = release().await;
     drop(settling);
     loop {
@@ -686,12 +680,7 @@ async fn release_late_claim(
 /// back frees the key at once rather than after a whole lease.
 async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes, persist: bool) {
     let started = Instant::now();
-    let Err(error) = store_step(
-        idem,
-        Step::Release,
-        idem.store().release(key.as_str(), claim),
-    )
-    .await
+    let Err(error) = store_step(idem, Step::Release, idem.release_call(key.as_str(), claim)).await
     else {
         return;
     };
@@ -711,7 +700,7 @@ async fn release(idem: &Idempotency, key: &ScopedKey, claim: &Bytes, persist: bo
             if store_step(
                 &idem,
                 Step::Release,
-                idem.store().release(key.as_str(), &claim),
+                idem.release_call(key.as_str(), &claim),
             )
             .await
             .is_ok()

@@ -1,28 +1,123 @@
-//! The two helpers every protocol step shares: a store call bounded by its timeout, and
-//! a deadline that never overflows.
+//! What every protocol step shares: a store call, answered at once by the memory store
+//! or bounded by its timeout, and a deadline that never overflows.
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::config::Idempotency;
 pub(crate) use crate::metrics::Step;
-use crate::store::StoreError;
+use crate::store::{BoxFuture, MemoryStore, Store, StoreError};
 
 /// One store step, failed with [`StoreError::Timeout`] when it does not answer in time,
 /// and timed into `idem_store_seconds` under `step`.
 pub(crate) async fn store_step<T>(
     idem: &Idempotency,
     step: Step,
-    call: impl Future<Output = Result<T, StoreError>>,
+    call: Call<'_, T>,
 ) -> Result<T, StoreError> {
-    let timeout = idem.settings().store_timeout;
-    let started = Instant::now();
-    let answer = tokio::time::timeout(timeout, call)
-        .await
-        .unwrap_or(Err(StoreError::Timeout(timeout)));
+    let (answer, started) = match call {
+        Call::Answered { answer, started } => (answer, started),
+        Call::Pending(call) => {
+            let timeout = idem.settings().store_timeout;
+            let started = Instant::now();
+            let answer = tokio::time::timeout(timeout, call)
+                .await
+                .unwrap_or(Err(StoreError::Timeout(timeout)));
+            (answer, started)
+        }
+    };
     idem.shared.metrics.store_step(step, started.elapsed());
     answer
+}
+
+/// A step asked of the store: answered already, by a [`MemoryStore`] called directly,
+/// or a future to await.
+pub(crate) enum Call<'a, T> {
+    Answered {
+        answer: Result<T, StoreError>,
+        /// When the step started, for its timing.
+        started: Instant,
+    },
+    Pending(BoxFuture<'a, Result<T, StoreError>>),
+}
+
+impl<'a, T> Call<'a, T> {
+    /// The step `now` takes on the memory store, else the one `later` sends to the store.
+    fn of(
+        idem: &'a Idempotency,
+        now: impl FnOnce(&MemoryStore) -> Result<T, StoreError>,
+        later: impl FnOnce(&'a dyn Store) -> BoxFuture<'a, Result<T, StoreError>>,
+    ) -> Self {
+        match &idem.shared.memory {
+            Some(memory) => {
+                let started = Instant::now();
+                Self::Answered {
+                    answer: now(memory),
+                    started,
+                }
+            }
+            None => Self::Pending(later(idem.shared.store.as_ref())),
+        }
+    }
+}
+
+/// The store's steps, each as a [`Call`].
+impl Idempotency {
+    pub(crate) fn begin_call<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> Call<'a, Option<Bytes>> {
+        Call::of(
+            self,
+            |memory| memory.begin_now(key, claim, lease),
+            |store| store.begin(key, claim, lease),
+        )
+    }
+
+    pub(crate) fn renew_call<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> Call<'a, bool> {
+        Call::of(
+            self,
+            |memory| memory.renew_now(key, claim, lease),
+            |store| store.renew(key, claim, lease),
+        )
+    }
+
+    pub(crate) fn complete_call<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        record: Bytes,
+        ttl: Duration,
+    ) -> Call<'a, bool> {
+        match &self.shared.memory {
+            // `record` moves into whichever runs.
+            Some(memory) => {
+                let started = Instant::now();
+                Call::Answered {
+                    answer: memory.complete_now(key, claim, record, ttl),
+                    started,
+                }
+            }
+            None => Call::Pending(self.shared.store.complete(key, claim, record, ttl)),
+        }
+    }
+
+    pub(crate) fn release_call<'a>(&'a self, key: &'a str, claim: &'a Bytes) -> Call<'a, bool> {
+        Call::of(
+            self,
+            |memory| memory.release_now(key, claim),
+            |store| store.release(key, claim),
+        )
+    }
 }
 
 /// `at + after`, or far in the future where that overflows.

@@ -56,7 +56,7 @@ pub struct MemoryStore {
 /// one key under the lock of its shard, which makes it atomic against every other step
 /// on that key.
 struct Shard {
-    claims: HashMap<String, Entry, Hasher>,
+    claims: HashMap<Arc<str>, Entry, Hasher>,
     records: Recent<Record>,
 }
 
@@ -268,7 +268,7 @@ impl MemoryStore {
             return ClaimAttempt::Full;
         }
         shard.claims.insert(
-            key.to_owned(),
+            Arc::from(key),
             Entry {
                 value: claim.clone(),
                 expires_at: deadline(now, lease),
@@ -312,14 +312,17 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
-impl Store for MemoryStore {
-    fn begin<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
+/// The store's steps, answered at once: what its [`Store`] methods answer, and what the
+/// protocol calls directly on a handle whose store is a `MemoryStore`, with no future to
+/// box and no timeout to arm.
+impl MemoryStore {
+    pub(crate) fn begin_now(
+        &self,
+        key: &str,
+        claim: &Bytes,
         lease: Duration,
-    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
-        let found = match self.try_claim(key, claim, lease) {
+    ) -> Result<Option<Bytes>, StoreError> {
+        match self.try_claim(key, claim, lease) {
             ClaimAttempt::Taken => Ok(None),
             ClaimAttempt::Found(existing) => Ok(Some(existing)),
             ClaimAttempt::Full => {
@@ -333,16 +336,15 @@ impl Store for MemoryStore {
                     ))),
                 }
             }
-        };
-        Box::pin(std::future::ready(found))
+        }
     }
 
-    fn renew<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
+    pub(crate) fn renew_now(
+        &self,
+        key: &str,
+        claim: &Bytes,
         lease: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut shard = self.shards.of(key);
         let renewed = match self.live_claim(&mut shard, key, now) {
@@ -354,42 +356,45 @@ impl Store for MemoryStore {
             }
             _ => false,
         };
-        Box::pin(std::future::ready(Ok(renewed)))
+        Ok(renewed)
     }
 
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
+    pub(crate) fn complete_now(
+        &self,
+        key: &str,
+        claim: &Bytes,
         record: Bytes,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut shard = self.shards.of(key);
-        let completed = match self.live_claim(&mut shard, key, now) {
+        match self.live_claim(&mut shard, key, now) {
             Some(current) if current.value == *claim => {
                 let weight = weight(key, &record, self.slot);
                 if weight > self.shard_bytes {
-                    Err(StoreError::RecordRefused {
+                    return Err(StoreError::RecordRefused {
                         size: record.len() as u64,
                         reason: format!(
                             "with its key and overhead it weighs {weight} bytes, over the {} bytes of the store's bound one key's share holds",
                             self.shard_bytes
                         ),
-                    })
-                } else {
-                    let record = Record {
-                        value: record,
-                        expires_at: deadline(now, ttl),
-                        weight,
-                    };
-                    shard.claims.remove(key);
-                    self.claims.fetch_sub(1, Ordering::Relaxed);
-                    shard
-                        .records
-                        .keep(key, record, self.shard_bytes, self.shard_entries);
-                    Ok(true)
+                    });
                 }
+                let record = Record {
+                    value: record,
+                    expires_at: deadline(now, ttl),
+                    weight,
+                };
+                // The record is kept under the claim's own copy of the key.
+                let key = shard
+                    .claims
+                    .remove_entry(key)
+                    .map_or_else(|| Arc::from(key), |(key, _)| key);
+                self.claims.fetch_sub(1, Ordering::Relaxed);
+                shard
+                    .records
+                    .keep_shared(key, record, self.shard_bytes, self.shard_entries);
+                Ok(true)
             }
             Some(_) => Ok(false),
             // Applied already (a step sent twice): the record is there.
@@ -397,15 +402,10 @@ impl Store for MemoryStore {
                 .records
                 .live(key, now)
                 .is_some_and(|stored| stored.value == record)),
-        };
-        Box::pin(std::future::ready(completed))
+        }
     }
 
-    fn release<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    pub(crate) fn release_now(&self, key: &str, claim: &Bytes) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut shard = self.shards.of(key);
         let released = match self.live_claim(&mut shard, key, now) {
@@ -416,7 +416,47 @@ impl Store for MemoryStore {
             }
             _ => false,
         };
-        Box::pin(std::future::ready(Ok(released)))
+        Ok(released)
+    }
+}
+
+impl Store for MemoryStore {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(std::future::ready(self.begin_now(key, claim, lease)))
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(std::future::ready(self.renew_now(key, claim, lease)))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+        record: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(std::future::ready(
+            self.complete_now(key, claim, record, ttl),
+        ))
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(std::future::ready(self.release_now(key, claim)))
     }
 }
 
