@@ -2,12 +2,11 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as _, Frame, SizeHint};
-use http_body_util::BodyExt;
 
 /// A body read up to a limit.
 pub(crate) enum Collected {
@@ -20,62 +19,109 @@ pub(crate) enum Collected {
 }
 
 /// Reads `body` to its end while it stays within `limit` bytes. Trailers are not kept.
-pub(crate) async fn collect_bounded(mut body: Body, limit: usize) -> Collected {
-    if body.size_hint().lower() > limit as u64 {
-        let seen = body.size_hint().lower();
-        return Collected::TooLarge {
-            read: PrefixedBody::new(VecDeque::new(), body),
-            seen,
-        };
+pub(crate) fn collect_bounded(body: Body, limit: usize) -> Collecting {
+    Collecting {
+        body,
+        limit,
+        started: false,
+        first: None,
+        more: VecDeque::new(),
+        seen: 0,
     }
-    // Most bodies arrive in one chunk: it is kept as it is, with no copy and no queue.
-    let mut first: Option<Bytes> = None;
-    let mut more: VecDeque<Bytes> = VecDeque::new();
-    let mut seen = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(error) => {
-                more.extend(first.take());
-                more.rotate_right(1);
-                let failing = Body::from_stream(futures_util::stream::once(async move {
-                    Err::<Bytes, axum::Error>(error)
-                }));
-                return Collected::Failed(PrefixedBody::new(more, failing));
+}
+
+/// A body being read up to a limit; made by [`collect_bounded`]. A named future (no
+/// `async` block), so that the layer's own future can hold it without a box.
+pub(crate) struct Collecting {
+    body: Body,
+    limit: usize,
+    /// Whether the body's size hint was checked against the limit.
+    started: bool,
+    /// Most bodies arrive in one chunk: it is kept as it is, with no copy and no queue.
+    first: Option<Bytes>,
+    more: VecDeque<Bytes>,
+    seen: usize,
+}
+
+impl Collecting {
+    /// The chunks read so far, in order, taken out.
+    fn take_read(&mut self) -> VecDeque<Bytes> {
+        let mut read = std::mem::take(&mut self.more);
+        if let Some(first) = self.first.take() {
+            read.push_front(first);
+        }
+        read
+    }
+
+    /// What was read and the rest of the body, taken out: the body is left empty.
+    fn take_prefixed(&mut self) -> PrefixedBody {
+        let read = self.take_read();
+        PrefixedBody::new(read, std::mem::take(&mut self.body))
+    }
+
+    /// The whole body, read within the limit.
+    fn complete(&mut self) -> Bytes {
+        let Some(first) = self.first.take() else {
+            return Bytes::new();
+        };
+        if self.more.is_empty() {
+            return first;
+        }
+        let mut joined = BytesMut::with_capacity(self.seen);
+        joined.extend_from_slice(&first);
+        for chunk in self.more.drain(..) {
+            joined.extend_from_slice(&chunk);
+        }
+        joined.freeze()
+    }
+}
+
+impl Future for Collecting {
+    type Output = Collected;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Collected> {
+        let this = &mut *self;
+        if !this.started {
+            this.started = true;
+            let announced = this.body.size_hint().lower();
+            if announced > this.limit as u64 {
+                return Poll::Ready(Collected::TooLarge {
+                    read: this.take_prefixed(),
+                    seen: announced,
+                });
             }
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if data.is_empty() {
-            continue;
         }
-        seen += data.len();
-        match first {
-            None => first = Some(data),
-            Some(_) => more.push_back(data),
-        }
-        if seen > limit {
-            more.extend(first.take());
-            more.rotate_right(1);
-            return Collected::TooLarge {
-                read: PrefixedBody::new(more, body),
-                seen: seen as u64,
+        loop {
+            let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                None => return Poll::Ready(Collected::Complete(this.complete())),
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => {
+                    let read = this.take_read();
+                    let failing = Body::from_stream(futures_util::stream::once(async move {
+                        Err::<Bytes, axum::Error>(error)
+                    }));
+                    return Poll::Ready(Collected::Failed(PrefixedBody::new(read, failing)));
+                }
             };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            this.seen += data.len();
+            match this.first {
+                None => this.first = Some(data),
+                Some(_) => this.more.push_back(data),
+            }
+            if this.seen > this.limit {
+                return Poll::Ready(Collected::TooLarge {
+                    read: this.take_prefixed(),
+                    seen: this.seen as u64,
+                });
+            }
         }
     }
-    let Some(first) = first else {
-        return Collected::Complete(Bytes::new());
-    };
-    if more.is_empty() {
-        return Collected::Complete(first);
-    }
-    let mut joined = BytesMut::with_capacity(seen);
-    joined.extend_from_slice(&first);
-    for chunk in more {
-        joined.extend_from_slice(&chunk);
-    }
-    Collected::Complete(joined.freeze())
 }
 
 /// Chunks already read, followed by the rest of the body they came from.
@@ -126,6 +172,8 @@ impl http_body::Body for PrefixedBody {
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::BodyExt;
+
     use super::*;
 
     fn chunked(chunks: &[&'static str]) -> Body {

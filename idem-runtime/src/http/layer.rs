@@ -2,19 +2,22 @@
 //! requests that carry one and buffers their body, for the fingerprint.
 
 use std::convert::Infallible;
-use std::task::{Context, Poll};
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
+use http::request::Parts;
+use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::body::{Collected, collect_bounded};
+use super::body::{Collected, Collecting, collect_bounded};
 use super::state::{BufferedBody, RequestState};
 use crate::config::Idempotency;
 use crate::key::IdempotencyKey;
-use crate::store::BoxFuture;
 
 impl Idempotency {
     /// The tower layer that makes this handle available to `#[idempotent]` handlers.
@@ -61,7 +64,7 @@ where
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+    type Future = IdempotencyFuture<S>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -71,29 +74,115 @@ where
         request.extensions_mut().insert(self.idem.clone());
         let key = match IdempotencyKey::from_headers(request.headers()) {
             Ok(Some(key)) => key,
-            Ok(None) => return Box::pin(self.inner.call(request)),
+            Ok(None) => return IdempotencyFuture::calling(self.inner.call(request)),
             Err(error) => {
                 request
                     .extensions_mut()
                     .insert(RequestState::invalid(error));
-                return Box::pin(self.inner.call(request));
+                return IdempotencyFuture::calling(self.inner.call(request));
             }
         };
         // The clone is not ready; the ready one is taken for this request (tower's rule).
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let (parts, body) = request.into_parts();
         let limit = self.idem.settings().max_request_bytes;
-        Box::pin(async move {
-            let (mut parts, body) = request.into_parts();
-            let (buffered, body) = match collect_bounded(body, limit).await {
-                Collected::Complete(bytes) => {
-                    (BufferedBody::Complete(bytes.clone()), Body::from(bytes))
+        IdempotencyFuture {
+            state: State::Reading {
+                body: collect_bounded(body, limit),
+                waiting: Some(Waiting { parts, key, inner }),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`IdempotencyService`]: for a keyed request, reads its body (for the
+    /// fingerprint), then calls the service it wraps; for any other, calls it at once.
+    pub struct IdempotencyFuture<S: Service<Request>> {
+        #[pin]
+        state: State<S>,
+    }
+}
+
+pin_project! {
+    #[project = StateProjection]
+    enum State<S: Service<Request>> {
+        Reading {
+            body: Collecting,
+            // Taken when the body is read.
+            waiting: Option<Waiting<S>>,
+        },
+        Calling {
+            #[pin]
+            call: S::Future,
+        },
+    }
+}
+
+/// What a keyed request's call waits for while its body is read.
+struct Waiting<S> {
+    parts: Parts,
+    key: IdempotencyKey,
+    inner: S,
+}
+
+impl<S: Service<Request>> IdempotencyFuture<S> {
+    fn calling(call: S::Future) -> Self {
+        Self {
+            state: State::Calling { call },
+        }
+    }
+}
+
+impl<S> Future for IdempotencyFuture<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            let request = match state.as_mut().project() {
+                StateProjection::Calling { call } => return call.poll(cx),
+                StateProjection::Reading { body, waiting } => {
+                    let collected = ready!(Pin::new(body).poll(cx));
+                    let Some(Waiting {
+                        mut parts,
+                        key,
+                        mut inner,
+                    }) = waiting.take()
+                    else {
+                        // Polled again after it ended: there is nothing left to give.
+                        return Poll::Pending;
+                    };
+                    let (buffered, body) = match collected {
+                        Collected::Complete(bytes) => {
+                            (BufferedBody::Complete(bytes.clone()), Body::from(bytes))
+                        }
+                        Collected::TooLarge { read, .. } => {
+                            (BufferedBody::TooLarge, read.into_body())
+                        }
+                        Collected::Failed(read) => (BufferedBody::Failed, read.into_body()),
+                    };
+                    parts.extensions.insert(RequestState::keyed(key, buffered));
+                    inner.call(Request::from_parts(parts, body))
                 }
-                Collected::TooLarge { read, .. } => (BufferedBody::TooLarge, read.into_body()),
-                Collected::Failed(read) => (BufferedBody::Failed, read.into_body()),
             };
-            parts.extensions.insert(RequestState::keyed(key, buffered));
-            inner.call(Request::from_parts(parts, body)).await
-        })
+            state.set(State::Calling { call: request });
+        }
+    }
+}
+
+impl<S: Service<Request>> fmt::Debug for IdempotencyFuture<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Reading { .. } => "reading the body",
+            State::Calling { .. } => "calling the service",
+        };
+        f.debug_struct("IdempotencyFuture")
+            .field("state", &state)
+            .finish()
     }
 }

@@ -22,7 +22,7 @@ mod state;
 mod transaction;
 
 pub use self::extract::Idempotent;
-pub use self::layer::{IdempotencyLayer, IdempotencyService};
+pub use self::layer::{IdempotencyFuture, IdempotencyLayer, IdempotencyService};
 pub use self::problem::{PROBLEM_JSON, Problem};
 pub use crate::key::IDEMPOTENCY_KEY;
 
