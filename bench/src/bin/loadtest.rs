@@ -36,6 +36,14 @@ const ROWS: &[Row] = &[
         tail_floor: None,
     },
     Row {
+        name: "1k bare handler, keyed requests",
+        path: "/bare",
+        keys: Keys::Fresh,
+        floor: Some("1 bare handler"),
+        target: None,
+        tail_floor: None,
+    },
+    Row {
         name: "2 bare + 1 Redis GET",
         path: "/floor/one",
         keys: Keys::None,
