@@ -5,6 +5,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::StatusCode;
+use http::response::Parts;
 use tracing::Instrument;
 
 use super::body::{Collected, collect_bounded};
@@ -12,6 +13,7 @@ use super::problem::Problem;
 use crate::local::expiry_ms;
 use crate::protocol::{self, Completion, Execution};
 use crate::record::{Record, encode_completed};
+use crate::store::BoxFuture;
 
 /// Runs `handler` holding the key, then stores its response (or releases the key after a
 /// `5xx` or a panic) and answers with it.
@@ -32,25 +34,37 @@ where
     protocol::to_the_end(
         &detached,
         async move {
-            let response = execution
+            let (mut parts, body) = execution
                 .run(async move { handler.await.into_response() })
-                .await;
-            store_response(&mut execution, response).await
+                .await
+                .into_parts();
+            match store_response(&mut execution, &mut parts, body).await {
+                Answer::Body(body) => Response::from_parts(parts, body),
+                Answer::Instead(instead) => instead,
+            }
         }
         .instrument(span),
     )
 }
 
-/// Stores the handler's response under the key and returns it to the client. Borrows the
-/// execution, so that the future it makes holds no second copy of it.
-async fn store_response(execution: &mut Execution, response: Response) -> Response {
+/// What the client gets after its response is stored (or not).
+enum Answer {
+    /// The handler's response: its parts, with this body.
+    Body(Body),
+    /// This instead of the handler's response.
+    Instead(Response),
+}
+
+/// Stores the handler's response, given as its parts and body, under the key, and says
+/// what the client gets. Borrows the execution and the parts, so that the future it makes
+/// holds no second copy of either.
+async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body) -> Answer {
     let idem = execution.idem().clone();
     let settings = idem.settings();
-    let (mut parts, body) = response.into_parts();
     if parts.status.is_server_error() && !settings.store_server_errors {
         tracing::info!(target: "idem", status = parts.status.as_u16(), "server error; releasing the key so a retry runs again");
         execution.release().await;
-        return Response::from_parts(parts, body);
+        return Answer::Body(body);
     }
     if parts.status.is_server_error() {
         // Stored (`store_server_errors`), a failure still undoes the work's writes: the
@@ -59,69 +73,71 @@ async fn store_response(execution: &mut Execution, response: Response) -> Respon
     }
     execution.result_stands_alone(parts.status.is_client_error());
     // Buffering a streamed body is part of the work: the lease stays renewed meanwhile.
-    match collect_bounded(body, settings.max_response_bytes).await {
+    let bytes = match collect_bounded(body, settings.max_response_bytes).await {
         // A replay adds its mark, and the body's length where the headers give none: a
         // header map without room for both could not be replayed.
-        Collected::Complete(bytes) if parts.headers.try_reserve(2).is_err() => {
+        Collected::Complete(bytes) if parts.headers.try_reserve(2).is_ok() => bytes,
+        Collected::Complete(bytes) => {
             tracing::warn!(target: "idem", names = parts.headers.keys_len(), "response has too many header names to replay; a retry will be told it was not stored and not run again");
             let len = bytes.len() as u64;
-            if let Some(problem) = complete_not_stored(execution, parts.status, len).await {
-                return problem;
-            }
-            Response::from_parts(parts, Body::from(bytes))
-        }
-        Collected::Complete(bytes) => {
-            let kept = || {
-                parts
-                    .headers
-                    .iter()
-                    .filter(|(name, _)| settings.headers.keeps(name))
+            return match complete_not_stored(execution, parts.status, len).await {
+                Some(problem) => Answer::Instead(problem),
+                None => Answer::Body(Body::from(bytes)),
             };
-            let record = encode_completed(
-                execution.fingerprint(),
-                expiry_ms(execution.ttl()),
-                parts.status,
-                kept,
-                &bytes,
-            );
-            let not_stored = not_stored(execution, parts.status, bytes.len() as u64);
-            let transactional = execution.in_transaction();
-            let completion = execution.complete(record, not_stored).await;
-            if let Some(problem) = undone(transactional, completion, execution) {
-                return problem;
-            }
-            tracing::debug!(target: "idem", status = parts.status.as_u16(), "executed and stored");
-            Response::from_parts(parts, Body::from(bytes))
         }
         Collected::TooLarge { read, seen } => {
             tracing::warn!(target: "idem", limit = settings.max_response_bytes, "response too large to store; a retry will be told so and not run again");
-            if let Some(problem) = complete_not_stored(execution, parts.status, seen).await {
-                return problem;
-            }
-            Response::from_parts(parts, read.into_body())
+            return match complete_not_stored(execution, parts.status, seen).await {
+                Some(problem) => Answer::Instead(problem),
+                None => Answer::Body(read.into_body()),
+            };
         }
         Collected::Failed(_) => {
             tracing::warn!(target: "idem", "response body failed; a retry will be told the response was not stored");
-            if let Some(problem) = complete_not_stored(execution, parts.status, 0).await {
-                return problem;
-            }
-            Problem::response_lost(parts.status).into_response()
+            let problem = complete_not_stored(execution, parts.status, 0).await;
+            return Answer::Instead(
+                problem.unwrap_or_else(|| Problem::response_lost(parts.status).into_response()),
+            );
         }
+    };
+    let kept = || {
+        parts
+            .headers
+            .iter()
+            .filter(|(name, _)| settings.headers.keeps(name))
+    };
+    let record = encode_completed(
+        execution.fingerprint(),
+        expiry_ms(execution.ttl()),
+        parts.status,
+        kept,
+        &bytes,
+    );
+    let not_stored = not_stored(execution, parts.status, bytes.len() as u64);
+    let transactional = execution.in_transaction();
+    let completion = execution.complete(record, not_stored).await;
+    if let Some(problem) = undone(transactional, completion, execution) {
+        return Answer::Instead(problem);
     }
+    tracing::debug!(target: "idem", status = parts.status.as_u16(), "executed and stored");
+    Answer::Body(Body::from(bytes))
 }
 
 /// Records that the request ran and answered `status` with a body of `body_len` bytes,
 /// which was not stored; the problem to answer instead of the response, if any (see
-/// [`undone`]). Borrows the execution, so that the future it makes stays small.
-async fn complete_not_stored(
+/// [`undone`]). Borrows the execution, and is boxed: a response that cannot be stored is
+/// rare, and [`store_response`]'s future holds no room for this one.
+fn complete_not_stored(
     execution: &mut Execution,
     status: StatusCode,
     body_len: u64,
-) -> Option<Response> {
-    let record = not_stored(execution, status, body_len);
-    let transactional = execution.in_transaction();
-    let completion = execution.complete(record.clone(), record).await;
-    undone(transactional, completion, execution)
+) -> BoxFuture<'_, Option<Response>> {
+    Box::pin(async move {
+        let record = not_stored(execution, status, body_len);
+        let transactional = execution.in_transaction();
+        let completion = execution.complete(record.clone(), record).await;
+        undone(transactional, completion, execution)
+    })
 }
 
 /// The record saying the request ran and answered `status` with a body of `body_len`

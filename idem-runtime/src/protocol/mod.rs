@@ -39,7 +39,7 @@ use crate::fingerprint::Fingerprint;
 use crate::in_flight::Settling;
 use crate::key::ScopedKey;
 use crate::record::{self, Kind};
-use crate::store::StoreError;
+use crate::store::{BoxFuture, StoreError};
 
 /// What [`begin`] decided.
 pub(crate) enum Begun {
@@ -338,10 +338,13 @@ impl Execution {
 
     /// Rolls back the writes the work made in its transaction, if it took one, keeping
     /// the claim: the result is then stored on its own.
-    pub(crate) async fn discard_writes(&mut self) {
-        self.transaction
-            .roll_back(self.idem.settings().store_timeout)
-            .await;
+    ///
+    /// Boxed, as [`release`](Self::release) is: only a stored `5xx` discards.
+    pub(crate) fn discard_writes(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(
+            self.transaction
+                .roll_back(self.idem.settings().store_timeout),
+        )
     }
 
     /// Whether the work took a transaction of its own (whose commit the completion is).
@@ -367,7 +370,9 @@ impl Execution {
     /// that a retry is answered rather than run again.
     pub(crate) async fn complete(&mut self, record: Bytes, not_stored: Bytes) -> Completion {
         if let Some(transaction) = self.transaction.take() {
-            return self.complete_in(transaction, record).await;
+            // Boxed: work in a transaction of its own is rare enough that every other
+            // execution's future should not hold room for its commit.
+            return Box::pin(self.complete_in(transaction, record)).await;
         }
         self.armed = false;
         let forgets = self.local_forgets();
@@ -465,17 +470,22 @@ impl Execution {
     /// Gives the key up, so that a retry runs the work again, and rolls back the work's
     /// transaction if it took one. The execution stays armed until the release is done:
     /// a caller dropped meanwhile still releases, from `Drop`.
-    pub(crate) async fn release(&mut self) {
-        self.transaction
-            .roll_back(self.idem.settings().store_timeout)
-            .await;
-        if self.settling.is_none() {
-            self.settling = Some(self.idem.shared.in_flight.settling());
-        }
-        self.keeper = None;
-        release(&self.idem, &self.key, &self.claim, self.persist_release).await;
-        self.armed = false;
-        self.settling = None;
+    ///
+    /// Boxed: a release follows a failure (a panic, a `5xx`, a rollback), and the futures
+    /// of every execution that ends well should not hold room for one.
+    pub(crate) fn release(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.transaction
+                .roll_back(self.idem.settings().store_timeout)
+                .await;
+            if self.settling.is_none() {
+                self.settling = Some(self.idem.shared.in_flight.settling());
+            }
+            self.keeper = None;
+            release(&self.idem, &self.key, &self.claim, self.persist_release).await;
+            self.armed = false;
+            self.settling = None;
+        })
     }
 
     /// The local tier's count of forgets, read before the record is written.
@@ -501,8 +511,8 @@ impl Execution {
         }
     }
 
-    async fn store(&self, record: Bytes) -> Result<bool, StoreError> {
-        store_completion(&self.idem, &self.key, &self.claim, self.ttl, record).await
+    fn store(&self, record: Bytes) -> impl Future<Output = Result<bool, StoreError>> + '_ {
+        store_completion(&self.idem, &self.key, &self.claim, self.ttl, record)
     }
 }
 
@@ -603,19 +613,20 @@ async fn retry_completion(
     drop(keeper);
 }
 
-async fn store_completion(
-    idem: &Idempotency,
-    key: &ScopedKey,
-    claim: &Bytes,
+/// Stores `record` under `key` if `claim` still holds it: the completion step. A plain
+/// function, so that its callers' futures hold the step's future and nothing around it.
+fn store_completion<'a>(
+    idem: &'a Idempotency,
+    key: &'a ScopedKey,
+    claim: &'a Bytes,
     ttl: Duration,
     record: Bytes,
-) -> Result<bool, StoreError> {
+) -> impl Future<Output = Result<bool, StoreError>> + 'a {
     store_step(
         idem,
         Step::Complete,
         idem.complete_call(key.as_str(), claim, record, ttl),
     )
-    .await
 }
 
 /// One of the [`LateRelease::MAX`] releases of late claims that may run at once in the

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use tokio::time::Instant;
 
 use crate::config::Idempotency;
@@ -11,25 +12,28 @@ pub(crate) use crate::metrics::Step;
 use crate::store::{BoxFuture, MemoryStore, Store, StoreError};
 
 /// One store step, failed with [`StoreError::Timeout`] when it does not answer in time,
-/// and timed into `idem_store_seconds` under `step`.
-pub(crate) async fn store_step<T>(
-    idem: &Idempotency,
+/// and timed into `idem_store_seconds` under `step`. A plain function: a step answered
+/// already costs its caller's future no room for the timeout of one that is not.
+pub(crate) fn store_step<'a, T: 'a>(
+    idem: &'a Idempotency,
     step: Step,
-    call: Call<'_, T>,
-) -> Result<T, StoreError> {
-    let (answer, started) = match call {
-        Call::Answered { answer, started } => (answer, started),
-        Call::Pending(call) => {
+    call: Call<'a, T>,
+) -> impl Future<Output = Result<T, StoreError>> + 'a {
+    match call {
+        Call::Answered { answer, started } => {
+            idem.shared.metrics.store_step(step, started.elapsed());
+            Either::Left(std::future::ready(answer))
+        }
+        Call::Pending(call) => Either::Right(async move {
             let timeout = idem.settings().store_timeout;
             let started = Instant::now();
             let answer = tokio::time::timeout(timeout, call)
                 .await
                 .unwrap_or(Err(StoreError::Timeout(timeout)));
-            (answer, started)
-        }
-    };
-    idem.shared.metrics.store_step(step, started.elapsed());
-    answer
+            idem.shared.metrics.store_step(step, started.elapsed());
+            answer
+        }),
+    }
 }
 
 /// A step asked of the store: answered already, by a [`MemoryStore`] called directly,
