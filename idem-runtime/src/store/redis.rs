@@ -291,6 +291,14 @@ impl RedisStore {
         }
     }
 
+    /// An idem key under the prefix, to write into a command.
+    fn store_key<'a>(&'a self, key: &'a str) -> StoreKey<'a> {
+        StoreKey {
+            prefix: &self.prefix,
+            key,
+        }
+    }
+
     /// The full Redis key of an idem key.
     pub fn redis_key(&self, key: &str) -> String {
         let mut out = String::with_capacity(self.prefix.len() + key.len());
@@ -386,7 +394,7 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn run<T: redis::FromRedisValue>(&self, command: Command<'_>) -> Result<T, StoreError> {
+    async fn run<T: redis::FromRedisValue>(&self, command: Command) -> Result<T, StoreError> {
         self.run_raw(command).await.map_err(StoreError::backend)
     }
 
@@ -400,10 +408,7 @@ impl RedisStore {
     /// `complete` finds its own record and reports success; a `renew` extends again; a
     /// `release` finds nothing. A timeout is not retried: the answer may still come, and
     /// the step's time is spent.
-    async fn run_raw<T: redis::FromRedisValue>(
-        &self,
-        command: Command<'_>,
-    ) -> redis::RedisResult<T> {
+    async fn run_raw<T: redis::FromRedisValue>(&self, command: Command) -> redis::RedisResult<T> {
         match self.send(&command).await {
             Err(error) if error.is_connection_dropped() => {
                 tracing::debug!(target: "idem", %error, "the Redis connection was dead; sending the command again on a new one");
@@ -413,7 +418,7 @@ impl RedisStore {
         }
     }
 
-    async fn send<T: redis::FromRedisValue>(&self, command: &Command<'_>) -> redis::RedisResult<T> {
+    async fn send<T: redis::FromRedisValue>(&self, command: &Command) -> redis::RedisResult<T> {
         match &self.connection {
             Connection::Server(c) => command.run(&mut c.clone()).await,
             Connection::Cluster(c) => command.run(&mut c.clone()).await,
@@ -422,12 +427,40 @@ impl RedisStore {
 }
 
 /// One protocol step, ready to send on either kind of connection.
-enum Command<'a> {
+enum Command {
     Plain(redis::Cmd),
-    Script(redis::ScriptInvocation<'a>),
+    /// An `EVALSHA` of `script`, which loads the script where the server lacks it (after a
+    /// restart) and sends the command again.
+    Script {
+        script: &'static Script,
+        command: redis::Cmd,
+    },
 }
 
-impl Command<'_> {
+impl Command {
+    /// `EVALSHA` of `script` on `key` with `args`, its arguments written once, into a
+    /// command sized for them.
+    fn script(script: &'static Script, key: StoreKey<'_>, args: &[ScriptArg<'_>]) -> Self {
+        let data = 7
+            + script.get_hash().len()
+            + 1
+            + key.len()
+            + args.iter().map(ScriptArg::len).sum::<usize>();
+        let mut command = redis::Cmd::with_capacity(4 + args.len(), data);
+        command
+            .arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(1)
+            .arg(key);
+        for arg in args {
+            match arg {
+                ScriptArg::Bytes(bytes) => command.arg(*bytes),
+                ScriptArg::Millis(millis) => command.arg(*millis),
+            };
+        }
+        Self::Script { script, command }
+    }
+
     async fn run<C, T>(&self, connection: &mut C) -> redis::RedisResult<T>
     where
         C: redis::aio::ConnectionLike + Send,
@@ -435,10 +468,61 @@ impl Command<'_> {
     {
         match self {
             Self::Plain(command) => command.query_async(connection).await,
-            Self::Script(invocation) => invocation.invoke_async(connection).await,
+            Self::Script { script, command } => match command.query_async(connection).await {
+                Err(error)
+                    if error.kind()
+                        == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script.load_async(connection).await?;
+                    command.query_async(connection).await
+                }
+                answer => answer,
+            },
         }
     }
 }
+
+/// An argument of a script step.
+enum ScriptArg<'a> {
+    Bytes(&'a [u8]),
+    Millis(u64),
+}
+
+impl ScriptArg<'_> {
+    /// At most the bytes the argument takes in the command.
+    fn len(&self) -> usize {
+        match self {
+            Self::Bytes(bytes) => bytes.len(),
+            Self::Millis(_) => 20,
+        }
+    }
+}
+
+/// An idem key under the store's prefix, written into a command as one argument with no
+/// string made for it.
+#[derive(Clone, Copy)]
+struct StoreKey<'a> {
+    prefix: &'a str,
+    key: &'a str,
+}
+
+impl StoreKey<'_> {
+    fn len(&self) -> usize {
+        self.prefix.len() + self.key.len()
+    }
+}
+
+impl redis::ToRedisArgs for StoreKey<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        // Writes into a command's buffer, which never fails.
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(self.key.as_bytes());
+    }
+}
+
+impl redis::ToSingleRedisArg for StoreKey<'_> {}
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -514,9 +598,11 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
         Box::pin(async move {
-            let mut command = redis::cmd("SET");
+            let key = self.store_key(key);
+            let mut command = redis::Cmd::with_capacity(7, 3 + key.len() + claim.len() + 7 + 20);
             command
-                .arg(self.redis_key(key))
+                .arg("SET")
+                .arg(key)
                 .arg(claim.as_ref())
                 .arg("NX")
                 .arg("GET")
@@ -528,9 +614,7 @@ impl Store for RedisStore {
                 // a record: read it, so a completed request is replayed, never run again.
                 Err(error) if error.code() == Some("OOM") => {
                     let found: Option<Bytes> = self
-                        .run(Command::Plain(
-                            redis::cmd("GET").arg(self.redis_key(key)).to_owned(),
-                        ))
+                        .run(Command::Plain(redis::cmd("GET").arg(key).to_owned()))
                         .await?;
                     match found {
                         Some(found) => Ok(Some(found)),
@@ -551,12 +635,9 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let mut invocation = RENEW.prepare_invoke();
-            invocation
-                .key(self.redis_key(key))
-                .arg(claim.as_ref())
-                .arg(millis(lease));
-            self.run(Command::Script(invocation)).await
+            let args = [ScriptArg::Bytes(claim), ScriptArg::Millis(millis(lease))];
+            self.run(Command::script(&RENEW, self.store_key(key), &args))
+                .await
         })
     }
 
@@ -577,15 +658,15 @@ impl Store for RedisStore {
                     ),
                 });
             }
-            let mut invocation = COMPLETE.prepare_invoke();
-            invocation
-                .key(self.redis_key(key))
-                .arg(claim.as_ref())
-                .arg(record.as_ref())
-                .arg(millis(ttl));
+            let args = [
+                ScriptArg::Bytes(claim),
+                ScriptArg::Bytes(&record),
+                ScriptArg::Millis(millis(ttl)),
+            ];
+            let command = Command::script(&COMPLETE, self.store_key(key), &args);
             // A server at its `maxmemory` (under `noeviction`) refuses the write for good:
             // idem then records a small "not stored" marker instead.
-            self.run_raw(Command::Script(invocation))
+            self.run_raw(command)
                 .await
                 .map_err(|error| match error.code() {
                     Some("OOM") => StoreError::RecordRefused {
@@ -603,9 +684,9 @@ impl Store for RedisStore {
         claim: &'a Bytes,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let mut invocation = RELEASE.prepare_invoke();
-            invocation.key(self.redis_key(key)).arg(claim.as_ref());
-            self.run(Command::Script(invocation)).await
+            let args = [ScriptArg::Bytes(claim)];
+            self.run(Command::script(&RELEASE, self.store_key(key), &args))
+                .await
         })
     }
 
