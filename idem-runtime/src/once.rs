@@ -450,7 +450,7 @@ impl Once {
                 let detached = self.idem.shared.detached.clone();
                 let work = operation();
                 protocol::to_the_end(
-                    &detached,
+                    detached,
                     first_run(execution, work, errors).instrument(span),
                 )
                 .await

@@ -32,7 +32,7 @@ where
 {
     let detached = execution.idem().shared.detached.clone();
     protocol::to_the_end(
-        &detached,
+        detached,
         async move {
             let (mut parts, body) = execution
                 .run(async move { handler.await.into_response() })

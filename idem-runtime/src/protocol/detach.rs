@@ -15,14 +15,14 @@ use std::task::{Context, Poll};
 /// `work` is boxed here, when called, not when first polled: the caller's future holds
 /// only the box, never `work` itself on its way into it. The caller instruments `work`
 /// with the span its logs belong to: looking up the current span costs every request.
-pub(crate) fn to_the_end<O, F>(detached: &Arc<AtomicUsize>, work: F) -> Detaching<O>
+pub(crate) fn to_the_end<O, F>(detached: Arc<AtomicUsize>, work: F) -> Detaching<O>
 where
     F: Future<Output = O> + Send + 'static,
     O: Send + 'static,
 {
     Detaching {
         work: Some(Box::pin(work)),
-        detached: detached.clone(),
+        detached,
     }
 }
 
