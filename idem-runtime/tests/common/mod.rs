@@ -92,14 +92,13 @@ impl Backend {
 
     /// A builder already holding this backend's store.
     pub async fn builder(&self) -> IdempotencyBuilder {
-        let store: Arc<dyn Store> = match self {
-            // Given as itself, as an application gives it: its steps are then called
-            // directly, not through `Store`.
-            Self::Memory(store) => {
-                return test_builder(Idempotency::builder().store(store.clone()));
-            }
+        // Each store given as itself, as an application gives it: a `MemoryStore`'s steps
+        // are then called directly, not through `Store`.
+        let builder = Idempotency::builder();
+        let builder = match self {
+            Self::Memory(store) => builder.store(store.clone()),
             #[cfg(feature = "redis")]
-            Self::Redis { url, prefix } => Arc::new(
+            Self::Redis { url, prefix } => builder.store(
                 RedisStore::builder(url.as_str())
                     .prefix(prefix.as_str())
                     .connect()
@@ -107,7 +106,7 @@ impl Backend {
                     .unwrap_or_else(|error| panic!("Redis at {url} must be running: {error}")),
             ),
             #[cfg(feature = "redis")]
-            Self::Cluster { urls, prefix } => Arc::new(
+            Self::Cluster { urls, prefix } => builder.store(
                 RedisStore::cluster_builder(urls.clone())
                     .prefix(prefix.as_str())
                     .connect()
@@ -115,7 +114,7 @@ impl Backend {
                     .unwrap_or_else(|error| panic!("the Redis Cluster must be up: {error}")),
             ),
             #[cfg(feature = "postgres")]
-            Self::Postgres { url, schema } => Arc::new(
+            Self::Postgres { url, schema } => builder.store(
                 PostgresStore::builder(url.as_str())
                     .schema(schema.as_str())
                     .connect()
@@ -123,13 +122,13 @@ impl Backend {
                     .unwrap_or_else(|error| panic!("PostgreSQL at {url} must be running: {error}")),
             ),
             #[cfg(feature = "sqlite")]
-            Self::Sqlite { url } => Arc::new(
+            Self::Sqlite { url } => builder.store(
                 SqliteStore::connect(url)
                     .await
                     .unwrap_or_else(|error| panic!("SQLite at {url}: {error}")),
             ),
         };
-        test_builder(Idempotency::builder().shared_store(store))
+        test_builder(builder)
     }
 
     /// How many records this backend holds for the test.
