@@ -369,8 +369,8 @@ fn open(bytes: &Bytes) -> Result<(u8, Fingerprint, Reader<'_>), RecordError> {
 }
 
 /// The response of a completed record as a replay sends it: its status, its kept headers
-/// (in order, in a map with room for one more, the replay's mark) and its body, which
-/// shares `bytes`' memory. [`Record::decode`] without the steps a replay does not need.
+/// (in order, in a map with room for two more: the replay's mark, and the body's length,
+/// which the server adds) and its body, which shares `bytes`' memory. [`Record::decode`] without the steps a replay does not need.
 pub(crate) fn decode_response(
     bytes: &Bytes,
 ) -> Result<(StatusCode, HeaderMap, Bytes), RecordError> {
@@ -405,11 +405,12 @@ impl Headers for Vec<(HeaderName, HeaderValue)> {
 }
 
 impl Headers for HeaderMap {
-    /// With room for one more: a replay marks the response it sends.
+    /// With room for two more, made at once: a replay marks the response it sends, and
+    /// the server adds the body's length.
     fn reserve_for(&mut self, count: usize) {
         // The count counts values, not names: many values of one name fit in a map
         // that could not reserve a slot for each.
-        let _ = self.try_reserve(count + 1);
+        let _ = self.try_reserve(count + 2);
     }
 
     fn push(&mut self, name: HeaderName, value: HeaderValue) -> Result<(), RecordError> {
@@ -629,6 +630,32 @@ mod tests {
             assert_eq!(status, StatusCode::CREATED);
             assert!(map.get_all("x-n").iter().eq(headers.iter().map(|(_, v)| v)));
             assert_eq!(body, "body");
+        }
+    }
+
+    #[test]
+    fn a_replayed_map_has_room_for_its_mark_and_length_from_the_start() {
+        // What a replay adds (its mark, and the length the server writes) fits in the
+        // map as decoded: no second allocation, whatever the number of kept headers.
+        for count in [0, 1, 2, 3, 5, 12, 40] {
+            let headers: Vec<_> = (0..count)
+                .map(|n| (HeaderName::from_static("x-n"), HeaderValue::from(n)))
+                .collect();
+            let bytes = Record::Completed(StoredResponse {
+                fingerprint: fingerprint(4),
+                status: StatusCode::OK,
+                headers,
+                body: Bytes::from_static(b"{}"),
+                expires_at_ms: 7,
+            })
+            .encode();
+            let (_, map, _) = decode_response(&bytes).expect("a replay");
+            assert_eq!(map.len(), count);
+            assert!(
+                map.capacity() >= count + 2,
+                "{count} headers: room for {} only",
+                map.capacity()
+            );
         }
     }
 

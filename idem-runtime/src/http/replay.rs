@@ -52,7 +52,8 @@ pub(crate) fn answer(idem: &Idempotency, key: &ScopedKey, answer: Answer) -> Res
 pub(crate) fn replay(record: &Bytes) -> Result<Response, RecordError> {
     let (status, mut headers, body) = record::decode_response(record)?;
     // Room for the mark and the body's length, which the server adds where the headers
-    // give none: idem stores no response without it, so a record lacking it is damaged.
+    // give none (made by the decoding already; refused here for a map past its largest
+    // size): idem stores no response without it, so a record lacking it is damaged.
     headers.try_reserve(2).map_err(|_| RecordError::Malformed)?;
     headers.insert(REPLAYED, HeaderValue::from_static("true"));
     let mut response = Response::new(Body::from(body));
