@@ -263,8 +263,15 @@ fn parse_bare(value: &[u8]) -> Result<String, KeyError> {
             position,
         });
     }
-    // Every byte is visible ASCII, so this is valid UTF-8, copied whole.
-    Ok(String::from_utf8_lossy(value).into_owned())
+    // Every byte is visible ASCII, so this is valid UTF-8, copied whole (`Err` is not
+    // reached, and would name the byte it stopped at).
+    String::from_utf8(value.to_vec()).map_err(|error| {
+        let position = error.utf8_error().valid_up_to();
+        KeyError::InvalidCharacter {
+            byte: value[position],
+            position,
+        }
+    })
 }
 
 fn parse_quoted(value: &[u8]) -> Result<String, KeyError> {

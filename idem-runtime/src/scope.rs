@@ -99,9 +99,16 @@ impl fmt::Debug for Scope {
 
 pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for byte in bytes {
-        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    // A digest at a time, written at once: one capacity check, not one per digit.
+    for chunk in bytes.chunks(32) {
+        let mut digits = [0u8; 64];
+        for (pair, byte) in digits.chunks_exact_mut(2).zip(chunk) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0xf)];
+        }
+        let digits = &digits[..2 * chunk.len()];
+        // Hex digits are ASCII.
+        out.push_str(std::str::from_utf8(digits).unwrap_or_default());
     }
 }
 
@@ -250,6 +257,24 @@ impl fmt::Debug for ScopeRule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_is_two_lowercase_digits_per_byte_in_order() {
+        let bytes: Vec<u8> = (0..=255u8).chain([0, 15, 16, 0xab]).collect();
+        let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        for len in [0, 1, 16, 31, 32, 33, 64, bytes.len()] {
+            let mut out = String::from("prefix:");
+            push_hex(&mut out, &bytes[..len]);
+            assert_eq!(
+                out,
+                format!("prefix:{}", &expected[..2 * len]),
+                "{len} bytes"
+            );
+        }
+        let scope = Scope::of("acct_1");
+        let by_hand: String = scope.0.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(scope.to_hex(), by_hand);
+    }
 
     #[test]
     fn anonymous_differs_from_an_empty_value() {
