@@ -48,21 +48,23 @@ pub(crate) enum Call<'a, T> {
 }
 
 impl<'a, T> Call<'a, T> {
-    /// The step `now` takes on the memory store, else the one `later` sends to the store.
-    fn of(
+    /// The step `now` takes on the memory store, else the one `later` sends to the store;
+    /// `args` go to whichever runs (a record moves into it).
+    fn of<A>(
         idem: &'a Idempotency,
-        now: impl FnOnce(&MemoryStore) -> Result<T, StoreError>,
-        later: impl FnOnce(&'a dyn Store) -> BoxFuture<'a, Result<T, StoreError>>,
+        args: A,
+        now: impl FnOnce(&MemoryStore, A) -> Result<T, StoreError>,
+        later: impl FnOnce(&'a dyn Store, A) -> BoxFuture<'a, Result<T, StoreError>>,
     ) -> Self {
         match &idem.shared.memory {
             Some(memory) => {
                 let started = Instant::now();
                 Self::Answered {
-                    answer: now(memory),
+                    answer: now(memory, args),
                     started,
                 }
             }
-            None => Self::Pending(later(idem.shared.store.as_ref())),
+            None => Self::Pending(later(idem.shared.store.as_ref(), args)),
         }
     }
 }
@@ -77,8 +79,9 @@ impl Idempotency {
     ) -> Call<'a, Option<Bytes>> {
         Call::of(
             self,
-            |memory| memory.begin_now(key, claim, lease),
-            |store| store.begin(key, claim, lease),
+            (key, claim, lease),
+            |memory, (key, claim, lease)| memory.begin_now(key, claim, lease),
+            |store, (key, claim, lease)| store.begin(key, claim, lease),
         )
     }
 
@@ -90,8 +93,9 @@ impl Idempotency {
     ) -> Call<'a, bool> {
         Call::of(
             self,
-            |memory| memory.renew_now(key, claim, lease),
-            |store| store.renew(key, claim, lease),
+            (key, claim, lease),
+            |memory, (key, claim, lease)| memory.renew_now(key, claim, lease),
+            |store, (key, claim, lease)| store.renew(key, claim, lease),
         )
     }
 
@@ -102,24 +106,20 @@ impl Idempotency {
         record: Bytes,
         ttl: Duration,
     ) -> Call<'a, bool> {
-        match &self.shared.memory {
-            // `record` moves into whichever runs.
-            Some(memory) => {
-                let started = Instant::now();
-                Call::Answered {
-                    answer: memory.complete_now(key, claim, record, ttl),
-                    started,
-                }
-            }
-            None => Call::Pending(self.shared.store.complete(key, claim, record, ttl)),
-        }
+        Call::of(
+            self,
+            (key, claim, record, ttl),
+            |memory, (key, claim, record, ttl)| memory.complete_now(key, claim, record, ttl),
+            |store, (key, claim, record, ttl)| store.complete(key, claim, record, ttl),
+        )
     }
 
     pub(crate) fn release_call<'a>(&'a self, key: &'a str, claim: &'a Bytes) -> Call<'a, bool> {
         Call::of(
             self,
-            |memory| memory.release_now(key, claim),
-            |store| store.release(key, claim),
+            (key, claim),
+            |memory, (key, claim)| memory.release_now(key, claim),
+            |store, (key, claim)| store.release(key, claim),
         )
     }
 }
