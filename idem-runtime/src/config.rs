@@ -515,6 +515,11 @@ fn random_secret() -> Arc<[u8]> {
 /// `Proxy-Authenticate`, `Proxy-Authorization`, `TE`, `Trailer`, `Transfer-Encoding`,
 /// `Upgrade`), `Date` and `Set-Cookie`.
 ///
+/// `Transfer-Encoding` is never stored, whatever the policy: idem reads a protected
+/// response's body whole and sends it, first and on every replay, with its length, which
+/// a `Transfer-Encoding` the handler set would contradict (it is dropped from the first
+/// answer too). Compress with `Content-Encoding`, which is stored like any other header.
+///
 /// ```
 /// use idem_runtime::HeaderPolicy;
 ///
@@ -549,7 +554,7 @@ impl Default for HeaderPolicy {
 }
 
 impl HeaderPolicy {
-    /// A policy that stores every header.
+    /// A policy that stores every header (but `Transfer-Encoding`, see above).
     pub fn all() -> Self {
         Self {
             excluded: Vec::new(),

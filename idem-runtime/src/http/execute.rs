@@ -4,8 +4,8 @@
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::StatusCode;
 use http::response::Parts;
+use http::{StatusCode, header};
 use tracing::Instrument;
 
 use super::body::{Collected, collect_bounded};
@@ -74,16 +74,23 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
     execution.result_stands_alone(parts.status.is_client_error());
     // Buffering a streamed body is part of the work: the lease stays renewed meanwhile.
     let bytes = match collect_bounded(body, settings.max_response_bytes).await {
-        // A replay adds its mark, and the body's length where the headers give none: a
-        // header map without room for both could not be replayed.
-        Collected::Complete(bytes) if parts.headers.try_reserve(2).is_ok() => bytes,
         Collected::Complete(bytes) => {
-            tracing::warn!(target: "idem", names = parts.headers.keys_len(), "response has too many header names to replay; a retry will be told it was not stored and not run again");
-            let len = bytes.len() as u64;
-            return match complete_not_stored(execution, parts.status, len).await {
-                Some(problem) => Answer::Instead(problem),
-                None => Answer::Body(Body::from(bytes)),
-            };
+            // The body is whole now, and goes out with its length: the framing the
+            // handler chose for a stream would contradict it (a head with both is refused
+            // by the server, which closes the connection with nothing sent).
+            parts.headers.remove(header::TRANSFER_ENCODING);
+            // A replay adds its mark, and the body's length where the headers give none:
+            // a header map without room for both could not be replayed.
+            if parts.headers.try_reserve(2).is_ok() {
+                bytes
+            } else {
+                tracing::warn!(target: "idem", names = parts.headers.keys_len(), "response has too many header names to replay; a retry will be told it was not stored and not run again");
+                let len = bytes.len() as u64;
+                return match complete_not_stored(execution, parts.status, len).await {
+                    Some(problem) => Answer::Instead(problem),
+                    None => Answer::Body(Body::from(bytes)),
+                };
+            }
         }
         Collected::TooLarge { read, seen } => {
             tracing::warn!(target: "idem", limit = settings.max_response_bytes, "response too large to store; a retry will be told so and not run again");

@@ -51,6 +51,9 @@ pub(crate) fn answer(idem: &Idempotency, key: &ScopedKey, answer: Answer) -> Res
 /// status, kept headers and body byte for byte, plus `Idempotent-Replayed: true`.
 pub(crate) fn replay(record: &Bytes) -> Result<Response, RecordError> {
     let (status, mut headers, body) = record::decode_response(record)?;
+    // The body goes out whole, with its length: a record stored before idem dropped the
+    // handler's `Transfer-Encoding` (kept by `HeaderPolicy::all()`) must not contradict it.
+    headers.remove(http::header::TRANSFER_ENCODING);
     // Room for the mark and the body's length, which the server adds where the headers
     // give none (made by the decoding already; refused here for a map past its largest
     // size): idem stores no response without it, so a record lacking it is damaged.
