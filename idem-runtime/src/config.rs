@@ -516,9 +516,12 @@ fn random_secret() -> Arc<[u8]> {
 /// `Upgrade`), `Date` and `Set-Cookie`.
 ///
 /// `Transfer-Encoding` is never stored, whatever the policy: idem reads a protected
-/// response's body whole and sends it, first and on every replay, with its length, which
-/// a `Transfer-Encoding` the handler set would contradict (it is dropped from the first
-/// answer too). Compress with `Content-Encoding`, which is stored like any other header.
+/// response's body whole and replays it with its length, which a `Transfer-Encoding`
+/// would contradict. A response with a transfer coding other than `chunked` (`gzip`) is
+/// sent as the handler framed it and not stored (a retry is told so, `409`, and does not
+/// run again): compress with `Content-Encoding`, which is stored like any other header.
+/// A `Content-Length` shorter than the body cuts it there, first and on replays, as the
+/// server cuts a stream. Trailer fields of a streamed body are not kept.
 ///
 /// ```
 /// use idem_runtime::HeaderPolicy;

@@ -6,6 +6,7 @@ use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, StatusCode, header};
 use http_body::{Body as _, Frame, SizeHint};
 
 /// A body read up to a limit.
@@ -167,6 +168,80 @@ impl http_body::Body for PrefixedBody {
         }
         hint.set_lower(rest.lower().saturating_add(read));
         hint
+    }
+}
+
+/// Whether the response carries a transfer coding other than `chunked`: its bytes are
+/// coded, and only that header says so, so they go out under it, as the handler sent
+/// them, and are not stored.
+pub(crate) fn transfer_coded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .any(|value| {
+            value.to_str().map_or(true, |codings| {
+                codings
+                    .split(',')
+                    .map(str::trim)
+                    .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
+            })
+        })
+}
+
+/// How a body read whole goes out.
+pub(crate) enum Framing {
+    /// With its length.
+    Whole,
+    /// As a stream of unknown length, under the handler's own headers: a declared
+    /// `Content-Length` longer than the body, which the server then fails as it fails
+    /// such a stream of the handler's, instead of sending a head its body contradicts.
+    AsStream,
+}
+
+/// Makes the framing headers of a body read whole (not [`transfer_coded`]) agree with it,
+/// as the server would have framed the handler's stream: `Transfer-Encoding: chunked`
+/// goes (the body goes out with its length), and a declared `Content-Length` shorter than
+/// the body cuts it there, as the server cuts a stream.
+pub(crate) fn frame_whole(
+    status: StatusCode,
+    headers: &mut HeaderMap,
+    bytes: &mut Bytes,
+) -> Framing {
+    headers.remove(header::TRANSFER_ENCODING);
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let declared = match (lengths.next(), lengths.next()) {
+        (Some(only), None) => only
+            .to_str()
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok()),
+        _ => None,
+    };
+    match declared {
+        Some(declared) if declared < bytes.len() as u64 => {
+            bytes.truncate(usize::try_from(declared).unwrap_or(bytes.len()));
+            Framing::Whole
+        }
+        // A `304` sends no body: its length is the representation's.
+        Some(declared) if declared > bytes.len() as u64 && status != StatusCode::NOT_MODIFIED => {
+            Framing::AsStream
+        }
+        _ => Framing::Whole,
+    }
+}
+
+/// `bytes` as a body whose length the server is not told.
+pub(crate) fn of_unknown_length(bytes: Bytes) -> Body {
+    Body::from_stream(futures_util::stream::once(std::future::ready(Ok::<
+        _,
+        std::convert::Infallible,
+    >(bytes))))
+}
+
+/// `bytes` as `framing` sends it.
+pub(crate) fn framed(bytes: Bytes, framing: &Framing) -> Body {
+    match framing {
+        Framing::Whole => Body::from(bytes),
+        Framing::AsStream => of_unknown_length(bytes),
     }
 }
 

@@ -4,11 +4,14 @@
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use http::StatusCode;
 use http::response::Parts;
-use http::{StatusCode, header};
+use http_body::Body as _;
 use tracing::Instrument;
 
-use super::body::{Collected, collect_bounded};
+use super::body::{
+    Collected, collect_bounded, frame_whole, framed, of_unknown_length, transfer_coded,
+};
 use super::problem::Problem;
 use crate::local::expiry_ms;
 use crate::protocol::{self, Completion, Execution};
@@ -73,22 +76,34 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
     }
     execution.result_stands_alone(parts.status.is_client_error());
     // Buffering a streamed body is part of the work: the lease stays renewed meanwhile.
-    let bytes = match collect_bounded(body, settings.max_response_bytes).await {
-        Collected::Complete(bytes) => {
+    // The server frames a stream of unknown length otherwise than a body of known
+    // length: the first answer goes out as the handler's did.
+    let streamed = body.size_hint().exact().is_none();
+    let (bytes, framing) = match collect_bounded(body, settings.max_response_bytes).await {
+        Collected::Complete(mut bytes) => {
             // The body is whole now, and goes out with its length: the framing the
-            // handler chose for a stream would contradict it (a head with both is refused
-            // by the server, which closes the connection with nothing sent).
-            parts.headers.remove(header::TRANSFER_ENCODING);
+            // handler chose for a stream must agree with it (a head that contradicts its
+            // body is refused by the server, which closes the connection with nothing
+            // sent).
+            if transfer_coded(&parts.headers) {
+                tracing::warn!(target: "idem", "response with a transfer coding other than chunked; sent as it is, not stored: a retry will be told it was not stored and not run again");
+                let len = bytes.len() as u64;
+                return match complete_not_stored(execution, parts.status, len).await {
+                    Some(problem) => Answer::Instead(problem),
+                    None => Answer::Body(of_unknown_length(bytes)),
+                };
+            }
+            let framing = frame_whole(parts.status, &mut parts.headers, &mut bytes);
             // A replay adds its mark, and the body's length where the headers give none:
             // a header map without room for both could not be replayed.
             if parts.headers.try_reserve(2).is_ok() {
-                bytes
+                (bytes, framing)
             } else {
                 tracing::warn!(target: "idem", names = parts.headers.keys_len(), "response has too many header names to replay; a retry will be told it was not stored and not run again");
                 let len = bytes.len() as u64;
                 return match complete_not_stored(execution, parts.status, len).await {
                     Some(problem) => Answer::Instead(problem),
-                    None => Answer::Body(Body::from(bytes)),
+                    None => Answer::Body(framed(bytes, &framing)),
                 };
             }
         }
@@ -127,7 +142,11 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
         return Answer::Instead(problem);
     }
     tracing::debug!(target: "idem", status = parts.status.as_u16(), "executed and stored");
-    Answer::Body(Body::from(bytes))
+    if streamed {
+        Answer::Body(of_unknown_length(bytes))
+    } else {
+        Answer::Body(framed(bytes, &framing))
+    }
 }
 
 /// Records that the request ran and answered `status` with a body of `body_len` bytes,

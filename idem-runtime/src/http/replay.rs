@@ -1,11 +1,11 @@
 //! What happens when the handler does not run: a replay of the stored response, or a
 //! problem saying why.
 
-use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 
+use super::body::{frame_whole, framed, of_unknown_length, transfer_coded};
 use super::problem::Problem;
 use crate::config::Idempotency;
 use crate::key::ScopedKey;
@@ -50,16 +50,22 @@ pub(crate) fn answer(idem: &Idempotency, key: &ScopedKey, answer: Answer) -> Res
 /// What happens on a replay: the stored response as the client receives it again, its
 /// status, kept headers and body byte for byte, plus `Idempotent-Replayed: true`.
 pub(crate) fn replay(record: &Bytes) -> Result<Response, RecordError> {
-    let (status, mut headers, body) = record::decode_response(record)?;
-    // The body goes out whole, with its length: a record stored before idem dropped the
-    // handler's `Transfer-Encoding` (kept by `HeaderPolicy::all()`) must not contradict it.
-    headers.remove(http::header::TRANSFER_ENCODING);
+    let (status, mut headers, mut body) = record::decode_response(record)?;
+    // The body goes out whole, with its length: a record stored before idem made the
+    // handler's framing agree with its body (a `Transfer-Encoding` kept by
+    // `HeaderPolicy::all()`, a `Content-Length` the body contradicts) is made to agree now.
+    let body = if transfer_coded(&headers) {
+        of_unknown_length(body)
+    } else {
+        let framing = frame_whole(status, &mut headers, &mut body);
+        framed(body, &framing)
+    };
     // Room for the mark and the body's length, which the server adds where the headers
     // give none (made by the decoding already; refused here for a map past its largest
     // size): idem stores no response without it, so a record lacking it is damaged.
     headers.try_reserve(2).map_err(|_| RecordError::Malformed)?;
     headers.insert(REPLAYED, HeaderValue::from_static("true"));
-    let mut response = Response::new(Body::from(body));
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     Ok(response)
