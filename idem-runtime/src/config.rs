@@ -70,6 +70,9 @@ pub(crate) struct Shared {
     /// The same store, when it is a [`MemoryStore`]: its steps are then called directly,
     /// answered at once with no future boxed and no timeout armed.
     pub(crate) memory: Option<MemoryStore>,
+    /// Whether the store bounds every step itself within the store timeout (a
+    /// `RedisStore` on one server): its steps are then not timed a second time.
+    pub(crate) store_bounds_steps: bool,
     pub(crate) settings: Settings,
     /// The local tier, when [`Settings::local_tier`] turns it on.
     pub(crate) local: Option<LocalTier>,
@@ -186,6 +189,7 @@ impl Idempotency {
         IdempotencyBuilder {
             store: None,
             memory: None,
+            step_bound: None,
             settings: Settings::default(),
         }
     }
@@ -263,15 +267,23 @@ impl fmt::Debug for Idempotency {
 pub struct IdempotencyBuilder {
     store: Option<Arc<dyn Store>>,
     memory: Option<MemoryStore>,
+    /// How long the store lets one step take, where it bounds its steps itself.
+    step_bound: Option<Duration>,
     settings: Settings,
 }
 
 impl IdempotencyBuilder {
     /// The store (default: a [`MemoryStore`] with its default bounds).
     pub fn store(mut self, store: impl Store) -> Self {
-        self.memory = (&store as &dyn std::any::Any)
-            .downcast_ref::<MemoryStore>()
-            .cloned();
+        let store_any = &store as &dyn std::any::Any;
+        self.memory = store_any.downcast_ref::<MemoryStore>().cloned();
+        self.step_bound = None;
+        #[cfg(feature = "redis")]
+        {
+            self.step_bound = store_any
+                .downcast_ref::<crate::store::RedisStore>()
+                .and_then(crate::store::RedisStore::step_timeout);
+        }
         self.store = Some(Arc::new(store));
         self
     }
@@ -279,6 +291,7 @@ impl IdempotencyBuilder {
     /// A store already behind an `Arc`, to share it between handles.
     pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
         self.memory = None;
+        self.step_bound = None;
         self.store = Some(store);
         self
     }
@@ -407,7 +420,9 @@ impl IdempotencyBuilder {
 
     /// Time allowed for one store step before it counts as a failure (default 2 s,
     /// clamped to [`MAX_DURATION`](defaults::MAX_DURATION)). A [`MemoryStore`]'s steps
-    /// answer at once and are not timed out.
+    /// answer at once and are not timed out. A `RedisStore` on one server bounds each step
+    /// by its own response timeout; where that is no longer than this one, idem arms no
+    /// second timer for the step.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
         self.settings.store_timeout = timeout.min(defaults::MAX_DURATION);
         self
@@ -481,10 +496,14 @@ impl IdempotencyBuilder {
                 (Arc::new(memory.clone()) as Arc<dyn Store>, Some(memory))
             }
         };
+        let store_bounds_steps = self
+            .step_bound
+            .is_some_and(|bound| bound <= settings.store_timeout);
         Idempotency {
             shared: Arc::new(Shared {
                 store,
                 memory,
+                store_bounds_steps,
                 settings,
                 local,
                 detached: Arc::new(AtomicUsize::new(0)),

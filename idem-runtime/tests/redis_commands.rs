@@ -801,6 +801,122 @@ async fn killed_server_fails_then_recovers() {
     assert!(store.release("k2", &a).await.unwrap());
 }
 
+/// One server: the response timeout bounds a whole step, the client's attempts to
+/// reconnect to a server that is gone included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_on_a_killed_server_fails_within_its_response_timeout() {
+    let limit = Duration::from_millis(300);
+    let mut server = RedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .prefix("bound:")
+        .response_timeout(limit)
+        .connection_timeout(limit)
+        .connect()
+        .await
+        .unwrap();
+    let a = Bytes::from_static(b"claim a");
+    let lease = Duration::from_secs(30);
+    assert_eq!(store.begin("k", &a, lease).await.unwrap(), None);
+    server.kill();
+    for step in ["renew", "release", "begin", "ping"] {
+        let started = std::time::Instant::now();
+        let failed = match step {
+            "renew" => store.renew("k", &a, lease).await.err(),
+            "release" => store.release("k", &a).await.err(),
+            "begin" => store.begin("k2", &a, lease).await.err(),
+            _ => store.ping().await.err(),
+        };
+        let took = started.elapsed();
+        assert!(failed.is_some(), "{step} on a killed server failed");
+        // Generous beside 300 ms; a step retried through reconnects took 7.5 s.
+        assert!(
+            took < Duration::from_secs(2),
+            "{step} took {took:?}: {failed:?}"
+        );
+    }
+}
+
+/// A server that stops answering (its connection open): the step fails as a timeout,
+/// which the protocol knows may still land, in the response timeout even where the store
+/// timeout is longer; the key is free again once the server answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_times_a_step_out_and_leaves_the_key_free() {
+    let limit = Duration::from_millis(300);
+    let server = RedisServer::start();
+    let connect = || {
+        RedisStore::builder(server.url())
+            .prefix("stall:")
+            .response_timeout(limit)
+            .connection_timeout(limit)
+            .connect()
+    };
+    let store = connect().await.unwrap();
+    let idem = Idempotency::builder()
+        .store(connect().await.unwrap())
+        .shared_scope(true)
+        .store_timeout(Duration::from_secs(30))
+        .build();
+    let counters = Arc::new(Counters::default());
+    let app = common::app(&idem, counters.clone());
+    let a = Bytes::from_static(b"claim a");
+
+    server.pause();
+    let direct = store.begin("direct", &a, Duration::from_secs(30)).await;
+    assert!(
+        matches!(direct, Err(StoreError::Timeout(took)) if took == limit),
+        "{direct:?}"
+    );
+    let started = std::time::Instant::now();
+    let stalled = send(&app, post_with("/pay", Some("stalled"), "{}")).await;
+    let took = started.elapsed();
+    stalled.assert_problem(StatusCode::SERVICE_UNAVAILABLE, Problem::STORE_UNAVAILABLE);
+    assert!(took < Duration::from_secs(10), "answered after {took:?}");
+    server.resume();
+
+    // The claim sent while the server stood still lands when it wakes; the release
+    // idem keeps sending for a claim that timed out frees the key.
+    let freed = until_async(|| {
+        let app = app.clone();
+        async move {
+            send(&app, post_with("/pay", Some("stalled"), "{}"))
+                .await
+                .status
+                == StatusCode::CREATED
+        }
+    })
+    .await;
+    assert!(freed, "the key runs once the server answers again");
+    assert_eq!(counters.runs(), 1);
+    assert!(store.release("direct", &a).await.unwrap());
+}
+
+/// A store timeout shorter than the Redis response timeout still bounds each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_timeout_shorter_than_the_response_timeout_bounds_the_step() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .prefix("short:")
+        .response_timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .unwrap();
+    let idem = Idempotency::builder()
+        .store(store)
+        .shared_scope(true)
+        .store_timeout(Duration::from_millis(300))
+        .build();
+    let counters = Arc::new(Counters::default());
+    let app = common::app(&idem, counters.clone());
+    server.pause();
+    let started = std::time::Instant::now();
+    let stalled = send(&app, post_with("/pay", Some("short"), "{}")).await;
+    let took = started.elapsed();
+    server.resume();
+    stalled.assert_problem(StatusCode::SERVICE_UNAVAILABLE, Problem::STORE_UNAVAILABLE);
+    assert!(took < Duration::from_secs(10), "answered after {took:?}");
+    assert_eq!(counters.runs(), 0);
+}
+
 // ---------------------------------------------------------------- HTTP
 
 async fn bin(idem: Idempotent, State(counters): State<AppState>, body: String) -> Response {

@@ -239,6 +239,33 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// Stops the process (SIGSTOP): it keeps its connections open and answers nothing
+    /// until [`resume`](Self::resume), as a server stalled by its host does.
+    ///
+    /// # Panics
+    /// If the server is not running or `kill` fails.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a [paused](Self::pause) server run again (SIGCONT).
+    ///
+    /// # Panics
+    /// As [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the server is running");
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {}", child.id());
+    }
+
     /// Whether the process is running.
     pub fn is_running(&self) -> bool {
         self.child.is_some()

@@ -11,8 +11,9 @@ use crate::config::Idempotency;
 pub(crate) use crate::metrics::Step;
 use crate::store::{BoxFuture, MemoryStore, Store, StoreError};
 
-/// One store step, failed with [`StoreError::Timeout`] when it does not answer in time,
-/// and timed into `idem_store_seconds` under `step`. A plain function: a step answered
+/// One store step, failed with [`StoreError::Timeout`] when it does not answer in time
+/// (by the store, where it bounds its steps itself within the store timeout), and timed
+/// into `idem_store_seconds` under `step`. A plain function: a step answered
 /// already costs its caller's future no room for the timeout of one that is not.
 pub(crate) fn store_step<'a, T: 'a>(
     idem: &'a Idempotency,
@@ -25,11 +26,15 @@ pub(crate) fn store_step<'a, T: 'a>(
             Either::Left(std::future::ready(answer))
         }
         Call::Pending(call) => Either::Right(async move {
-            let timeout = idem.settings().store_timeout;
             let started = Instant::now();
-            let answer = tokio::time::timeout(timeout, call)
-                .await
-                .unwrap_or(Err(StoreError::Timeout(timeout)));
+            let answer = if idem.shared.store_bounds_steps {
+                call.await
+            } else {
+                let timeout = idem.settings().store_timeout;
+                tokio::time::timeout(timeout, call)
+                    .await
+                    .unwrap_or(Err(StoreError::Timeout(timeout)))
+            };
             idem.shared.metrics.store_step(step, started.elapsed());
             answer
         }),

@@ -106,6 +106,9 @@ pub struct RedisStore {
     prefix: Arc<str>,
     /// The longest value the server accepts (`proto-max-bulk-len`).
     max_bulk: u64,
+    /// What bounds a whole step on one server, where the connection arms no timer per
+    /// command; `None` on a cluster, whose client times each command.
+    step_timeout: Option<Duration>,
 }
 
 /// Redis' default `proto-max-bulk-len`, assumed where the server does not say.
@@ -144,7 +147,9 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How long one command may take before it fails (default 2 s).
+    /// How long one step may take before it fails with [`StoreError::Timeout`] (default
+    /// 2 s): on one server, the whole step, its resend on a new connection after a dropped
+    /// one and a script reload included; on a cluster, each command the step sends.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
@@ -205,8 +210,9 @@ impl RedisStoreBuilder {
         let mut connection = match &self.nodes {
             Nodes::Server(url) => {
                 let client = self.client(url).map_err(ConnectError::Redis)?;
+                // No timer per command: the store bounds each step as a whole.
                 let config = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(self.response_timeout))
+                    .set_response_timeout(None)
                     .set_connection_timeout(Some(self.connection_timeout))
                     .set_max_delay(Duration::from_secs(2));
                 Connection::Server(
@@ -233,11 +239,23 @@ impl RedisStoreBuilder {
                 )
             }
         };
+        let step_timeout = match connection {
+            Connection::Server(_) => Some(self.response_timeout),
+            Connection::Cluster(_) => None,
+        };
         for script in [&*RENEW, &*COMPLETE, &*RELEASE] {
             let load = script.prepare_invoke();
-            let loaded = match &mut connection {
-                Connection::Server(c) => load.load_async(c).await,
-                Connection::Cluster(c) => load.load_async(c).await,
+            let loading = async {
+                match &mut connection {
+                    Connection::Server(c) => load.load_async(c).await,
+                    Connection::Cluster(c) => load.load_async(c).await,
+                }
+            };
+            let loaded = match step_timeout {
+                Some(limit) => tokio::time::timeout(limit, loading)
+                    .await
+                    .unwrap_or_else(|elapsed| Err(std::io::Error::from(elapsed).into())),
+                None => loading.await,
             };
             loaded.map_err(ConnectError::Redis)?;
         }
@@ -245,6 +263,7 @@ impl RedisStoreBuilder {
             connection,
             prefix: self.prefix.into(),
             max_bulk: DEFAULT_MAX_BULK,
+            step_timeout,
         };
         store.max_bulk = store.read_max_bulk().await;
         store.check_eviction(self.allow_eviction).await?;
@@ -315,7 +334,7 @@ impl RedisStore {
     /// Refuses a server (every node of a cluster) whose eviction policy can drop keys.
     async fn check_eviction(&self, allow: bool) -> Result<(), ConnectError> {
         let info: Result<redis::Value, StoreError> = self
-            .run(Command::Plain(redis::cmd("INFO").arg("memory").to_owned()))
+            .bounded(self.run(Command::Plain(redis::cmd("INFO").arg("memory").to_owned())))
             .await;
         let mut policies = Vec::new();
         match info {
@@ -346,12 +365,14 @@ impl RedisStore {
     /// default where `CONFIG GET` is not allowed.
     async fn read_max_bulk(&self) -> u64 {
         let answer: Result<redis::Value, StoreError> = self
-            .run(Command::Plain(
-                redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg("proto-max-bulk-len")
-                    .to_owned(),
-            ))
+            .bounded(
+                self.run(Command::Plain(
+                    redis::cmd("CONFIG")
+                        .arg("GET")
+                        .arg("proto-max-bulk-len")
+                        .to_owned(),
+                )),
+            )
             .await;
         let mut numbers = Vec::new();
         if let Ok(value) = answer {
@@ -392,6 +413,26 @@ impl RedisStore {
             .await
             .map_err(refused("release (EVALSHA)"))?;
         Ok(())
+    }
+
+    /// What bounds each step of this store, where it bounds them itself (one server): the
+    /// protocol then arms no second timer for the same step.
+    pub(crate) fn step_timeout(&self) -> Option<Duration> {
+        self.step_timeout
+    }
+
+    /// `step`, failed with [`StoreError::Timeout`] when it outlives the response timeout
+    /// (on one server; a cluster's client times each command itself).
+    async fn bounded<T>(
+        &self,
+        step: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match self.step_timeout {
+            Some(limit) => tokio::time::timeout(limit, step)
+                .await
+                .unwrap_or(Err(StoreError::Timeout(limit))),
+            None => step.await,
+        }
     }
 
     async fn run<T: redis::FromRedisValue>(&self, command: Command) -> Result<T, StoreError> {
@@ -597,7 +638,7 @@ impl Store for RedisStore {
         claim: &'a Bytes,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
-        Box::pin(async move {
+        Box::pin(self.bounded(async move {
             let key = self.store_key(key);
             let mut command = redis::Cmd::with_capacity(7, 3 + key.len() + claim.len() + 7 + 20);
             command
@@ -625,7 +666,7 @@ impl Store for RedisStore {
                 }
                 Err(error) => Err(StoreError::backend(error)),
             }
-        })
+        }))
     }
 
     fn renew<'a>(
@@ -634,11 +675,11 @@ impl Store for RedisStore {
         claim: &'a Bytes,
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
+        Box::pin(self.bounded(async move {
             let args = [ScriptArg::Bytes(claim), ScriptArg::Millis(millis(lease))];
             self.run(Command::script(&RENEW, self.store_key(key), &args))
                 .await
-        })
+        }))
     }
 
     fn complete<'a>(
@@ -648,7 +689,7 @@ impl Store for RedisStore {
         record: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
+        Box::pin(self.bounded(async move {
             if record.len() as u64 > self.max_bulk {
                 return Err(StoreError::RecordRefused {
                     size: record.len() as u64,
@@ -675,7 +716,7 @@ impl Store for RedisStore {
                     },
                     _ => StoreError::backend(error),
                 })
-        })
+        }))
     }
 
     fn release<'a>(
@@ -683,18 +724,18 @@ impl Store for RedisStore {
         key: &'a str,
         claim: &'a Bytes,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
+        Box::pin(self.bounded(async move {
             let args = [ScriptArg::Bytes(claim)];
             self.run(Command::script(&RELEASE, self.store_key(key), &args))
                 .await
-        })
+        }))
     }
 
     /// `PING`.
     /// A write, not a `PING`: a server that answers but takes no claim (a read-only
     /// replica after a failover, `MISCONF` after a failed save) is not ready.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
+        Box::pin(self.bounded(async move {
             let mut probe = redis::cmd("SET");
             probe
                 .arg(self.redis_key("__ready"))
@@ -704,6 +745,6 @@ impl Store for RedisStore {
             self.run::<redis::Value>(Command::Plain(probe))
                 .await
                 .map(drop)
-        })
+        }))
     }
 }
