@@ -6,7 +6,7 @@ use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body::{Body as _, Frame, SizeHint};
 
 /// A body read up to a limit.
@@ -171,21 +171,14 @@ impl http_body::Body for PrefixedBody {
     }
 }
 
-/// Whether the response carries a transfer coding other than `chunked`: its bytes are
-/// coded, and only that header says so, so they go out under it, as the handler sent
-/// them, and are not stored.
-pub(crate) fn transfer_coded(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .any(|value| {
-            value.to_str().map_or(true, |codings| {
-                codings
-                    .split(',')
-                    .map(str::trim)
-                    .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
-            })
-        })
+/// Whether a `Transfer-Encoding` value names a coding other than `chunked`.
+fn codes(value: &HeaderValue) -> bool {
+    value.to_str().map_or(true, |codings| {
+        codings
+            .split(',')
+            .map(str::trim)
+            .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
+    })
 }
 
 /// How a body read whole goes out.
@@ -196,18 +189,28 @@ pub(crate) enum Framing {
     /// `Content-Length` longer than the body, which the server then fails as it fails
     /// such a stream of the handler's, instead of sending a head its body contradicts.
     AsStream,
+    /// As a stream, under a transfer coding other than `chunked`: the bytes are coded,
+    /// and only that header says so, so they go out under it as the handler sent them,
+    /// and are not stored.
+    Coded,
 }
 
-/// Makes the framing headers of a body read whole (not [`transfer_coded`]) agree with it,
-/// as the server would have framed the handler's stream: `Transfer-Encoding: chunked`
-/// goes (the body goes out with its length), and a declared `Content-Length` shorter than
-/// the body cuts it there, as the server cuts a stream.
+/// Makes the framing headers of a body read whole agree with it, as the server would
+/// have framed the handler's stream: `Transfer-Encoding: chunked` goes (the body goes out
+/// with its length), and a declared `Content-Length` shorter than the body cuts it there,
+/// as the server cuts a stream. A transfer coding other than `chunked` changes nothing.
 pub(crate) fn frame_whole(
     status: StatusCode,
     headers: &mut HeaderMap,
     bytes: &mut Bytes,
 ) -> Framing {
-    headers.remove(header::TRANSFER_ENCODING);
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        if codes(first) || codings.any(codes) {
+            return Framing::Coded;
+        }
+        headers.remove(header::TRANSFER_ENCODING);
+    }
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
     let declared = match (lengths.next(), lengths.next()) {
         (Some(only), None) => only
@@ -241,7 +244,7 @@ pub(crate) fn of_unknown_length(bytes: Bytes) -> Body {
 pub(crate) fn framed(bytes: Bytes, framing: &Framing) -> Body {
     match framing {
         Framing::Whole => Body::from(bytes),
-        Framing::AsStream => of_unknown_length(bytes),
+        Framing::AsStream | Framing::Coded => of_unknown_length(bytes),
     }
 }
 

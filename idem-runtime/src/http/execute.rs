@@ -9,9 +9,7 @@ use http::response::Parts;
 use http_body::Body as _;
 use tracing::Instrument;
 
-use super::body::{
-    Collected, collect_bounded, frame_whole, framed, of_unknown_length, transfer_coded,
-};
+use super::body::{Collected, Framing, collect_bounded, frame_whole, framed, of_unknown_length};
 use super::problem::Problem;
 use crate::local::expiry_ms;
 use crate::protocol::{self, Completion, Execution};
@@ -85,7 +83,8 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
             // handler chose for a stream must agree with it (a head that contradicts its
             // body is refused by the server, which closes the connection with nothing
             // sent).
-            if transfer_coded(&parts.headers) {
+            let framing = frame_whole(parts.status, &mut parts.headers, &mut bytes);
+            if let Framing::Coded = framing {
                 tracing::warn!(target: "idem", "response with a transfer coding other than chunked; sent as it is, not stored: a retry will be told it was not stored and not run again");
                 let len = bytes.len() as u64;
                 return match complete_not_stored(execution, parts.status, len).await {
@@ -93,7 +92,6 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
                     None => Answer::Body(of_unknown_length(bytes)),
                 };
             }
-            let framing = frame_whole(parts.status, &mut parts.headers, &mut bytes);
             // A replay adds its mark, and the body's length where the headers give none:
             // a header map without room for both could not be replayed.
             if parts.headers.try_reserve(2).is_ok() {

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 
-use super::body::{frame_whole, framed, of_unknown_length, transfer_coded};
+use super::body::{frame_whole, framed};
 use super::problem::Problem;
 use crate::config::Idempotency;
 use crate::key::ScopedKey;
@@ -54,12 +54,8 @@ pub(crate) fn replay(record: &Bytes) -> Result<Response, RecordError> {
     // The body goes out whole, with its length: a record stored before idem made the
     // handler's framing agree with its body (a `Transfer-Encoding` kept by
     // `HeaderPolicy::all()`, a `Content-Length` the body contradicts) is made to agree now.
-    let body = if transfer_coded(&headers) {
-        of_unknown_length(body)
-    } else {
-        let framing = frame_whole(status, &mut headers, &mut body);
-        framed(body, &framing)
-    };
+    let framing = frame_whole(status, &mut headers, &mut body);
+    let body = framed(body, &framing);
     // Room for the mark and the body's length, which the server adds where the headers
     // give none (made by the decoding already; refused here for a map past its largest
     // size): idem stores no response without it, so a record lacking it is damaged.
