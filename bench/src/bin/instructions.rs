@@ -4,7 +4,8 @@
 //! `valgrind --tool=callgrind --callgrind-out-file=/dev/null target/release/instructions ROW N`
 //! with ROW one of `bare`, `memory-miss`, `memory-hit`, `local-hit`, or, on the load
 //! test's app with a Redis at `IDEM_REDIS` (default `redis://127.0.0.1:6379`, keys under
-//! `bench:`), `redis-miss`, `redis-hit`, `floor-one` (bare + 1 `GET`) and `floor-two`
+//! `bench:`), `redis-miss`, `redis-hit`, `local-miss` (a Redis first execution with the
+//! local tier on), `floor-one` (bare + 1 `GET`) and `floor-two`
 //! (bare + 2 `SET`). Run it with two values of N: the difference of the totals divided by
 //! the difference of N is the cost of one request, without start-up. Under valgrind the
 //! Redis rows count this process only, not the server.
@@ -15,7 +16,13 @@ use idem_bench::in_process::{request, router};
 use tower::ServiceExt;
 
 /// The rows served by the load test's app, on Redis.
-const ON_REDIS: [&str; 4] = ["redis-miss", "redis-hit", "floor-one", "floor-two"];
+const ON_REDIS: [&str; 5] = [
+    "redis-miss",
+    "redis-hit",
+    "local-miss",
+    "floor-one",
+    "floor-two",
+];
 
 /// `request`, as JSON: the load test's app reads its body as such.
 fn json(mut request: Request<Body>) -> Request<Body> {
@@ -59,6 +66,7 @@ async fn main() {
             "local-hit" => request("/local", Some("hit".into())),
             "redis-miss" => json(request("/redis", Some(format!("instr-{run}-miss-{n}")))),
             "redis-hit" => json(request("/redis", Some(format!("instr-{run}-hit")))),
+            "local-miss" => json(request("/local", Some(format!("instr-{run}-miss-{n}")))),
             "floor-one" => json(request("/floor/one", None)),
             "floor-two" => json(request("/floor/two", None)),
             other => panic!("no row {other}"),
