@@ -540,7 +540,9 @@ fn random_secret() -> Arc<[u8]> {
 /// sent as the handler framed it and not stored (a retry is told so, `409`, and does not
 /// run again): compress with `Content-Encoding`, which is stored like any other header.
 /// A `Content-Length` shorter than the body cuts it there, first and on replays, as the
-/// server cuts a stream. Trailer fields of a streamed body are not kept.
+/// server cuts a stream. A response whose body ends in trailer fields (gRPC's
+/// `grpc-status`, a checksum) is sent with them as the handler sent it, and not stored:
+/// a record holds no trailers, so a retry is told so (`409`) and does not run again.
 ///
 /// ```
 /// use idem_runtime::HeaderPolicy;

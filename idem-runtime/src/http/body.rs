@@ -17,6 +17,9 @@ pub(crate) enum Collected {
     TooLarge { read: PrefixedBody, seen: u64 },
     /// Reading failed: what was read, then the error, for a reader that wants to see it.
     Failed(PrefixedBody),
+    /// The body ended in trailer fields, which [`collect_response`] does not drop: what
+    /// was read, then the trailers and whatever follows them, and how many bytes were read.
+    Trailed { read: PrefixedBody, seen: u64 },
 }
 
 /// Reads `body` to its end while it stays within `limit` bytes. Trailers are not kept.
@@ -24,10 +27,20 @@ pub(crate) fn collect_bounded(body: Body, limit: usize) -> Collecting {
     Collecting {
         body,
         limit,
+        keep_trailers: false,
         started: false,
         first: None,
         more: VecDeque::new(),
         seen: 0,
+    }
+}
+
+/// [`collect_bounded`] for a response: a body that ends in trailer fields is answered
+/// [`Collected::Trailed`], so that its trailers reach the client.
+pub(crate) fn collect_response(body: Body, limit: usize) -> Collecting {
+    Collecting {
+        keep_trailers: true,
+        ..collect_bounded(body, limit)
     }
 }
 
@@ -36,6 +49,9 @@ pub(crate) fn collect_bounded(body: Body, limit: usize) -> Collecting {
 pub(crate) struct Collecting {
     body: Body,
     limit: usize,
+    /// Whether a trailers frame ends the reading ([`Collected::Trailed`]) instead of being
+    /// dropped.
+    keep_trailers: bool,
     /// Whether the body's size hint was checked against the limit.
     started: bool,
     /// Most bodies arrive in one chunk: it is kept as it is, with no copy and no queue.
@@ -58,6 +74,13 @@ impl Collecting {
     fn take_prefixed(&mut self) -> PrefixedBody {
         let read = self.take_read();
         PrefixedBody::new(read, std::mem::take(&mut self.body))
+    }
+
+    /// What was read, `trailers`, and the rest of the body, taken out.
+    fn take_trailed(&mut self, trailers: HeaderMap) -> PrefixedBody {
+        let mut read = self.take_prefixed();
+        read.trailers = Some(trailers);
+        read
     }
 
     /// The whole body, read within the limit.
@@ -104,8 +127,18 @@ impl Future for Collecting {
                     return Poll::Ready(Collected::Failed(PrefixedBody::new(read, failing)));
                 }
             };
-            let Ok(data) = frame.into_data() else {
-                continue;
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => match frame.into_trailers() {
+                    // An empty trailers frame carries nothing to lose.
+                    Ok(trailers) if this.keep_trailers && !trailers.is_empty() => {
+                        return Poll::Ready(Collected::Trailed {
+                            read: this.take_trailed(trailers),
+                            seen: this.seen as u64,
+                        });
+                    }
+                    _ => continue,
+                },
             };
             if data.is_empty() {
                 continue;
@@ -125,15 +158,21 @@ impl Future for Collecting {
     }
 }
 
-/// Chunks already read, followed by the rest of the body they came from.
+/// Chunks already read (and trailers read after them), followed by the rest of the body
+/// they came from.
 pub(crate) struct PrefixedBody {
     prefix: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
     rest: Body,
 }
 
 impl PrefixedBody {
     fn new(prefix: VecDeque<Bytes>, rest: Body) -> Self {
-        Self { prefix, rest }
+        Self {
+            prefix,
+            trailers: None,
+            rest,
+        }
     }
 
     pub(crate) fn into_body(self) -> Body {
@@ -152,11 +191,14 @@ impl http_body::Body for PrefixedBody {
         if let Some(chunk) = self.prefix.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
+        if let Some(trailers) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         Pin::new(&mut self.rest).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.rest.is_end_stream()
+        self.prefix.is_empty() && self.trailers.is_none() && self.rest.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -262,6 +304,48 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         Body::from_stream(stream)
+    }
+
+    /// A body of `chunks`, then a trailers frame of `trailers`.
+    fn trailed(chunks: &[&'static str], trailers: &[(&'static str, &'static str)]) -> Body {
+        let mut map = HeaderMap::new();
+        for (name, value) in trailers {
+            map.insert(*name, HeaderValue::from_static(value));
+        }
+        let frames = chunks
+            .iter()
+            .map(|chunk| Frame::data(Bytes::from_static(chunk.as_bytes())))
+            .chain(std::iter::once(Frame::trailers(map)))
+            .map(Ok::<_, std::io::Error>)
+            .collect::<Vec<_>>();
+        Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+    }
+
+    #[tokio::test]
+    async fn a_response_keeps_its_trailers_after_what_was_read() {
+        let body = trailed(&["ab", "cd"], &[("grpc-status", "0")]);
+        let Collected::Trailed { read, seen } = collect_response(body, 100).await else {
+            panic!("expected the trailers kept");
+        };
+        assert_eq!(seen, 4);
+        let sent = read.into_body().collect().await.unwrap();
+        assert_eq!(sent.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(sent.to_bytes(), "abcd");
+    }
+
+    #[tokio::test]
+    async fn empty_trailers_and_a_request_s_trailers_are_dropped() {
+        let Collected::Complete(bytes) = collect_response(trailed(&["ab"], &[]), 100).await else {
+            panic!("an empty trailers frame carries nothing");
+        };
+        assert_eq!(bytes, "ab");
+        let body = trailed(&["ab"], &[("x-checksum", "1")]);
+        let Collected::Complete(bytes) = collect_bounded(body, 100).await else {
+            panic!("a request's trailers are dropped");
+        };
+        assert_eq!(bytes, "ab");
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use http::response::Parts;
 use http_body::Body as _;
 use tracing::Instrument;
 
-use super::body::{Collected, Framing, collect_bounded, frame_whole, framed, of_unknown_length};
+use super::body::{Collected, Framing, collect_response, frame_whole, framed, of_unknown_length};
 use super::problem::Problem;
 use crate::local::expiry_ms;
 use crate::protocol::{self, Completion, Execution};
@@ -77,7 +77,7 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
     // The server frames a stream of unknown length otherwise than a body of known
     // length: the first answer goes out as the handler's did.
     let streamed = body.size_hint().exact().is_none();
-    let (bytes, framing) = match collect_bounded(body, settings.max_response_bytes).await {
+    let (bytes, framing) = match collect_response(body, settings.max_response_bytes).await {
         Collected::Complete(mut bytes) => {
             // The body is whole now, and goes out with its length: the framing the
             // handler chose for a stream must agree with it (a head that contradicts its
@@ -107,6 +107,14 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
         }
         Collected::TooLarge { read, seen } => {
             tracing::warn!(target: "idem", limit = settings.max_response_bytes, "response too large to store; a retry will be told so and not run again");
+            return match complete_not_stored(execution, parts.status, seen).await {
+                Some(problem) => Answer::Instead(problem),
+                None => Answer::Body(read.into_body()),
+            };
+        }
+        Collected::Trailed { read, seen } => {
+            // A record holds no trailer fields: the client gets them, a retry is told.
+            tracing::warn!(target: "idem", "response with trailer fields; sent as it is, not stored: a retry will be told it was not stored and not run again");
             return match complete_not_stored(execution, parts.status, seen).await {
                 Some(problem) => Answer::Instead(problem),
                 None => Answer::Body(read.into_body()),

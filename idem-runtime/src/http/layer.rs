@@ -164,7 +164,11 @@ where
                         Collected::TooLarge { read, .. } => {
                             (BufferedBody::TooLarge, read.into_body())
                         }
-                        Collected::Failed(read) => (BufferedBody::Failed, read.into_body()),
+                        // A request's trailers are dropped (`collect_bounded`): `Trailed`
+                        // comes from responses only.
+                        Collected::Failed(read) | Collected::Trailed { read, .. } => {
+                            (BufferedBody::Failed, read.into_body())
+                        }
                     };
                     parts.extensions.insert(RequestState::keyed(key, buffered));
                     inner.call(Request::from_parts(parts, body))

@@ -150,7 +150,7 @@ impl Problem {
             Self::RESPONSE_NOT_STORED,
             "Response not stored",
             format!(
-                "A request with this Idempotency-Key was already executed and answered {}, but its response could not be stored for replay (a body of {body_len} bytes or more, more header names than a replay can carry, or a transfer coding other than chunked). It will not be executed again; look up its result instead of retrying.",
+                "A request with this Idempotency-Key was already executed and answered {}, but its response could not be stored for replay (a body of {body_len} bytes or more, more header names than a replay can carry, trailer fields, or a transfer coding other than chunked). It will not be executed again; look up its result instead of retrying.",
                 status.as_u16()
             ),
         )
