@@ -13,6 +13,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "common/wire.rs"]
+mod wire;
 
 /// Three tests of one check: on the memory store's direct path, on the same store
 /// through `dyn Store`, and on Redis.
@@ -58,9 +60,8 @@ use idem_runtime::{
     Scope, ScopedKey,
 };
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{Barrier, Semaphore, mpsc};
+use wire::{Conn, Wire};
 
 // ---------------------------------------------------------------------------------------
 // Independent computations of what idem must produce.
@@ -360,170 +361,6 @@ async fn serve(app: Router) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
-}
-
-#[derive(Debug, Clone)]
-struct Wire {
-    status: u16,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-}
-
-impl Wire {
-    fn all(&self, name: &str) -> Vec<&[u8]> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.as_slice())
-            .collect()
-    }
-
-    fn without(&self, names: &[&str]) -> Vec<(String, Vec<u8>)> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| !names.contains(&n.as_str()))
-            .cloned()
-            .collect()
-    }
-
-    fn is_replay(&self) -> bool {
-        self.all("idempotent-replayed") == [b"true".as_slice()]
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    haystack
-        .get(from..)?
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .map(|p| p + from)
-}
-
-/// One whole response at the start of `buf`, framed as HTTP/1.1 frames it: `None` while
-/// incomplete. Panics on a response that is neither length- nor chunk-framed.
-fn parse(buf: &[u8], head_request: bool) -> Option<(Wire, usize)> {
-    let end = find(buf, b"\r\n\r\n", 0)?;
-    let text = &buf[..end];
-    let mut lines = text
-        .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let status_line = String::from_utf8_lossy(lines.next().unwrap()).into_owned();
-    assert!(
-        status_line.starts_with("HTTP/1.1 "),
-        "status line {status_line:?}"
-    );
-    let status: u16 = status_line[9..12].parse().unwrap();
-    let mut headers = Vec::new();
-    for line in lines {
-        let colon = line.iter().position(|&b| b == b':').expect("a header line");
-        let name = String::from_utf8(line[..colon].to_vec())
-            .unwrap()
-            .to_ascii_lowercase();
-        let mut value = &line[colon + 1..];
-        while let [b' ' | b'\t', rest @ ..] = value {
-            value = rest;
-        }
-        while let [rest @ .., b' ' | b'\t'] = value {
-            value = rest;
-        }
-        headers.push((name, value.to_vec()));
-    }
-    let mut wire = Wire {
-        status,
-        headers,
-        body: Vec::new(),
-    };
-    let start = end + 4;
-    if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
-        return Some((wire, start));
-    }
-    let chunked = wire
-        .all("transfer-encoding")
-        .iter()
-        .any(|v| v.eq_ignore_ascii_case(b"chunked"));
-    if chunked {
-        let mut at = start;
-        loop {
-            let line_end = find(buf, b"\r\n", at)?;
-            let size_text = String::from_utf8_lossy(&buf[at..line_end]).into_owned();
-            let size_text = size_text.split(';').next().unwrap().trim().to_owned();
-            let size = usize::from_str_radix(&size_text, 16)
-                .unwrap_or_else(|_| panic!("chunk size {size_text:?}"));
-            at = line_end + 2;
-            if size == 0 {
-                // No trailers expected.
-                if buf.len() < at + 2 {
-                    return None;
-                }
-                assert_eq!(&buf[at..at + 2], b"\r\n", "end of a chunked body");
-                return Some((wire, at + 2));
-            }
-            if buf.len() < at + size + 2 {
-                return None;
-            }
-            wire.body.extend_from_slice(&buf[at..at + size]);
-            assert_eq!(&buf[at + size..at + size + 2], b"\r\n", "end of a chunk");
-            at += size + 2;
-        }
-    }
-    let lengths = wire.all("content-length");
-    assert_eq!(
-        lengths.len(),
-        1,
-        "a {status} response needs exactly one content-length or chunking: {:?}",
-        wire.headers
-    );
-    let len: usize = std::str::from_utf8(lengths[0]).unwrap().parse().unwrap();
-    if buf.len() < start + len {
-        return None;
-    }
-    wire.body = buf[start..start + len].to_vec();
-    Some((wire, start + len))
-}
-
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    async fn open(addr: SocketAddr) -> Self {
-        Self {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            buf: Vec::new(),
-        }
-    }
-
-    /// Sends `request` and reads exactly one response; what follows it stays buffered
-    /// for the next exchange (so a response longer than its framing says breaks the
-    /// next one).
-    async fn exchange(&mut self, request: &[u8], head_request: bool) -> Wire {
-        self.try_exchange(request, head_request)
-            .await
-            .unwrap_or_else(|error| panic!("{error}"))
-    }
-
-    async fn try_exchange(&mut self, request: &[u8], head_request: bool) -> Result<Wire, String> {
-        self.stream.write_all(request).await.unwrap();
-        loop {
-            if let Some((wire, used)) = parse(&self.buf, head_request) {
-                self.buf.drain(..used);
-                return Ok(wire);
-            }
-            let mut chunk = vec![0; 64 * 1024];
-            let n = tokio::time::timeout(Duration::from_secs(20), self.stream.read(&mut chunk))
-                .await
-                .expect("an answer within 20 s")
-                .unwrap_or(0);
-            if n == 0 {
-                return Err(format!(
-                    "the connection closed before a whole response; got {:?}",
-                    String::from_utf8_lossy(&self.buf[..self.buf.len().min(2000)])
-                ));
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
 }
 
 fn raw_request(method: &str, path: &str, key: Option<&[u8]>, body: &[u8]) -> Vec<u8> {

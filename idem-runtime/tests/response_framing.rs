@@ -17,7 +17,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -28,8 +27,10 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body::Frame;
 use idem_runtime::{HeaderPolicy, Idempotency, Idempotent};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use wire::{Conn, Wire};
+
+#[path = "common/wire.rs"]
+mod wire;
 
 // ---------------------------------------------------------------------------------------
 // A scripted handler.
@@ -144,219 +145,16 @@ async fn serve(idem: &Idempotency, scripts: Arc<Scripts>) -> SocketAddr {
 // A raw HTTP/1.x client.
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, PartialEq)]
-struct Wire {
-    version: String,
-    status: u16,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-    trailers: Vec<(String, Vec<u8>)>,
-    /// The body was delimited by the connection's close.
-    close_delimited: bool,
-}
-
-impl Wire {
-    fn all(&self, name: &str) -> Vec<&[u8]> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.as_slice())
-            .collect()
-    }
-
-    fn is_replay(&self) -> bool {
-        self.all("idempotent-replayed") == [b"true".as_slice()]
-    }
-
-    /// The transfer codings other than `chunked` (what a client must still decode).
-    fn codings(&self) -> Vec<String> {
-        self.all("transfer-encoding")
-            .iter()
-            .flat_map(|v| {
-                String::from_utf8_lossy(v)
-                    .split(',')
-                    .map(|c| c.trim().to_ascii_lowercase())
-                    .collect::<Vec<_>>()
-            })
-            .filter(|c| c != "chunked" && !c.is_empty())
-            .collect()
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    haystack
-        .get(from..)?
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .map(|p| p + from)
-}
-
-fn header_lines(text: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for line in text.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            continue;
-        }
-        let colon = line.iter().position(|&b| b == b':').expect("a header line");
-        let name = String::from_utf8_lossy(&line[..colon]).to_ascii_lowercase();
-        let value = String::from_utf8_lossy(&line[colon + 1..])
-            .trim()
-            .as_bytes()
-            .to_vec();
-        out.push((name, value));
-    }
-    out
-}
-
-/// One whole response at the start of `buf`; `eof` says the peer closed (a body with no
-/// framing ends there).
-fn parse(buf: &[u8], head_request: bool, eof: bool) -> Result<Option<(Wire, usize)>, String> {
-    let Some(end) = find(buf, b"\r\n\r\n", 0) else {
-        return Ok(None);
-    };
-    let text = &buf[..end];
-    let first_line_end = find(text, b"\r\n", 0).unwrap_or(text.len());
-    let status_line = String::from_utf8_lossy(&text[..first_line_end]).into_owned();
-    if !(status_line.starts_with("HTTP/1.1 ") || status_line.starts_with("HTTP/1.0 ")) {
-        return Err(format!("bad status line {status_line:?}"));
-    }
-    let status: u16 = status_line[9..12]
-        .parse()
-        .map_err(|_| format!("bad status line {status_line:?}"))?;
-    let mut wire = Wire {
-        version: status_line[..8].to_owned(),
-        status,
-        headers: header_lines(&text[first_line_end..]),
-        body: Vec::new(),
-        trailers: Vec::new(),
-        close_delimited: false,
-    };
-    let start = end + 4;
-    if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
-        return Ok(Some((wire, start)));
-    }
-    let te = wire
-        .all("transfer-encoding")
-        .iter()
-        .map(|v| String::from_utf8_lossy(v).to_ascii_lowercase())
-        .collect::<Vec<_>>()
-        .join(",");
-    if !te.is_empty() {
-        if te.rsplit(',').next().unwrap().trim() != "chunked" {
-            return Err(format!("transfer-encoding {te:?} does not end in chunked"));
-        }
-        let mut at = start;
-        loop {
-            let Some(line_end) = find(buf, b"\r\n", at) else {
-                return Ok(None);
-            };
-            let size_text = String::from_utf8_lossy(&buf[at..line_end]).into_owned();
-            let size_text = size_text.split(';').next().unwrap().trim().to_owned();
-            let size = usize::from_str_radix(&size_text, 16)
-                .map_err(|_| format!("chunk size {size_text:?}"))?;
-            at = line_end + 2;
-            if size == 0 {
-                // Trailers, up to an empty line.
-                let Some(trailer_end) = find(buf, b"\r\n", at) else {
-                    return Ok(None);
-                };
-                if trailer_end == at {
-                    return Ok(Some((wire, at + 2)));
-                }
-                let Some(trailer_end) = find(buf, b"\r\n\r\n", at) else {
-                    return Ok(None);
-                };
-                wire.trailers = header_lines(&buf[at..trailer_end]);
-                return Ok(Some((wire, trailer_end + 4)));
-            }
-            if buf.len() < at + size + 2 {
-                return Ok(None);
-            }
-            wire.body.extend_from_slice(&buf[at..at + size]);
-            if &buf[at + size..at + size + 2] != b"\r\n" {
-                return Err("bad end of a chunk".to_owned());
-            }
-            at += size + 2;
-        }
-    }
-    let lengths = wire.all("content-length");
-    if lengths.is_empty() {
-        if !eof {
-            return Ok(None);
-        }
-        wire.body = buf[start..].to_vec();
-        wire.close_delimited = true;
-        return Ok(Some((wire, buf.len())));
-    }
-    let len: usize = std::str::from_utf8(lengths[0])
-        .unwrap()
-        .parse()
-        .map_err(|_| format!("content-length {:?}", lengths))?;
-    if buf.len() < start + len {
-        return Ok(None);
-    }
-    wire.body = buf[start..start + len].to_vec();
-    Ok(Some((wire, start + len)))
-}
-
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    eof: bool,
-}
-
-impl Conn {
-    async fn open(addr: SocketAddr) -> Self {
-        Self {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            buf: Vec::new(),
-            eof: false,
-        }
-    }
-
-    async fn exchange(&mut self, request: &[u8], head_request: bool) -> Result<Wire, String> {
-        if self.eof {
-            return Err("the connection was already closed".to_owned());
-        }
-        self.stream
-            .write_all(request)
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        loop {
-            if let Some((wire, used)) = parse(&self.buf, head_request, self.eof)? {
-                self.buf.drain(..used);
-                return Ok(wire);
-            }
-            if self.eof {
-                return Err(format!(
-                    "the connection closed before a whole response; got {:?}",
-                    String::from_utf8_lossy(&self.buf[..self.buf.len().min(600)])
-                ));
-            }
-            let mut chunk = vec![0; 64 * 1024];
-            let n = tokio::time::timeout(Duration::from_secs(20), self.stream.read(&mut chunk))
-                .await
-                .expect("an answer within 20 s")
-                .unwrap_or(0);
-            if n == 0 {
-                self.eof = true;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    /// Whether the connection still answers a plain request correctly (nothing left over
-    /// from the previous response).
-    async fn ping(&mut self) -> Result<(), String> {
-        let wire = self
-            .exchange(b"GET /ping HTTP/1.1\r\nhost: test\r\n\r\n", false)
-            .await?;
-        if wire.status == 200 && wire.body == b"pong" {
-            Ok(())
-        } else {
-            Err(format!("ping answered {wire:?}"))
-        }
+/// Whether the connection still answers a plain request correctly (nothing left over
+/// from the previous response).
+async fn ping_on(conn: &mut Conn) -> Result<(), String> {
+    let wire = conn
+        .try_exchange(b"GET /ping HTTP/1.1\r\nhost: test\r\n\r\n", false)
+        .await?;
+    if wire.status == 200 && wire.body == b"pong" {
+        Ok(())
+    } else {
+        Err(format!("ping answered {wire:?}"))
     }
 }
 
@@ -416,9 +214,9 @@ async fn one(
     ping: bool,
 ) -> (Result<Wire, String>, Result<(), String>) {
     let mut conn = Conn::open(addr).await;
-    let answer = conn.exchange(request, head).await;
+    let answer = conn.try_exchange(request, head).await;
     let pinged = if ping {
-        conn.ping().await
+        ping_on(&mut conn).await
     } else {
         Err("not pinged".to_owned())
     };
