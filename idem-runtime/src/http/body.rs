@@ -79,7 +79,7 @@ impl Collecting {
     /// What was read, `trailers`, and the rest of the body, taken out.
     fn take_trailed(&mut self, trailers: HeaderMap) -> PrefixedBody {
         let mut read = self.take_prefixed();
-        read.trailers = Some(trailers);
+        read.trailers = Some(Box::new(trailers));
         read
     }
 
@@ -162,7 +162,8 @@ impl Future for Collecting {
 /// they came from.
 pub(crate) struct PrefixedBody {
     prefix: VecDeque<Bytes>,
-    trailers: Option<HeaderMap>,
+    /// Boxed: a rare field, which would otherwise make every future holding a body larger.
+    trailers: Option<Box<HeaderMap>>,
     rest: Body,
 }
 
@@ -192,7 +193,7 @@ impl http_body::Body for PrefixedBody {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if let Some(trailers) = self.trailers.take() {
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
         }
         Pin::new(&mut self.rest).poll_frame(cx)
     }
