@@ -1,11 +1,9 @@
 //! The Redis (and Valkey) store.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
@@ -54,9 +52,8 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 ///
 /// Every step is one round trip: `begin` is a single `SET NX GET`, the others are Lua
 /// scripts run by `EVALSHA` (loaded when the store connects, and again by itself after a
-/// server restart). The connection is multiplexed and shared by all requests; it
-/// reconnects by itself after the server goes away, and on one server a connection on
-/// which a step timed out is replaced, so that one gone silent is not used for good.
+/// server restart). The connection is multiplexed and shared by all requests, and it
+/// reconnects by itself after the server goes away.
 ///
 /// On a cluster, one record is one key, so no step ever spans two hash slots; the cluster
 /// client routes each step to the master that owns its key and follows resharding.
@@ -72,6 +69,17 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 /// a business rule there that refuses the repeat (the example payments app's UNIQUE
 /// constraint on `payments.order_id`). `WAIT`-based replication would narrow the window
 /// at the cost of a round trip per request.
+///
+/// # A connection gone silent
+///
+/// A step on a connection that stops answering fails with [`StoreError::Timeout`], and
+/// the connection stays in use: idem does not open another beside it, because a step
+/// still queued on the old one could land after later steps sent on the new one (a claim
+/// after its release, a completion after the renewal that followed it). The client
+/// reconnects when the connection fails; one whose peer stopped acknowledging is failed by
+/// the operating system's TCP retransmission limits. A peer that acknowledges and never
+/// answers (a stopped process, a proxy that lost its backend) holds every keyed request
+/// at `503` until it answers again or the connection closes.
 ///
 /// # Eviction
 ///
@@ -119,75 +127,28 @@ const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
 
 #[derive(Clone)]
 enum Connection {
-    Server(Arc<Server>),
+    Server(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
-/// The connection to one server, replaced by a new one after a step timed out on it.
+/// Connects to one server within `connection_timeout`, the client's retries included.
 ///
-/// The client reconnects only on an error. A connection whose peer went silent (a host
-/// frozen or gone without closing it, a failover behind the same address, a firewall
-/// that forgot it) raises none: every step would time out on it for good. A step that
-/// times out starts a new connection beside it, and steps move to it once it answers.
-struct Server {
-    current: ArcSwap<ConnectionManager>,
+/// The connection is never replaced by idem, only by the client after an error: a step
+/// sent on it may still land after its timeout, and idem's late releases of a claim, and
+/// its reading of a completion that timed out, rely on every later step landing after it.
+/// A connection whose peer goes silent without an error stays in use until TCP gives it
+/// up (see [`RedisStore`]).
+async fn connect_server(
     client: Client,
     config: ConnectionManagerConfig,
     connection_timeout: Duration,
-    /// Set while a new connection is being made.
-    replacing: AtomicBool,
-}
-
-impl Server {
-    /// Connects to the server, within `connection_timeout`, retries included.
-    async fn connect(
-        client: &Client,
-        config: &ConnectionManagerConfig,
-        connection_timeout: Duration,
-    ) -> redis::RedisResult<ConnectionManager> {
-        tokio::time::timeout(
-            connection_timeout,
-            ConnectionManager::new_with_config(client.clone(), config.clone()),
-        )
-        .await
-        .unwrap_or_else(|elapsed| Err(std::io::Error::from(elapsed).into()))
-    }
-
-    /// The connection steps are sent on now.
-    fn connection(&self) -> ConnectionManager {
-        ConnectionManager::clone(&self.current.load())
-    }
-
-    /// Makes a new connection in the background and moves steps to it once it answers,
-    /// unless one is being made already.
-    fn replace(self: &Arc<Self>) {
-        if self.replacing.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        // Cleared however the task ends, its runtime shutting down before it ran included.
-        let replacing = Replacing(self.clone());
-        tokio::spawn(async move {
-            let server = &replacing.0;
-            match Server::connect(&server.client, &server.config, server.connection_timeout).await {
-                Ok(fresh) => {
-                    server.current.store(Arc::new(fresh));
-                    tracing::info!(target: "idem", "a Redis step timed out; its steps now go on a new connection");
-                }
-                Err(error) => {
-                    tracing::warn!(target: "idem", %error, "a Redis step timed out, and a new connection could not be made; the next timeout tries again");
-                }
-            }
-        });
-    }
-}
-
-/// A replacement of a server's connection under way, until dropped.
-struct Replacing(Arc<Server>);
-
-impl Drop for Replacing {
-    fn drop(&mut self) {
-        self.0.replacing.store(false, Ordering::Release);
-    }
+) -> redis::RedisResult<ConnectionManager> {
+    tokio::time::timeout(
+        connection_timeout,
+        ConnectionManager::new_with_config(client, config),
+    )
+    .await
+    .unwrap_or_else(|elapsed| Err(std::io::Error::from(elapsed).into()))
 }
 
 /// Sets up a [`RedisStore`].
@@ -285,16 +246,11 @@ impl RedisStoreBuilder {
                     .set_response_timeout(None)
                     .set_connection_timeout(Some(self.connection_timeout))
                     .set_max_delay(Duration::from_secs(2));
-                let connection = Server::connect(&client, &config, self.connection_timeout)
-                    .await
-                    .map_err(ConnectError::Redis)?;
-                Connection::Server(Arc::new(Server {
-                    current: ArcSwap::from_pointee(connection),
-                    client,
-                    config,
-                    connection_timeout: self.connection_timeout,
-                    replacing: AtomicBool::new(false),
-                }))
+                Connection::Server(
+                    connect_server(client, config, self.connection_timeout)
+                        .await
+                        .map_err(ConnectError::Redis)?,
+                )
             }
             Nodes::Cluster(urls) => {
                 #[allow(unused_mut)]
@@ -322,7 +278,7 @@ impl RedisStoreBuilder {
             let load = script.prepare_invoke();
             let loading = async {
                 match &mut connection {
-                    Connection::Server(server) => load.load_async(&mut server.connection()).await,
+                    Connection::Server(c) => load.load_async(c).await,
                     Connection::Cluster(c) => load.load_async(c).await,
                 }
             };
@@ -497,8 +453,7 @@ impl RedisStore {
     }
 
     /// `step`, failed with [`StoreError::Timeout`] when it outlives the response timeout
-    /// (on one server, whose connection is then replaced; a cluster's client times each
-    /// command itself).
+    /// (on one server; a cluster's client times each command itself).
     async fn bounded<T>(
         &self,
         step: impl Future<Output = Result<T, StoreError>>,
@@ -506,13 +461,9 @@ impl RedisStore {
         let Some(limit) = self.step_timeout else {
             return step.await;
         };
-        let answer = tokio::time::timeout(limit, step).await;
-        answer.unwrap_or_else(|_| {
-            if let Connection::Server(server) = &self.connection {
-                server.replace();
-            }
-            Err(StoreError::Timeout(limit))
-        })
+        tokio::time::timeout(limit, step)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(limit)))
     }
 
     async fn run<T: redis::FromRedisValue>(&self, command: Command) -> Result<T, StoreError> {
@@ -541,7 +492,7 @@ impl RedisStore {
 
     async fn send<T: redis::FromRedisValue>(&self, command: &Command) -> redis::RedisResult<T> {
         match &self.connection {
-            Connection::Server(server) => command.run(&mut server.connection()).await,
+            Connection::Server(c) => command.run(&mut c.clone()).await,
             Connection::Cluster(c) => command.run(&mut c.clone()).await,
         }
     }
