@@ -131,7 +131,10 @@ enum Connection {
     Cluster(ClusterConnection),
 }
 
-/// Connects to one server within `connection_timeout`, the client's retries included.
+/// Connects to one server: one attempt first, within `connection_timeout`, so that an
+/// error no retry mends (a wrong password, a refused TLS handshake) is reported as it is,
+/// then the connection idem keeps, within `connection_timeout` again, the client's own
+/// retries included.
 ///
 /// The connection is never replaced by idem, only by the client after an error: a step
 /// sent on it may still land after its timeout, and idem's late releases of a claim, and
@@ -143,6 +146,14 @@ async fn connect_server(
     config: ConnectionManagerConfig,
     connection_timeout: Duration,
 ) -> redis::RedisResult<ConnectionManager> {
+    let attempt = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connection_timeout))
+        .set_response_timeout(Some(connection_timeout));
+    drop(
+        client
+            .get_multiplexed_async_connection_with_config(&attempt)
+            .await?,
+    );
     tokio::time::timeout(
         connection_timeout,
         ConnectionManager::new_with_config(client, config),
