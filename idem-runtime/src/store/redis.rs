@@ -5,6 +5,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -465,16 +467,20 @@ impl RedisStore {
 
     /// `step`, failed with [`StoreError::Timeout`] when it outlives the response timeout
     /// (on one server; a cluster's client times each command itself).
-    async fn bounded<T>(
+    ///
+    /// Not an `async fn`: one would hold `step` and the timer wrapping it side by side,
+    /// doubling what each step boxes.
+    fn bounded<'a, T: 'a>(
         &self,
-        step: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        let Some(limit) = self.step_timeout else {
-            return step.await;
-        };
-        tokio::time::timeout(limit, step)
-            .await
-            .unwrap_or(Err(StoreError::Timeout(limit)))
+        step: impl Future<Output = Result<T, StoreError>> + 'a,
+    ) -> impl Future<Output = Result<T, StoreError>> + 'a {
+        match self.step_timeout {
+            None => Either::Left(step),
+            Some(limit) => Either::Right(
+                tokio::time::timeout(limit, step)
+                    .map(move |timed| timed.unwrap_or(Err(StoreError::Timeout(limit)))),
+            ),
+        }
     }
 
     async fn run<T: redis::FromRedisValue>(&self, command: Command) -> Result<T, StoreError> {
