@@ -917,6 +917,74 @@ async fn a_store_timeout_shorter_than_the_response_timeout_bounds_the_step() {
     assert_eq!(counters.runs(), 0);
 }
 
+/// A step's timer starts when the step is first polled: a `begin` made, then awaited
+/// after longer than the response timeout, on a server that answers, takes its claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_awaited_late_is_timed_from_its_first_poll() {
+    let limit = Duration::from_millis(300);
+    let server = RedisServer::start();
+    let store = RedisStore::builder(server.url())
+        .prefix("late:")
+        .response_timeout(limit)
+        .connect()
+        .await
+        .unwrap();
+    let a = Bytes::from_static(b"claim a");
+    let step = store.begin("k", &a, Duration::from_secs(30));
+    // The delay is what this test is about: longer than the response timeout.
+    tokio::time::sleep(limit + Duration::from_millis(200)).await;
+    let answer = step.await;
+    assert!(matches!(answer, Ok(None)), "{answer:?}");
+    let mut admin = redis_connection(&server.url()).await;
+    assert_eq!(
+        get(&mut admin, "late:k").await.as_deref(),
+        Some(&b"claim a"[..])
+    );
+}
+
+/// Making a step needs no runtime, only polling it does; and its timer is armed on the
+/// runtime that polls it, so a step made while an idle runtime was current still times
+/// out on a stalled server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_made_outside_the_runtime_polling_it_is_bounded_by_that_runtime() {
+    let limit = Duration::from_millis(300);
+    let server = RedisServer::start();
+    let store: &'static RedisStore = Box::leak(Box::new(
+        RedisStore::builder(server.url())
+            .prefix("made:")
+            .response_timeout(limit)
+            .connection_timeout(limit)
+            .connect()
+            .await
+            .unwrap(),
+    ));
+    let a: &'static Bytes = Box::leak(Box::new(Bytes::from_static(b"claim a")));
+
+    let made = std::thread::spawn(move || store.ping()).join();
+    let ping = made.unwrap_or_else(|_| panic!("making a step outside a runtime panicked"));
+    ping.await.unwrap();
+
+    let idle = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let step = {
+        let _entered = idle.enter();
+        store.begin("k", a, Duration::from_secs(30))
+    };
+    server.pause();
+    let answer = tokio::time::timeout(Duration::from_secs(5), step).await;
+    server.resume();
+    tokio::task::spawn_blocking(move || drop(idle))
+        .await
+        .unwrap();
+    let answer = answer.expect("the step on a stalled server was still unanswered after 5 s");
+    assert!(
+        matches!(answer, Err(StoreError::Timeout(took)) if took == limit),
+        "{answer:?}"
+    );
+}
+
 // ---------------------------------------------------------------- HTTP
 
 async fn bin(idem: Idempotent, State(counters): State<AppState>, body: String) -> Response {

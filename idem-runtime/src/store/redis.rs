@@ -1,16 +1,19 @@
 //! The Redis (and Valkey) store.
 
 use std::fmt;
+use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use futures_util::future::Either;
+use pin_project_lite::pin_project;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, Script};
+use tokio::time::Sleep;
 
 use super::contract::{BoxFuture, ConnectError, Store, StoreError};
 
@@ -467,19 +470,17 @@ impl RedisStore {
 
     /// `step`, failed with [`StoreError::Timeout`] when it outlives the response timeout
     /// (on one server; a cluster's client times each command itself).
-    ///
-    /// Not an `async fn`: one would hold `step` and the timer wrapping it side by side,
-    /// doubling what each step boxes.
-    fn bounded<'a, T: 'a>(
+    fn bounded<T>(
         &self,
-        step: impl Future<Output = Result<T, StoreError>> + 'a,
-    ) -> impl Future<Output = Result<T, StoreError>> + 'a {
+        step: impl Future<Output = Result<T, StoreError>>,
+    ) -> impl Future<Output = Result<T, StoreError>> {
         match self.step_timeout {
             None => Either::Left(step),
-            Some(limit) => Either::Right(
-                tokio::time::timeout(limit, step)
-                    .map(move |timed| timed.unwrap_or(Err(StoreError::Timeout(limit)))),
-            ),
+            Some(limit) => Either::Right(Bounded {
+                step,
+                limit,
+                timer: None,
+            }),
         }
     }
 
@@ -677,6 +678,39 @@ fn collect_policy_lines(text: &str, out: &mut Vec<String>) {
 fn millis(duration: Duration) -> u64 {
     const MAX: u64 = i64::MAX as u64 / 2;
     u64::try_from(duration.as_millis()).map_or(MAX, |ms| ms.clamp(1, MAX))
+}
+
+pin_project! {
+    /// A store step failed with [`StoreError::Timeout`] once it has waited `limit` for its
+    /// answer. The timer is armed when the step first waits, on the runtime polling it: a
+    /// step made and awaited later is timed from then, and making one needs no runtime.
+    /// (An `async fn` around `tokio::time::timeout` would hold the step twice, before and
+    /// inside the timeout, doubling what each step boxes.)
+    struct Bounded<F> {
+        #[pin]
+        step: F,
+        limit: Duration,
+        #[pin]
+        timer: Option<Sleep>,
+    }
+}
+
+impl<T, F: Future<Output = Result<T, StoreError>>> Future for Bounded<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(answer) = this.step.poll(cx) {
+            return Poll::Ready(answer);
+        }
+        if this.timer.is_none() {
+            this.timer.set(Some(tokio::time::sleep(*this.limit)));
+        }
+        match this.timer.as_pin_mut().map(|timer| timer.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(StoreError::Timeout(*this.limit))),
+            _ => Poll::Pending,
+        }
+    }
 }
 
 impl Store for RedisStore {
