@@ -21,7 +21,7 @@ use axum::routing::post;
 use bytes::Bytes;
 use common::{AppState, Counters, post_with, send};
 use idem_runtime::store::{BoxFuture, RedisStore, Store, StoreError};
-use idem_runtime::{Idempotency, Idempotent, Problem};
+use idem_runtime::{Idempotency, IdempotencyBuilder, Idempotent, Problem};
 use testkit::RedisServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -56,6 +56,40 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
+}
+
+/// idem on `store`, with a store timeout far past the store's response timeout: what
+/// these tests see bounded, the store bounds.
+fn idem_on(store: impl Store) -> IdempotencyBuilder {
+    Idempotency::builder()
+        .store(store)
+        .shared_scope(true)
+        .store_timeout(Duration::from_secs(60))
+}
+
+/// A keyed request to the gated route `path` whose handler runs, then finishes while the
+/// server stands still: its answer, and how long it took after the handler finished.
+async fn finished_on_a_stalled_server(
+    router: &Router,
+    counters: &Arc<Counters>,
+    server: &RedisServer,
+    path: &'static str,
+) -> (common::Answer, Duration) {
+    let first = tokio::spawn({
+        let router = router.clone();
+        async move { send(&router, post_with(path, Some("k"), "")).await }
+    });
+    assert!(until_async(Duration::from_secs(10), || async { counters.runs() == 1 }).await);
+    server.pause();
+    let started = Instant::now();
+    counters.gate.notify_one();
+    let answer = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("the request was held past 20 s on a stalled server")
+        .unwrap();
+    let took = started.elapsed();
+    server.resume();
+    (answer, took)
 }
 
 fn x_run(answer: &common::Answer) -> Option<String> {
@@ -193,11 +227,8 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, state: Arc<ProxyStat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_begin_answers_within_the_response_timeout() {
     let server = RedisServer::start();
-    let idem = Idempotency::builder()
-        .store(store_on(&server.url(), &prefix("g1b"), Duration::from_millis(300)).await)
-        .shared_scope(true)
-        .store_timeout(Duration::from_secs(60))
-        .build();
+    let idem =
+        idem_on(store_on(&server.url(), &prefix("g1b"), Duration::from_millis(300)).await).build();
     let router = app(&idem, Arc::new(Counters::default()));
     server.pause();
     let started = Instant::now();
@@ -213,27 +244,11 @@ async fn stalled_begin_answers_within_the_response_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_completion_answers_in_bounded_time_and_replays_after() {
     let server = RedisServer::start();
-    let idem = Idempotency::builder()
-        .store(store_on(&server.url(), &prefix("g1c"), Duration::from_millis(300)).await)
-        .shared_scope(true)
-        .store_timeout(Duration::from_secs(60))
-        .build();
+    let idem =
+        idem_on(store_on(&server.url(), &prefix("g1c"), Duration::from_millis(300)).await).build();
     let counters = Arc::new(Counters::default());
     let router = app(&idem, counters.clone());
-    let first = tokio::spawn({
-        let router = router.clone();
-        async move { send(&router, post_with("/gated", Some("k"), "")).await }
-    });
-    assert!(until_async(Duration::from_secs(10), || async { counters.runs() == 1 }).await);
-    server.pause();
-    let started = Instant::now();
-    counters.gate.notify_one();
-    let answer = tokio::time::timeout(Duration::from_secs(20), first)
-        .await
-        .expect("the stalled completion holds the request unboundedly")
-        .unwrap();
-    let took = started.elapsed();
-    server.resume();
+    let (answer, took) = finished_on_a_stalled_server(&router, &counters, &server, "/gated").await;
     assert!(
         took < Duration::from_secs(2),
         "answered after {took:?}: {answer:?}"
@@ -258,11 +273,8 @@ async fn stalled_completion_answers_in_bounded_time_and_replays_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_renewals_do_not_hold_the_request() {
     let server = RedisServer::start();
-    let idem = Idempotency::builder()
-        .store(store_on(&server.url(), &prefix("g1r"), Duration::from_millis(200)).await)
-        .shared_scope(true)
+    let idem = idem_on(store_on(&server.url(), &prefix("g1r"), Duration::from_millis(200)).await)
         .lease(Duration::from_millis(600))
-        .store_timeout(Duration::from_secs(60))
         .build();
     let counters = Arc::new(Counters::default());
     let router = app(&idem, counters.clone());
@@ -292,27 +304,12 @@ async fn stalled_renewals_do_not_hold_the_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_of_a_5xx_on_a_stalled_server_is_bounded_and_frees_the_key() {
     let server = RedisServer::start();
-    let idem = Idempotency::builder()
-        .store(store_on(&server.url(), &prefix("g1f"), Duration::from_millis(300)).await)
-        .shared_scope(true)
-        .store_timeout(Duration::from_secs(60))
-        .build();
+    let idem =
+        idem_on(store_on(&server.url(), &prefix("g1f"), Duration::from_millis(300)).await).build();
     let counters = Arc::new(Counters::default());
     let router = app(&idem, counters.clone());
-    let first = tokio::spawn({
-        let router = router.clone();
-        async move { send(&router, post_with("/gated500", Some("k"), "")).await }
-    });
-    assert!(until_async(Duration::from_secs(10), || async { counters.runs() == 1 }).await);
-    server.pause();
-    let started = Instant::now();
-    counters.gate.notify_one();
-    let answer = tokio::time::timeout(Duration::from_secs(20), first)
-        .await
-        .expect("a stalled release holds the request unboundedly")
-        .unwrap();
-    let took = started.elapsed();
-    server.resume();
+    let (answer, took) =
+        finished_on_a_stalled_server(&router, &counters, &server, "/gated500").await;
     assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(took < Duration::from_secs(2), "answered after {took:?}");
     // The key is free again: a retry runs (and waits on the gate).
@@ -337,11 +334,8 @@ async fn release_of_a_5xx_on_a_stalled_server_is_bounded_and_frees_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_on_drop_settles_in_bounded_time() {
     let server = RedisServer::start();
-    let idem = Idempotency::builder()
-        .store(store_on(&server.url(), &prefix("g1d"), Duration::from_millis(300)).await)
-        .shared_scope(true)
-        .store_timeout(Duration::from_secs(60))
-        .build();
+    let idem =
+        idem_on(store_on(&server.url(), &prefix("g1d"), Duration::from_millis(300)).await).build();
     let router = app(&idem, Arc::new(Counters::default()));
     server.pause();
     for i in 0..5 {
@@ -397,11 +391,8 @@ async fn ready_on_a_stalled_server_fails_within_the_response_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_and_restart_answer_in_bounded_time_then_serve() {
     let mut server = RedisServer::start();
-    let idem = Idempotency::builder()
-        .store(store_on(&server.url(), &prefix("g1k"), Duration::from_millis(300)).await)
-        .shared_scope(true)
-        .store_timeout(Duration::from_secs(60))
-        .build();
+    let idem =
+        idem_on(store_on(&server.url(), &prefix("g1k"), Duration::from_millis(300)).await).build();
     let counters = Arc::new(Counters::default());
     let router = app(&idem, counters.clone());
     assert_eq!(
@@ -511,11 +502,8 @@ async fn connect_stalled_at_each_of_its_steps_fails_in_bounded_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_that_land_late_never_run_twice() {
     let server = RedisServer::start();
-    let idem = Idempotency::builder()
-        .store(store_on(&server.url(), &prefix("g2"), Duration::from_millis(250)).await)
-        .shared_scope(true)
-        .store_timeout(Duration::from_secs(60))
-        .build();
+    let idem =
+        idem_on(store_on(&server.url(), &prefix("g2"), Duration::from_millis(250)).await).build();
     let counters = Arc::new(Counters::default());
     let router = app(&idem, counters.clone());
     server.pause();
@@ -565,11 +553,8 @@ async fn claims_that_land_late_never_run_twice() {
 async fn a_stall_longer_than_the_lease_leaves_no_ghost_claim() {
     let server = RedisServer::start();
     let lease = Duration::from_secs(4);
-    let idem = Idempotency::builder()
-        .store(store_on(&server.url(), &prefix("g2l"), Duration::from_millis(250)).await)
-        .shared_scope(true)
+    let idem = idem_on(store_on(&server.url(), &prefix("g2l"), Duration::from_millis(250)).await)
         .lease(lease)
-        .store_timeout(Duration::from_secs(60))
         .build();
     let counters = Arc::new(Counters::default());
     let router = app(&idem, counters.clone());
@@ -601,11 +586,7 @@ async fn a_stall_longer_than_the_lease_leaves_no_ghost_claim() {
 async fn proxied_idem(server: &RedisServer, test: &str) -> (RedisProxy, Idempotency) {
     let proxy = RedisProxy::start(server.port()).await;
     let store = store_on(&proxy.url, &prefix(test), Duration::from_millis(500)).await;
-    let idem = Idempotency::builder()
-        .store(store)
-        .shared_scope(true)
-        .store_timeout(Duration::from_secs(60))
-        .build();
+    let idem = idem_on(store).build();
     (proxy, idem)
 }
 
@@ -667,12 +648,7 @@ async fn renewal_applied_twice_keeps_the_lease() {
     let server = RedisServer::start();
     let proxy = RedisProxy::start(server.port()).await;
     let store = store_on(&proxy.url, &prefix("g3n"), Duration::from_millis(500)).await;
-    let idem = Idempotency::builder()
-        .store(store)
-        .shared_scope(true)
-        .lease(Duration::from_millis(900))
-        .store_timeout(Duration::from_secs(60))
-        .build();
+    let idem = idem_on(store).lease(Duration::from_millis(900)).build();
     let counters = Arc::new(Counters::default());
     let router = app(&idem, counters.clone());
     // EVALSHA sha 1 key claim millis: a renewal.
@@ -808,11 +784,8 @@ async fn a_replaced_store_does_not_keep_the_first_ones_bound() {
 async fn many_requests_on_a_stalled_connection_stay_bounded() {
     let server = RedisServer::start();
     let prefix = prefix("g5");
-    let idem = Idempotency::builder()
-        .store(store_on(&server.url(), &prefix, Duration::from_millis(100)).await)
-        .shared_scope(true)
+    let idem = idem_on(store_on(&server.url(), &prefix, Duration::from_millis(100)).await)
         .lease(Duration::from_secs(3))
-        .store_timeout(Duration::from_secs(60))
         .build();
     let router = app(&idem, Arc::new(Counters::default()));
     let metrics = tokio::runtime::Handle::current().metrics();
@@ -882,11 +855,7 @@ async fn a_stalled_cluster_answers_in_bounded_time_and_frees_the_key() {
         .connect()
         .await
         .unwrap();
-    let idem = Idempotency::builder()
-        .store(store)
-        .shared_scope(true)
-        .store_timeout(Duration::from_secs(60))
-        .build();
+    let idem = idem_on(store).build();
     let counters = Arc::new(Counters::default());
     let router = app(&idem, counters.clone());
     assert_eq!(
@@ -933,12 +902,7 @@ async fn a_stalled_cluster_answers_in_bounded_time_and_frees_the_key() {
 async fn a_flapping_server_is_served_after_it_settles() {
     let server = RedisServer::start();
     let store = store_on(&server.url(), &prefix("flap"), Duration::from_millis(150)).await;
-    let idem = Idempotency::builder()
-        .store(store)
-        .shared_scope(true)
-        .lease(Duration::from_secs(1))
-        .store_timeout(Duration::from_secs(60))
-        .build();
+    let idem = idem_on(store).lease(Duration::from_secs(1)).build();
     let counters = Arc::new(Counters::default());
     let router = common::app(&idem, counters.clone());
     for i in 0..8 {
