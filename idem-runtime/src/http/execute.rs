@@ -87,10 +87,8 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
             if let Framing::Coded = framing {
                 tracing::warn!(target: "idem", "response with a transfer coding other than chunked; sent as it is, not stored: a retry will be told it was not stored and not run again");
                 let len = bytes.len() as u64;
-                return match complete_not_stored(execution, parts.status, len).await {
-                    Some(problem) => Answer::Instead(problem),
-                    None => Answer::Body(of_unknown_length(bytes)),
-                };
+                let body = of_unknown_length(bytes);
+                return complete_not_stored(execution, parts.status, len, Some(body)).await;
             }
             // A replay adds its mark, and the body's length where the headers give none:
             // a header map without room for both could not be replayed.
@@ -99,33 +97,24 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
             } else {
                 tracing::warn!(target: "idem", names = parts.headers.keys_len(), "response has too many header names to replay; a retry will be told it was not stored and not run again");
                 let len = bytes.len() as u64;
-                return match complete_not_stored(execution, parts.status, len).await {
-                    Some(problem) => Answer::Instead(problem),
-                    None => Answer::Body(framed(bytes, &framing)),
-                };
+                let body = framed(bytes, &framing);
+                return complete_not_stored(execution, parts.status, len, Some(body)).await;
             }
         }
         Collected::TooLarge { read, seen } => {
             tracing::warn!(target: "idem", limit = settings.max_response_bytes, "response too large to store; a retry will be told so and not run again");
-            return match complete_not_stored(execution, parts.status, seen).await {
-                Some(problem) => Answer::Instead(problem),
-                None => Answer::Body(read.into_body()),
-            };
+            let body = Some(read.into_body());
+            return complete_not_stored(execution, parts.status, seen, body).await;
         }
         Collected::Trailed { read, seen } => {
             // A record holds no trailer fields: the client gets them, a retry is told.
             tracing::warn!(target: "idem", "response with trailer fields; sent as it is, not stored: a retry will be told it was not stored and not run again");
-            return match complete_not_stored(execution, parts.status, seen).await {
-                Some(problem) => Answer::Instead(problem),
-                None => Answer::Body(read.into_body()),
-            };
+            let body = Some(read.into_body());
+            return complete_not_stored(execution, parts.status, seen, body).await;
         }
         Collected::Failed(_) => {
             tracing::warn!(target: "idem", "response body failed; a retry will be told the response was not stored");
-            let problem = complete_not_stored(execution, parts.status, 0).await;
-            return Answer::Instead(
-                problem.unwrap_or_else(|| Problem::response_lost(parts.status).into_response()),
-            );
+            return complete_not_stored(execution, parts.status, 0, None).await;
         }
     };
     let kept = || {
@@ -156,19 +145,25 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
 }
 
 /// Records that the request ran and answered `status` with a body of `body_len` bytes,
-/// which was not stored; the problem to answer instead of the response, if any (see
+/// which was not stored, and answers `body` (with none, that the response was lost);
+/// or the problem to answer instead, where the record could not be made (see
 /// [`undone`]). Borrows the execution, and is boxed: a response that cannot be stored is
 /// rare, and [`store_response`]'s future holds no room for this one.
 fn complete_not_stored(
     execution: &mut Execution,
     status: StatusCode,
     body_len: u64,
-) -> BoxFuture<'_, Option<Response>> {
+    body: Option<Body>,
+) -> BoxFuture<'_, Answer> {
     Box::pin(async move {
         let record = not_stored(execution, status, body_len);
         let transactional = execution.in_transaction();
         let completion = execution.complete(record.clone(), record).await;
-        undone(transactional, completion, execution)
+        match (undone(transactional, completion, execution), body) {
+            (Some(problem), _) => Answer::Instead(problem),
+            (None, Some(body)) => Answer::Body(body),
+            (None, None) => Answer::Instead(Problem::response_lost(status).into_response()),
+        }
     })
 }
 
