@@ -484,6 +484,24 @@ impl RedisStore {
         }
     }
 
+    /// What a `begin` the server refused at its `maxmemory` finds under `key`: the record
+    /// there, or [`StoreError::Full`] for a key that holds nothing.
+    async fn read_refused_claim(
+        &self,
+        key: StoreKey<'_>,
+        refusal: redis::RedisError,
+    ) -> Result<Option<Bytes>, StoreError> {
+        let found: Option<Bytes> = self
+            .run(Command::Plain(redis::cmd("GET").arg(key).to_owned()))
+            .await?;
+        match found {
+            Some(found) => Ok(Some(found)),
+            None => Err(StoreError::Full(format!(
+                "Redis is at its maxmemory and cannot take a new claim: {refusal}"
+            ))),
+        }
+    }
+
     async fn run<T: redis::FromRedisValue>(&self, command: Command) -> Result<T, StoreError> {
         self.run_raw(command).await.map_err(StoreError::backend)
     }
@@ -735,16 +753,9 @@ impl Store for RedisStore {
                 Ok(found) => Ok(found),
                 // At its `maxmemory` the server refuses the `SET` even where the key holds
                 // a record: read it, so a completed request is replayed, never run again.
+                // Boxed: every other claim's future should not hold room for this read.
                 Err(error) if error.code() == Some("OOM") => {
-                    let found: Option<Bytes> = self
-                        .run(Command::Plain(redis::cmd("GET").arg(key).to_owned()))
-                        .await?;
-                    match found {
-                        Some(found) => Ok(Some(found)),
-                        None => Err(StoreError::Full(format!(
-                            "Redis is at its maxmemory and cannot take a new claim: {error}"
-                        ))),
-                    }
+                    Box::pin(self.read_refused_claim(key, error)).await
                 }
                 Err(error) => Err(StoreError::backend(error)),
             }
