@@ -1,11 +1,15 @@
 //! What every protocol step shares: a store call, answered at once by the memory store
 //! or bounded by its timeout, and a deadline that never overflows.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::Either;
-use tokio::time::Instant;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 
 use crate::config::Idempotency;
 pub(crate) use crate::metrics::Step;
@@ -25,19 +29,52 @@ pub(crate) fn store_step<'a, T: 'a>(
             idem.shared.metrics.store_step(step, started.elapsed());
             Either::Left(std::future::ready(answer))
         }
-        Call::Pending(call) => Either::Right(async move {
-            let started = Instant::now();
-            let answer = if idem.shared.store_bounds_steps {
-                call.await
-            } else {
-                let timeout = idem.settings().store_timeout;
-                tokio::time::timeout(timeout, call)
-                    .await
-                    .unwrap_or(Err(StoreError::Timeout(timeout)))
-            };
-            idem.shared.metrics.store_step(step, started.elapsed());
-            answer
+        Call::Pending(call) => Either::Right(Timed {
+            call,
+            idem,
+            step,
+            started: Instant::now(),
+            timer: None,
         }),
+    }
+}
+
+pin_project! {
+    /// A step sent to the store, timed from when it is sent. Where the store does not
+    /// bound its steps, a timer of the store timeout is armed the first time the step
+    /// waits, and boxed: every caller's future holds a step, and only the stores that do
+    /// not bound their own steps (a database's) need the timer.
+    pub(crate) struct Timed<'a, T> {
+        call: BoxFuture<'a, Result<T, StoreError>>,
+        idem: &'a Idempotency,
+        step: Step,
+        started: Instant,
+        timer: Option<Pin<Box<Sleep>>>,
+    }
+}
+
+impl<T> Future for Timed<'_, T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let answer = match this.call.as_mut().poll(cx) {
+            Poll::Ready(answer) => answer,
+            Poll::Pending if this.idem.shared.store_bounds_steps => return Poll::Pending,
+            Poll::Pending => {
+                let limit = this.idem.settings().store_timeout;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                ready!(timer.as_mut().poll(cx));
+                Err(StoreError::Timeout(limit))
+            }
+        };
+        this.idem
+            .shared
+            .metrics
+            .store_step(*this.step, this.started.elapsed());
+        Poll::Ready(answer)
     }
 }
 
