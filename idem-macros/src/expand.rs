@@ -345,8 +345,11 @@ fn handler(
     // Spanned on the return type, so that rustc reports a value that is no response there
     // rather than on the attribute.
     let at_return = Span::mixed_site().located_at(return_start);
-    let output_value = locals.name("__idem_output", return_start);
-    let respond = quote_spanned!(at_return=> #root::__private::into_response(#output_value));
+    // The body's output becomes the response by a combinator, not in an `async` block,
+    // which would hold the body's future twice. The body is named where the return type
+    // is written, so that rustc reports an output that is no response there.
+    let body_at_return = locals.name("__idem_body", return_start);
+    let respond = quote_spanned!(at_return=> #root::__private::respond(#body_at_return));
     let run = quote_spanned!(at_name=> #guard.run(#work).await);
     // `debug_handler` below this attribute checks the handler axum is given: this one.
     let attrs = attrs
@@ -366,10 +369,7 @@ fn handler(
             // its own, so that `Self` and the generic parameters of an enclosing `impl`
             // stay in scope; `return` leaves this block with the handler's value.
             let #body = #run_body;
-            let #work = async move {
-                let #output_value = #body.await;
-                #respond
-            };
+            let #work = #respond;
             #run
         }
     }

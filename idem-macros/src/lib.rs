@@ -41,10 +41,8 @@ use proc_macro::TokenStream;
 ///         let Json(x): Json<X> = __idem_arg1;
 ///         body
 ///     });
-///     let __idem_work = async move {
-///         let __idem_output = __idem_body.await;
-///         ::idem_runtime::__private::into_response(__idem_output)
-///     };
+///     // the body's output as the response, by a combinator that holds the body once
+///     let __idem_work = ::idem_runtime::__private::respond(__idem_body);
 ///     __idem_guard.run(__idem_work).await
 /// }
 /// ```

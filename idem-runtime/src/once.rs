@@ -434,26 +434,28 @@ impl Once {
         })?;
         let scoped = self.key.scoped();
         let span = tracing::info_span!(target: "idem", "idem_once", key = %self.idem.logged_key(&self.key, &scoped));
-        let begun = protocol::begin(
-            &self.idem,
-            scoped,
-            fingerprint,
-            self.ttl,
-            self.wait,
-            transaction,
-            &span,
-        )
-        .instrument(span.clone())
-        .await;
+        // `begin` answers from the local tier, or refuses, before its future is first
+        // polled: those logs belong to the span too.
+        let begun = span
+            .in_scope(|| {
+                protocol::begin(
+                    &self.idem,
+                    scoped,
+                    fingerprint,
+                    self.ttl,
+                    self.wait,
+                    transaction,
+                )
+            })
+            .instrument(span.clone())
+            .await;
         match begun {
             Begun::Execute(execution) => {
                 let detached = self.idem.shared.detached.clone();
                 let work = operation();
-                protocol::to_the_end(
-                    detached,
-                    first_run(execution, work, errors).instrument(span),
-                )
-                .await
+                let finish = move |execution, result| first_run(execution, result, errors);
+                protocol::to_the_end(detached, execution.run_then(work, finish).instrument(span))
+                    .await
             }
             Begun::Answer(answer) | Begun::Local(answer) => stored(answer, &errors),
             Begun::Unprotected => Err(OnceError::Unavailable),
@@ -461,66 +463,71 @@ impl Once {
     }
 }
 
-/// What happens on a first run: the operation runs holding the key, and its result is
+/// What happens after a first run: the operation ran holding the key, and its result is
 /// stored (an error only when errors are stored; otherwise the key is released).
-async fn first_run<T, E, Fut, P>(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` holds each argument twice: as passed, and moved into its body"
+)]
+fn first_run<T, E, P>(
     mut execution: Execution,
-    work: Fut,
+    result: Result<T, E>,
     errors: P,
-) -> Result<Outcome<T>, OnceError<E>>
+) -> impl Future<Output = Result<Outcome<T>, OnceError<E>>>
 where
     T: Serialize,
-    Fut: Future<Output = Result<T, E>>,
     P: ErrorPolicy<E>,
 {
-    let result = execution.run(work).await;
-    let (ok, json) = match &result {
-        Ok(value) => (true, serde_json::to_vec(value)),
-        Err(error) => match errors.encode(error) {
-            Some(json) => (false, json),
-            None => {
-                tracing::debug!(target: "idem", "the operation failed; releasing the key");
-                execution.release().await;
+    // Not an `async fn`, which would hold the execution and the result twice.
+    async move {
+        let (ok, json) = match &result {
+            Ok(value) => (true, serde_json::to_vec(value)),
+            Err(error) => match errors.encode(error) {
+                Some(json) => (false, json),
+                None => {
+                    tracing::debug!(target: "idem", "the operation failed; releasing the key");
+                    execution.release().await;
+                    return result.map(Outcome::Ran).map_err(OnceError::Operation);
+                }
+            },
+        };
+        let fingerprint = *execution.fingerprint();
+        let not_stored = |len: usize| {
+            Record::ValueNotStored {
+                fingerprint,
+                len: len as u64,
+            }
+            .encode()
+        };
+        let json = match json {
+            Ok(json) => Bytes::from(json),
+            Err(error) => {
+                // The operation ran: releasing the key would let the next call run it again.
+                // The key records that it ran, without its result.
+                tracing::error!(target: "idem", %error, "the result cannot be written as JSON; later calls will be told it was not stored");
+                let transactional = execution.in_transaction();
+                let completion = execution.complete(not_stored(0), not_stored(0)).await;
+                if transactional && completion.undone() {
+                    return Err(OnceError::NotCommitted);
+                }
                 return result.map(Outcome::Ran).map_err(OnceError::Operation);
             }
-        },
-    };
-    let fingerprint = *execution.fingerprint();
-    let not_stored = |len: usize| {
-        Record::ValueNotStored {
+        };
+        let not_stored = not_stored(json.len());
+        let record = Record::Value {
             fingerprint,
-            len: len as u64,
+            expires_at_ms: expiry_ms(execution.ttl()),
+            ok,
+            json,
         }
-        .encode()
-    };
-    let json = match json {
-        Ok(json) => Bytes::from(json),
-        Err(error) => {
-            // The operation ran: releasing the key would let the next call run it again.
-            // The key records that it ran, without its result.
-            tracing::error!(target: "idem", %error, "the result cannot be written as JSON; later calls will be told it was not stored");
-            let transactional = execution.in_transaction();
-            let completion = execution.complete(not_stored(0), not_stored(0)).await;
-            if transactional && completion.undone() {
-                return Err(OnceError::NotCommitted);
-            }
-            return result.map(Outcome::Ran).map_err(OnceError::Operation);
+        .encode();
+        let transactional = execution.in_transaction();
+        let completion = execution.complete(record, not_stored).await;
+        if transactional && completion.undone() {
+            return Err(OnceError::NotCommitted);
         }
-    };
-    let not_stored = not_stored(json.len());
-    let record = Record::Value {
-        fingerprint,
-        expires_at_ms: expiry_ms(execution.ttl()),
-        ok,
-        json,
+        result.map(Outcome::Ran).map_err(OnceError::Operation)
     }
-    .encode();
-    let transactional = execution.in_transaction();
-    let completion = execution.complete(record, not_stored).await;
-    if transactional && completion.undone() {
-        return Err(OnceError::NotCommitted);
-    }
-    result.map(Outcome::Ran).map_err(OnceError::Operation)
 }
 
 /// What happens on a replay, or any other answer: the stored result, or why there is none.

@@ -5,8 +5,12 @@
 //! `do_not_recommend` on each blanket impl makes rustc report the trait here rather than
 //! the axum bound behind it.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use axum::extract::{FromRequest, FromRequestParts, Request};
 pub use axum::response::{IntoResponse, Response};
+use pin_project_lite::pin_project;
 
 /// The handler's last argument `T` with the guard `G` beside it, in one slot. Every other
 /// extractor of the handler runs before it; inside it, the guard is extracted after `T`
@@ -31,13 +35,19 @@ where
 {
     type Rejection = Response;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+    // Not an `async fn`, which would hold the request twice: as passed, and as its parts.
+    fn from_request(
+        request: Request,
+        state: &S,
+    ) -> impl Future<Output = Result<Self, Response>> + Send {
         let (mut parts, _) = request.into_parts();
-        let last = T::from_request_parts(&mut parts, state)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        let guard = G::from_request_parts(&mut parts, state).await?;
-        Ok(Self(guard, last))
+        async move {
+            let last = T::from_request_parts(&mut parts, state)
+                .await
+                .map_err(IntoResponse::into_response)?;
+            let guard = G::from_request_parts(&mut parts, state).await?;
+            Ok(Self(guard, last))
+        }
     }
 }
 
@@ -49,13 +59,19 @@ where
 {
     type Rejection = Response;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+    // Not an `async fn`, which would hold the request twice: as passed, and as its parts.
+    fn from_request(
+        request: Request,
+        state: &S,
+    ) -> impl Future<Output = Result<Self, Response>> + Send {
         let (mut parts, body) = request.into_parts();
-        let guard = G::from_request_parts(&mut parts, state).await?;
-        let last = T::from_request(Request::from_parts(parts, body), state)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        Ok(Self(guard, last))
+        async move {
+            let guard = G::from_request_parts(&mut parts, state).await?;
+            let last = T::from_request(Request::from_parts(parts, body), state)
+                .await
+                .map_err(IntoResponse::into_response)?;
+            Ok(Self(guard, last))
+        }
     }
 }
 
@@ -189,9 +205,37 @@ pub fn declared_output<T, F: core::future::Future<Output = T>>(body: F) -> F {
     body
 }
 
-/// The handler's return value as the response to send and store.
-pub fn into_response<R: HandlerResponse>(output: R) -> Response {
-    output.into_handler_response()
+/// The handler's body, answering the response to send and store.
+pub fn respond<F>(body: F) -> Respond<F>
+where
+    F: Future,
+    F::Output: HandlerResponse,
+{
+    Respond {
+        body,
+        respond: HandlerResponse::into_handler_response,
+    }
+}
+
+pin_project! {
+    /// [`respond`]: the body's output as a response. A future of its own, not an `async`
+    /// block, which would hold the body's future twice. It holds the conversion rather
+    /// than bound its output, so that rustc reports an output that is no response once,
+    /// at [`respond`].
+    pub struct Respond<F: Future> {
+        #[pin]
+        body: F,
+        respond: fn(F::Output) -> Response,
+    }
+}
+
+impl<F: Future> Future for Respond<F> {
+    type Output = Response;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
+        let this = self.project();
+        this.body.poll(cx).map(*this.respond)
+    }
 }
 
 /// The ttl of a handler whose attribute names none, in seconds.

@@ -4,6 +4,7 @@
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::StatusCode;
 use http::response::Parts;
 use http_body::Body as _;
@@ -23,7 +24,7 @@ use crate::store::BoxFuture;
 /// path); if that task drops it before it ends (the client disconnected), the rest of the
 /// work moves to a task of its own, so it still completes and its response is stored.
 pub(crate) fn first_execution<F, R>(
-    mut execution: Execution,
+    execution: Execution,
     handler: F,
     span: tracing::Span,
 ) -> impl Future<Output = Response> + Send
@@ -32,20 +33,33 @@ where
     R: IntoResponse + 'static,
 {
     let detached = execution.idem().shared.detached.clone();
-    protocol::to_the_end(
-        detached,
-        async move {
-            let (mut parts, body) = execution
-                .run(async move { handler.await.into_response() })
-                .await
-                .into_parts();
-            match store_response(&mut execution, &mut parts, body).await {
-                Answer::Body(body) => Response::from_parts(parts, body),
-                Answer::Instead(instead) => instead,
-            }
+    // `map`, not an `async` block, which would hold the handler's future twice.
+    let work = handler.map(IntoResponse::into_response);
+    let finish = |execution, response: Response| {
+        let (parts, body) = response.into_parts();
+        finish(execution, parts, body)
+    };
+    protocol::to_the_end(detached, execution.run_then(work, finish).instrument(span))
+}
+
+/// Stores the handler's response and answers with it, or with what replaces it. (Not an
+/// `async fn`, which would hold the execution and the parts twice: as passed, and moved
+/// into its body.)
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` holds each argument twice: as passed, and moved into its body"
+)]
+fn finish(
+    mut execution: Execution,
+    mut parts: Parts,
+    body: Body,
+) -> impl Future<Output = Response> + Send {
+    async move {
+        match store_response(&mut execution, &mut parts, body).await {
+            Answer::Body(body) => Response::from_parts(parts, body),
+            Answer::Instead(instead) => instead,
         }
-        .instrument(span),
-    )
+    }
 }
 
 /// What the client gets after its response is stored (or not).

@@ -8,6 +8,8 @@ use axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use tracing::Instrument;
 
 use super::execute::first_execution;
@@ -84,24 +86,30 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
     /// task of its own), and its response is stored, so the retry gets the replay. The
     /// lease is renewed from the claim on. A `5xx` response or a panic releases the key
     /// (the panic is then resumed), so a retry runs again.
-    pub async fn run<F, R>(self, work: F) -> Response
+    ///
+    /// The key is claimed when the returned future is first polled; a copy in the local
+    /// tier is answered from, and too much detached work refused, when `run` is called.
+    pub fn run<F, R>(self, work: F) -> impl Future<Output = Response>
     where
         F: Future<Output = R> + Send + 'static,
         R: IntoResponse + 'static,
     {
+        // A plain function choosing among three futures, not an `async fn`: that would hold
+        // the guard and the work beside the future that runs them, in the box axum makes
+        // of every request's handler.
         let transaction = self.transaction;
         // From here idem finishes the transaction, whatever the answer: a transaction
         // beside a guard whose `run` is never called refuses to be used.
         transaction.finished_by_idem();
         let Some(prepared) = self.prepared else {
-            return unkeyed(work, transaction).await;
+            return Either::Left(Either::Left(unkeyed(work, transaction)));
         };
         // Every guard of one request shares its transaction slot: the first `run` protects,
         // any other runs its work as it is (a guard taken by hand beside the attribute
         // never locks it out).
         if !transaction.first_guard() {
             // The first guard of this request holds the key and finishes the transaction.
-            return work.await.into_response();
+            return Either::Left(Either::Right(work.map(IntoResponse::into_response)));
         }
         let Prepared {
             idem,
@@ -110,42 +118,20 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         } = prepared;
         let span =
             tracing::info_span!(target: "idem", "idem", key = %idem.logged_key(key.key(), &key));
-        let work_span = span.clone();
-        async move {
-            let wait = idem.settings().wait_for_in_flight;
-            let begun = protocol::begin(
+        // `begin` answers from the local tier, or refuses, when called: in the span too.
+        let begin = span.in_scope(|| {
+            protocol::begin(
                 &idem,
                 key.clone(),
                 fingerprint,
                 Self::TTL,
-                wait,
+                idem.settings().wait_for_in_flight,
                 transaction.clone(),
-                &work_span,
             )
-            .await;
-            match begun {
-                Begun::Execute(execution) => {
-                    idem.shared.metrics.request(Outcome::Executed);
-                    first_execution(execution, work, work_span).await
-                }
-                Begun::Answer(answer) => {
-                    idem.shared.metrics.request(Outcome::of(&answer));
-                    transaction.roll_back(idem.settings().store_timeout).await;
-                    replay::answer(&idem, &key, answer)
-                }
-                Begun::Local(answer) => {
-                    idem.shared.metrics.request(Outcome::of_local(&answer));
-                    transaction.roll_back(idem.settings().store_timeout).await;
-                    replay::answer(&idem, &key, answer)
-                }
-                Begun::Unprotected => {
-                    idem.shared.metrics.request(Outcome::FailOpen);
-                    unkeyed(work, transaction).await
-                }
-            }
-        }
-        .instrument(span)
-        .await
+        });
+        // `then`, not an `async` block, which would hold the claim's future twice.
+        let keyed = begin.then(move |begun| after_begin(begun, idem, key, transaction, work));
+        Either::Right(keyed.instrument(span))
     }
 
     /// The key this request runs under, if it carried one.
@@ -168,25 +154,68 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
     }
 }
 
+/// What a keyed request does once [`protocol::begin`] has decided: runs the work holding
+/// the key, answers without running it, or runs it unprotected (fail-open).
+fn after_begin<F, R>(
+    begun: Begun,
+    idem: Idempotency,
+    key: ScopedKey,
+    transaction: TransactionSlot,
+    work: F,
+) -> impl Future<Output = Response>
+where
+    F: Future<Output = R> + Send + 'static,
+    R: IntoResponse + 'static,
+{
+    let metrics = &idem.shared.metrics;
+    let answer = match begun {
+        Begun::Execute(execution) => {
+            metrics.request(Outcome::Executed);
+            // The request's span, entered around every poll of the caller's future.
+            let execution = first_execution(execution, work, tracing::Span::current());
+            return Either::Left(Either::Left(execution));
+        }
+        Begun::Answer(answer) => {
+            metrics.request(Outcome::of(&answer));
+            answer
+        }
+        Begun::Local(answer) => {
+            metrics.request(Outcome::of_local(&answer));
+            answer
+        }
+        Begun::Unprotected => {
+            metrics.request(Outcome::FailOpen);
+            return Either::Right(unkeyed(work, transaction));
+        }
+    };
+    Either::Left(Either::Right(async move {
+        transaction.roll_back(idem.settings().store_timeout).await;
+        replay::answer(&idem, &key, answer)
+    }))
+}
+
 /// Runs work that holds no key; a transaction it took commits after it, unless it
 /// answered a server error.
-async fn unkeyed<F, R>(work: F, transaction: TransactionSlot) -> Response
+fn unkeyed<F, R>(work: F, transaction: TransactionSlot) -> impl Future<Output = Response>
 where
     F: Future<Output = R>,
     R: IntoResponse,
 {
-    let response = work.await.into_response();
-    let keep = !response.status().is_server_error();
-    match transaction
-        .finish_unkeyed(keep, defaults::STORE_TIMEOUT)
-        .await
-    {
-        Ok(()) => response,
-        Err(error) => {
-            tracing::error!(target: "idem", %error, "committing the handler's transaction failed; answering 503");
-            Problem::commit_failed().into_response()
+    // `map` and `then`, not an `async fn`, which would hold the work twice.
+    let finish = move |response: Response| async move {
+        let keep = !response.status().is_server_error();
+        match transaction
+            .finish_unkeyed(keep, defaults::STORE_TIMEOUT)
+            .await
+        {
+            Ok(()) => response,
+            Err(error) => {
+                tracing::error!(target: "idem", %error, "committing the handler's transaction failed; answering 503");
+                Problem::commit_failed().into_response()
+            }
         }
-    }
+    };
+    work.map(IntoResponse::into_response).then(finish)
 }
 
 impl<const TTL_SECS: u64, const REQUIRED: bool> fmt::Debug for Idempotent<TTL_SECS, REQUIRED> {

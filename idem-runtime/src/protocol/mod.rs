@@ -12,17 +12,18 @@
 
 mod detach;
 pub(crate) mod lease;
+mod running;
 pub(crate) mod step;
 #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 mod transaction;
 
-use std::panic::{AssertUnwindSafe, resume_unwind};
+use std::future::{Future, ready};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::future::Either;
 use tokio::time::{Instant, sleep};
 use tracing::Instrument;
 
@@ -76,16 +77,19 @@ pub(crate) enum Answer {
 /// the same request runs under the key, waits up to `wait` for it to end before answering
 /// that it is in flight. An execution writes in the transaction the work puts in
 /// `transaction`, if it takes one: the completion is then written and committed in it.
-/// The lease's renewals log in `span`.
-pub(crate) async fn begin(
+///
+/// A copy in the local tier, or too much detached work, is answered when `begin` is
+/// called, before its future is polled; the claim is made from the first poll on, and a
+/// future dropped before it claims nothing. The caller's span must be entered for both:
+/// the lease's renewals log in the span current when the claim is answered.
+pub(crate) fn begin(
     idem: &Idempotency,
     key: ScopedKey,
     fingerprint: Fingerprint,
     ttl: Duration,
     wait: Option<Duration>,
     transaction: TransactionSlot,
-    span: &tracing::Span,
-) -> Begun {
+) -> impl Future<Output = Begun> + Send + use<> {
     let shared = &idem.shared;
     let settings = &shared.settings;
     if let Some(copy) = shared
@@ -94,22 +98,20 @@ pub(crate) async fn begin(
         .and_then(|local| local.get(key.as_str()))
         && let Ok(Some(answer)) = classify(idem, &key, &fingerprint, copy, None)
     {
-        return Begun::Local(answer);
+        return Either::Left(ready(Begun::Local(answer)));
     }
     if shared.detached.load(Ordering::Relaxed) >= settings.max_detached {
         tracing::warn!(target: "idem", limit = settings.max_detached, "too much detached work running; refusing");
-        return Begun::Answer(Answer::Overloaded);
+        return Either::Left(ready(Begun::Answer(Answer::Overloaded)));
     }
-    let claim = record::new_claim(fingerprint);
-    // Armed before the store call: if this future is dropped after the store applied the
-    // claim but before the answer arrived, dropping the execution releases the claim.
-    let mut execution = Execution {
+    // Armed when the claim's future is first polled (never sent, a claim needs no release).
+    let execution = Execution {
         idem: idem.clone(),
-        key: key.clone(),
-        claim: claim.clone(),
+        key,
+        claim: record::new_claim(fingerprint),
         fingerprint,
         ttl,
-        armed: true,
+        armed: false,
         persist_release: true,
         claim_may_land: false,
         keeper: None,
@@ -117,95 +119,114 @@ pub(crate) async fn begin(
         transaction,
         stands_alone: false,
     };
-    let wait_until = wait.map(|max| later(Instant::now(), max));
-    let mut backoff = Duration::from_millis(20);
-    // Once this request has seen the key in flight, a store failure never runs it
-    // unprotected (fail-open): the other request may still be running.
-    let mut seen_in_flight = false;
-    loop {
-        // The lease runs from when the claim is sent, not from when its answer arrives.
-        let sent_at = Instant::now();
-        let forgets = shared
-            .local
-            .as_ref()
-            .map_or(0, |local| local.forgets(key.as_str()));
-        let found = match store_step(
-            idem,
-            Step::Begin,
-            idem.begin_call(key.as_str(), &claim, settings.lease),
-        )
-        .await
-        {
-            Ok(found) => found,
-            Err(error) => {
-                // The claim may have been applied before the failure: `Drop` releases it,
-                // once. A claim that timed out may also land later (a statement waiting
-                // for a lock, a command still queued): then `Drop` keeps releasing it
-                // until the store takes the release or the lease has run out.
-                execution.persist_release = false;
-                execution.claim_may_land = matches!(error, StoreError::Timeout(_));
-                return store_failed(idem, &error, seen_in_flight);
-            }
-        };
-        // The store may hand back this request's own claim: a `begin` applied twice
-        // because a client library re-sent it after losing the answer.
-        if let Some(found) = found.filter(|found| *found != claim) {
-            execution.armed = false;
-            match classify(idem, &key, &fingerprint, found, Some(forgets)) {
-                Ok(Some(answer)) => return Begun::Answer(answer),
-                Ok(None) => seen_in_flight = true,
-                Err(error) => return store_failed(idem, &error, seen_in_flight),
-            }
-            if let Some(until) = wait_until
-                && Instant::now() + backoff < until
-            {
-                sleep(backoff).await;
-                execution.armed = true;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-                continue;
-            }
-            tracing::info!(target: "idem", "in flight");
-            return Begun::Answer(Answer::InFlight);
-        }
-        // An answer that took half the lease or more may describe a claim that has lapsed
-        // since and been taken over: confirm it with a renewal before running anything.
-        let mut held_from = sent_at;
-        if sent_at.elapsed() >= settings.lease / 2 {
-            let renewed_at = Instant::now();
-            let renewed = store_step(
+    Either::Right(claim(execution, wait))
+}
+
+/// [`begin`]'s store round trips: `execution` claims its key, or finds what it holds.
+/// Everything the claim needs is read from the execution, which its future holds once
+/// (an `async fn` would hold each argument twice: as passed, and moved into its body).
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` holds each argument twice: as passed, and moved into its body"
+)]
+fn claim(mut execution: Execution, wait: Option<Duration>) -> impl Future<Output = Begun> + Send {
+    async move {
+        // Armed before the store call: if this future is dropped after the store applied the
+        // claim but before the answer arrived, dropping the execution releases the claim.
+        execution.armed = true;
+        let wait_until = wait.map(|max| later(Instant::now(), max));
+        let mut backoff = Duration::from_millis(20);
+        // Once this request has seen the key in flight, a store failure never runs it
+        // unprotected (fail-open): the other request may still be running.
+        let mut seen_in_flight = false;
+        loop {
+            let Execution {
                 idem,
-                Step::Renew,
-                idem.renew_call(key.as_str(), &claim, settings.lease),
+                key,
+                claim,
+                fingerprint,
+                ..
+            } = &execution;
+            let lease = idem.settings().lease;
+            // The lease runs from when the claim is sent, not from when its answer arrives.
+            let sent_at = Instant::now();
+            let forgets = execution.local_forgets();
+            let found = match store_step(
+                idem,
+                Step::Begin,
+                idem.begin_call(key.as_str(), claim, lease),
             )
-            .await;
-            match renewed {
-                Ok(true) if renewed_at.elapsed() < settings.lease / 2 => held_from = renewed_at,
-                Ok(true) => {
-                    tracing::warn!(target: "idem", "the store answers too slowly to hold a lease; refusing");
-                    execution.release().await;
-                    return Begun::Answer(Answer::Unavailable);
-                }
-                Ok(false) => {
-                    tracing::warn!(target: "idem", "the claim lapsed before its answer arrived; answering in flight");
-                    execution.armed = false;
-                    return Begun::Answer(Answer::InFlight);
-                }
+            .await
+            {
+                Ok(found) => found,
                 Err(error) => {
-                    execution.persist_release = false;
-                    return store_failed(idem, &error, true);
+                    let answer = store_failed(idem, &error, seen_in_flight);
+                    execution.claim_failed(&error);
+                    return answer;
+                }
+            };
+            // The store may hand back this request's own claim: a `begin` applied twice
+            // because a client library re-sent it after losing the answer.
+            if let Some(found) = found.filter(|found| found != claim) {
+                {
+                    let classified = classify(idem, key, fingerprint, found, Some(forgets));
+                    execution.disarm();
+                    match classified {
+                        Ok(Some(answer)) => return Begun::Answer(answer),
+                        Ok(None) => seen_in_flight = true,
+                        Err(error) => {
+                            return store_failed(&execution.idem, &error, seen_in_flight);
+                        }
+                    }
+                }
+                if let Some(until) = wait_until
+                    && Instant::now() + backoff < until
+                {
+                    // Boxed: only a request waiting for another needs room for a timer.
+                    Box::pin(sleep(backoff)).await;
+                    execution.armed = true;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    continue;
+                }
+                tracing::info!(target: "idem", "in flight");
+                return Begun::Answer(Answer::InFlight);
+            }
+            // An answer that took half the lease or more may describe a claim that has lapsed
+            // since and been taken over: confirm it with a renewal before running anything.
+            let mut held_from = sent_at;
+            if sent_at.elapsed() >= lease / 2 {
+                let renewed_at = Instant::now();
+                let renewed = store_step(
+                    idem,
+                    Step::Renew,
+                    idem.renew_call(key.as_str(), claim, lease),
+                )
+                .await;
+                match renewed {
+                    Ok(true) if renewed_at.elapsed() < lease / 2 => held_from = renewed_at,
+                    Ok(true) => {
+                        tracing::warn!(target: "idem", "the store answers too slowly to hold a lease; refusing");
+                        execution.release().await;
+                        return Begun::Answer(Answer::Unavailable);
+                    }
+                    Ok(false) => {
+                        tracing::warn!(target: "idem", "the claim lapsed before its answer arrived; answering in flight");
+                        execution.disarm();
+                        return Begun::Answer(Answer::InFlight);
+                    }
+                    Err(error) => {
+                        let answer = store_failed(idem, &error, true);
+                        execution.release_once();
+                        return answer;
+                    }
                 }
             }
+            tracing::debug!(target: "idem", "executing");
+            let keeper = LeaseKeeper::start(idem, key, claim, held_from, tracing::Span::current());
+            execution.keeper = Some(keeper);
+            execution.settling = None;
+            return Begun::Execute(execution);
         }
-        tracing::debug!(target: "idem", "executing");
-        execution.keeper = Some(LeaseKeeper::start(
-            idem,
-            &key,
-            &claim,
-            held_from,
-            span.clone(),
-        ));
-        execution.settling = None;
-        return Begun::Execute(execution);
     }
 }
 
@@ -352,18 +373,6 @@ impl Execution {
         self.transaction.is_filled()
     }
 
-    /// Runs the work. A panic releases the key (so a retry runs again) and is resumed.
-    pub(crate) async fn run<T>(&mut self, work: impl Future<Output = T>) -> T {
-        match AssertUnwindSafe(work).catch_unwind().await {
-            Ok(output) => output,
-            Err(panic) => {
-                tracing::warn!(target: "idem", "the work panicked; releasing the key");
-                self.release().await;
-                resume_unwind(panic)
-            }
-        }
-    }
-
     /// Stores `record` if the key still holds this execution's claim. A record the store
     /// cannot keep is replaced by `not_stored`, which says the work ran without its
     /// result. A store failure is retried in the background, the lease still renewed, so
@@ -486,6 +495,26 @@ impl Execution {
             self.armed = false;
             self.settling = None;
         })
+    }
+
+    /// The claim's `begin` failed with `error`, and may have been applied before: `Drop`
+    /// releases it once, not until the store takes the release (the claim is most likely
+    /// not there). A claim that timed out may also land later (a statement waiting for a
+    /// lock, a command still queued): then `Drop` keeps releasing it until the store takes
+    /// the release or the lease has run out.
+    fn claim_failed(&mut self, error: &StoreError) {
+        self.persist_release = false;
+        self.claim_may_land = matches!(error, StoreError::Timeout(_));
+    }
+
+    /// A release on `Drop` is tried once, not retried until the store takes it.
+    fn release_once(&mut self) {
+        self.persist_release = false;
+    }
+
+    /// Nothing is released on `Drop`: the key does not hold this execution's claim.
+    fn disarm(&mut self) {
+        self.armed = false;
     }
 
     /// The local tier's count of forgets, read before the record is written.
