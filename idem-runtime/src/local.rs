@@ -18,9 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use std::hash::BuildHasher;
-
-use crate::sharded::{Expiring, Hasher, LARGEST_BOUND, Recent, Shards};
+use crate::sharded::{Expiring, LARGEST_BOUND, Recent, Shards};
 
 /// How many counts of forgets the tier keeps, each for the keys that hash to it: forgets
 /// of other keys, however many, rarely stop a copy from being kept.
@@ -33,8 +31,8 @@ struct Copy {
 }
 
 /// What a copy takes beyond its key and record: the key's and the record's allocations,
-/// the LRU node, its slot in the hash table and its entry in the expiry index. Measured
-/// (`tests/local_tier_memory.rs`): about 230 to 250 bytes.
+/// the LRU node and its slot in the hash table. Measured (`tests/local_tier_memory.rs`):
+/// about 230 to 250 bytes with an index of expiries, which the tier no longer keeps.
 pub(crate) const COPY_OVERHEAD: u64 = 256;
 
 impl Expiring for Copy {
@@ -57,31 +55,33 @@ pub(crate) struct LocalTier {
     max_age: Duration,
     /// How many times a copy was forgotten, by a hash of its key.
     forgets: Arc<[AtomicU64]>,
-    hasher: Hasher,
 }
 
 impl LocalTier {
     pub(crate) fn new(max_bytes: u64, max_age: Duration) -> Self {
         let max_bytes = max_bytes.min(LARGEST_BOUND);
-        let copies = Shards::new(max_bytes, u64::MAX, Recent::new);
+        // Least recently used first, expired or not: a copy evicted early costs one read
+        // of the store, and no index of expiries is kept for every copy.
+        let copies = Shards::new(max_bytes, u64::MAX, Recent::without_expiry_index);
         Self {
             shard_bytes: max_bytes / copies.count(),
             copies: Arc::new(copies),
             max_age,
             forgets: (0..FORGET_SLOTS).map(|_| AtomicU64::new(0)).collect(),
-            hasher: Hasher::default(),
         }
     }
 
-    /// The count of forgets of `key` (and of the keys that hash alike).
-    fn forgets_of(&self, key: &str) -> &AtomicU64 {
-        &self.forgets[(self.hasher.hash_one(key) as usize) % FORGET_SLOTS]
+    /// The count of forgets of the keys whose hash is `hash`, by
+    /// [`Shards::hash`]: its high bits pick the count, as its low bits pick the shard.
+    fn forgets_of(&self, hash: u64) -> &AtomicU64 {
+        &self.forgets[((hash >> 32) as usize) % FORGET_SLOTS]
     }
 
     /// What [`insert`](Self::insert) is given for `key`, read before the store is asked
     /// for the record to copy.
     pub(crate) fn forgets(&self, key: &str) -> u64 {
-        self.forgets_of(key).load(Ordering::SeqCst)
+        self.forgets_of(self.copies.hash(key))
+            .load(Ordering::SeqCst)
     }
 
     /// A live copy of the completed record under `key`.
@@ -110,10 +110,11 @@ impl LocalTier {
         let copy = Copy { record, dropped_at };
         // A copy heavier than its shard's bound would only evict the others to be dropped.
         if copy.weight(key) <= self.shard_bytes {
-            let mut shard = self.copies.of(key);
+            let hash = self.copies.hash(key);
+            let mut shard = self.copies.of_hash(hash);
             // Read under the shard's lock, which `forget` takes after counting: either
             // this sees its count, or its removal comes after this copy.
-            if self.forgets_of(key).load(Ordering::SeqCst) == forgets {
+            if self.forgets_of(hash).load(Ordering::SeqCst) == forgets {
                 shard.keep(key, copy, self.shard_bytes, usize::MAX);
             }
         }
@@ -121,8 +122,9 @@ impl LocalTier {
 
     /// Drops the copy under `key`, and any copy of what the store answered before.
     pub(crate) fn forget(&self, key: &str) {
-        self.forgets_of(key).fetch_add(1, Ordering::SeqCst);
-        self.copies.of(key).remove(key);
+        let hash = self.copies.hash(key);
+        self.forgets_of(hash).fetch_add(1, Ordering::SeqCst);
+        self.copies.of_hash(hash).remove(key);
     }
 }
 

@@ -3,8 +3,9 @@
 //!
 //! Nothing runs in the background: an entry carries its own deadline, a read drops an
 //! entry past it, and an insert that takes its shard over its bound drops expired
-//! entries (soonest expired first), then the least recently used, until the shard is
-//! back within its bound. An insert is always admitted.
+//! entries (soonest expired first, where the map keeps an index of expiries), then the
+//! least recently used, until the shard is back within its bound. An insert is always
+//! admitted.
 
 use std::collections::BTreeSet;
 use std::hash::BuildHasher;
@@ -58,8 +59,18 @@ impl<T> Shards<T> {
 
     /// The shard of `key`, locked.
     pub(crate) fn of(&self, key: &str) -> MutexGuard<'_, T> {
-        let index = (self.hasher.hash_one(key) as usize) & (self.shards.len() - 1);
-        lock(&self.shards[index])
+        self.of_hash(self.hasher.hash_one(key))
+    }
+
+    /// The shard of a key whose hash, by [`hash`](Self::hash), is `hash`, locked.
+    pub(crate) fn of_hash(&self, hash: u64) -> MutexGuard<'_, T> {
+        lock(&self.shards[(hash as usize) & (self.shards.len() - 1)])
+    }
+
+    /// The hash of `key` that picks its shard: its low bits do, the rest are free for
+    /// the caller's own use.
+    pub(crate) fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
     }
 
     /// Every shard, locked one after the other.
@@ -93,16 +104,29 @@ pub(crate) struct Recent<V> {
     entries: LruCache<Arc<str>, V, Hasher>,
     weight: u64,
     /// Every entry's expiry and key, soonest first: what a shard over its bound drops
-    /// first, if it has expired. The key is the one the entry holds, not a copy.
-    expiries: BTreeSet<(Instant, Arc<str>)>,
+    /// first, if it has expired. The key is the one the entry holds, not a copy. `None`
+    /// for a map that evicts the least recently used first, expired or not.
+    expiries: Option<BTreeSet<(Instant, Arc<str>)>>,
 }
 
 impl<V: Expiring> Recent<V> {
+    /// A map that drops expired entries before it evicts a live one: for entries that
+    /// cannot be had again once evicted (the memory store's records).
     pub(crate) fn new() -> Self {
         Self {
             entries: LruCache::unbounded_with_hasher(Hasher::default()),
             weight: 0,
-            expiries: BTreeSet::new(),
+            expiries: Some(BTreeSet::new()),
+        }
+    }
+
+    /// A map that evicts the least recently used entry first, expired or not, and keeps
+    /// no index of expiries: for copies of what is kept elsewhere (the local tier's),
+    /// where an eviction costs a read of the original.
+    pub(crate) fn without_expiry_index() -> Self {
+        Self {
+            expiries: None,
+            ..Self::new()
         }
     }
 
@@ -134,7 +158,9 @@ impl<V: Expiring> Recent<V> {
 
     fn forget(&mut self, key: Arc<str>, entry: &V) {
         self.weight -= entry.weight(&key);
-        self.expiries.remove(&(entry.expires_at(), key));
+        if let Some(expiries) = &mut self.expiries {
+            expiries.remove(&(entry.expires_at(), key));
+        }
     }
 
     /// Keeps `entry` under `key`; then, while the total weight is over `bound` or the
@@ -147,25 +173,43 @@ impl<V: Expiring> Recent<V> {
 
     /// [`keep`](Self::keep), under a key already shared.
     pub(crate) fn keep_shared(&mut self, key: Arc<str>, entry: V, bound: u64, max_len: usize) {
-        let weight = entry.weight(&key);
-        let expires_at = entry.expires_at();
-        // An entry replaced keeps its key in the map: its index entry, which holds that
-        // key, moves to the new expiry (taken out first, as it may equal the new one).
-        let indexed = match self.entries.push(key.clone(), entry) {
-            None => key,
-            Some((key, replaced)) => {
-                self.weight -= replaced.weight(&key);
-                self.expiries
-                    .take(&(replaced.expires_at(), key.clone()))
-                    .map_or(key, |(_, held)| held)
+        self.weight += entry.weight(&key);
+        match &mut self.expiries {
+            None => {
+                if let Some((key, replaced)) = self.entries.push(key, entry) {
+                    self.weight -= replaced.weight(&key);
+                }
             }
-        };
-        self.weight += weight;
-        self.expiries.insert((expires_at, indexed));
+            Some(expiries) => {
+                let expires_at = entry.expires_at();
+                // An entry replaced keeps its key in the map: its index entry, which holds
+                // that key, moves to the new expiry (taken out first, as it may equal the
+                // new one).
+                let indexed = match self.entries.push(key.clone(), entry) {
+                    None => key,
+                    Some((key, replaced)) => {
+                        self.weight -= replaced.weight(&key);
+                        expiries
+                            .take(&(replaced.expires_at(), key.clone()))
+                            .map_or(key, |(_, held)| held)
+                    }
+                };
+                expiries.insert((expires_at, indexed));
+            }
+        }
+        self.shrink_to(bound, max_len);
+    }
+
+    /// Drops entries while the total weight is over `bound` or the count over `max_len`:
+    /// the one that expires first if it has expired, else the least recently used.
+    fn shrink_to(&mut self, bound: u64, max_len: usize) {
         let mut now = None;
         while self.weight > bound || self.entries.len() > max_len {
-            let now = *now.get_or_insert_with(Instant::now);
-            if !self.remove_first_expired(now) {
+            let expired = self.expiries.is_some() && {
+                let now = *now.get_or_insert_with(Instant::now);
+                self.remove_first_expired(now)
+            };
+            if !expired {
                 match self.entries.pop_lru() {
                     Some((key, evicted)) => self.forget(key, &evicted),
                     None => break,
@@ -174,13 +218,17 @@ impl<V: Expiring> Recent<V> {
         }
     }
 
-    /// Drops the entry that expires first, if it expired at `now`; whether it did.
+    /// Drops the entry that expires first, if it expired at `now`; whether it did (never,
+    /// without an index of expiries).
     fn remove_first_expired(&mut self, now: Instant) -> bool {
-        match self.expiries.first() {
+        let Some(expiries) = &mut self.expiries else {
+            return false;
+        };
+        match expiries.first() {
             Some((at, _)) if *at <= now => {}
             _ => return false,
         }
-        if let Some((_, key)) = self.expiries.pop_first()
+        if let Some((_, key)) = expiries.pop_first()
             && let Some(entry) = self.entries.pop(&*key)
         {
             self.weight -= entry.weight(&key);
