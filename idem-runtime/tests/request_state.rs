@@ -253,6 +253,22 @@ async fn first_guard_dropped(
         .await
 }
 
+/// As `first_guard_dropped`, with the first guard's `run` called and its future dropped
+/// before it was polled.
+async fn first_run_dropped(
+    first: Idempotent,
+    second: Idempotent,
+    State(effects): State<Effects>,
+    _body: String,
+) -> Response {
+    let unpolled = first.run(async { StatusCode::IM_A_TEAPOT });
+    drop(unpolled);
+    let guard = describe(second.key());
+    second
+        .run(async move { effects.effect("first_run_dropped", "-".into(), guard) })
+        .await
+}
+
 /// `#[idempotent]` with a guard of its own inside; the work waits for the test's gate.
 #[idempotent]
 async fn doubled_gated(extra: Guard, State(effects): State<Effects>, _body: String) -> Response {
@@ -297,6 +313,7 @@ fn app(idem: &Idempotency, effects: &Effects) -> Router {
         .route("/key_after_guard", post(key_after_guard))
         .route("/macro_key_after", post(macro_key_after))
         .route("/first_guard_dropped", post(first_guard_dropped))
+        .route("/first_run_dropped", post(first_run_dropped))
         .route("/doubled_gated", post(doubled_gated))
         .with_state(effects.clone())
         .layer(idem.layer())
@@ -634,6 +651,30 @@ async fn the_second_guard_protects_when_the_first_is_dropped() {
         assert!(retry.is_replay(), "{}", text(&retry));
     }
     assert_eq!(effects.runs("first_guard_dropped"), 1);
+}
+
+/// Attack (a defect once shown): a guard whose `run` future is dropped before its first
+/// poll takes nothing from the request: the second guard protects the work.
+#[tokio::test]
+async fn the_second_guard_protects_when_the_first_runs_future_is_dropped_unpolled() {
+    let idem = Idempotency::builder().shared_scope(true).build();
+    let effects = Effects::default();
+    let app = app(&idem, &effects);
+    let first = send(
+        &app,
+        request("/first_run_dropped", Auth::Nobody, Some("u-1")),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    for _ in 0..3 {
+        let retry = send(
+            &app,
+            request("/first_run_dropped", Auth::Nobody, Some("u-1")),
+        )
+        .await;
+        assert!(retry.is_replay(), "{}", text(&retry));
+    }
+    assert_eq!(effects.runs("first_run_dropped"), 1);
 }
 
 // ---------------------------------------------------------------------------------------

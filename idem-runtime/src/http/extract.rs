@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 
 use futures_util::FutureExt;
-use futures_util::future::Either;
+use futures_util::future::{Either, lazy};
 use tracing::Instrument;
 
 use super::execute::first_execution;
@@ -86,17 +86,24 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
     /// task of its own), and its response is stored, so the retry gets the replay. The
     /// lease is renewed from the claim on. A `5xx` response or a panic releases the key
     /// (the panic is then resumed), so a retry runs again.
-    ///
-    /// The key is claimed when the returned future is first polled; a copy in the local
-    /// tier is answered from, and too much detached work refused, when `run` is called.
     pub fn run<F, R>(self, work: F) -> impl Future<Output = Response>
     where
         F: Future<Output = R> + Send + 'static,
         R: IntoResponse + 'static,
     {
-        // A plain function choosing among three futures, not an `async fn`: that would hold
-        // the guard and the work beside the future that runs them, in the box axum makes
-        // of every request's handler.
+        // Nothing happens until the future is first polled: one dropped before leaves the
+        // request's guards and transaction as they were. `lazy` and `flatten`, not an
+        // `async fn`, which would hold the guard and the work beside the future that runs
+        // them, in the box axum makes of every request's handler.
+        lazy(move |_| self.start(work)).flatten()
+    }
+
+    /// [`run`](Self::run), from its first poll: the future that answers the request.
+    fn start<F, R>(self, work: F) -> impl Future<Output = Response>
+    where
+        F: Future<Output = R> + Send + 'static,
+        R: IntoResponse + 'static,
+    {
         let transaction = self.transaction;
         // From here idem finishes the transaction, whatever the answer: a transaction
         // beside a guard whose `run` is never called refuses to be used.

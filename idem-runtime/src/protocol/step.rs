@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::config::Idempotency;
 pub(crate) use crate::metrics::Step;
-use crate::store::{BoxFuture, MemoryStore, Store, StoreError};
+use crate::store::{BoxFuture, MemoryStore, Store, StoreError, poll_timer};
 
 /// One store step, failed with [`StoreError::Timeout`] when it does not answer in time
 /// (by the store, where it bounds its steps itself within the store timeout), and timed
@@ -34,21 +34,24 @@ pub(crate) fn store_step<'a, T: 'a>(
             idem,
             step,
             started: Instant::now(),
+            deadline: None,
             timer: None,
         }),
     }
 }
 
 pin_project! {
-    /// A step sent to the store, timed from when it is sent. Where the store does not
-    /// bound its steps, a timer of the store timeout is armed the first time the step
-    /// waits, and boxed: every caller's future holds a step, and only the stores that do
-    /// not bound their own steps (a database's) need the timer.
+    /// A step sent to the store, timed from when it is made. Where the store does not
+    /// bound its steps, the step fails at the store timeout after its first poll (the
+    /// deadline is read then), and the timer is made and boxed the first time the step
+    /// waits: every caller's future holds a step, and only the stores that do not bound
+    /// their own steps (a database's) need the timer.
     pub(crate) struct Timed<'a, T> {
         call: BoxFuture<'a, Result<T, StoreError>>,
         idem: &'a Idempotency,
         step: Step,
         started: Instant,
+        deadline: Option<Instant>,
         timer: Option<Pin<Box<Sleep>>>,
     }
 }
@@ -58,15 +61,19 @@ impl<T> Future for Timed<'_, T> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let answer = match this.call.as_mut().poll(cx) {
-            Poll::Ready(answer) => answer,
-            Poll::Pending if this.idem.shared.store_bounds_steps => return Poll::Pending,
-            Poll::Pending => {
-                let limit = this.idem.settings().store_timeout;
+        let limit = this.idem.settings().store_timeout;
+        let bounded = this.idem.shared.store_bounds_steps;
+        if !bounded && this.deadline.is_none() {
+            *this.deadline = Some(later(Instant::now(), limit));
+        }
+        let answer = match (this.call.as_mut().poll(cx), *this.deadline) {
+            (Poll::Ready(answer), _) => answer,
+            (Poll::Pending, None) => return Poll::Pending,
+            (Poll::Pending, Some(deadline)) => {
                 let timer = this
                     .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                ready!(timer.as_mut().poll(cx));
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                ready!(poll_timer(timer.as_mut(), cx));
                 Err(StoreError::Timeout(limit))
             }
         };

@@ -27,3 +27,19 @@ pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub use self::sqlite::{SqliteStore, SqliteStoreBuilder, SqliteTransaction};
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub use self::transaction::DatabaseTransaction;
+
+/// Polls `timer`, the timeout of a store step that has just waited; outside tokio's
+/// cooperative budget where the task has spent it: a step that spends the budget on
+/// every poll (a client draining a busy channel for its reply) would otherwise keep its
+/// timer from ever firing.
+pub(crate) fn poll_timer(
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<()> {
+    use std::future::Future as _;
+    if tokio::task::coop::has_budget_remaining() {
+        timer.poll(cx)
+    } else {
+        std::pin::Pin::new(&mut tokio::task::coop::unconstrained(timer)).poll(cx)
+    }
+}

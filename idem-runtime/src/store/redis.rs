@@ -724,7 +724,8 @@ impl<T, F: Future<Output = Result<T, StoreError>>> Future for Bounded<F> {
         if this.timer.is_none() {
             this.timer.set(Some(tokio::time::sleep(*this.limit)));
         }
-        match this.timer.as_pin_mut().map(|timer| timer.poll(cx)) {
+        let timer = this.timer.as_pin_mut();
+        match timer.map(|timer| super::poll_timer(timer, cx)) {
             Some(Poll::Ready(())) => Poll::Ready(Err(StoreError::Timeout(*this.limit))),
             _ => Poll::Pending,
         }
