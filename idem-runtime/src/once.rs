@@ -39,7 +39,7 @@ use crate::config::{Idempotency, defaults};
 use crate::fingerprint::Fingerprint;
 use crate::key::{IdempotencyKey, KeyError, ScopedKey};
 use crate::local::expiry_ms;
-use crate::protocol::{self, Answer, Begun, Execution, TransactionSlot};
+use crate::protocol::{self, Answer, Begun, Execution, Fallback, TransactionSlot};
 use crate::record::Record;
 use crate::scope::Scope;
 
@@ -492,13 +492,6 @@ where
             },
         };
         let fingerprint = *execution.fingerprint();
-        let not_stored = |len: usize| {
-            Record::ValueNotStored {
-                fingerprint,
-                len: len as u64,
-            }
-            .encode()
-        };
         let json = match json {
             Ok(json) => Bytes::from(json),
             Err(error) => {
@@ -506,14 +499,21 @@ where
                 // The key records that it ran, without its result.
                 tracing::error!(target: "idem", %error, "the result cannot be written as JSON; later calls will be told it was not stored");
                 let transactional = execution.in_transaction();
-                let completion = execution.complete(not_stored(0), not_stored(0)).await;
+                let not_stored = Record::ValueNotStored {
+                    fingerprint,
+                    len: 0,
+                }
+                .encode();
+                let completion = execution.complete(not_stored, Fallback::None).await;
                 if transactional && completion.undone() {
                     return Err(OnceError::NotCommitted);
                 }
                 return result.map(Outcome::Ran).map_err(OnceError::Operation);
             }
         };
-        let not_stored = not_stored(json.len());
+        let fallback = Fallback::Value {
+            len: json.len() as u64,
+        };
         let record = Record::Value {
             fingerprint,
             expires_at_ms: expiry_ms(execution.ttl()),
@@ -522,7 +522,7 @@ where
         }
         .encode();
         let transactional = execution.in_transaction();
-        let completion = execution.complete(record, not_stored).await;
+        let completion = execution.complete(record, fallback).await;
         if transactional && completion.undone() {
             return Err(OnceError::NotCommitted);
         }

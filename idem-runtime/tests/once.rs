@@ -452,6 +452,39 @@ async fn once_keys_live_apart_from_request_keys() {
     );
 }
 
+/// Guards: a result heavier than the memory store's share for its key (17 MiB, with 4
+/// shards of 16 MiB under a 64 MiB bound) is returned to its caller, and later calls are
+/// told it ran without a stored result: never run again, never stuck.
+#[tokio::test]
+async fn a_result_the_store_cannot_keep_is_not_run_again() {
+    let store = idem_runtime::store::MemoryStore::with_bounds(100_000, 64 << 20).unwrap();
+    let idem = Idempotency::builder()
+        .store(store.clone())
+        .shared_scope(true)
+        .build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let operation = |runs: Arc<AtomicUsize>| async move {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>("h".repeat(17 << 20))
+    };
+    let first = idem
+        .once(key("heavy"), "in")
+        .run(|| operation(runs.clone()))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 17 << 20);
+    for _ in 0..3 {
+        let again = idem
+            .once(key("heavy"), "in")
+            .run(|| operation(runs.clone()))
+            .await;
+        assert!(matches!(again, Err(OnceError::NotStored)), "{again:?}");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(store.claim_count(), 0);
+    assert_eq!(store.entry_count(), 1, "the not-stored marker");
+}
+
 proptest! {
     /// Guards: distinct part lists never compose to one key, and every key is valid.
     #[test]

@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::body::{Collected, Framing, collect_response, frame_whole, framed, of_unknown_length};
 use super::problem::Problem;
 use crate::local::expiry_ms;
-use crate::protocol::{self, Completion, Execution};
+use crate::protocol::{self, Completion, Execution, Fallback};
 use crate::record::{Record, encode_completed};
 use crate::store::BoxFuture;
 
@@ -144,9 +144,12 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
         kept,
         &bytes,
     );
-    let not_stored = not_stored(execution, parts.status, bytes.len() as u64);
+    let fallback = Fallback::Response {
+        status: parts.status,
+        body_len: bytes.len() as u64,
+    };
     let transactional = execution.in_transaction();
-    let completion = execution.complete(record, not_stored).await;
+    let completion = execution.complete(record, fallback).await;
     if let Some(problem) = undone(transactional, completion, execution) {
         return Answer::Instead(problem);
     }
@@ -172,7 +175,7 @@ fn complete_not_stored(
     Box::pin(async move {
         let record = not_stored(execution, status, body_len);
         let transactional = execution.in_transaction();
-        let completion = execution.complete(record.clone(), record).await;
+        let completion = execution.complete(record, Fallback::None).await;
         match (undone(transactional, completion, execution), body) {
             (Some(problem), _) => Answer::Instead(problem),
             (None, Some(body)) => Answer::Body(body),

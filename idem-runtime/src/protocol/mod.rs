@@ -308,6 +308,21 @@ pub(crate) struct Execution {
     stands_alone: bool,
 }
 
+/// What to store instead of a result the store refuses: a record that says the work ran
+/// without it. Described, not encoded: a store almost always takes the result.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Fallback {
+    /// A response that answered `status` with a body of `body_len` bytes.
+    Response {
+        status: http::StatusCode,
+        body_len: u64,
+    },
+    /// A `once` result of `len` bytes of JSON.
+    Value { len: u64 },
+    /// Nothing: the record is the fallback already.
+    None,
+}
+
 /// How a completion ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Completion {
@@ -373,11 +388,26 @@ impl Execution {
         self.transaction.is_filled()
     }
 
+    /// The record saying the work ran without its result, as `fallback` describes it.
+    fn not_stored(&self, fallback: Fallback) -> Option<Bytes> {
+        let fingerprint = self.fingerprint;
+        let record = match fallback {
+            Fallback::None => return None,
+            Fallback::Response { status, body_len } => record::Record::Unstorable {
+                fingerprint,
+                status,
+                body_len,
+            },
+            Fallback::Value { len } => record::Record::ValueNotStored { fingerprint, len },
+        };
+        Some(record.encode())
+    }
+
     /// Stores `record` if the key still holds this execution's claim. A record the store
-    /// cannot keep is replaced by `not_stored`, which says the work ran without its
-    /// result. A store failure is retried in the background, the lease still renewed, so
-    /// that a retry is answered rather than run again.
-    pub(crate) async fn complete(&mut self, record: Bytes, not_stored: Bytes) -> Completion {
+    /// cannot keep is replaced by the `fallback`'s, which says the work ran without its
+    /// result (encoded only then). A store failure is retried in the background, the lease
+    /// still renewed, so that a retry is answered rather than run again.
+    pub(crate) async fn complete(&mut self, record: Bytes, fallback: Fallback) -> Completion {
         if let Some(transaction) = self.transaction.take() {
             // Boxed: work in a transaction of its own is rare enough that every other
             // execution's future should not hold room for its commit.
@@ -390,9 +420,11 @@ impl Execution {
         let mut outcome = self.store(record.clone()).await;
         if let Err(error @ StoreError::RecordRefused { .. }) = &outcome {
             tracing::warn!(target: "idem", %error, "the store cannot keep this result; a retry will be told it was not stored");
-            record = not_stored.clone();
-            stored_whole = false;
-            outcome = self.store(record.clone()).await;
+            if let Some(not_stored) = self.not_stored(fallback) {
+                record = not_stored;
+                stored_whole = false;
+                outcome = self.store(record.clone()).await;
+            }
         }
         match outcome {
             Ok(true) if stored_whole => {
@@ -406,6 +438,11 @@ impl Execution {
             }
             Err(error) => {
                 tracing::warn!(target: "idem", %error, "storing the result failed; retrying in the background while the lease is held");
+                let not_stored = if stored_whole {
+                    self.not_stored(fallback)
+                } else {
+                    None
+                };
                 let retrying = retry_completion(
                     self.idem.clone(),
                     self.key.clone(),
@@ -586,15 +623,16 @@ impl Drop for Execution {
 const COMPLETION_RETRY_LIMIT: Duration = Duration::from_secs(30);
 
 /// Retries storing `record` after a store failure, while the lease holds. A store that
-/// refuses the record for good gets `not_stored` instead (a retry is told the result was
-/// not stored, and never runs the work again).
+/// refuses the record for good gets `not_stored` instead, where there is one and it was
+/// not tried yet (a retry is told the result was not stored, and never runs the work
+/// again).
 async fn retry_completion(
     idem: Idempotency,
     key: ScopedKey,
     claim: Bytes,
     ttl: Duration,
     mut record: Bytes,
-    not_stored: Bytes,
+    mut not_stored: Option<Bytes>,
     keeper: Option<LeaseKeeper>,
 ) {
     let give_up = later(Instant::now(), COMPLETION_RETRY_LIMIT);
@@ -613,20 +651,20 @@ async fn retry_completion(
                 tracing::error!(target: "idem", attempts, "the lease ran out before the result could be stored; a retry may run the work again");
                 break;
             }
-            Err(StoreError::RecordRefused { .. }) if record != not_stored => {
-                record = not_stored.clone();
+            Err(StoreError::RecordRefused { .. }) if not_stored.is_some() => {
+                record = not_stored.take().unwrap_or(record);
                 delay = Duration::ZERO;
             }
             Err(error) => {
                 // The store renews the lease but refuses this record: it will not take
                 // it, so the key records that the work ran, without its result.
-                if record != not_stored
+                if not_stored.is_some()
                     && keeper
                         .as_ref()
                         .is_some_and(|keeper| keeper.renewed_since(attempted_at))
                 {
                     tracing::warn!(target: "idem", %error, "the store renews the lease but refuses the result; a retry will be told it was not stored");
-                    record = not_stored.clone();
+                    record = not_stored.take().unwrap_or(record);
                     delay = Duration::ZERO;
                     continue;
                 }
