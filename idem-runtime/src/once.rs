@@ -445,6 +445,7 @@ impl Once {
                     self.ttl,
                     self.wait,
                     transaction,
+                    None,
                 )
             })
             .instrument(span.clone())

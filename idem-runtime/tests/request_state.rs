@@ -63,6 +63,7 @@ struct Effects {
     runs: Arc<Mutex<HashMap<&'static str, usize>>>,
     started: Arc<Notify>,
     gate: Arc<Notify>,
+    give_up: Arc<Notify>,
 }
 
 impl Effects {
@@ -269,6 +270,50 @@ async fn first_run_dropped(
         .await
 }
 
+/// Two guards: the first one's `run` is given up on by the handler (a timeout, a
+/// `select!`) when the test says so, and the handler falls back to the second with the
+/// same work.
+async fn first_given_up(
+    first: Idempotent,
+    second: Idempotent,
+    State(effects): State<Effects>,
+    _body: String,
+) -> Response {
+    // The first run waits for the gate; any other ends at once.
+    let work = |effects: Effects| async move {
+        let answer = effects.effect("first_given_up", "-".into(), "-".into());
+        if effects.runs("first_given_up") == 1 {
+            effects.started.notify_one();
+            effects.gate.notified().await;
+        }
+        answer
+    };
+    tokio::select! {
+        biased;
+        answer = first.run(work(effects.clone())) => return answer,
+        () = effects.give_up.notified() => {}
+    }
+    second.run(work(effects)).await
+}
+
+/// Two guards run side by side, each with the same work.
+async fn guards_joined(
+    first: Idempotent,
+    second: Idempotent,
+    State(effects): State<Effects>,
+    _body: String,
+) -> Response {
+    let work =
+        |effects: Effects| async move { effects.effect("guards_joined", "-".into(), "-".into()) };
+    let (first, second) = tokio::join!(first.run(work(effects.clone())), second.run(work(effects)));
+    let (first, second) = (read(first).await, read(second).await);
+    let body = serde_json::json!({
+        "first": [first.status.as_u16(), first.is_replay(), String::from_utf8_lossy(&first.body)],
+        "second": [second.status.as_u16(), second.is_replay(), String::from_utf8_lossy(&second.body)],
+    });
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
 /// `#[idempotent]` with a guard of its own inside; the work waits for the test's gate.
 #[idempotent]
 async fn doubled_gated(extra: Guard, State(effects): State<Effects>, _body: String) -> Response {
@@ -315,6 +360,8 @@ fn app(idem: &Idempotency, effects: &Effects) -> Router {
         .route("/first_guard_dropped", post(first_guard_dropped))
         .route("/first_run_dropped", post(first_run_dropped))
         .route("/doubled_gated", post(doubled_gated))
+        .route("/first_given_up", post(first_given_up))
+        .route("/guards_joined", post(guards_joined))
         .with_state(effects.clone())
         .layer(idem.layer())
 }
@@ -677,6 +724,106 @@ async fn the_second_guard_protects_when_the_first_runs_future_is_dropped_unpolle
     assert_eq!(effects.runs("first_run_dropped"), 1);
 }
 
+/// Attack (a defect once shown): a guard whose `run` future is polled, sends its claim and
+/// is dropped before the claim is answered (here the claim is lost on its way) takes
+/// nothing from the request: the second guard protects the work, and a retry replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_second_guard_protects_when_the_first_runs_future_is_dropped_mid_claim() {
+    let store = MemoryStore::new();
+    let gates = Arc::new(common::Gates::default());
+    gates
+        .hang_begins
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let idem = Idempotency::builder()
+        .shared_scope(true)
+        .store(common::Gated::new(Arc::new(store.clone()), gates.clone()))
+        .build();
+    let effects = Effects::default();
+    let app = app(&idem, &effects);
+    let request = || request("/first_given_up", Auth::Nobody, Some("m-1"));
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request()).await }
+    });
+    // The first guard's claim never answers: the handler gives up on it.
+    effects.give_up.notify_one();
+    effects.started.notified().await;
+    effects.gate.notify_one();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED, "{}", text(&first));
+    for _ in 0..3 {
+        let retry = send(&app, request()).await;
+        assert!(retry.is_replay(), "{}", text(&retry));
+        assert_eq!(retry.body, first.body);
+    }
+    assert_eq!(effects.runs("first_given_up"), 1);
+}
+
+/// Attack (a defect once shown): a guard given up on while its work runs leaves the work
+/// running to the end (it holds the key); the second guard must not run it again beside
+/// it. It is told the key is in flight, and the retry replays the first run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_guard_never_runs_the_work_beside_a_first_given_up_mid_work() {
+    let store = MemoryStore::new();
+    let idem = Idempotency::builder()
+        .shared_scope(true)
+        .store(store.clone())
+        .build();
+    let effects = Effects::default();
+    let app = app(&idem, &effects);
+    let request = || request("/first_given_up", Auth::Nobody, Some("w-1"));
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request()).await }
+    });
+    // The first guard's work runs; the handler gives up on it and tries the second.
+    effects.started.notified().await;
+    effects.give_up.notify_one();
+    let first = first.await.unwrap();
+    first.assert_problem(StatusCode::CONFLICT, Problem::IN_FLIGHT);
+    assert_eq!(effects.runs("first_given_up"), 1);
+    // The first run, on in a task of its own, ends and stores its response.
+    effects.gate.notify_one();
+    common::until(|| {
+        store.run_pending_tasks();
+        store.claim_count() == 0
+    })
+    .await;
+    for _ in 0..3 {
+        let retry = send(&app, request()).await;
+        assert!(retry.is_replay(), "{}", text(&retry));
+        assert_eq!(retry.status, StatusCode::CREATED);
+    }
+    assert_eq!(effects.runs("first_given_up"), 1);
+}
+
+/// Attack (a defect once shown): two guards of one request run side by side: the work
+/// runs once, the other guard answers with its replay, and retries replay both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_guards_side_by_side_run_the_work_once() {
+    let idem = Idempotency::builder().shared_scope(true).build();
+    let effects = Effects::default();
+    let app = app(&idem, &effects);
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let answer = send(&app, request("/guards_joined", Auth::Nobody, Some("j-1"))).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", text(&answer));
+        answers.push(answer.json());
+    }
+    assert_eq!(effects.runs("guards_joined"), 1, "{answers:#?}");
+    let ran = &answers[0]["first"];
+    assert_eq!(ran[0], 201, "{answers:#?}");
+    for answer in &answers {
+        for guard in ["first", "second"] {
+            assert_eq!(answer[guard][0], 201, "{answers:#?}");
+            assert_eq!(
+                answer[guard][2], ran[2],
+                "one response for every guard: {answers:#?}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. Replay byte for byte, and records that do not read.
 
@@ -985,6 +1132,7 @@ async fn a_response_with_many_header_values_replays_without_a_panic() {
 mod postgres {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
     use axum::Router;
     use axum::extract::State;
@@ -1078,6 +1226,29 @@ mod postgres {
         idem.run(async move { write(&app, &tx, &body).await }).await
     }
 
+    /// Two guards: with `x-give-up`, the first is polled once (its claim sent) and given
+    /// up on, then the second runs the same work; without, the first runs it.
+    async fn tx_fallback(
+        first: Idempotent,
+        second: Idempotent,
+        tx: PgTransaction,
+        State(app): State<App>,
+        headers: axum::http::HeaderMap,
+        body: String,
+    ) -> Response {
+        let work = |app: App, tx: PgTransaction, body: String| async move {
+            write(&app, &tx, &body).await
+        };
+        let first = first.run(work(app.clone(), tx.clone(), body.clone()));
+        if !headers.contains_key("x-give-up") {
+            return first.await;
+        }
+        if let Ok(answer) = tokio::time::timeout(Duration::ZERO, first).await {
+            return answer;
+        }
+        second.run(work(app, tx, body)).await
+    }
+
     /// The guard is dropped without `run`: nothing will commit the transaction.
     async fn tx_not_run(
         idem: Idempotent,
@@ -1101,9 +1272,56 @@ mod postgres {
             .route("/between", post(tx_between))
             .route("/twice", post(tx_twice))
             .route("/not_run", post(tx_not_run))
+            .route("/fallback", post(tx_fallback))
             .with_state(app.clone())
             .layer(db.idem().layer());
         (db, app, router)
+    }
+
+    /// Attack (a defect once shown): the first of two guards given up on after its claim
+    /// was sent, the second running the same work in the request's transaction. Whatever
+    /// the timing, every `201` is written, nothing is written twice, and the client's
+    /// retries (told `409` while the given-up claim is still held) soon end in the one
+    /// result: the given-up claim is released when it lands, not left to its lease.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_guard_given_up_mid_claim_never_doubles_or_loses_the_write() {
+        let (db, _app, router) = setup("rs_tx_fallback").await;
+        for round in 0..5 {
+            let body = format!("fallback {round}");
+            let key = format!("f-{round}");
+            let mut answers = Vec::new();
+            let mut give_up = true;
+            // Up to 5 s of retries, 20 ms apart; a lease is 30 s.
+            for _ in 0..250 {
+                let mut request = post_with("/fallback", Some(&key), &body);
+                if give_up {
+                    request
+                        .headers_mut()
+                        .insert("x-give-up", "1".parse().unwrap());
+                }
+                give_up = false;
+                let answer = send(&router, request).await;
+                let replay = answer.is_replay();
+                answers.push((answer.status.as_u16(), replay));
+                if answer.status == StatusCode::CREATED {
+                    assert_eq!(answer.body, format!("wrote {body}"), "{answers:?}");
+                    let notes = db.notes().await;
+                    assert_eq!(
+                        notes.iter().filter(|note| **note == body).count(),
+                        1,
+                        "{notes:?} after {answers:?}"
+                    );
+                    if replay {
+                        break;
+                    }
+                } else {
+                    answer.assert_problem(StatusCode::CONFLICT, Problem::IN_FLIGHT);
+                    // The client's back-off before its retry.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            assert_eq!(answers.last(), Some(&(201, true)), "{answers:?}");
+        }
     }
 
     /// `PgTransaction` taken after the guard, before it, and between two guards: idem

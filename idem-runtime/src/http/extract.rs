@@ -20,7 +20,8 @@ use crate::config::{Idempotency, defaults};
 use crate::fingerprint::Fingerprint;
 use crate::key::ScopedKey;
 use crate::metrics::Outcome;
-use crate::protocol::{self, Begun, TransactionSlot};
+use crate::protocol::{self, Begun, Claiming, TransactionSlot, Turn};
+use crate::store::BoxFuture;
 
 /// [`defaults::TTL`] in seconds, the default of [`Idempotent`]'s `TTL_SECS`.
 const DEFAULT_TTL_SECS: u64 = defaults::TTL.as_secs();
@@ -104,25 +105,57 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         F: Future<Output = R> + Send + 'static,
         R: IntoResponse + 'static,
     {
-        let transaction = self.transaction;
+        let request = self.transaction;
         // From here idem finishes the transaction, whatever the answer: a transaction
         // beside a guard whose `run` is never called refuses to be used.
-        transaction.finished_by_idem();
+        request.finished_by_idem();
         let Some(prepared) = self.prepared else {
-            return Either::Left(Either::Left(unkeyed(work, transaction)));
+            return Either::Left(Either::Left(unkeyed(work, request)));
         };
-        // Every guard of one request shares its transaction slot: the first `run` protects,
-        // any other runs its work as it is (a guard taken by hand beside the attribute
-        // never locks it out).
-        if !transaction.first_guard() {
-            // The first guard of this request holds the key and finishes the transaction.
+        // A guard started inside the work of another guard of this request (one taken by
+        // hand inside `#[idempotent]`'s work) runs its work as it is: the other holds the
+        // key and finishes the transaction.
+        if request.inside_work() {
             return Either::Left(Either::Right(work.map(IntoResponse::into_response)));
         }
+        // Any other guard claims the key for its work. The first whose work runs finishes
+        // the request's transaction; while another guard's claim is under way, this one
+        // waits to know whether that one runs its work.
+        match request.try_turn() {
+            Ok(turn) => Either::Right(Either::Left(Self::keyed(prepared, request, turn, work))),
+            Err(Claiming) => {
+                // Boxed: two guards of one request claiming at once is rare.
+                let waiting: BoxFuture<'static, Response> = Box::pin(async move {
+                    let turn = request.turn().await;
+                    Self::keyed(prepared, request, turn, work).await
+                });
+                Either::Right(Either::Right(waiting))
+            }
+        }
+    }
+
+    /// A keyed request's guard, from its claim on. With the `turn`, it finishes the
+    /// request's transaction (the execution holds the turn until the work runs); without
+    /// it, another guard's work ran under the turn, and this one finishes none.
+    fn keyed<F, R>(
+        prepared: Prepared,
+        request: TransactionSlot,
+        turn: Option<Turn>,
+        work: F,
+    ) -> impl Future<Output = Response> + Send + 'static
+    where
+        F: Future<Output = R> + Send + 'static,
+        R: IntoResponse + 'static,
+    {
         let Prepared {
             idem,
             key,
             fingerprint,
         } = prepared;
+        let transaction = match &turn {
+            Some(_) => request.clone(),
+            None => TransactionSlot::default(),
+        };
         let span =
             tracing::info_span!(target: "idem", "idem", key = %idem.logged_key(key.key(), &key));
         // `begin` answers from the local tier, or refuses, when called: in the span too.
@@ -134,11 +167,18 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
                 Self::TTL,
                 idem.settings().wait_for_in_flight,
                 transaction.clone(),
+                turn,
             )
         });
         // `then`, not an `async` block, which would hold the claim's future twice.
-        let keyed = begin.then(move |begun| after_begin(begun, idem, key, transaction, work));
-        Either::Right(keyed.instrument(span))
+        let guard = Guard {
+            idem,
+            key,
+            transaction,
+            request,
+        };
+        let keyed = begin.then(move |begun| after_begin(begun, guard, work));
+        keyed.instrument(span)
     }
 
     /// The key this request runs under, if it carried one.
@@ -161,24 +201,36 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
     }
 }
 
-/// What a keyed request does once [`protocol::begin`] has decided: runs the work holding
-/// the key, answers without running it, or runs it unprotected (fail-open).
-fn after_begin<F, R>(
-    begun: Begun,
+/// A keyed request's guard while its claim is under way.
+struct Guard {
     idem: Idempotency,
     key: ScopedKey,
+    /// The transaction this guard finishes: the request's with the `turn`, else none.
     transaction: TransactionSlot,
-    work: F,
-) -> impl Future<Output = Response>
+    /// The request's slot, shared by all its guards.
+    request: TransactionSlot,
+}
+
+/// What a keyed request does once [`protocol::begin`] has decided: runs the work holding
+/// the key, answers without running it, or runs it unprotected (fail-open).
+fn after_begin<F, R>(begun: Begun, guard: Guard, work: F) -> impl Future<Output = Response>
 where
     F: Future<Output = R> + Send + 'static,
     R: IntoResponse + 'static,
 {
+    let Guard {
+        idem,
+        key,
+        transaction,
+        request,
+    } = guard;
     let metrics = &idem.shared.metrics;
     let answer = match begun {
-        Begun::Execute(execution) => {
+        Begun::Execute(mut execution) => {
             metrics.request(Outcome::Executed);
+            execution.keep_turn();
             // The request's span, entered around every poll of the caller's future.
+            let work = request.around_work(work);
             let execution = first_execution(execution, work, tracing::Span::current());
             return Either::Left(Either::Left(execution));
         }
@@ -192,7 +244,7 @@ where
         }
         Begun::Unprotected => {
             metrics.request(Outcome::FailOpen);
-            return Either::Right(unkeyed(work, transaction));
+            return Either::Right(unkeyed(request.around_work(work), transaction));
         }
     };
     Either::Left(Either::Right(async move {

@@ -34,7 +34,7 @@ use self::step::{Step, later, store_step};
     not(any(feature = "postgres", feature = "sqlite")),
     allow(unused_imports)
 )]
-pub(crate) use self::transaction::{Committed, TransactionSlot, Transactional};
+pub(crate) use self::transaction::{Claiming, Committed, TransactionSlot, Transactional, Turn};
 use crate::config::Idempotency;
 use crate::fingerprint::Fingerprint;
 use crate::in_flight::Settling;
@@ -82,6 +82,10 @@ pub(crate) enum Answer {
 /// called, before its future is polled; the claim is made from the first poll on, and a
 /// future dropped before it claims nothing. The caller's span must be entered for both:
 /// the lease's renewals log in the span current when the claim is answered.
+///
+/// The execution holds the guard's `turn` to finish the request's transaction, if it has
+/// one: handed back when the execution ends without running the work, once a claim it
+/// sent is released.
 pub(crate) fn begin(
     idem: &Idempotency,
     key: ScopedKey,
@@ -89,6 +93,7 @@ pub(crate) fn begin(
     ttl: Duration,
     wait: Option<Duration>,
     transaction: TransactionSlot,
+    turn: Option<Turn>,
 ) -> impl Future<Output = Begun> + Send + use<> {
     let shared = &idem.shared;
     let settings = &shared.settings;
@@ -117,6 +122,7 @@ pub(crate) fn begin(
         keeper: None,
         settling: Some(shared.in_flight.settling()),
         transaction,
+        turn,
         stands_alone: false,
     };
     Either::Right(claim(execution, wait))
@@ -140,6 +146,9 @@ fn claim(mut execution: Execution, wait: Option<Duration>) -> impl Future<Output
         // unprotected (fail-open): the other request may still be running.
         let mut seen_in_flight = false;
         loop {
+            // Dropped before its answer, the claim may still be applied after a release
+            // sent then (a statement in flight on another connection).
+            execution.claim_may_land = true;
             let Execution {
                 idem,
                 key,
@@ -225,6 +234,7 @@ fn claim(mut execution: Execution, wait: Option<Duration>) -> impl Future<Output
             let keeper = LeaseKeeper::start(idem, key, claim, held_from, tracing::Span::current());
             execution.keeper = Some(keeper);
             execution.settling = None;
+            execution.claim_may_land = false;
             return Begun::Execute(execution);
         }
     }
@@ -294,7 +304,8 @@ pub(crate) struct Execution {
     /// after a `begin` the store failed: the claim is then most likely not there, and one
     /// retrying task per refused request would pile up for as long as the outage lasts.
     persist_release: bool,
-    /// The claim's `begin` timed out: it may still be applied, after its release.
+    /// The claim's `begin` timed out, or has not answered yet: it may still be applied,
+    /// after its release.
     claim_may_land: bool,
     /// Renews the lease from the moment of the claim until the execution ends.
     keeper: Option<LeaseKeeper>,
@@ -304,6 +315,11 @@ pub(crate) struct Execution {
     /// The transaction the work writes in, if it takes one: the completion is written
     /// and committed in it.
     transaction: TransactionSlot,
+    /// The guard's turn to finish the request's transaction, until its work runs (see
+    /// [`TransactionSlot::turn`]). Dropped after the release of a claim this execution
+    /// sent and did not run the work under: until then, another guard of the request
+    /// would find the key held.
+    turn: Option<Turn>,
     /// Whether the result holds without the work's writes (a refusal).
     stands_alone: bool,
 }
@@ -381,6 +397,14 @@ impl Execution {
             self.transaction
                 .roll_back(self.idem.settings().store_timeout),
         )
+    }
+
+    /// The work runs: the guard's turn to finish the request's transaction is its for
+    /// good.
+    pub(crate) fn keep_turn(&mut self) {
+        if let Some(turn) = self.turn.take() {
+            turn.keep();
+        }
     }
 
     /// Whether the work took a transaction of its own (whose commit the completion is).
@@ -547,6 +571,7 @@ impl Execution {
     /// A release on `Drop` is tried once, not retried until the store takes it.
     fn release_once(&mut self) {
         self.persist_release = false;
+        self.claim_may_land = false;
     }
 
     /// Nothing is released on `Drop`: the key does not hold this execution's claim.
@@ -593,13 +618,15 @@ impl Drop for Execution {
                 .settling
                 .take()
                 .unwrap_or_else(|| idem.shared.in_flight.settling());
+            // Handed back once the claim is released, not before.
+            let turn = self.turn.take();
             if self.claim_may_land
                 && let Some(slot) = LateRelease::take()
             {
                 runtime.spawn(
                     async move {
                         let _slot = slot;
-                        release_late_claim(&idem, &key, &claim, settling).await;
+                        release_late_claim(&idem, &key, &claim, settling, turn).await;
                     }
                     .in_current_span(),
                 );
@@ -610,6 +637,7 @@ impl Drop for Execution {
                 async move {
                     let _settling = settling;
                     release(&idem, &key, &claim, persist).await;
+                    drop(turn);
                 }
                 .in_current_span(),
             );
@@ -723,22 +751,25 @@ impl Drop for LateRelease {
     }
 }
 
-/// Releases a claim whose `begin` timed out, and so may be applied by the store after
-/// any release sent now: releases until one finds the claim and deletes it, or until a
-/// lease has passed (a claim that landed has run out by then). Backs off from 100 ms to
-/// 2 s between attempts. A shutdown waits for the first attempt (`settling`), not for the
-/// rest: the claim most likely never landed, and they could only end with the lease.
+/// Releases a claim whose `begin` timed out or went unanswered, and so may be applied by
+/// the store after any release sent now: releases until one finds the claim and deletes
+/// it, or until a lease has passed (a claim that landed has run out by then). Backs off
+/// from 100 ms to 2 s between attempts. A shutdown waits for the first attempt
+/// (`settling`), not for the rest: the claim most likely never landed, and they could
+/// only end with the lease. The request's other guards wait for it too (`turn`).
 async fn release_late_claim(
     idem: &Idempotency,
     key: &ScopedKey,
     claim: &Bytes,
     settling: Settling,
+    turn: Option<Turn>,
 ) {
     let gone_by = later(Instant::now(), idem.settings().lease);
     let mut delay = Duration::from_millis(100);
     let release = || store_step(idem, Step::Release, idem.release_call(key.as_str(), claim));
     let mut released = release().await;
     drop(settling);
+    drop(turn);
     loop {
         if let Ok(true) = released {
             tracing::info!(target: "idem", "released a claim that landed after its begin timed out");

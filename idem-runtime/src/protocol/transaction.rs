@@ -3,11 +3,17 @@
 //! writes, or both roll back. The front door sees only a [`TransactionSlot`]; a store
 //! that can do this fills it (see `store::PgTransaction` and `store::SqliteTransaction`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use pin_project_lite::pin_project;
+use tokio::sync::Notify;
 
 use crate::store::{BoxFuture, StoreError};
 
@@ -64,9 +70,13 @@ pub(crate) struct TransactionSlot(Arc<Slot>);
 #[derive(Default)]
 struct Slot {
     transaction: Mutex<Option<Arc<dyn Transactional>>>,
-    /// Taken by the first guard of a request that runs its work: that one protects it
-    /// and finishes the transaction.
-    guarded: AtomicBool,
+    /// Which guard of the request finishes the transaction: none yet ([`FREE`]), one
+    /// whose claim is under way ([`CLAIMING`]: handed back if it never runs its work), or
+    /// one whose work ran ([`OWNED`], for good).
+    owner: AtomicU8,
+    /// Woken when a guard whose claim was under way keeps the transaction or hands it
+    /// back.
+    owner_settled: Notify,
     /// The flag a transaction handed out through this slot checks before it is used,
     /// made when the first one is handed out. Not in `Slot` itself: the transaction it
     /// is given to sits in this slot.
@@ -85,10 +95,51 @@ impl TransactionSlot {
         true
     }
 
-    /// `true` for the first caller only: the guard that protects the work and finishes
-    /// its transaction.
-    pub(crate) fn first_guard(&self) -> bool {
-        !self.0.guarded.swap(true, Ordering::AcqRel)
+    /// The turn to finish the request's transaction, for a guard that protects its own
+    /// work (see [`inside_work`](Self::inside_work)): `Some` while no other guard of the
+    /// request holds it, after waiting out one whose claim is under way; `None` once a
+    /// guard's work ran under it. A turn dropped before its work runs (the guard's future
+    /// was dropped mid-claim, or it answered without running the work) is handed back.
+    pub(crate) async fn turn(&self) -> Option<Turn> {
+        loop {
+            let settled = self.0.owner_settled.notified();
+            let mut settled = std::pin::pin!(settled);
+            settled.as_mut().enable();
+            match self.try_turn() {
+                Ok(turn) => return turn,
+                Err(Claiming) => settled.await,
+            }
+        }
+    }
+
+    /// [`turn`](Self::turn) without waiting: `Err` while another guard's claim is under
+    /// way.
+    pub(crate) fn try_turn(&self) -> Result<Option<Turn>, Claiming> {
+        match self
+            .0
+            .owner
+            .compare_exchange(FREE, CLAIMING, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => Ok(Some(Turn(self.clone()))),
+            Err(OWNED) => Ok(None),
+            Err(_) => Err(Claiming),
+        }
+    }
+
+    /// Whether this thread is polling the work of a guard of this request: a guard
+    /// started there (one taken by hand inside the work of `#[idempotent]`) runs its work
+    /// as it is, under the key the outer guard holds.
+    pub(crate) fn inside_work(&self) -> bool {
+        POLLING_WORK.get() == Arc::as_ptr(&self.0).cast()
+    }
+
+    /// `work`, polled as the work of a guard of this request (see
+    /// [`inside_work`](Self::inside_work)).
+    pub(crate) fn around_work<F>(&self, work: F) -> AroundWork<F> {
+        AroundWork {
+            work,
+            slot: self.clone(),
+        }
     }
 
     /// The flag the work's transaction checks before it is used: set by
@@ -154,6 +205,72 @@ impl TransactionSlot {
         if let Some(transaction) = self.take() {
             roll_back_within(transaction.as_ref(), within).await;
         }
+    }
+}
+
+/// No guard of the request holds the turn to finish its transaction.
+const FREE: u8 = 0;
+/// A guard holds the turn while its claim is under way.
+const CLAIMING: u8 = 1;
+/// A guard's work ran holding the turn.
+const OWNED: u8 = 2;
+
+/// Another guard of the request holds the turn while its claim is under way.
+pub(crate) struct Claiming;
+
+/// A guard's turn to finish the request's transaction (see [`TransactionSlot::turn`]).
+pub(crate) struct Turn(TransactionSlot);
+
+impl Turn {
+    /// The guard's work runs: the turn is its for good.
+    pub(crate) fn keep(self) {
+        self.0.0.owner.store(OWNED, Ordering::Release);
+        self.0.0.owner_settled.notify_waiters();
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        // Not kept: handed back, for the next guard.
+        let slot = &self.0.0;
+        if slot
+            .owner
+            .compare_exchange(CLAIMING, FREE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            slot.owner_settled.notify_waiters();
+        }
+    }
+}
+
+thread_local! {
+    /// The slot of the request whose guard's work this thread is polling, if any.
+    static POLLING_WORK: Cell<*const ()> = const { Cell::new(std::ptr::null()) };
+}
+
+pin_project! {
+    /// A guard's work, marked as such while it is polled.
+    pub(crate) struct AroundWork<F> {
+        #[pin]
+        work: F,
+        slot: TransactionSlot,
+    }
+}
+
+impl<F: Future> Future for AroundWork<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        /// Puts the mark back as it was, however the poll ends (a panic included).
+        struct Restore(*const ());
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                POLLING_WORK.set(self.0);
+            }
+        }
+        let this = self.project();
+        let _restore = Restore(POLLING_WORK.replace(Arc::as_ptr(&this.slot.0).cast()));
+        this.work.poll(cx)
     }
 }
 
