@@ -75,8 +75,10 @@ struct Slot {
     /// one whose work ran ([`OWNED`], for good).
     owner: AtomicU8,
     /// Woken when a guard whose claim was under way keeps the transaction or hands it
-    /// back.
+    /// back, once a guard waits for that (`awaited`: most requests have one guard, and
+    /// never pay for a wake-up).
     owner_settled: Notify,
+    awaited: AtomicBool,
     /// The flag a transaction handed out through this slot checks before it is used,
     /// made when the first one is handed out. Not in `Slot` itself: the transaction it
     /// is given to sits in this slot.
@@ -105,6 +107,9 @@ impl TransactionSlot {
             let settled = self.0.owner_settled.notified();
             let mut settled = std::pin::pin!(settled);
             settled.as_mut().enable();
+            // With the owner's store and load, sequentially consistent: either this reads
+            // the turn settled, or the guard that settles it reads that this one waits.
+            self.0.awaited.store(true, Ordering::SeqCst);
             match self.try_turn() {
                 Ok(turn) => return turn,
                 Err(Claiming) => settled.await,
@@ -118,7 +123,7 @@ impl TransactionSlot {
         match self
             .0
             .owner
-            .compare_exchange(FREE, CLAIMING, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(FREE, CLAIMING, Ordering::SeqCst, Ordering::SeqCst)
         {
             Ok(_) => Ok(Some(Turn(self.clone()))),
             Err(OWNED) => Ok(None),
@@ -224,8 +229,18 @@ pub(crate) struct Turn(TransactionSlot);
 impl Turn {
     /// The guard's work runs: the turn is its for good.
     pub(crate) fn keep(self) {
-        self.0.0.owner.store(OWNED, Ordering::Release);
-        self.0.0.owner_settled.notify_waiters();
+        let slot = &self.0.0;
+        slot.owner.store(OWNED, Ordering::SeqCst);
+        slot.settled();
+    }
+}
+
+impl Slot {
+    /// Wakes the guards waiting for the turn to settle, if any waits.
+    fn settled(&self) {
+        if self.awaited.load(Ordering::SeqCst) {
+            self.owner_settled.notify_waiters();
+        }
     }
 }
 
@@ -235,10 +250,10 @@ impl Drop for Turn {
         let slot = &self.0.0;
         if slot
             .owner
-            .compare_exchange(CLAIMING, FREE, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(CLAIMING, FREE, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
         {
-            slot.owner_settled.notify_waiters();
+            slot.settled();
         }
     }
 }
