@@ -459,7 +459,7 @@ impl Once {
                     .await
             }
             Begun::Answer(answer) | Begun::Local(answer) => stored(answer, &errors),
-            Begun::Unprotected => Err(OnceError::Unavailable),
+            Begun::Unprotected(_) => Err(OnceError::Unavailable),
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::config::{Idempotency, defaults};
 use crate::fingerprint::Fingerprint;
 use crate::key::ScopedKey;
 use crate::metrics::Outcome;
-use crate::protocol::{self, Begun, Claiming, TransactionSlot, Turn};
+use crate::protocol::{self, Begun, Guarding, Running, TransactionSlot, Turn};
 use crate::store::BoxFuture;
 
 /// [`defaults::TTL`] in seconds, the default of [`Idempotent`]'s `TTL_SECS`.
@@ -112,26 +112,52 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         let Some(prepared) = self.prepared else {
             return Either::Left(Either::Left(unkeyed(work, request)));
         };
-        // A guard started inside the work of another guard of this request (one taken by
-        // hand inside `#[idempotent]`'s work) runs its work as it is: the other holds the
-        // key and finishes the transaction.
-        if request.inside_work() {
-            return Either::Left(Either::Right(work.map(IntoResponse::into_response)));
-        }
-        // Any other guard claims the key for its work. The first whose work runs finishes
-        // the request's transaction; while another guard's claim is under way, this one
-        // waits to know whether that one runs its work.
-        match request.try_turn() {
-            Ok(turn) => Either::Right(Either::Left(Self::keyed(prepared, request, turn, work))),
-            Err(Claiming) => {
-                // Boxed: two guards of one request claiming at once is rare.
+        // Every guard of the request shares its slot, which says what this one does: pass
+        // its work through under another guard's key (inside or beside that one's running
+        // work), claim the key (the first whose work runs finishes the request's
+        // transaction), or wait while another guard's claim is under way.
+        match request.guarding() {
+            Guarding::Wait => {
+                // Boxed: two guards of one request claiming at once is rare. Bounded: a
+                // guard whose future is kept without being polled never settles its claim.
+                let settings = prepared.idem.settings();
+                let within = settings.store_timeout.saturating_mul(2);
+                let retry_after = settings.retry_after_secs();
                 let waiting: BoxFuture<'static, Response> = Box::pin(async move {
-                    let turn = request.turn().await;
-                    Self::keyed(prepared, request, turn, work).await
+                    match tokio::time::timeout(within, request.settled()).await {
+                        Ok(guarding) => Self::guarded(prepared, request, guarding, work).await,
+                        Err(_) => {
+                            tracing::error!(target: "idem", "another guard of this request holds its claim unanswered (is its `run` future kept without being polled?); answering 503");
+                            Problem::store_unavailable(retry_after).into_response()
+                        }
+                    }
                 });
-                Either::Right(Either::Right(waiting))
+                Either::Left(Either::Right(waiting))
             }
+            guarding => Either::Right(Self::guarded(prepared, request, guarding, work)),
         }
+    }
+
+    /// A keyed request's guard, as [`TransactionSlot::guarding`] decided.
+    fn guarded<F, R>(
+        prepared: Prepared,
+        request: TransactionSlot,
+        guarding: Guarding,
+        work: F,
+    ) -> impl Future<Output = Response> + Send + 'static
+    where
+        F: Future<Output = R> + Send + 'static,
+        R: IntoResponse + 'static,
+    {
+        let turn = match guarding {
+            Guarding::PassThrough => {
+                return Either::Left(work.map(IntoResponse::into_response));
+            }
+            Guarding::Turn(turn) => Some(turn),
+            // `Wait` is settled by the caller; were it not, claiming is the safe answer.
+            Guarding::Claim | Guarding::Wait => None,
+        };
+        Either::Right(Self::keyed(prepared, request, turn, work))
     }
 
     /// A keyed request's guard, from its claim on. With the `turn`, it finishes the
@@ -228,11 +254,13 @@ where
     let answer = match begun {
         Begun::Execute(mut execution) => {
             metrics.request(Outcome::Executed);
-            execution.keep_turn();
+            // The request's other guards pass their work through while this one's caller
+            // waits for it; the work itself moves on without its caller, if it must.
+            let running = execution.take_turn().map(Turn::run);
             // The request's span, entered around every poll of the caller's future.
             let work = request.around_work(work);
             let execution = first_execution(execution, work, tracing::Span::current());
-            return Either::Left(Either::Left(execution));
+            return Either::Left(Either::Left(while_running(execution, running)));
         }
         Begun::Answer(answer) => {
             metrics.request(Outcome::of(&answer));
@@ -242,15 +270,28 @@ where
             metrics.request(Outcome::of_local(&answer));
             answer
         }
-        Begun::Unprotected => {
+        Begun::Unprotected(turn) => {
             metrics.request(Outcome::FailOpen);
-            return Either::Right(unkeyed(request.around_work(work), transaction));
+            let running = turn.map(Turn::run);
+            let work = unkeyed(request.around_work(work), transaction);
+            return Either::Right(while_running(work, running));
         }
     };
     Either::Left(Either::Right(async move {
         transaction.roll_back(idem.settings().store_timeout).await;
         replay::answer(&idem, &key, answer)
     }))
+}
+
+/// `work`, holding `running` until it ends or is dropped.
+fn while_running<O>(
+    work: impl Future<Output = O>,
+    running: Option<Running>,
+) -> impl Future<Output = O> {
+    work.map(move |output| {
+        drop(running);
+        output
+    })
 }
 
 /// Runs work that holds no key; a transaction it took commits after it, unless it

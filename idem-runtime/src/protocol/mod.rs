@@ -34,7 +34,9 @@ use self::step::{Step, later, store_step};
     not(any(feature = "postgres", feature = "sqlite")),
     allow(unused_imports)
 )]
-pub(crate) use self::transaction::{Claiming, Committed, TransactionSlot, Transactional, Turn};
+pub(crate) use self::transaction::{
+    Committed, Guarding, Running, TransactionSlot, Transactional, Turn,
+};
 use crate::config::Idempotency;
 use crate::fingerprint::Fingerprint;
 use crate::in_flight::Settling;
@@ -51,8 +53,9 @@ pub(crate) enum Begun {
     /// The work does not run: the local tier holds the key's completed record, and the
     /// store was not asked.
     Local(Answer),
-    /// The store failed and fail-open is on: run the work without protection.
-    Unprotected,
+    /// The store failed and fail-open is on: run the work without protection, holding
+    /// the guard's turn to finish the request's transaction, if it had one.
+    Unprotected(Option<Turn>),
 }
 
 /// Why the work does not run.
@@ -171,7 +174,7 @@ fn claim(mut execution: Execution, wait: Option<Duration>) -> impl Future<Output
                 Err(error) => {
                     let answer = store_failed(idem, &error, seen_in_flight);
                     execution.claim_failed(&error);
-                    return answer;
+                    return execution.unprotected_with_turn(answer);
                 }
             };
             // The store may hand back this request's own claim: a `begin` applied twice
@@ -184,7 +187,8 @@ fn claim(mut execution: Execution, wait: Option<Duration>) -> impl Future<Output
                         Ok(Some(answer)) => return Begun::Answer(answer),
                         Ok(None) => seen_in_flight = true,
                         Err(error) => {
-                            return store_failed(&execution.idem, &error, seen_in_flight);
+                            let answer = store_failed(&execution.idem, &error, seen_in_flight);
+                            return execution.unprotected_with_turn(answer);
                         }
                     }
                 }
@@ -285,7 +289,7 @@ fn store_failed(idem: &Idempotency, error: &StoreError, seen_in_flight: bool) ->
         Begun::Answer(Answer::Unavailable)
     } else if idem.settings().fail_open {
         tracing::warn!(target: "idem", %error, "store failed; running unprotected (fail-open)");
-        Begun::Unprotected
+        Begun::Unprotected(None)
     } else {
         tracing::error!(target: "idem", %error, "store failed; refusing");
         Begun::Answer(Answer::Unavailable)
@@ -399,11 +403,18 @@ impl Execution {
         )
     }
 
-    /// The work runs: the guard's turn to finish the request's transaction is its for
-    /// good.
-    pub(crate) fn keep_turn(&mut self) {
-        if let Some(turn) = self.turn.take() {
-            turn.keep();
+    /// The guard's turn to finish the request's transaction, taken out as its work is
+    /// about to run.
+    pub(crate) fn take_turn(&mut self) -> Option<Turn> {
+        self.turn.take()
+    }
+
+    /// `answer`, with the guard's turn if it runs the work unprotected (fail-open): that
+    /// work writes in the request's transaction, which no other guard may then finish.
+    fn unprotected_with_turn(&mut self, answer: Begun) -> Begun {
+        match answer {
+            Begun::Unprotected(_) => Begun::Unprotected(self.turn.take()),
+            answer => answer,
         }
     }
 

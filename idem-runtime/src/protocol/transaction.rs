@@ -72,7 +72,7 @@ struct Slot {
     transaction: Mutex<Option<Arc<dyn Transactional>>>,
     /// Which guard of the request finishes the transaction: none yet ([`FREE`]), one
     /// whose claim is under way ([`CLAIMING`]: handed back if it never runs its work), or
-    /// one whose work ran ([`OWNED`], for good).
+    /// one whose work runs ([`RUNNING`]) or ran ([`ENDED`]), for good.
     owner: AtomicU8,
     /// Woken when a guard whose claim was under way keeps the transaction or hands it
     /// back, once a guard waits for that (`awaited`: most requests have one guard, and
@@ -97,12 +97,42 @@ impl TransactionSlot {
         true
     }
 
-    /// The turn to finish the request's transaction, for a guard that protects its own
-    /// work (see [`inside_work`](Self::inside_work)): `Some` while no other guard of the
-    /// request holds it, after waiting out one whose claim is under way; `None` once a
-    /// guard's work ran under it. A turn dropped before its work runs (the guard's future
-    /// was dropped mid-claim, or it answered without running the work) is handed back.
-    pub(crate) async fn turn(&self) -> Option<Turn> {
+    /// What a guard of the request does with its work, as its `run` starts:
+    ///
+    /// - started while this thread polls another guard's work (see
+    ///   [`inside_work`](Self::inside_work)), or while another guard's work runs with its
+    ///   caller still waiting for it (in a task the work spawned, or side by side), it
+    ///   passes its work through, under that one's key;
+    /// - while no guard holds the request's turn, it takes it: it claims the key, and the
+    ///   first guard whose work runs finishes the request's transaction;
+    /// - once a guard's work ran and ended, or its caller gave it up (the work runs on in
+    ///   a task of its own), it claims the key without the turn, and finishes no
+    ///   transaction: it is answered as a retry would be;
+    /// - while another guard's claim is under way, it waits to know
+    ///   ([`settled`](Self::settled)) if the request holds a transaction, and claims the
+    ///   key without the turn if not.
+    pub(crate) fn guarding(&self) -> Guarding {
+        if self.inside_work() {
+            return Guarding::PassThrough;
+        }
+        match self
+            .0
+            .owner
+            .compare_exchange(FREE, CLAIMING, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => Guarding::Turn(Turn(self.clone())),
+            Err(RUNNING) => Guarding::PassThrough,
+            Err(ENDED) => Guarding::Claim,
+            // Without a transaction to finish, there is nothing to wait for.
+            Err(_) if !self.is_filled() => Guarding::Claim,
+            Err(_) => Guarding::Wait,
+        }
+    }
+
+    /// [`guarding`](Self::guarding), once no other guard's claim is under way. A claim
+    /// given up on settles once it is released; one whose future is kept without being
+    /// polled never does, and the caller bounds the wait.
+    pub(crate) async fn settled(&self) -> Guarding {
         loop {
             let settled = self.0.owner_settled.notified();
             let mut settled = std::pin::pin!(settled);
@@ -110,24 +140,10 @@ impl TransactionSlot {
             // With the owner's store and load, sequentially consistent: either this reads
             // the turn settled, or the guard that settles it reads that this one waits.
             self.0.awaited.store(true, Ordering::SeqCst);
-            match self.try_turn() {
-                Ok(turn) => return turn,
-                Err(Claiming) => settled.await,
+            match self.guarding() {
+                Guarding::Wait => settled.await,
+                guarding => return guarding,
             }
-        }
-    }
-
-    /// [`turn`](Self::turn) without waiting: `Err` while another guard's claim is under
-    /// way.
-    pub(crate) fn try_turn(&self) -> Result<Option<Turn>, Claiming> {
-        match self
-            .0
-            .owner
-            .compare_exchange(FREE, CLAIMING, Ordering::SeqCst, Ordering::SeqCst)
-        {
-            Ok(_) => Ok(Some(Turn(self.clone()))),
-            Err(OWNED) => Ok(None),
-            Err(_) => Err(Claiming),
         }
     }
 
@@ -217,20 +233,46 @@ impl TransactionSlot {
 const FREE: u8 = 0;
 /// A guard holds the turn while its claim is under way.
 const CLAIMING: u8 = 1;
-/// A guard's work ran holding the turn.
-const OWNED: u8 = 2;
+/// A guard's work runs holding the turn, its caller waiting for it.
+const RUNNING: u8 = 2;
+/// A guard's work ran holding the turn, and ended or was given up by its caller.
+const ENDED: u8 = 3;
 
-/// Another guard of the request holds the turn while its claim is under way.
-pub(crate) struct Claiming;
+/// What a guard does with its work (see [`TransactionSlot::guarding`]).
+pub(crate) enum Guarding {
+    /// Claims the key holding the request's turn.
+    Turn(Turn),
+    /// Runs the work as it is, under another guard's key.
+    PassThrough,
+    /// Claims the key without the turn.
+    Claim,
+    /// Waits for another guard's claim to settle.
+    Wait,
+}
 
-/// A guard's turn to finish the request's transaction (see [`TransactionSlot::turn`]).
+/// A guard's turn to finish the request's transaction while its claim is under way (see
+/// [`TransactionSlot::guarding`]). Dropped, it is handed back for the next guard.
 pub(crate) struct Turn(TransactionSlot);
 
 impl Turn {
-    /// The guard's work runs: the turn is its for good.
-    pub(crate) fn keep(self) {
+    /// The guard's work runs: the turn is its for good, and the request's other guards
+    /// pass their work through until the returned [`Running`] is dropped (when the work
+    /// ends, or its caller gives it up).
+    pub(crate) fn run(self) -> Running {
         let slot = &self.0.0;
-        slot.owner.store(OWNED, Ordering::SeqCst);
+        slot.owner.store(RUNNING, Ordering::SeqCst);
+        slot.settled();
+        Running(self.0.clone())
+    }
+}
+
+/// A guard's work running holding the request's turn, its caller waiting for it.
+pub(crate) struct Running(TransactionSlot);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let slot = &self.0.0;
+        slot.owner.store(ENDED, Ordering::SeqCst);
         slot.settled();
     }
 }
@@ -246,7 +288,7 @@ impl Slot {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        // Not kept: handed back, for the next guard.
+        // Not run: handed back, for the next guard.
         let slot = &self.0.0;
         if slot
             .owner

@@ -807,6 +807,10 @@ impl Store for Gated {
             self.inner.release(key, claim).await
         })
     }
+    /// The inner store's: a database store's transactions write through it, ungated.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        self.inner.as_any()
+    }
 }
 
 /// A store whose `begin` is applied at once but answered some time later: a slow network,
