@@ -112,16 +112,15 @@ impl TransactionSlot {
     ///   ([`settled`](Self::settled)) if the request holds a transaction, and claims the
     ///   key without the turn if not.
     pub(crate) fn guarding(&self) -> Guarding {
-        if self.inside_work() {
-            return Guarding::PassThrough;
-        }
         match self
             .0
             .owner
             .compare_exchange(FREE, CLAIMING, Ordering::SeqCst, Ordering::SeqCst)
         {
+            // Free: no guard's work runs, so none is polled here.
             Ok(_) => Guarding::Turn(Turn(self.clone())),
             Err(RUNNING) => Guarding::PassThrough,
+            Err(_) if self.inside_work() => Guarding::PassThrough,
             Err(ENDED) => Guarding::Claim,
             // Without a transaction to finish, there is nothing to wait for.
             Err(_) if !self.is_filled() => Guarding::Claim,
