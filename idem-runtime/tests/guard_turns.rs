@@ -13,11 +13,12 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use common::{Gated, Gates, post_with, send};
 use idem_runtime::store::MemoryStore;
 use idem_runtime::{Idempotency, Idempotent, idempotent};
+use tokio::sync::Notify;
 
 #[derive(Clone, Default)]
 struct Runs(Arc<AtomicUsize>);
@@ -105,25 +106,238 @@ async fn a_second_guard_never_waits_for_a_first_kept_aside_mid_claim() {
 }
 
 /// Guards (a defect once shown): a guard run in a task spawned from `#[idempotent]`'s
-/// work passes its work through under the key the outer guard holds (it was answered
-/// 409, and that 409 stored as the key's response).
+/// work, which idem cannot tell from one run beside it, is refused (`500`): its work never
+/// runs, and nothing is stored for the key (it claimed the key the outer guard held, was
+/// answered `409`, and that `409` was stored as the key's response).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_guard_run_in_a_task_spawned_from_the_work_runs_it() {
+async fn a_guard_run_in_a_task_spawned_from_the_work_is_refused_and_nothing_stored() {
     let idem = Idempotency::builder().shared_scope(true).build();
     let runs = Runs::default();
     let app = app(&idem, &runs);
-    let first = send(&app, post_with("/inner_spawned", Some("spawned-1"), "{}")).await;
-    let retry = send(&app, post_with("/inner_spawned", Some("spawned-1"), "{}")).await;
-    assert!(
-        first.status == StatusCode::CREATED && runs.0.load(Ordering::SeqCst) == 1,
-        "first answered {} {:?}; the work ran {} times; the retry answered {} (replay: {}) {:?}",
-        first.status,
-        String::from_utf8_lossy(&first.body),
-        runs.0.load(Ordering::SeqCst),
-        retry.status,
-        retry.is_replay(),
-        String::from_utf8_lossy(&retry.body),
+    for _ in 0..3 {
+        let answer = send(&app, post_with("/inner_spawned", Some("spawned-1"), "{}")).await;
+        assert!(!answer.is_replay(), "{answer:?}");
+        answer.assert_problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            idem_runtime::Problem::GUARD_CONFLICT,
+        );
+    }
+    assert_eq!(runs.0.load(Ordering::SeqCst), 0);
+}
+
+#[derive(Clone, Default)]
+struct St {
+    runs: Arc<AtomicUsize>,
+    started: Arc<Notify>,
+    hold: Arc<Notify>,
+    a_runs: Arc<AtomicUsize>,
+    a_fail: Arc<Notify>,
+    b_runs: Arc<AtomicUsize>,
+}
+
+/// The first guard's work starts, then pauses; the handler, seeing it started, keeps its
+/// future aside (a `select!` on `&mut first`) and falls back to the second guard.
+async fn kept_aside_mid_work(
+    first: Idempotent,
+    second: Idempotent,
+    State(s): State<St>,
+    _body: String,
+) -> Response {
+    let first_work = {
+        let s = s.clone();
+        async move {
+            let n = s.runs.fetch_add(1, Ordering::SeqCst) + 1;
+            s.started.notify_one();
+            s.hold.notified().await;
+            (StatusCode::CREATED, format!("run {n}"))
+        }
+    };
+    let first = first.run(first_work);
+    let mut first = std::pin::pin!(first);
+    tokio::select! {
+        biased;
+        answer = &mut first => return answer,
+        () = s.started.notified() => {}
+    }
+    let second_work = {
+        let s = s.clone();
+        async move {
+            let n = s.runs.fetch_add(1, Ordering::SeqCst) + 1;
+            (StatusCode::CREATED, format!("run {n}"))
+        }
+    };
+    second.run(second_work).await
+}
+
+/// Two guards side by side: the second starts once the first one's work runs; the first
+/// one's work answers 500 (the key released) on the first request, 201 after.
+async fn beside(
+    first: Idempotent,
+    second: Idempotent,
+    State(s): State<St>,
+    _body: String,
+) -> Response {
+    let first_work = {
+        let s = s.clone();
+        async move {
+            let n = s.a_runs.fetch_add(1, Ordering::SeqCst);
+            s.started.notify_one();
+            if n == 0 {
+                s.a_fail.notified().await;
+                (StatusCode::INTERNAL_SERVER_ERROR, "a failed".to_owned())
+            } else {
+                (StatusCode::CREATED, "a done".to_owned())
+            }
+        }
+    };
+    let second_work = {
+        let s = s.clone();
+        async move {
+            s.b_runs.fetch_add(1, Ordering::SeqCst);
+            (StatusCode::CREATED, "b done".to_owned())
+        }
+    };
+    let second = {
+        let s = s.clone();
+        async move {
+            s.started.notified().await;
+            let answer = second.run(second_work).await;
+            s.a_fail.notify_one();
+            answer
+        }
+    };
+    let (a, b) = tokio::join!(first.run(first_work), second);
+    let (a, b) = (common::read(a).await, common::read(b).await);
+    let body = serde_json::json!({
+        "a": [a.status.as_u16(), String::from_utf8_lossy(&a.body)],
+        "b": [b.status.as_u16(), String::from_utf8_lossy(&b.body)],
+    });
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+/// Guards (a defect once shown): a first guard whose work started, then kept aside
+/// unpolled: the second guard is refused (it passed its work through, and the first one's
+/// work, detached when the handler returned, ran to the end too: the work ran twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_beside_an_owner_kept_aside_mid_work_is_refused() {
+    let idem = Idempotency::builder().shared_scope(true).build();
+    let s = St::default();
+    let app = Router::new()
+        .route("/kept_aside", post(kept_aside_mid_work))
+        .with_state(s.clone())
+        .layer(idem.layer());
+    let first = send(&app, post_with("/kept_aside", Some("aside-w-1"), "{}")).await;
+    first.assert_problem(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        idem_runtime::Problem::GUARD_CONFLICT,
     );
+    // The first guard's work, detached, ends now and stores its response.
+    s.hold.notify_one();
+    let mut retry = send(&app, post_with("/kept_aside", Some("aside-w-1"), "{}")).await;
+    // The client's back-off while the first run ends.
+    for _ in 0..200 {
+        if retry.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        retry = send(&app, post_with("/kept_aside", Some("aside-w-1"), "{}")).await;
+    }
+    assert!(retry.is_replay(), "{retry:?}");
+    assert_eq!(retry.body, "run 1");
+    assert_eq!(s.runs.load(Ordering::SeqCst), 1);
+}
+
+/// Guards (a defect once shown): a guard started beside another's running work is refused,
+/// whatever that work answers: it passed its work through, the other's `500` released the
+/// key while it ran, and a retry ran it again at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_beside_a_running_owner_never_runs_its_work() {
+    let idem = Idempotency::builder().shared_scope(true).build();
+    let s = St::default();
+    let app = Router::new()
+        .route("/beside", post(beside))
+        .with_state(s.clone())
+        .layer(idem.layer());
+    let first = send(&app, post_with("/beside", Some("beside-1"), "{}"))
+        .await
+        .json();
+    assert_eq!(first["a"][0], 500, "{first}");
+    assert_eq!(first["b"][0], 500, "{first}");
+    let retry = send(&app, post_with("/beside", Some("beside-1"), "{}"))
+        .await
+        .json();
+    assert_eq!(retry["a"], serde_json::json!([201, "a done"]), "{retry}");
+    // Started once the retry's first guard's work ended: answered with its replay.
+    assert_eq!(retry["b"], serde_json::json!([201, "a done"]), "{retry}");
+    assert_eq!(s.b_runs.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        s.a_runs.load(Ordering::SeqCst),
+        2,
+        "the 500 released the key"
+    );
+}
+
+#[derive(Clone, Default)]
+struct Spawning {
+    runs: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+    started: Arc<Notify>,
+    go: Arc<Notify>,
+}
+
+/// `#[idempotent]` whose work, on its first call once let go, runs a guard taken by hand
+/// in a task it spawns and awaits.
+#[idempotent]
+async fn spawns_late(extra: Guard, State(s): State<Spawning>, _body: String) -> Response {
+    if s.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+        s.started.notify_one();
+        s.go.notified().await;
+    }
+    let runs = s.runs.clone();
+    tokio::spawn(extra.run(async move {
+        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        (StatusCode::CREATED, format!("run {n}"))
+    }))
+    .await
+    .unwrap()
+}
+
+/// Guards (a defect once shown): the client hangs up while `#[idempotent]`'s work runs,
+/// and the work, on in a task of its own, starts a guard in a task it spawns: that guard
+/// is refused (`500`, so the key is released), never answered `409` by the key its own
+/// request holds (that `409` was stored as the key's response for its lifetime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_spawned_after_a_hang_up_never_stores_a_409() {
+    let idem = Idempotency::builder().shared_scope(true).build();
+    let s = Spawning::default();
+    let app = Router::new()
+        .route("/spawns_late", post(spawns_late))
+        .with_state(s.clone())
+        .layer(idem.layer());
+    let request = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post_with("/spawns_late", Some("hangup-1"), "{}")).await }
+    });
+    s.started.notified().await;
+    // The client hangs up.
+    request.abort();
+    let _ = request.await;
+    s.go.notify_one();
+    let mut retry = send(&app, post_with("/spawns_late", Some("hangup-1"), "{}")).await;
+    // The client's back-off while the first call's work ends.
+    for _ in 0..200 {
+        if retry.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        retry = send(&app, post_with("/spawns_late", Some("hangup-1"), "{}")).await;
+    }
+    assert!(!retry.is_replay(), "{retry:?}");
+    retry.assert_problem(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        idem_runtime::Problem::GUARD_CONFLICT,
+    );
+    assert_eq!(s.runs.load(Ordering::SeqCst), 0);
 }
 
 /// The first guard gets 20 ms, then is dropped; the handler falls back to the second.

@@ -272,3 +272,105 @@ async fn a_guard_kept_aside_mid_claim_holds_the_next_one_only_for_a_while() {
     assert_eq!(answers.last(), Some(&StatusCode::CREATED), "{answers:?}");
     assert_eq!(db.notes().await, ["paid"]);
 }
+
+#[derive(Clone)]
+struct Failing {
+    table: String,
+    started: Arc<Notify>,
+    hold: Arc<Notify>,
+    runs: Arc<AtomicUsize>,
+}
+
+async fn write(tx: &PgTransaction, table: &str, note: &str) -> Result<(), String> {
+    let mut conn = tx.conn().await.map_err(|e| e.to_string())?;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {table} (note) VALUES ('{note}')"
+    )))
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The first guard's work writes; on its first run it then pauses and fails (`500`), and
+/// the handler, seeing it started, keeps its future aside and falls back to the second
+/// guard, whose work would write and answer `201`.
+async fn aside_then_failing(
+    first: Idempotent,
+    second: Idempotent,
+    tx: PgTransaction,
+    State(app): State<Failing>,
+    _body: String,
+) -> Response {
+    let first_work = {
+        let (app, tx) = (app.clone(), tx.clone());
+        async move {
+            if let Err(e) = write(&tx, &app.table, "first").await {
+                return (StatusCode::INTERNAL_SERVER_ERROR, e);
+            }
+            // The first run pauses until the test lets it fail; later ones pay.
+            if app.runs.fetch_add(1, Ordering::SeqCst) > 0 {
+                return (StatusCode::CREATED, "paid (first guard)".to_owned());
+            }
+            app.started.notify_one();
+            app.hold.notified().await;
+            (StatusCode::INTERNAL_SERVER_ERROR, "first failed".to_owned())
+        }
+    };
+    let first = first.run(first_work);
+    let mut first = std::pin::pin!(first);
+    tokio::select! {
+        biased;
+        answer = &mut first => return answer,
+        () = app.started.notified() => {}
+    }
+    let second_work = async move {
+        match write(&tx, &app.table, "second").await {
+            Ok(()) => (StatusCode::CREATED, "paid (second guard)".to_owned()),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e),
+        }
+    };
+    second.run(second_work).await
+}
+
+/// Guards (a defect once shown): a guard beside another's work kept aside mid-work is
+/// refused, and writes nothing in the request's transaction (its work ran and answered
+/// `201` for a write the other's `500` then rolled back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_beside_a_kept_aside_owner_writes_nothing() {
+    let db = PaymentsDb::new("guard_turns_failing").await;
+    let app = Failing {
+        table: db.table(),
+        started: Arc::default(),
+        hold: Arc::default(),
+        runs: Arc::default(),
+    };
+    let router: Router = Router::new()
+        .route("/aside", post(aside_then_failing))
+        .with_state(app.clone())
+        .layer(db.idem().layer());
+    let answer = send(&router, post_with("/aside", Some("pg-aside-1"), "{}")).await;
+    answer.assert_problem(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        idem_runtime::Problem::GUARD_CONFLICT,
+    );
+    // The first guard's work, on in a task of its own, fails: its write rolls back and
+    // the key is released.
+    app.hold.notify_one();
+    let mut retry = send(&router, post_with("/aside", Some("pg-aside-1"), "{}")).await;
+    // The client's back-off while the first run ends.
+    for _ in 0..200 {
+        if retry.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        retry = send(&router, post_with("/aside", Some("pg-aside-1"), "{}")).await;
+    }
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert_eq!(retry.body, "paid (first guard)");
+    assert_eq!(
+        db.notes().await,
+        ["first"],
+        "one write, by the run that answered 201"
+    );
+}

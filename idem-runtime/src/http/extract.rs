@@ -43,6 +43,14 @@ const DEFAULT_TTL_SECS: u64 = defaults::TTL.as_secs();
 /// The router must carry [`Idempotency::layer`]; without it this extractor answers `500`
 /// with a problem naming the fix.
 ///
+/// One guard protects a request. A second one (taken by hand inside `#[idempotent]`, say)
+/// passes its work through when its `run` is awaited inside the first one's work; run
+/// beside that work instead (`join!`, a `select!` that gives the first up, a task the
+/// work spawns), it is refused with `500`
+/// ([`Problem::GUARD_CONFLICT`](crate::Problem::GUARD_CONFLICT)) and its work does not
+/// run; run after the first one's work ended, it claims the key and is answered as a
+/// retry would be.
+///
 /// ```
 /// use axum::{Json, Router, http::StatusCode, response::Response, routing::post};
 /// use idem_runtime::{Idempotency, Idempotent};
@@ -112,10 +120,10 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         let Some(prepared) = self.prepared else {
             return Either::Left(Either::Left(unkeyed(work, request)));
         };
-        // Every guard of the request shares its slot, which says what this one does: pass
-        // its work through under another guard's key (inside or beside that one's running
-        // work), claim the key (the first whose work runs finishes the request's
-        // transaction), or wait while another guard's claim is under way.
+        // Every guard of the request shares its slot, which says what this one does: claim
+        // the key (the first whose work runs finishes the request's transaction), pass its
+        // work through under another guard's key (inside that one's work), be refused
+        // (beside another's running work), or wait while another's claim is under way.
         match request.guarding() {
             Guarding::Wait => {
                 // Boxed: two guards of one request claiming at once is rare. Bounded: a
@@ -151,7 +159,12 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
     {
         let turn = match guarding {
             Guarding::PassThrough => {
-                return Either::Left(work.map(IntoResponse::into_response));
+                return Either::Left(Either::Left(work.map(IntoResponse::into_response)));
+            }
+            Guarding::Refuse => {
+                tracing::error!(target: "idem", "a second guard of this request ran while the first one's work runs, outside that work (beside it, or in a task it spawned); answering 500 without running its work");
+                let refused = Problem::guard_conflict().into_response();
+                return Either::Left(Either::Right(std::future::ready(refused)));
             }
             Guarding::Turn(turn) => Some(turn),
             // `Wait` is settled by the caller; were it not, claiming is the safe answer.
@@ -254,8 +267,8 @@ where
     let answer = match begun {
         Begun::Execute(mut execution) => {
             metrics.request(Outcome::Executed);
-            // The request's other guards pass their work through while this one's caller
-            // waits for it; the work itself moves on without its caller, if it must.
+            // The request's other guards are refused while this one's work runs outside
+            // them; the work itself moves on without its caller, if it must.
             let running = execution.take_turn().map(Turn::run);
             // The request's span, entered around every poll of the caller's future.
             let work = request.around_work(work);
@@ -283,13 +296,15 @@ where
     }))
 }
 
-/// `work`, holding `running` until it ends or is dropped.
+/// `work`, holding `running` until it ends (or is dropped: its caller gave it up).
 fn while_running<O>(
     work: impl Future<Output = O>,
     running: Option<Running>,
 ) -> impl Future<Output = O> {
     work.map(move |output| {
-        drop(running);
+        if let Some(running) = running {
+            running.end();
+        }
         output
     })
 }

@@ -49,6 +49,9 @@ impl Problem {
     /// `type` of a handler that took `ScopedKey` before the extractor that authenticates
     /// the request, so that its key and idem's record name different scopes (500).
     pub const SCOPE_CONFLICT: &'static str = "urn:idem:problem:scope-conflict";
+    /// `type` of a guard run while another guard of the same request runs its work,
+    /// outside that work: beside it, or in a task it spawned (500).
+    pub const GUARD_CONFLICT: &'static str = "urn:idem:problem:guard-conflict";
     /// `type` of a keyed request refused because too much work detached from clients that
     /// hung up is still running (503, with `Retry-After`).
     pub const OVERLOADED: &'static str = "urn:idem:problem:overloaded";
@@ -68,6 +71,15 @@ impl Problem {
             Self::SCOPE_CONFLICT,
             "Idempotency scope conflict",
             "This handler read its idempotency key before authenticating the request, so the key it sees and the key idem records belong to different scopes; nothing was executed. For the service: take `ScopedKey` after the extractor that puts the `Principal` in.".into(),
+        )
+    }
+
+    pub(crate) fn guard_conflict() -> Self {
+        Self::new_internal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Self::GUARD_CONFLICT,
+            "Idempotency guard conflict",
+            "This request's handler ran a second idempotency guard while another one's work was running, outside that work; nothing was executed by the second. For the service: run one guard per request, or run the second inside the first one's work (awaited there, not in a task it spawns).".into(),
         )
     }
 

@@ -72,7 +72,8 @@ struct Slot {
     transaction: Mutex<Option<Arc<dyn Transactional>>>,
     /// Which guard of the request finishes the transaction: none yet ([`FREE`]), one
     /// whose claim is under way ([`CLAIMING`]: handed back if it never runs its work), or
-    /// one whose work runs ([`RUNNING`]) or ran ([`ENDED`]), for good.
+    /// one whose work runs ([`RUNNING`]), ran ([`ENDED`]), or runs on without its caller
+    /// ([`GIVEN_UP`]), for good.
     owner: AtomicU8,
     /// Woken when a guard whose claim was under way keeps the transaction or hands it
     /// back, once a guard waits for that (`awaited`: most requests have one guard, and
@@ -99,15 +100,18 @@ impl TransactionSlot {
 
     /// What a guard of the request does with its work, as its `run` starts:
     ///
-    /// - started while this thread polls another guard's work (see
-    ///   [`inside_work`](Self::inside_work)), or while another guard's work runs with its
-    ///   caller still waiting for it (in a task the work spawned, or side by side), it
-    ///   passes its work through, under that one's key;
     /// - while no guard holds the request's turn, it takes it: it claims the key, and the
     ///   first guard whose work runs finishes the request's transaction;
-    /// - once a guard's work ran and ended, or its caller gave it up (the work runs on in
-    ///   a task of its own), it claims the key without the turn, and finishes no
-    ///   transaction: it is answered as a retry would be;
+    /// - started while this thread polls another guard's work (see
+    ///   [`inside_work`](Self::inside_work)), it passes its work through, under that
+    ///   one's key;
+    /// - while another guard's work runs outside this one (beside it, or in a task the
+    ///   work spawned, which idem cannot tell apart), or ran on after its caller gave it
+    ///   up, it is refused: neither passing through (its work would run beside or after
+    ///   the other's, unprotected) nor claiming (it would find the key held by its own
+    ///   request, and a work it runs in would store that answer);
+    /// - once another guard's work ended, it claims the key without the turn, and
+    ///   finishes no transaction: it is answered as a retry would be;
     /// - while another guard's claim is under way, it waits to know
     ///   ([`settled`](Self::settled)) if the request holds a transaction, and claims the
     ///   key without the turn if not.
@@ -119,8 +123,8 @@ impl TransactionSlot {
         {
             // Free: no guard's work runs, so none is polled here.
             Ok(_) => Guarding::Turn(Turn(self.clone())),
-            Err(RUNNING) => Guarding::PassThrough,
             Err(_) if self.inside_work() => Guarding::PassThrough,
+            Err(RUNNING | GIVEN_UP) => Guarding::Refuse,
             Err(ENDED) => Guarding::Claim,
             // Without a transaction to finish, there is nothing to wait for.
             Err(_) if !self.is_filled() => Guarding::Claim,
@@ -234,8 +238,11 @@ const FREE: u8 = 0;
 const CLAIMING: u8 = 1;
 /// A guard's work runs holding the turn, its caller waiting for it.
 const RUNNING: u8 = 2;
-/// A guard's work ran holding the turn, and ended or was given up by its caller.
+/// A guard's work ran holding the turn, and ended.
 const ENDED: u8 = 3;
+/// A guard's work runs holding the turn (or ran), its caller gone: it runs on in a task of
+/// its own.
+const GIVEN_UP: u8 = 4;
 
 /// What a guard does with its work (see [`TransactionSlot::guarding`]).
 pub(crate) enum Guarding {
@@ -247,6 +254,8 @@ pub(crate) enum Guarding {
     Claim,
     /// Waits for another guard's claim to settle.
     Wait,
+    /// Does not run its work: another guard's work runs outside it.
+    Refuse,
 }
 
 /// A guard's turn to finish the request's transaction while its claim is under way (see
@@ -255,23 +264,37 @@ pub(crate) struct Turn(TransactionSlot);
 
 impl Turn {
     /// The guard's work runs: the turn is its for good, and the request's other guards
-    /// pass their work through until the returned [`Running`] is dropped (when the work
-    /// ends, or its caller gives it up).
+    /// are refused until the returned [`Running`] [ends](Running::end) (dropped before,
+    /// its caller gave the work up).
     pub(crate) fn run(self) -> Running {
         let slot = &self.0.0;
         slot.owner.store(RUNNING, Ordering::SeqCst);
         slot.settled();
-        Running(self.0.clone())
+        Running {
+            slot: self.0.clone(),
+            ended: false,
+        }
     }
 }
 
 /// A guard's work running holding the request's turn, its caller waiting for it.
-pub(crate) struct Running(TransactionSlot);
+pub(crate) struct Running {
+    slot: TransactionSlot,
+    ended: bool,
+}
+
+impl Running {
+    /// The guard's work ended, and its caller has its answer.
+    pub(crate) fn end(mut self) {
+        self.ended = true;
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let slot = &self.0.0;
-        slot.owner.store(ENDED, Ordering::SeqCst);
+        let slot = &self.slot.0;
+        let state = if self.ended { ENDED } else { GIVEN_UP };
+        slot.owner.store(state, Ordering::SeqCst);
         slot.settled();
     }
 }
