@@ -104,7 +104,8 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         // request's guards and transaction as they were. `lazy` and `flatten`, not an
         // `async fn`, which would hold the guard and the work beside the future that runs
         // them, in the box axum makes of every request's handler.
-        lazy(move |_| self.start(work)).flatten()
+        // Fused: polled again after it answered, it waits rather than panics.
+        lazy(move |_| self.start(work)).flatten().fuse()
     }
 
     /// [`run`](Self::run), from its first poll: the future that answers the request.
@@ -269,7 +270,12 @@ where
             metrics.request(Outcome::Executed);
             // The request's other guards are refused while this one's work runs outside
             // them; the work itself moves on without its caller, if it must.
-            let running = execution.take_turn().map(Turn::run);
+            // With the turn or without (another guard's claim was under way, or its work
+            // ended): either way a guard started beside this work must be refused.
+            let running = match execution.take_turn() {
+                Some(turn) => turn.run(),
+                None => request.work_runs(),
+            };
             // The request's span, entered around every poll of the caller's future.
             let work = request.around_work(work);
             let execution = first_execution(execution, work, tracing::Span::current());
@@ -285,7 +291,7 @@ where
         }
         Begun::Unprotected(turn) => {
             metrics.request(Outcome::FailOpen);
-            let running = turn.map(Turn::run);
+            let running = turn.map_or_else(|| request.work_runs(), Turn::run);
             let work = unkeyed(request.around_work(work), transaction);
             return Either::Right(while_running(work, running));
         }
@@ -297,14 +303,9 @@ where
 }
 
 /// `work`, holding `running` until it ends (or is dropped: its caller gave it up).
-fn while_running<O>(
-    work: impl Future<Output = O>,
-    running: Option<Running>,
-) -> impl Future<Output = O> {
+fn while_running<O>(work: impl Future<Output = O>, running: Running) -> impl Future<Output = O> {
     work.map(move |output| {
-        if let Some(running) = running {
-            running.end();
-        }
+        running.end();
         output
     })
 }

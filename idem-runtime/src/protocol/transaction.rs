@@ -263,21 +263,29 @@ pub(crate) enum Guarding {
 pub(crate) struct Turn(TransactionSlot);
 
 impl Turn {
-    /// The guard's work runs: the turn is its for good, and the request's other guards
-    /// are refused until the returned [`Running`] [ends](Running::end) (dropped before,
-    /// its caller gave the work up).
+    /// The guard's work runs: the turn is its for good (see
+    /// [`TransactionSlot::work_runs`]).
     pub(crate) fn run(self) -> Running {
-        let slot = &self.0.0;
+        self.0.work_runs()
+    }
+}
+
+impl TransactionSlot {
+    /// A guard's work runs, holding the request's turn or not: the request's other guards
+    /// are refused until the returned [`Running`] [ends](Running::end) (dropped before,
+    /// its caller gave the work up), and no other guard takes the turn after.
+    pub(crate) fn work_runs(&self) -> Running {
+        let slot = &self.0;
         slot.owner.store(RUNNING, Ordering::SeqCst);
         slot.settled();
         Running {
-            slot: self.0.clone(),
+            slot: self.clone(),
             ended: false,
         }
     }
 }
 
-/// A guard's work running holding the request's turn, its caller waiting for it.
+/// A guard's work running, its caller waiting for it.
 pub(crate) struct Running {
     slot: TransactionSlot,
     ended: bool,
