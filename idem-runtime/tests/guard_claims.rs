@@ -102,6 +102,20 @@ fn app(idem: &Idempotency, runs: &Runs) -> Router {
         .layer(idem.layer())
 }
 
+/// Fails if `retry` replays a `409`: one from the request's own guard conflict, stored
+/// for the key.
+fn assert_no_stored_409(first: &common::Answer, retry: &common::Answer) {
+    assert!(
+        !(retry.is_replay() && retry.status == StatusCode::CONFLICT),
+        "a 409 from the request's own guard conflict was stored for the key: first {} {:?}; retry {} replay={} {:?}",
+        first.status,
+        String::from_utf8_lossy(&first.body),
+        retry.status,
+        retry.is_replay(),
+        String::from_utf8_lossy(&retry.body)
+    );
+}
+
 /// Guards (a defect once shown): after a first guard's work answered `500`, a second
 /// guard claims the key without the turn; a guard its work runs in a spawned task is
 /// refused, never answered `409` by the key its own request holds and that `409` stored.
@@ -120,15 +134,7 @@ async fn a_guard_spawned_from_work_claimed_after_an_ended_owner_never_stores_a_4
         post_with("/retry_then_spawn", Some("ended-spawn-1"), "{}"),
     )
     .await;
-    assert!(
-        !(retry.is_replay() && retry.status == StatusCode::CONFLICT),
-        "a 409 from the request's own guard conflict was stored for the key: first {} {:?}; retry {} replay={} {:?}",
-        first.status,
-        String::from_utf8_lossy(&first.body),
-        retry.status,
-        retry.is_replay(),
-        String::from_utf8_lossy(&retry.body)
-    );
+    assert_no_stored_409(&first, &retry);
 }
 
 /// Guards (a defect once shown): as above, the second guard claiming without the turn
@@ -158,15 +164,7 @@ async fn a_guard_spawned_from_work_claimed_beside_an_owner_kept_aside_never_stor
         post_with("/aside_then_spawn", Some("aside-spawn-1"), "{}"),
     )
     .await;
-    assert!(
-        !(retry.is_replay() && retry.status == StatusCode::CONFLICT),
-        "a 409 from the request's own guard conflict was stored for the key: first {} {:?}; retry {} replay={} {:?}",
-        first.status,
-        String::from_utf8_lossy(&first.body),
-        retry.status,
-        retry.is_replay(),
-        String::from_utf8_lossy(&retry.body)
-    );
+    assert_no_stored_409(&first, &retry);
 }
 
 /// Guards (a defect once shown): a guard's `run` future polled again after it answered

@@ -15,7 +15,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use common::{Gated, Gates, post_with, send};
+use common::{Gated, Gates, post_with, send, send_past_in_flight};
 use idem_runtime::store::MemoryStore;
 use idem_runtime::{Idempotency, Idempotent, idempotent};
 use tokio::sync::Notify;
@@ -233,15 +233,9 @@ async fn a_guard_beside_an_owner_kept_aside_mid_work_is_refused() {
     );
     // The first guard's work, detached, ends now and stores its response.
     s.hold.notify_one();
-    let mut retry = send(&app, post_with("/kept_aside", Some("aside-w-1"), "{}")).await;
-    // The client's back-off while the first run ends.
-    for _ in 0..200 {
-        if retry.status != StatusCode::CONFLICT {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        retry = send(&app, post_with("/kept_aside", Some("aside-w-1"), "{}")).await;
-    }
+    // The client retries while the first run ends.
+    let retry =
+        send_past_in_flight(&app, || post_with("/kept_aside", Some("aside-w-1"), "{}")).await;
     assert!(retry.is_replay(), "{retry:?}");
     assert_eq!(retry.body, "run 1");
     assert_eq!(s.runs.load(Ordering::SeqCst), 1);
@@ -323,15 +317,9 @@ async fn a_guard_spawned_after_a_hang_up_never_stores_a_409() {
     request.abort();
     let _ = request.await;
     s.go.notify_one();
-    let mut retry = send(&app, post_with("/spawns_late", Some("hangup-1"), "{}")).await;
-    // The client's back-off while the first call's work ends.
-    for _ in 0..200 {
-        if retry.status != StatusCode::CONFLICT {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        retry = send(&app, post_with("/spawns_late", Some("hangup-1"), "{}")).await;
-    }
+    // The client retries while the first call's work ends.
+    let retry =
+        send_past_in_flight(&app, || post_with("/spawns_late", Some("hangup-1"), "{}")).await;
     assert!(!retry.is_replay(), "{retry:?}");
     retry.assert_problem(
         StatusCode::INTERNAL_SERVER_ERROR,

@@ -17,7 +17,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
-use common::{Gated, Gates, PaymentsDb, post_with, read, send};
+use common::{Gated, Gates, PaymentsDb, post_with, read, send, send_past_in_flight};
 use idem_runtime::store::{BoxFuture, PgTransaction, PostgresStore, Store, StoreError};
 use idem_runtime::{Idempotency, Idempotent};
 use sqlx::AssertSqlSafe;
@@ -357,15 +357,9 @@ async fn a_guard_beside_a_kept_aside_owner_writes_nothing() {
     // The first guard's work, on in a task of its own, fails: its write rolls back and
     // the key is released.
     app.hold.notify_one();
-    let mut retry = send(&router, post_with("/aside", Some("pg-aside-1"), "{}")).await;
-    // The client's back-off while the first run ends.
-    for _ in 0..200 {
-        if retry.status != StatusCode::CONFLICT {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        retry = send(&router, post_with("/aside", Some("pg-aside-1"), "{}")).await;
-    }
+    // The client retries while the first run ends.
+    let retry =
+        send_past_in_flight(&router, || post_with("/aside", Some("pg-aside-1"), "{}")).await;
     assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
     assert_eq!(retry.body, "paid (first guard)");
     assert_eq!(

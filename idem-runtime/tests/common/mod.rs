@@ -600,6 +600,20 @@ pub async fn send(app: &Router, request: Request) -> Answer {
     read(app.clone().oneshot(request).await.expect("infallible")).await
 }
 
+/// Sends the request `make` builds, again after a 10 ms back-off while it is answered
+/// `409` (a run of the key still ending), up to 200 times: a client retrying.
+pub async fn send_past_in_flight(app: &Router, make: impl Fn() -> Request) -> Answer {
+    let mut answer = send(app, make()).await;
+    for _ in 0..200 {
+        if answer.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        answer = send(app, make()).await;
+    }
+    answer
+}
+
 pub async fn send_response(app: &Router, request: Request) -> Response {
     app.clone().oneshot(request).await.expect("infallible")
 }
