@@ -139,10 +139,12 @@ fn detached_work_keeps_its_key_and_stores_its_result() {
     });
 }
 
-/// A memory store whose `complete` fails while `failing` is set.
+/// A memory store whose `complete` fails while `failing` is set, `fails_after` after it
+/// was called.
 struct FailingCompletes {
     inner: MemoryStore,
     failing: Arc<AtomicBool>,
+    fails_after: Duration,
 }
 
 impl Store for FailingCompletes {
@@ -170,7 +172,11 @@ impl Store for FailingCompletes {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         if self.failing.load(Ordering::SeqCst) {
-            return Box::pin(async { Err(StoreError::backend(std::io::Error::other("down"))) });
+            let fails_after = self.fails_after;
+            return Box::pin(async move {
+                tokio::time::sleep(fails_after).await;
+                Err(StoreError::backend(std::io::Error::other("down")))
+            });
         }
         self.inner.complete(key, claim, record, ttl)
     }
@@ -187,12 +193,26 @@ impl Store for FailingCompletes {
 /// stored, and a shutdown waits for it.
 #[test]
 fn a_completion_retried_keeps_its_key_and_is_waited_for() {
+    a_completion_retried_is_stored_once_the_store_takes_it(Duration::ZERO);
+}
+
+/// Guards: a completion that fails slowly, while the lease's renewals land, is retried
+/// like any other: the store being down for completes is no refusal of the record, so
+/// the result is stored and replayed once the store takes it, not recorded as "not
+/// stored".
+#[test]
+fn a_completion_failing_while_renewals_land_is_stored_once_the_store_takes_it() {
+    a_completion_retried_is_stored_once_the_store_takes_it(LEASE / 2);
+}
+
+fn a_completion_retried_is_stored_once_the_store_takes_it(fails_after: Duration) {
     let rt = multi(2);
     let failing = Arc::new(AtomicBool::new(true));
     let idem = rt.block_on(async {
         let store: Arc<dyn Store> = Arc::new(FailingCompletes {
             inner: MemoryStore::new(),
             failing: failing.clone(),
+            fails_after,
         });
         common::test_builder(Idempotency::builder().shared_store(store))
             .lease(LEASE)

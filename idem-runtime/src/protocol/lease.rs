@@ -56,8 +56,6 @@ struct LeaseTimes {
     /// When the lease surely ends unless renewed: the start of the last renewal that
     /// succeeded, plus the lease.
     held_until: Instant,
-    /// When the last renewal that succeeded started.
-    renewed_at: Option<Instant>,
     /// When the next renewal is due.
     next: Instant,
 }
@@ -96,7 +94,6 @@ impl LeaseKeeper {
             span,
             times: Mutex::new(LeaseTimes {
                 held_until: later(claimed_at, lease),
-                renewed_at: None,
                 next: later(claimed_at, lease / 3),
             }),
             renewing: AtomicBool::new(false),
@@ -116,14 +113,6 @@ impl LeaseKeeper {
             claim: held,
             _in_flight: entry,
         }
-    }
-
-    /// Whether a renewal that started after `at` succeeded: the store answers.
-    pub(crate) fn renewed_since(&self, at: Instant) -> bool {
-        self.claim
-            .times()
-            .renewed_at
-            .is_some_and(|renewed| renewed > at)
     }
 
     /// Whether the lease may still be held.
@@ -203,7 +192,6 @@ async fn renew(idem: Idempotency, mut renewing: Renewing) {
             Ok(true) => {
                 let mut times = claim.times();
                 times.held_until = later(started, lease);
-                times.renewed_at = Some(started);
                 times.next = later(started, period);
                 drop(times);
                 return;

@@ -680,7 +680,6 @@ async fn retry_completion(
     loop {
         sleep(delay).await;
         attempts += 1;
-        let attempted_at = Instant::now();
         match store_completion(&idem, &key, &claim, ttl, record.clone()).await {
             Ok(true) => {
                 tracing::info!(target: "idem", attempts, "result stored after retrying");
@@ -694,19 +693,9 @@ async fn retry_completion(
                 record = not_stored.take().unwrap_or(record);
                 delay = Duration::ZERO;
             }
+            // Any other error may pass (the store down for completes, a timeout): the
+            // record is tried again, never taken for refused.
             Err(error) => {
-                // The store renews the lease but refuses this record: it will not take
-                // it, so the key records that the work ran, without its result.
-                if not_stored.is_some()
-                    && keeper
-                        .as_ref()
-                        .is_some_and(|keeper| keeper.renewed_since(attempted_at))
-                {
-                    tracing::warn!(target: "idem", %error, "the store renews the lease but refuses the result; a retry will be told it was not stored");
-                    record = not_stored.take().unwrap_or(record);
-                    delay = Duration::ZERO;
-                    continue;
-                }
                 let holds = keeper.as_ref().is_some_and(LeaseKeeper::holds);
                 if !holds || Instant::now() >= give_up {
                     tracing::error!(target: "idem", attempts, %error, "the result could not be stored; the key is let go when its lease runs out, and a retry may run the work again");
