@@ -23,9 +23,11 @@ pub(crate) struct InFlight {
     metrics: Metrics,
     next: AtomicU64,
     running: Mutex<Running>,
-    /// How many [`Settling`]s there are.
-    settling: AtomicUsize,
-    /// Set while a shutdown waits: only then does the last [`Settling`] wake it.
+    /// How many [`Entry`]s and [`Settling`]s there are, in one count: a key passing from
+    /// one to the other (a claim answered becoming an execution, an execution ending in a
+    /// release) is counted by both for a moment, and so is never read as neither.
+    under_way: AtomicUsize,
+    /// Set while a shutdown waits: only then does the last one under way wake it.
     awaited: AtomicBool,
     /// Woken when the last execution ends, or the last key settles.
     idle: Notify,
@@ -56,13 +58,7 @@ pub(crate) struct Settling {
 
 impl Drop for Settling {
     fn drop(&mut self) {
-        // With `idle`'s store and load, sequentially consistent: either it reads this
-        // decrement or this reads that it waits.
-        if self.registry.settling.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.registry.awaited.load(Ordering::SeqCst)
-        {
-            self.registry.idle.notify_waiters();
-        }
+        self.registry.settled();
     }
 }
 
@@ -72,7 +68,7 @@ impl InFlight {
             metrics,
             next: AtomicU64::new(0),
             running: Mutex::new(Running::default()),
-            settling: AtomicUsize::new(0),
+            under_way: AtomicUsize::new(0),
             awaited: AtomicBool::new(false),
             idle: Notify::new(),
         }
@@ -83,6 +79,7 @@ impl InFlight {
     /// runtime, where none runs there.
     pub(crate) fn enter(self: &Arc<Self>, claim: Arc<HeldClaim>) -> (Entry, Option<u64>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.under_way.fetch_add(1, Ordering::SeqCst);
         let runtime = claim.runtime;
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         running.claims.insert(id, claim);
@@ -146,7 +143,7 @@ impl InFlight {
 
     /// Counts a key not yet settled until the [`Settling`] is dropped.
     pub(crate) fn settling(self: &Arc<Self>) -> Settling {
-        self.settling.fetch_add(1, Ordering::SeqCst);
+        self.under_way.fetch_add(1, Ordering::SeqCst);
         Settling {
             registry: self.clone(),
         }
@@ -161,22 +158,21 @@ impl InFlight {
             .len()
     }
 
-    /// How many keys are not settled, and held by no execution: claims unanswered and
-    /// releases under way.
-    pub(crate) fn unsettled(&self) -> usize {
-        self.settling.load(Ordering::SeqCst)
+    /// How many executions hold a key, and keys are not settled (claims unanswered,
+    /// releases under way), now; one key may be counted twice for a moment. Zero only at a
+    /// moment when nothing was under way: one read, which no other read can interleave.
+    pub(crate) fn under_way(&self) -> usize {
+        self.under_way.load(Ordering::SeqCst)
     }
 
-    /// `within`'s executions, and the unsettled keys beside them: zero only if there was a
-    /// moment with neither. A key passes from one count to the other (a claim answered
-    /// becomes an execution, an execution ending becomes a release) counted by both for a
-    /// moment, so the unsettled keys are read before and after, and the larger taken: a
-    /// key read as neither while it passes is counted.
-    pub(crate) fn under_way<T>(&self, within: impl FnOnce(&Self) -> T) -> (T, usize) {
-        let before = self.unsettled();
-        let executions = within(self);
-        let after = self.unsettled();
-        (executions, before.max(after))
+    /// One execution or unsettled key is no longer under way.
+    fn settled(&self) {
+        // With `idle`'s store and load, sequentially consistent: either it reads this
+        // decrement or this reads that it waits.
+        if self.under_way.fetch_sub(1, Ordering::SeqCst) == 1 && self.awaited.load(Ordering::SeqCst)
+        {
+            self.idle.notify_waiters();
+        }
     }
 
     /// The keys of the executions running now.
@@ -198,7 +194,7 @@ impl InFlight {
             let ended = self.idle.notified();
             let mut ended = std::pin::pin!(ended);
             ended.as_mut().enable();
-            if self.under_way(Self::count) == (0, 0) {
+            if self.under_way() == 0 {
                 return;
             }
             ended.await;
@@ -214,18 +210,65 @@ impl Drop for Entry {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         running.claims.remove(&self.id);
-        // Only a shutdown waits on `idle`. Read under the lock its count is read under:
-        // a shutdown that read this entry as running set `awaited` before, and is woken.
-        if running.claims.is_empty() && self.registry.awaited.load(Ordering::SeqCst) {
-            self.registry.idle.notify_waiters();
-        }
+        drop(running);
+        self.registry.settled();
         self.registry.metrics.execution_in_flight(false);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::{Idempotency, OnceKey};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio::time::Instant;
+
+    use crate::protocol::lease::LeaseKeeper;
+    use crate::{Idempotency, IdempotencyKey, OnceKey, Scope, ScopedKey};
+
+    fn hold(idem: &Idempotency, name: &str) -> LeaseKeeper {
+        let key = ScopedKey::new(
+            Scope::anonymous(),
+            IdempotencyKey::parse(name.as_bytes()).unwrap(),
+        );
+        LeaseKeeper::start(
+            idem,
+            &key,
+            &Bytes::from_static(b"claim"),
+            Instant::now(),
+            tracing::Span::none(),
+        )
+    }
+
+    /// Guards: a shutdown never reads "nothing under way" while something is. One
+    /// execution runs; the next key's claim is sent, the first execution ends, and the
+    /// claim turns into an execution. A shutdown's read at any moment between those steps
+    /// (its thread may be descheduled between any two of them) counts one of them.
+    #[tokio::test]
+    async fn a_claim_turning_into_an_execution_while_a_shutdown_reads_is_counted() {
+        let idem = Idempotency::in_memory();
+        let in_flight = &idem.shared.in_flight;
+        let first = hold(&idem, "first");
+        assert_eq!(idem.shutdown(Duration::ZERO).await, 1);
+        let claim = in_flight.settling();
+        assert_eq!(idem.shutdown(Duration::ZERO).await, 2);
+        drop(first);
+        assert_eq!(
+            idem.shutdown(Duration::ZERO).await,
+            1,
+            "the claim is counted"
+        );
+        let next = hold(&idem, "next");
+        assert_eq!(idem.shutdown(Duration::ZERO).await, 2);
+        drop(claim);
+        assert_eq!(
+            idem.shutdown(Duration::ZERO).await,
+            1,
+            "the execution is counted"
+        );
+        drop(next);
+        assert_eq!(idem.shutdown(Duration::ZERO).await, 0);
+    }
 
     /// Guards: no unbounded growth. A handle shared by 200 short-lived current-thread
     /// runtimes, each making one quick claim and dropped before its renewal task was ever

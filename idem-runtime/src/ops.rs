@@ -2,7 +2,6 @@
 //! work in flight end before the process does.
 
 use crate::config::Idempotency;
-use crate::in_flight::InFlight;
 use crate::protocol::step::{Call, Step, store_step};
 use crate::store::StoreError;
 
@@ -75,17 +74,20 @@ impl Idempotency {
     /// ```
     pub async fn shutdown(&self, within: std::time::Duration) -> usize {
         let in_flight = &self.shared.in_flight;
-        let (running, unsettled) = in_flight.under_way(InFlight::count);
-        if running == 0 && unsettled == 0 {
+        let under_way = in_flight.under_way();
+        if under_way == 0 {
             return 0;
         }
+        let running = in_flight.count();
+        let unsettled = under_way.saturating_sub(running);
         tracing::info!(target: "idem", running, unsettled, "waiting for executions in flight, and claims or releases on their way, before shutting down");
         if tokio::time::timeout(within, in_flight.idle()).await.is_ok() {
             tracing::info!(target: "idem", "every execution in flight ended");
             return 0;
         }
         // As the logs show keys (a digest with `log_keys(false)`), in order.
-        let (keys, unsettled) = in_flight.under_way(InFlight::keys);
+        let keys = in_flight.keys();
+        let unsettled = in_flight.under_way().saturating_sub(keys.len());
         let mut keys: Vec<String> = keys
             .iter()
             .map(|key| self.logged_key(key.key(), key).to_string())
