@@ -297,10 +297,16 @@ async fn nested_guards_after_thread_hops_never_run_twice_nor_store_a_4xx() {
 }
 
 /// Guards: a guard after a first one whose work panicked (the handler caught it) never
-/// hangs, and never gets a `4xx` stored for the key.
+/// hangs, runs nothing, and is answered `500` `guard-conflict` saying the first one's
+/// work was given up; nothing is stored for the key (no `4xx` replayed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guard_after_a_caught_panic_never_hangs_nor_stores_a_4xx() {
-    async fn handler(first: Idempotent, second: Idempotent, _body: String) -> Response {
+    async fn handler(
+        first: Idempotent,
+        second: Idempotent,
+        State(runs): State<Runs>,
+        _body: String,
+    ) -> Response {
         use futures_util::FutureExt;
         let r = std::panic::AssertUnwindSafe(first.run(async {
             panic!("work panics");
@@ -310,24 +316,39 @@ async fn a_guard_after_a_caught_panic_never_hangs_nor_stores_a_4xx() {
         .catch_unwind()
         .await;
         assert!(r.is_err());
-        second.run(async { (StatusCode::CREATED, "second") }).await
+        let c = runs.c.clone();
+        second
+            .run(async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                (StatusCode::CREATED, "second")
+            })
+            .await
     }
     let idem = Idempotency::builder().shared_scope(true).build();
-    let app = Router::new().route("/p", post(handler)).layer(idem.layer());
+    let runs = Runs::default();
+    let app = Router::new()
+        .route("/p", post(handler))
+        .with_state(runs.clone())
+        .layer(idem.layer());
     let a = tokio::time::timeout(
         Duration::from_secs(10),
         send(&app, post_with("/p", Some("panic-1"), "{}")),
     )
     .await
     .expect("hung");
-    let b = send(&app, post_with("/p", Some("panic-1"), "{}")).await;
-    eprintln!(
-        "panic: first {} {:?} | retry {} replay={} {:?}",
-        a.status,
-        String::from_utf8_lossy(&a.body),
-        b.status,
-        b.is_replay(),
-        String::from_utf8_lossy(&b.body)
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let problem: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(problem["type"], idem_runtime::Problem::GUARD_CONFLICT);
+    assert!(
+        problem["detail"].as_str().unwrap().contains("given up"),
+        "{problem}"
     );
-    assert!(!(b.is_replay() && b.status.is_client_error()));
+    assert_eq!(
+        runs.c.load(Ordering::SeqCst),
+        0,
+        "the second guard ran nothing"
+    );
+    let b = send(&app, post_with("/p", Some("panic-1"), "{}")).await;
+    assert!(!(b.is_replay() && b.status.is_client_error()), "{b:?}");
+    assert_eq!(runs.c.load(Ordering::SeqCst), 0);
 }

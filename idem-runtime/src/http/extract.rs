@@ -162,8 +162,12 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
             Guarding::PassThrough => {
                 return Either::Left(Either::Left(work.map(IntoResponse::into_response)));
             }
-            Guarding::Refuse => {
-                tracing::error!(target: "idem", "a second guard of this request ran while the first one's work runs, outside that work (beside it, or in a task it spawned); answering 500 without running its work");
+            Guarding::Refuse { given_up } => {
+                if given_up {
+                    tracing::error!(target: "idem", "a second guard of this request ran after the first one's work was given up before it ended (its future dropped, or a panic caught); answering 500 without running its work");
+                } else {
+                    tracing::error!(target: "idem", "a second guard of this request ran while the first one's work runs, outside that work (beside it, or in a task it spawned); answering 500 without running its work");
+                }
                 let refused = Problem::guard_conflict().into_response();
                 return Either::Left(Either::Right(std::future::ready(refused)));
             }

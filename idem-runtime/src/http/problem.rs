@@ -79,7 +79,7 @@ impl Problem {
             StatusCode::INTERNAL_SERVER_ERROR,
             Self::GUARD_CONFLICT,
             "Idempotency guard conflict",
-            "This request's handler ran a second idempotency guard while another one's work was running, outside that work; nothing was executed by the second. For the service: run one guard per request, or run the second inside the first one's work (awaited there, not in a task it spawns).".into(),
+            "This request's handler ran a second idempotency guard while another one's work was running outside it, or after that work was given up before it ended (dropped, or a panic caught); nothing was executed by the second. For the service: run one guard per request, or run the second inside the first one's work (awaited there, not in a task it spawns).".into(),
         )
     }
 

@@ -124,7 +124,8 @@ impl TransactionSlot {
             // Free: no guard's work runs, so none is polled here.
             Ok(_) => Guarding::Turn(Turn(self.clone())),
             Err(_) if self.inside_work() => Guarding::PassThrough,
-            Err(RUNNING | GIVEN_UP) => Guarding::Refuse,
+            Err(RUNNING) => Guarding::Refuse { given_up: false },
+            Err(GIVEN_UP) => Guarding::Refuse { given_up: true },
             Err(ENDED) => Guarding::Claim,
             // Without a transaction to finish, there is nothing to wait for.
             Err(_) if !self.is_filled() => Guarding::Claim,
@@ -254,8 +255,9 @@ pub(crate) enum Guarding {
     Claim,
     /// Waits for another guard's claim to settle.
     Wait,
-    /// Does not run its work: another guard's work runs outside it.
-    Refuse,
+    /// Does not run its work: another guard's work runs outside it, or was given up
+    /// before it ended (`given_up`: its caller went away, or it panicked), and may run on.
+    Refuse { given_up: bool },
 }
 
 /// A guard's turn to finish the request's transaction while its claim is under way (see
