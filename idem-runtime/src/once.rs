@@ -274,6 +274,14 @@ impl Idempotency {
     /// [`Once::run_storing_errors`] is used. A panic releases the key. A caller that
     /// drops the call does not cancel the operation: it runs to the end in a task of its
     /// own and its result is stored.
+    ///
+    /// That task, the lease's renewals, and a completion retried after the store failed
+    /// (the call has its value already) run on the caller's Tokio runtime. A runtime
+    /// dropped while they run ends them as a crash would: the result is not stored, the
+    /// key frees itself when its lease runs out, and a later call runs the operation
+    /// again. Before dropping a runtime made for a few calls (a `block_on` in synchronous
+    /// code), await [`shutdown`](Idempotency::shutdown) on it: it returns once they have
+    /// ended.
     pub fn once<I: Serialize + ?Sized>(&self, key: OnceKey, input: &I) -> Once {
         let input = serde_json::to_vec(input).map(|json| Fingerprint::of_input(&json));
         Once {

@@ -517,3 +517,44 @@ fn thread_per_core_runtimes_each_renew_their_claims() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 48);
 }
+
+/// Guards: what `once`'s docs advise for a runtime made for a few calls. The first
+/// call's completion fails and is retried in a task on that runtime; `shutdown` awaited
+/// on it before it is dropped returns once the retry stored the result, and a call on a
+/// later runtime, past the lease, is answered from it.
+#[test]
+fn a_completion_retried_on_a_runtime_made_for_one_call_is_stored_before_shutdown_returns() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let store: Arc<dyn Store> = Arc::new(FailingCompletes {
+        inner: MemoryStore::new(),
+        failing: failing.clone(),
+        fails_after: Duration::ZERO,
+    });
+    let idem = current().block_on(async {
+        common::test_builder(Idempotency::builder().shared_store(store))
+            .lease(LEASE)
+            .build()
+    });
+    let runs = Arc::new(AtomicUsize::new(0));
+    let rt = current();
+    let first = rt.block_on({
+        let runs = runs.clone();
+        idem.once(key("one-call-runtime"), "in")
+            .run_with_outcome(move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<u32, String>(5)
+            })
+    });
+    assert_eq!(first.unwrap(), Outcome::Ran(5));
+    failing.store(false, Ordering::SeqCst);
+    assert_eq!(rt.block_on(idem.shutdown(Duration::from_secs(10))), 0);
+    drop(rt);
+    // Past the lease: only a stored result answers now.
+    std::thread::sleep(LEASE * 2);
+    let again = current().block_on(
+        idem.once(key("one-call-runtime"), "in")
+            .run_with_outcome(|| async { Ok::<u32, String>(99) }),
+    );
+    assert_eq!(again.unwrap(), Outcome::Replayed(5));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
