@@ -9,6 +9,10 @@
 //! (bare + 2 `SET`). Run it with two values of N: the difference of the totals divided by
 //! the difference of N is the cost of one request, without start-up. Under valgrind the
 //! Redis rows count this process only, not the server.
+//!
+//! `IDEM_PREFILL=N` first serves N memory first executions of keys of their own, so that
+//! the rows run against a memory store that is full (at its default bound of 100,000
+//! records, each new record evicts one) and a heap shaped by it, as in a long load test.
 
 use axum::body::Body;
 use axum::http::{HeaderValue, Request, StatusCode, header};
@@ -54,6 +58,17 @@ async fn main() {
             request("/local", Some("hit".into())),
         ]
     };
+    let prefill: u64 = std::env::var("IDEM_PREFILL")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    for n in 0..prefill {
+        let filled = app
+            .clone()
+            .oneshot(request("/memory", Some(format!("fill-{n}"))))
+            .await;
+        assert_eq!(filled.map(|r| r.status()).ok(), Some(StatusCode::CREATED));
+    }
     for primed in primes {
         let primed = app.clone().oneshot(primed).await;
         assert_eq!(primed.map(|r| r.status()).ok(), Some(StatusCode::CREATED));
