@@ -16,11 +16,25 @@ use serde_json::{Value, json};
 
 pub mod wrk;
 
-/// What the handlers share: a counter, and a plain Redis connection for the floors.
+/// What the handlers share: a counter, the first-execution floors' count of keys, and a
+/// plain Redis connection for the floors.
 #[derive(Clone)]
 pub struct Bench {
     counter: Arc<AtomicU64>,
+    floor_keys: Arc<AtomicU64>,
     redis: ConnectionManager,
+}
+
+impl Bench {
+    /// A key no floor request used before, in this process or an earlier one on the same
+    /// Redis: as an idem first execution, each floor request claims a key that is not
+    /// there and writes its record. (Read from `counter`, which `work` moves only after
+    /// the first command, requests in flight together shared a key, and most claims found
+    /// one there: a floor doing less than a first execution.)
+    fn fresh_floor_key(&self, prefix: &str) -> String {
+        let n = self.floor_keys.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}{}:{n}", std::process::id())
+    }
 }
 
 /// The work every row does: count, and answer a small JSON body.
@@ -54,8 +68,7 @@ async fn floor_two(
     Json(request): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
     let mut redis = bench.redis.clone();
-    let n = bench.counter.load(Ordering::Relaxed);
-    let key = format!("bench:floor:{n}");
+    let key = bench.fresh_floor_key("bench:floor:");
     let _: Option<Vec<u8>> = redis::cmd("SET")
         .arg(&key)
         .arg("claim")
@@ -71,12 +84,17 @@ async fn floor_two(
         .arg(&key)
         .arg(response.1.to_string())
         .arg("PX")
-        .arg(60_000)
+        .arg(RECORD_TTL_MS)
         .query_async(&mut redis)
         .await
         .unwrap_or_default();
     response
 }
+
+/// How long the first-execution floors keep what they write: the ttl of
+/// [`idempotent_handler`]'s records, so that no row's keys expire, and keep Redis
+/// busy, during a load test's later rows.
+const RECORD_TTL_MS: u64 = 600_000;
 
 /// The compare-and-set a Redis store's completion runs (`RedisStore`'s script, word for
 /// word): on Redis 7 a conditional write needs a script, which costs the server more
@@ -100,8 +118,7 @@ async fn floor_script(
     static SCRIPT: std::sync::LazyLock<redis::Script> =
         std::sync::LazyLock::new(|| redis::Script::new(COMPLETE));
     let mut redis = bench.redis.clone();
-    let n = bench.counter.load(Ordering::Relaxed);
-    let key = format!("bench:floor:script:{n}");
+    let key = bench.fresh_floor_key("bench:floor:script:");
     let _: Option<Vec<u8>> = redis::cmd("SET")
         .arg(&key)
         .arg("claim")
@@ -117,7 +134,7 @@ async fn floor_script(
         .key(&key)
         .arg("claim")
         .arg(response.1.to_string())
-        .arg(60_000)
+        .arg(RECORD_TTL_MS)
         .invoke_async(&mut redis)
         .await
         .unwrap_or_default();
@@ -152,6 +169,7 @@ pub async fn app(redis_url: &str) -> Result<Router, idem_runtime::ConnectError> 
         .map_err(idem_runtime::ConnectError::Redis)?;
     let bench = Bench {
         counter: Arc::new(AtomicU64::new(0)),
+        floor_keys: Arc::new(AtomicU64::new(0)),
         redis,
     };
     let memory = Idempotency::builder().shared_scope(true).build();
