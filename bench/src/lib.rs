@@ -205,6 +205,40 @@ pub async fn app(redis_url: &str) -> Result<Router, idem_runtime::ConnectError> 
         .with_state(bench))
 }
 
+/// Every row of [`app`] served on loopback, on a runtime of two workers, beside a private
+/// `redis-server`: what the load test drives, and what `serve` keeps up for profiling.
+pub struct Served {
+    // Dropped first: the server stops before its Redis does.
+    _runtime: tokio::runtime::Runtime,
+    /// Where the rows are served.
+    pub address: std::net::SocketAddr,
+    /// The private Redis, stopped when this is dropped.
+    pub redis: testkit::RedisServer,
+}
+
+impl Served {
+    /// Starts a `redis-server` and serves every row beside it.
+    ///
+    /// # Errors
+    /// If the runtime cannot be built, Redis cannot be reached or no port is free.
+    pub fn start() -> Result<Self, Box<dyn std::error::Error>> {
+        let redis = testkit::RedisServer::start();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let app = runtime.block_on(app(&redis.url()))?;
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let address = listener.local_addr()?;
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        Ok(Self {
+            _runtime: runtime,
+            address,
+            redis,
+        })
+    }
+}
+
 /// The in-process router of the criterion benchmarks and the instruction counts: one
 /// handler bare, under `#[idempotent]` on the memory store, and with the local tier.
 pub mod in_process {

@@ -10,8 +10,8 @@
 
 use std::io::Write;
 
+use idem_bench::Served;
 use idem_bench::wrk::{self, Keys, Measured, Script, median};
-use testkit::RedisServer;
 
 struct Row {
     name: &'static str,
@@ -123,15 +123,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let connections: u64 = args.next().map_or(Ok(32), |s| s.parse())?;
     let rounds: usize = args.next().map_or(Ok(5), |s| s.parse())?;
     wrk::check_installed()?;
-    let redis = RedisServer::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let app = runtime.block_on(idem_bench::app(&redis.url()))?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let address = listener.local_addr()?;
-    runtime.spawn(async move { axum::serve(listener, app).await });
+    let served = Served::start()?;
+    let address = served.address;
 
     let script = Script::write()?;
     println!(
