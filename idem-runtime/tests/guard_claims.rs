@@ -102,6 +102,20 @@ fn app(idem: &Idempotency, runs: &Runs) -> Router {
         .layer(idem.layer())
 }
 
+/// The same POST sent twice with `key`, each within 10 s: the first request, and its retry.
+async fn send_twice(app: &Router, path: &str, key: &str) -> (common::Answer, common::Answer) {
+    let once = || async {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            send(app, post_with(path, Some(key), "{}")),
+        )
+        .await
+        .expect("a request hung")
+    };
+    let first = once().await;
+    (first, once().await)
+}
+
 /// Fails if `retry` replays a `409`: one from the request's own guard conflict, stored
 /// for the key.
 fn assert_no_stored_409(first: &common::Answer, retry: &common::Answer) {
@@ -124,16 +138,7 @@ async fn a_guard_spawned_from_work_claimed_after_an_ended_owner_never_stores_a_4
     let idem = Idempotency::builder().shared_scope(true).build();
     let runs = Runs::default();
     let app = app(&idem, &runs);
-    let first = send(
-        &app,
-        post_with("/retry_then_spawn", Some("ended-spawn-1"), "{}"),
-    )
-    .await;
-    let retry = send(
-        &app,
-        post_with("/retry_then_spawn", Some("ended-spawn-1"), "{}"),
-    )
-    .await;
+    let (first, retry) = send_twice(&app, "/retry_then_spawn", "ended-spawn-1").await;
     assert_no_stored_409(&first, &retry);
 }
 
@@ -150,20 +155,7 @@ async fn a_guard_spawned_from_work_claimed_beside_an_owner_kept_aside_never_stor
     gates.hang_begins.store(1, Ordering::SeqCst);
     let runs = Runs::default();
     let app = app(&idem, &runs);
-    let first = tokio::time::timeout(
-        Duration::from_secs(10),
-        send(
-            &app,
-            post_with("/aside_then_spawn", Some("aside-spawn-1"), "{}"),
-        ),
-    )
-    .await
-    .expect("hung");
-    let retry = send(
-        &app,
-        post_with("/aside_then_spawn", Some("aside-spawn-1"), "{}"),
-    )
-    .await;
+    let (first, retry) = send_twice(&app, "/aside_then_spawn", "aside-spawn-1").await;
     assert_no_stored_409(&first, &retry);
 }
 
