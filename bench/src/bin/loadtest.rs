@@ -7,6 +7,7 @@
 //! moves a row and its floor together.
 //!
 //! `cargo run --release -p idem-bench --bin loadtest -- [seconds per run] [connections] [rounds]`
+//! (`--features mimalloc`: the server on mimalloc rather than the system's allocator)
 
 use std::io::Write;
 
@@ -128,7 +129,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let script = Script::write()?;
     println!(
-        "wrk: 1 thread, {connections} connections, {seconds} s per run, {rounds} interleaved rounds; server: 2 tokio workers; private redis-server"
+        "wrk: 1 thread, {connections} connections, {seconds} s per run, {rounds} interleaved rounds; server: 2 tokio workers, {allocator}; private redis-server",
+        allocator = if cfg!(feature = "mimalloc") {
+            "mimalloc"
+        } else {
+            "the system's allocator"
+        }
     );
     // IDEM_ROWS="redis miss,memory" keeps only rows whose name contains one of the parts.
     let only = std::env::var("IDEM_ROWS").unwrap_or_default();
@@ -201,3 +207,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
