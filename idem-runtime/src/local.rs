@@ -1,5 +1,5 @@
-//! The local tier: an opt-in, in-process cache of completed records, so that a replay
-//! is served without a store round trip.
+//! The local tier: an opt-in, in-process cache of completed records read from the store,
+//! so that later replays are served without a store round trip.
 //!
 //! A completed record never changes until it expires, so a copy of it stays correct as
 //! long as it is dropped no later than the record itself. Each copy is dropped at the

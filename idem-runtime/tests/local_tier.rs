@@ -12,8 +12,10 @@ use axum::http::StatusCode;
 use common::{Backend, Counters, app, post_with, send};
 use testkit::{Monitor, RedisServer, keys_under, redis_connection};
 
-/// Guards: with the local tier, a replay and a 422 on a completed key cost no store round
-/// trip; another instance's first replay reads the shared store once, then serves locally.
+/// Guards: with the local tier, a first execution leaves no copy (the instance's first
+/// replay reads the shared store once); later replays and a 422 on the completed key cost
+/// no store round trip; another instance's first replay reads the store once, then serves
+/// locally.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_skip_the_store() {
     let server = RedisServer::start();
@@ -39,6 +41,14 @@ async fn replays_skip_the_store() {
         ["set", "evalsha"]
     );
 
+    let replay = send(&first_app, post_with("/pay", Some("local"), "{}")).await;
+    assert!(replay.is_replay());
+    assert_eq!(replay.body, first.body);
+    assert_eq!(
+        monitor.client_commands(&mut admin).await,
+        ["set"],
+        "the first execution left no copy: its first replay read the store once"
+    );
     for _ in 0..3 {
         let replay = send(&first_app, post_with("/pay", Some("local"), "{}")).await;
         assert!(replay.is_replay());
@@ -49,7 +59,7 @@ async fn replays_skip_the_store() {
     assert_eq!(
         monitor.client_commands(&mut admin).await,
         Vec::<String>::new(),
-        "replays and the 422 were answered locally"
+        "later replays and the 422 were answered locally"
     );
 
     let elsewhere = send(&second_app, post_with("/pay", Some("local"), "{}")).await;
@@ -122,6 +132,12 @@ async fn manual_eviction_takes_effect_within_max_age() {
         send(&app, post_with("/pay", Some("e"), "{}")).await.status,
         StatusCode::CREATED
     );
+    // Read from the store, the record is copied to the local tier.
+    assert!(
+        send(&app, post_with("/pay", Some("e"), "{}"))
+            .await
+            .is_replay()
+    );
     delete_all(&mut connection).await;
     assert!(
         send(&app, post_with("/pay", Some("e"), "{}"))
@@ -133,6 +149,12 @@ async fn manual_eviction_takes_effect_within_max_age() {
     let rerun = send(&app, post_with("/pay", Some("e"), "{}")).await;
     assert!(!rerun.is_replay(), "after max_age the deletion is seen");
     assert_eq!(counters.runs(), 2);
+    assert!(
+        send(&app, post_with("/pay", Some("e"), "{}"))
+            .await
+            .is_replay(),
+        "copied again from the store"
+    );
 
     delete_all(&mut connection).await;
     let key = idem_runtime::ScopedKey::new(

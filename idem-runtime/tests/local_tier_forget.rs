@@ -183,12 +183,25 @@ fn setup(
     (store, idem, app, counters)
 }
 
+/// Sends `request`, a replay that the store answers: the tier copies what the store read
+/// (a first execution leaves no copy).
+async fn copy_from_the_store(
+    store: &HandStore,
+    app: &axum::Router,
+    request: axum::extract::Request,
+) {
+    let begins = store.begins();
+    assert!(send(app, request).await.is_replay());
+    assert_eq!(store.begins(), begins + 1, "the replay read the store");
+}
+
 fn run_of(answer: &common::Answer) -> usize {
     answer.headers["x-run"].to_str().unwrap().parse().unwrap()
 }
 
-/// Attack 1a: the first execution's completion is written, then (before it copies to the
-/// tier) the operator deletes the record and forgets: no copy may survive.
+/// Attack 1a: the first execution's completion is written, then the operator deletes the
+/// record and forgets: no copy may survive. (A completion no longer copies its record to
+/// the tier at all; this guards against that copy coming back without the forget check.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forget_racing_a_first_completion_leaves_no_copy() {
     let (store, idem, app, counters) = setup(Duration::from_secs(60), None);
@@ -313,13 +326,14 @@ async fn a_forget_of_another_key_costs_at_most_one_store_read() {
     let (store, idem, app, counters) = setup(Duration::from_secs(60), None);
     let first = send(&app, post_with("/pay", Some("a"), "{}")).await;
     assert_eq!(first.status, StatusCode::CREATED);
+    copy_from_the_store(&store, &app, post_with("/pay", Some("a"), "{}")).await;
     let begins = store.begins();
     assert!(
         send(&app, post_with("/pay", Some("a"), "{}"))
             .await
             .is_replay()
     );
-    assert_eq!(store.begins(), begins, "the completion's copy answers");
+    assert_eq!(store.begins(), begins, "the copy answers");
     idem.forget_local(&scoped("a"));
     store.completed_answer.close();
     let reached = store.completed_answer.reached.notified();
@@ -406,6 +420,7 @@ async fn copies_end_with_their_record_and_max_age() {
     let (store, _idem, app, counters) = setup(Duration::from_secs(60), None);
     let first = send(&app, post_with("/short", Some("exp"), "")).await;
     assert_eq!(first.status, StatusCode::CREATED);
+    copy_from_the_store(&store, &app, post_with("/short", Some("exp"), "")).await;
     let begins = store.begins();
     assert!(
         send(&app, post_with("/short", Some("exp"), ""))
@@ -428,6 +443,7 @@ async fn copies_end_with_their_record_and_max_age() {
             .status,
         StatusCode::CREATED
     );
+    copy_from_the_store(&store, &app, post_with("/pay", Some("age"), "{}")).await;
     tokio::time::sleep(Duration::from_millis(250)).await;
     let begins = store.begins();
     assert!(
@@ -450,6 +466,8 @@ async fn scopes_are_not_crossed_by_the_tier() {
     assert!(!b.is_replay(), "client b got client a's response");
     assert_ne!(a.body, b.body);
     assert_eq!(counters.runs(), 2);
+    copy_from_the_store(&store, &app, as_client("token-a", "same", "{}")).await;
+    copy_from_the_store(&store, &app, as_client("token-b", "same", "{}")).await;
     let begins = store.begins();
     for _ in 0..3 {
         assert_eq!(

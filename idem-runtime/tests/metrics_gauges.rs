@@ -292,6 +292,13 @@ async fn a_key_reused_refused_from_the_local_tier_counts_as_key_reused() {
     )
     .await;
     assert_eq!(first.status, StatusCode::CREATED);
+    // Read from the store, the record is copied to the local tier.
+    let replay = send(
+        &router,
+        post_with("/pay", Some("lt-reuse"), r#"{"amount":1}"#),
+    )
+    .await;
+    assert!(replay.is_replay());
     let other = send(
         &router,
         post_with("/pay", Some("lt-reuse"), r#"{"amount":999}"#),

@@ -257,8 +257,7 @@ async fn steps_applied_twice_act_once(backend: Backend) {
     assert_eq!(retry.body, first.body);
     assert_eq!(counters.runs(), 1);
 
-    // A completion applied twice is stored (it reached the local tier, which only takes
-    // records the store confirmed).
+    // A completion applied twice is stored (the retry above was answered from it).
     store
         .begin("k2", &Bytes::from_static(b"claim"), Duration::from_secs(5))
         .await

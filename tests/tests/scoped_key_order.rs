@@ -144,6 +144,9 @@ async fn a_revoked_token_gets_no_local_replay() {
     let app = app(&idem, &state);
     let first = send(&app, "/cancel", &bearer("alice.t1"), "r1").await;
     assert_eq!(first.status, StatusCode::CREATED);
+    // Read from the store, the record is copied to the local tier.
+    let replay = send(&app, "/cancel", &bearer("alice.t1"), "r1").await;
+    assert!(replay.replayed());
     state.revoked.lock().unwrap().push("alice.t1".into());
     let revoked = send(&app, "/cancel", &bearer("alice.t1"), "r1").await;
     assert_eq!(

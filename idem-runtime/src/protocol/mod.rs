@@ -266,7 +266,9 @@ fn classify(
             if let (Some(local), Some(forgets), Some(expires_at_ms)) =
                 (&idem.shared.local, from_store, head.expires_at_ms)
             {
-                local.insert(key.as_str(), found.clone(), expires_at_ms, forgets);
+                // A copy of its own, not a clone: a clone's shared header would live as
+                // long as the copy (see `kept_copy`).
+                local.insert(key.as_str(), kept_copy(&found), expires_at_ms, forgets);
             }
             Ok(Some(Answer::Completed(found)))
         }
@@ -449,7 +451,6 @@ impl Execution {
             return Box::pin(self.complete_in(transaction, record)).await;
         }
         self.armed = false;
-        let forgets = self.local_forgets();
         let mut record = record;
         let mut stored_whole = true;
         let mut outcome = self.store(kept_copy(&record)).await;
@@ -462,10 +463,7 @@ impl Execution {
             }
         }
         match outcome {
-            Ok(true) if stored_whole => {
-                self.copy_locally(record, forgets);
-                Completion::Stored
-            }
+            Ok(true) if stored_whole => Completion::Stored,
             Ok(true) => Completion::NotStored,
             Ok(false) => {
                 tracing::warn!(target: "idem", "lease was lost before completion (fencing); result not stored");
@@ -504,14 +502,13 @@ impl Execution {
         record: Bytes,
     ) -> Completion {
         let renewing = self.keeper.take();
-        let forgets = self.local_forgets();
         // Bounded: work that still holds the transaction (a response body streaming from
         // it, say) must not hold the request for ever.
         let timeout = self.idem.settings().store_timeout;
         let completing = transaction.complete(
             self.key.as_str(),
             &self.claim,
-            record.clone(),
+            record,
             self.ttl,
             self.stands_alone,
         );
@@ -525,7 +522,6 @@ impl Execution {
         let completion = match committed {
             Committed::Yes => {
                 self.armed = false;
-                self.copy_locally(record, forgets);
                 Completion::Stored
             }
             Committed::Superseded => {
@@ -590,27 +586,13 @@ impl Execution {
         self.armed = false;
     }
 
-    /// The local tier's count of forgets, read before the record is written.
+    /// The local tier's count of forgets, read before the store is asked for the key.
     fn local_forgets(&self) -> u64 {
         self.idem
             .shared
             .local
             .as_ref()
             .map_or(0, |local| local.forgets(self.key.as_str()))
-    }
-
-    /// Copies the record this execution stored to the local tier, if it is on and the
-    /// record is a completed one: not if a copy was forgotten since `forgets` was read.
-    fn copy_locally(&self, record: Bytes, forgets: u64) {
-        if let Some(local) = &self.idem.shared.local
-            && let Ok(record::Head {
-                kind: Kind::Completed,
-                expires_at_ms: Some(expires_at_ms),
-                ..
-            }) = record::head(&record)
-        {
-            local.insert(self.key.as_str(), record, expires_at_ms, forgets);
-        }
     }
 
     fn store(&self, record: Bytes) -> impl Future<Output = Result<bool, StoreError>> + '_ {
