@@ -281,6 +281,9 @@ pub mod in_process {
                     .route("/local", post(guarded))
                     .layer(local.layer()),
             )
+            // As `axum::serve` does for each connection: every handler is made into its
+            // route, layers applied, once here rather than again for each request.
+            .with_state(())
     }
 
     /// A POST of [`BODY`] to `path`, with `key` as its `Idempotency-Key`.
