@@ -28,8 +28,18 @@ pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-ke
 /// assert_eq!(bare.as_str(), "8e03978e");
 /// assert!(IdempotencyKey::parse(b"").is_err());
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct IdempotencyKey(String);
+#[derive(Clone)]
+pub struct IdempotencyKey(
+    /// [`SCOPE_PREFIX`] bytes kept free, then the key: a [`ScopedKey`] writes its scope
+    /// over them and takes the whole as its name, with no second allocation.
+    String,
+);
+
+/// The bytes a [`ScopedKey`]'s name puts before the key: the scope in hex, then `:`.
+const SCOPE_PREFIX: usize = SCOPE_HEX + 1;
+const SCOPE_HEX: usize = 2 * 16;
+/// What an unscoped key's free bytes hold.
+const UNSCOPED: &str = "00000000000000000000000000000000:";
 
 /// Why an `Idempotency-Key` header was refused. Each answers `400 Bad Request`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,24 +90,37 @@ impl IdempotencyKey {
     /// Parses one header value.
     pub fn parse(value: &[u8]) -> Result<Self, KeyError> {
         let value = trim_ows(value);
-        let key = match value.first() {
-            Some(b'"') => parse_quoted(value)?,
-            _ => parse_bare(value)?,
-        };
+        let mut out = Self::room_for(value.len());
+        match value.first() {
+            Some(b'"') => parse_quoted(value, &mut out)?,
+            _ => parse_bare(value, &mut out)?,
+        }
+        let key = Self(out);
         // A quoted key of spaces alone is as empty as no key.
-        if key.bytes().all(|b| b == b' ') {
+        if key.as_str().bytes().all(|b| b == b' ') {
             return Err(KeyError::Empty);
         }
-        if key.len() > Self::MAX_LEN {
-            return Err(KeyError::TooLong { len: key.len() });
+        if key.as_str().len() > Self::MAX_LEN {
+            return Err(KeyError::TooLong {
+                len: key.as_str().len(),
+            });
         }
-        Ok(Self(key))
+        Ok(key)
     }
 
     /// A key already known to be valid (visible ASCII, 1 to 255 characters).
-    pub(crate) fn from_valid(key: String) -> Self {
+    pub(crate) fn from_valid(key: &str) -> Self {
         debug_assert!(Self::parse(key.as_bytes()).is_ok());
-        Self(key)
+        let mut out = Self::room_for(key.len());
+        out.push_str(key);
+        Self(out)
+    }
+
+    /// The free bytes a scope is later written over, with room for a key of `len` after.
+    fn room_for(len: usize) -> String {
+        let mut out = String::with_capacity(SCOPE_PREFIX + len);
+        out.push_str(UNSCOPED);
+        out
     }
 
     /// Reads the key from request headers: `Ok(None)` when there is none.
@@ -115,14 +138,14 @@ impl IdempotencyKey {
 
     /// The key, without quotes or escapes.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.0[SCOPE_PREFIX..]
     }
 
     /// The key in the draft's Structured Field form, quoted and escaped.
     pub fn to_header_value(&self) -> String {
-        let mut out = String::with_capacity(self.0.len() + 2);
+        let mut out = String::with_capacity(self.as_str().len() + 2);
         out.push('"');
-        for c in self.0.chars() {
+        for c in self.as_str().chars() {
             if c == '"' || c == '\\' {
                 out.push('\\');
             }
@@ -133,15 +156,31 @@ impl IdempotencyKey {
     }
 }
 
+impl PartialEq for IdempotencyKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for IdempotencyKey {}
+
+impl std::hash::Hash for IdempotencyKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
 impl fmt::Debug for IdempotencyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("IdempotencyKey").field(&self.0).finish()
+        f.debug_tuple("IdempotencyKey")
+            .field(&self.as_str())
+            .finish()
     }
 }
 
 impl fmt::Display for IdempotencyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -157,24 +196,25 @@ pub struct ScopedKey(Arc<ScopedKeyInner>);
 #[derive(PartialEq, Eq, Hash)]
 struct ScopedKeyInner {
     scope: Scope,
+    /// Its free bytes hold the scope: the whole is the name.
     key: IdempotencyKey,
-    joined: String,
 }
 
 impl ScopedKey {
     /// `key` within `scope`.
-    pub fn new(scope: Scope, key: IdempotencyKey) -> Self {
-        let mut joined = String::with_capacity(33 + key.as_str().len());
-        crate::scope::push_hex(&mut joined, &scope.0);
-        joined.push(':');
-        joined.push_str(key.as_str());
-        Self(Arc::new(ScopedKeyInner { scope, key, joined }))
+    pub fn new(scope: Scope, mut key: IdempotencyKey) -> Self {
+        let mut name = std::mem::take(&mut key.0).into_bytes();
+        crate::scope::write_hex(&mut name[..SCOPE_HEX], &scope.0);
+        // ASCII digits over ASCII: still UTF-8, so the lossy path is never taken.
+        key.0 = String::from_utf8(name)
+            .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned());
+        Self(Arc::new(ScopedKeyInner { scope, key }))
     }
 
     /// `scope-hex:key`: the name under which the store keeps the record. Unambiguous, as
     /// the scope part has a fixed length.
     pub fn as_str(&self) -> &str {
-        &self.0.joined
+        &self.0.key.0
     }
 
     /// The scope.
@@ -209,7 +249,7 @@ impl ScopedKey {
         let hash = Sha256::new()
             .chain_update((secret.len() as u64).to_be_bytes())
             .chain_update(secret)
-            .chain_update(self.0.joined.as_bytes())
+            .chain_update(self.as_str().as_bytes())
             .finalize();
         let mut out = String::with_capacity(16);
         crate::scope::push_hex(&mut out, &hash[..8]);
@@ -236,13 +276,13 @@ impl fmt::Display for LoggedKey<'_> {
 
 impl fmt::Debug for ScopedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ScopedKey").field(&self.0.joined).finish()
+        f.debug_tuple("ScopedKey").field(&self.as_str()).finish()
     }
 }
 
 impl fmt::Display for ScopedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0.joined)
+        f.write_str(self.as_str())
     }
 }
 
@@ -256,26 +296,27 @@ fn trim_ows(mut value: &[u8]) -> &[u8] {
     value
 }
 
-fn parse_bare(value: &[u8]) -> Result<String, KeyError> {
+fn parse_bare(value: &[u8], out: &mut String) -> Result<(), KeyError> {
     if let Some(position) = value.iter().position(|b| !b.is_ascii_graphic()) {
         return Err(KeyError::InvalidCharacter {
             byte: value[position],
             position,
         });
     }
-    // Every byte is visible ASCII, so this is valid UTF-8, copied whole (`Err` is not
-    // reached, and would name the byte it stopped at).
-    String::from_utf8(value.to_vec()).map_err(|error| {
-        let position = error.utf8_error().valid_up_to();
+    // Every byte is visible ASCII, so this is valid UTF-8 (`Err` is not reached, and
+    // would name the byte it stopped at).
+    let key = std::str::from_utf8(value).map_err(|error| {
+        let position = error.valid_up_to();
         KeyError::InvalidCharacter {
             byte: value[position],
             position,
         }
-    })
+    })?;
+    out.push_str(key);
+    Ok(())
 }
 
-fn parse_quoted(value: &[u8]) -> Result<String, KeyError> {
-    let mut out = String::with_capacity(value.len());
+fn parse_quoted(value: &[u8], out: &mut String) -> Result<(), KeyError> {
     let mut bytes = value.iter().enumerate().skip(1);
     while let Some((position, &byte)) = bytes.next() {
         match byte {
@@ -285,7 +326,7 @@ fn parse_quoted(value: &[u8]) -> Result<String, KeyError> {
                         reason: "text after the closing quote",
                     });
                 }
-                return Ok(out);
+                return Ok(());
             }
             b'\\' => match bytes.next() {
                 Some((_, &escaped @ (b'"' | b'\\'))) => out.push(char::from(escaped)),
@@ -382,11 +423,30 @@ mod tests {
     }
 
     proptest! {
+        /// Guards: a scoped key's name is its scope in hex, `:` and the key, written in
+        /// the key's own buffer; the key it holds reads as parsed, and two names are equal
+        /// exactly when scope and key are.
+        #[test]
+        fn a_scoped_name_is_scope_colon_key(key in "[!#-~][!-~]{0,254}", a in any::<u64>(), b in any::<u64>()) {
+            let parsed = IdempotencyKey::parse(key.as_bytes()).expect("a bare key");
+            let (one, other) = (Scope::of(a.to_be_bytes()), Scope::of(b.to_be_bytes()));
+            let scoped = ScopedKey::new(one, parsed.clone());
+            prop_assert_eq!(scoped.as_str(), format!("{}:{key}", one.to_hex()));
+            prop_assert_eq!(scoped.key(), &parsed);
+            prop_assert_eq!(scoped.key().as_str(), key.as_str());
+            prop_assert_eq!(scoped.scope(), one);
+            prop_assert_eq!(&scoped, &ScopedKey::new(one, parsed.clone()));
+            prop_assert_eq!(scoped == ScopedKey::new(other, parsed), a == b);
+        }
+
         #[test]
         fn quoting_round_trips(key in "[ -~]{1,255}") {
             prop_assume!(key.bytes().any(|b| b != b' '));
             let parsed = IdempotencyKey::parse(key.as_bytes());
-            let quoted = IdempotencyKey(key.clone()).to_header_value();
+            // Any text, not only what `parse` accepts: spaces around it, quotes inside.
+            let mut text = IdempotencyKey::room_for(key.len());
+            text.push_str(&key);
+            let quoted = IdempotencyKey(text).to_header_value();
             let reparsed = IdempotencyKey::parse(quoted.as_bytes()).expect("quoted form parses");
             prop_assert_eq!(reparsed.as_str(), key.as_str());
             // Unquoted, an accepted key is the value without surrounding spaces.

@@ -114,7 +114,7 @@ impl OnceKey {
         if key.len() > IdempotencyKey::MAX_LEN {
             key = format!("H:{}", hex(&Sha256::digest(key.as_bytes())));
         }
-        Self(IdempotencyKey::from_valid(key))
+        Self(IdempotencyKey::from_valid(&key))
     }
 
     /// The key.

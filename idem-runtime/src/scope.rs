@@ -98,17 +98,22 @@ impl fmt::Debug for Scope {
 }
 
 pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     // A digest at a time, written at once: one capacity check, not one per digit.
     for chunk in bytes.chunks(32) {
         let mut digits = [0u8; 64];
-        for (pair, byte) in digits.chunks_exact_mut(2).zip(chunk) {
-            pair[0] = DIGITS[usize::from(byte >> 4)];
-            pair[1] = DIGITS[usize::from(byte & 0xf)];
-        }
-        let digits = &digits[..2 * chunk.len()];
+        let digits = &mut digits[..2 * chunk.len()];
+        write_hex(digits, chunk);
         // Hex digits are ASCII.
         out.push_str(std::str::from_utf8(digits).unwrap_or_default());
+    }
+}
+
+/// Writes `bytes` into `out` in lowercase hex, two digits a byte, as far as `out` holds.
+pub(crate) fn write_hex(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
     }
 }
 
