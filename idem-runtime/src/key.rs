@@ -37,9 +37,10 @@ pub struct IdempotencyKey(
 
 /// The bytes a [`ScopedKey`]'s name puts before the key: the scope in hex, then `:`.
 const SCOPE_PREFIX: usize = SCOPE_HEX + 1;
-const SCOPE_HEX: usize = 2 * 16;
+const SCOPE_HEX: usize = 2 * size_of::<Scope>();
 /// What an unscoped key's free bytes hold.
 const UNSCOPED: &str = "00000000000000000000000000000000:";
+const _: () = assert!(UNSCOPED.len() == SCOPE_PREFIX);
 
 /// Why an `Idempotency-Key` header was refused. Each answers `400 Bad Request`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
