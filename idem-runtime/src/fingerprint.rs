@@ -139,22 +139,33 @@ fn multipart_boundary(content_type: &[u8]) -> Option<Vec<u8>> {
 
 /// Hashes a multipart body part by part: the text between delimiters, each with its
 /// length, so that the boundary itself never counts. `false` (nothing hashed) when the
-/// body holds no delimiter: it is then taken as it is.
+/// body holds no delimiter, or holds its boundary anywhere a form parser might read it as
+/// data: it is then taken as it is.
+///
+/// A delimiter is `--boundary` at the start of the body or after CRLF (RFC 2046),
+/// followed by `--` (the last one) or by CRLF, either after spaces or tabs, or by the end
+/// of the body. The boundary may be dropped only there: a field whose
+/// value holds its own form's boundary (`invoice--AAA-1` under boundary `AAA`) would
+/// otherwise read the same as another form's value holding that form's boundary, and two
+/// requests would pass for one. So any other occurrence of the boundary, in any letter
+/// case (for parsers that ignore case), makes the body count byte for byte.
 fn hash_multipart(hasher: &mut Sha256, boundary: &[u8], body: &[u8]) -> bool {
-    let delimiter = [b"--".as_slice(), boundary].concat();
-    let mut rest = body;
     let mut segments = Vec::new();
-    while let Some(at) = rest
-        .windows(delimiter.len())
-        .position(|window| window == delimiter)
-    {
-        segments.push(&rest[..at]);
-        rest = &rest[at + delimiter.len()..];
+    let mut segment_start = 0;
+    let mut from = 0;
+    while let Some(at) = find_ignoring_case(&body[from..], boundary).map(|at| from + at) {
+        if !is_delimiter(body, boundary, at) {
+            return false;
+        }
+        // The text before `--boundary`, as earlier versions hashed it (with the CRLF).
+        segments.push(&body[segment_start..at - 2]);
+        segment_start = at + boundary.len();
+        from = segment_start;
     }
     if segments.is_empty() {
         return false;
     }
-    segments.push(rest);
+    segments.push(&body[segment_start..]);
     hasher.update(b"multipart\0");
     hasher.update((segments.len() as u64).to_be_bytes());
     for segment in segments {
@@ -162,6 +173,36 @@ fn hash_multipart(hasher: &mut Sha256, boundary: &[u8], body: &[u8]) -> bool {
         hasher.update(segment);
     }
     true
+}
+
+/// Whether the boundary found at `at` (in some letter case) is a delimiter's: written
+/// exactly, after `--` at the start of the body or after CRLF, and followed by `--` or
+/// CRLF, either after spaces or tabs, or by the end of the body. Anywhere else a parser
+/// could read it as data.
+fn is_delimiter(body: &[u8], boundary: &[u8], at: usize) -> bool {
+    let end = at + boundary.len();
+    if body.get(at..end) != Some(boundary) || at < 2 || &body[at - 2..at] != b"--" {
+        return false;
+    }
+    let line_start = at == 2 || (at >= 4 && &body[at - 4..at - 2] == b"\r\n");
+    let mut after = &body[end..];
+    if let Some(rest) = after.strip_prefix(b"--") {
+        after = rest;
+    }
+    let padding = after
+        .iter()
+        .take_while(|byte| matches!(byte, b' ' | b'\t'))
+        .count();
+    let after = &after[padding..];
+    line_start && (after.is_empty() || after.starts_with(b"\r\n"))
+}
+
+/// Where `needle` (not empty) first occurs in `haystack`, ASCII letters in any case.
+fn find_ignoring_case(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    let first = needle.first()?.to_ascii_lowercase();
+    haystack.windows(needle.len()).position(|window| {
+        window[0].to_ascii_lowercase() == first && window.eq_ignore_ascii_case(needle)
+    })
 }
 
 impl fmt::Debug for Fingerprint {
@@ -517,6 +558,104 @@ mod tests {
             b"--a",
         );
         assert_eq!(plain, typed);
+    }
+
+    /// A multipart fingerprint of `body` under `boundary`.
+    fn multipart(boundary: &str, body: &str) -> Fingerprint {
+        let content_type = format!("multipart/form-data; boundary={boundary}");
+        Fingerprint::of_request(
+            &FingerprintMode::Exact,
+            &Method::POST,
+            "/pay",
+            Some(content_type.as_bytes()),
+            body.as_bytes(),
+        )
+    }
+
+    /// A form with an `amount` and a `memo`, a preamble and an epilogue.
+    fn memo_form(boundary: &str, memo: &str) -> String {
+        format!(
+            "preamble\r\n--{boundary}\r\ncontent-disposition: form-data; name=\"amount\"\r\n\r\n\
+             1200\r\n--{boundary}  \r\ncontent-disposition: form-data; name=\"memo\"\r\n\r\n\
+             {memo}\r\n--{boundary}--\r\nepilogue"
+        )
+    }
+
+    #[test]
+    fn a_boundary_counts_for_nothing_only_as_a_delimiter() {
+        // Where the boundary can only be a delimiter, it counts for nothing.
+        assert_eq!(
+            multipart("AAAA", &memo_form("AAAA", "invoice 1")),
+            multipart("b-B.9", &memo_form("b-B.9", "invoice 1"))
+        );
+        // A memo holding its own form's boundary is data: two forms, two requests.
+        let holding = [
+            |b: &str| format!("invoice--{b}-1"),
+            |b: &str| format!("line\r\n--{b}x"),
+            |b: &str| format!("line\r\n--{b}--x"),
+            |b: &str| format!("line\r\n{b}\r\n"),
+            |b: &str| format!("line\n--{b}\r\n"),
+        ];
+        for memo in holding {
+            let (a, b) = (memo("AAAA"), memo("BBBB"));
+            assert_ne!(
+                multipart("AAAA", &memo_form("AAAA", &a)),
+                multipart("BBBB", &memo_form("BBBB", &b)),
+                "{a:?} and {b:?}"
+            );
+            // Such a body counts byte for byte.
+            let body = memo_form("AAAA", &a);
+            assert_eq!(
+                multipart("AAAA", &body),
+                Fingerprint::of(
+                    &FingerprintMode::Exact,
+                    &Method::POST,
+                    "/pay",
+                    body.as_bytes()
+                )
+            );
+        }
+        // The boundary in another letter case, where a parser that ignores case would
+        // read a delimiter: byte for byte too.
+        let body = memo_form("AAAA", "line\r\n--aaaa\r\nmore");
+        assert_eq!(
+            multipart("AAAA", &body),
+            Fingerprint::of(
+                &FingerprintMode::Exact,
+                &Method::POST,
+                "/pay",
+                body.as_bytes()
+            )
+        );
+    }
+
+    /// Forms whose boundary appears only in delimiters hash as earlier versions hashed
+    /// them (text between `--boundary`s, each with its length), so that a retry across an
+    /// upgrade is still the same request.
+    #[test]
+    fn well_formed_forms_hash_as_before() {
+        fn before(boundary: &str, body: &str) -> Fingerprint {
+            let delimiter = format!("--{boundary}");
+            let segments: Vec<&str> = body.split(delimiter.as_str()).collect();
+            let mut hasher = Sha256::new();
+            hasher.update(b"idem-fp-v1\0POST\0/pay\0multipart\0");
+            hasher.update((segments.len() as u64).to_be_bytes());
+            for segment in segments {
+                hasher.update((segment.len() as u64).to_be_bytes());
+                hasher.update(segment);
+            }
+            Fingerprint(hasher.finalize().into())
+        }
+        for boundary in ["AAAA", "----WebKitFormBoundary7MA4YWxk", "x"] {
+            for memo in ["invoice 1", "", "two\r\nlines"] {
+                let body = memo_form(boundary, memo);
+                assert_eq!(
+                    multipart(boundary, &body),
+                    before(boundary, &body),
+                    "{body:?}"
+                );
+            }
+        }
     }
 
     #[test]

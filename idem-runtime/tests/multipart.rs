@@ -47,3 +47,58 @@ async fn a_form_resent_with_a_new_boundary_is_replayed(backend: Backend) {
 }
 
 on_both_stores!(a_form_resent_with_a_new_boundary_is_replayed);
+
+/// A form with an `amount` field and a `memo` field, sent with `boundary`.
+fn form_with_memo(boundary: &str, memo: &str) -> axum::extract::Request {
+    let body = format!(
+        "--{boundary}\r\ncontent-disposition: form-data; name=\"amount\"\r\n\r\n1200\r\n\
+         --{boundary}\r\ncontent-disposition: form-data; name=\"memo\"\r\n\r\n{memo}\r\n\
+         --{boundary}--\r\n"
+    );
+    let mut request = post_with("/pay", Some("memo-key"), &body);
+    request.headers_mut().insert(
+        header::CONTENT_TYPE,
+        format!("multipart/form-data; boundary={boundary}")
+            .parse()
+            .unwrap(),
+    );
+    request
+}
+
+/// Guards: a boundary counts for nothing only where a form parser can read it as nothing
+/// but a delimiter. Two forms whose memos differ exactly by holding each its own boundary
+/// (mid-line, or at a line's start followed by more text) are two requests: the second
+/// is refused, not answered with the first one's response.
+async fn a_field_holding_its_own_boundary_is_part_of_the_request(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let memos: [fn(&str) -> String; 3] = [
+        |boundary| format!("invoice--{boundary}-1"),
+        |boundary| format!("line one\r\n--{boundary}x"),
+        |boundary| format!("line one\r\n--{boundary}--x"),
+    ];
+    for (n, memo) in memos.into_iter().enumerate() {
+        let key = format!("memo-key-{n}");
+        let mut first = form_with_memo("AAAA", &memo("AAAA"));
+        let mut second = form_with_memo("BBBB", &memo("BBBB"));
+        for request in [&mut first, &mut second] {
+            request
+                .headers_mut()
+                .insert("idempotency-key", format!("\"{key}\"").parse().unwrap());
+        }
+        let runs = counters.runs();
+        let first = send(&app, first).await;
+        assert_eq!(first.status, StatusCode::CREATED, "memo {n}: {first:?}");
+        let second = send(&app, second).await;
+        second.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Problem::KEY_REUSED);
+        assert_eq!(counters.runs(), runs + 1, "memo {n}");
+    }
+    // The same memo, free of the boundary, is still the same request under a new one.
+    let first = send(&app, form_with_memo("AAAA", "invoice 1")).await;
+    let retry = send(&app, form_with_memo("BBBB", "invoice 1")).await;
+    assert!(retry.is_replay(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+}
+
+on_both_stores!(a_field_holding_its_own_boundary_is_part_of_the_request);
