@@ -160,7 +160,9 @@ pub enum OnceError<E> {
     /// The operation runs under this key now, elsewhere, and did not end within the wait.
     #[error("the operation runs under this key already; try again later")]
     InFlight,
-    /// The operation ran under this key, but its result could not be stored.
+    /// The operation ran under this key, but its result could not be stored: too large
+    /// for the store, or not written as JSON that reads back as its type (a non-finite
+    /// float, which JSON writes as `null`).
     #[error("the operation already ran under this key, and its result was not stored")]
     NotStored,
     /// The store failed or is full: nothing ran.
@@ -484,13 +486,13 @@ fn first_run<T, E, P>(
     errors: P,
 ) -> impl Future<Output = Result<Outcome<T>, OnceError<E>>>
 where
-    T: Serialize,
+    T: Serialize + DeserializeOwned,
     P: ErrorPolicy<E>,
 {
     // Not an `async fn`, which would hold the execution and the result twice.
     async move {
         let (ok, json) = match &result {
-            Ok(value) => (true, serde_json::to_vec(value)),
+            Ok(value) => (true, to_json_read_back(value)),
             Err(error) => match errors.encode(error) {
                 Some(json) => (false, json),
                 None => {
@@ -506,7 +508,7 @@ where
             Err(error) => {
                 // The operation ran: releasing the key would let the next call run it again.
                 // The key records that it ran, without its result.
-                tracing::error!(target: "idem", %error, "the result cannot be written as JSON; later calls will be told it was not stored");
+                tracing::error!(target: "idem", %error, "the result cannot be written as JSON that reads back as its type; later calls will be told it was not stored");
                 let transactional = execution.in_transaction();
                 let not_stored = Record::ValueNotStored {
                     fingerprint,
@@ -537,6 +539,18 @@ where
         }
         result.map(Outcome::Ran).map_err(OnceError::Operation)
     }
+}
+
+/// `value` as JSON, if that JSON reads back as `T`: what a replay will read. JSON cannot
+/// hold everything a `Serialize` type writes (serde_json writes a non-finite float as
+/// `null`, which no `f64` reads), and a result stored that no replay can read would answer
+/// every later call with an error for the key's whole TTL. Read back once, and dropped.
+fn to_json_read_back<T: Serialize + DeserializeOwned>(
+    value: &T,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let json = serde_json::to_vec(value)?;
+    serde_json::from_slice::<T>(&json)?;
+    Ok(json)
 }
 
 /// What happens on a replay, or any other answer: the stored result, or why there is none.
@@ -597,7 +611,7 @@ struct ErrorsStored;
 
 impl<E: Serialize + DeserializeOwned> ErrorPolicy<E> for ErrorsStored {
     fn encode(&self, error: &E) -> Option<Result<Vec<u8>, serde_json::Error>> {
-        Some(serde_json::to_vec(error))
+        Some(to_json_read_back(error))
     }
 
     fn decode(&self, json: &[u8]) -> Option<Result<E, serde_json::Error>> {

@@ -234,6 +234,71 @@ async fn an_unwritable_result_is_not_run_again(backend: Backend) {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
+/// A result that serde_json writes but cannot read back: a non-finite float is written
+/// as `null`, which is not an `f64`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Quote {
+    id: u32,
+    rate: f64,
+}
+
+/// Guards: a result, or a stored error, whose JSON does not read back as its type is
+/// treated as one that cannot be written: the caller gets its value, and later calls are
+/// told it ran without a stored result (not a deserialization error for the key's whole
+/// TTL), and the operation never runs again.
+async fn a_result_that_does_not_read_back_is_not_stored(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let quote = |runs: Arc<AtomicUsize>| async move {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>(Quote {
+            id: 7,
+            rate: f64::INFINITY,
+        })
+    };
+    let first = idem
+        .once(key("non-finite"), "in")
+        .run_with_outcome(|| quote(runs.clone()))
+        .await
+        .unwrap();
+    assert!(!first.is_replay());
+    assert_eq!(
+        first.into_inner().rate,
+        f64::INFINITY,
+        "the caller gets its value"
+    );
+    let second = idem
+        .once(key("non-finite"), "in")
+        .run(|| quote(runs.clone()))
+        .await;
+    assert!(matches!(second, Err(OnceError::NotStored)), "{second:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // The same for an error stored by `run_storing_errors`.
+    let failures = Arc::new(AtomicUsize::new(0));
+    let fails = |failures: Arc<AtomicUsize>| async move {
+        failures.fetch_add(1, Ordering::SeqCst);
+        Err::<Artifact, _>(Quote {
+            id: 8,
+            rate: f64::NAN,
+        })
+    };
+    let first = idem
+        .once(key("non-finite-error"), "in")
+        .run_storing_errors(|| fails(failures.clone()))
+        .await;
+    assert!(
+        matches!(&first, Err(OnceError::Operation(quote)) if quote.rate.is_nan()),
+        "{first:?}"
+    );
+    let second = idem
+        .once(key("non-finite-error"), "in")
+        .run_storing_errors(|| fails(failures.clone()))
+        .await;
+    assert!(matches!(second, Err(OnceError::NotStored)), "{second:?}");
+    assert_eq!(failures.load(Ordering::SeqCst), 1);
+}
+
 /// Guards: a caller whose process dies mid-operation (its runtime shut down: no release,
 /// no renewal) holds the key only until its lease runs out; then the next call runs.
 async fn a_vanished_caller_frees_the_key_after_its_lease(backend: Backend) {
@@ -380,6 +445,7 @@ on_both_stores!(
     panics_release_and_drops_do_not_cancel,
     no_wait_answers_in_flight,
     an_unwritable_result_is_not_run_again,
+    a_result_that_does_not_read_back_is_not_stored,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
 
@@ -392,6 +458,7 @@ on_postgres!(
     panics_release_and_drops_do_not_cancel,
     no_wait_answers_in_flight,
     an_unwritable_result_is_not_run_again,
+    a_result_that_does_not_read_back_is_not_stored,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
 
@@ -404,6 +471,7 @@ on_sqlite!(
     panics_release_and_drops_do_not_cancel,
     no_wait_answers_in_flight,
     an_unwritable_result_is_not_run_again,
+    a_result_that_does_not_read_back_is_not_stored,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
 
