@@ -142,6 +142,45 @@ async fn fail_open_runs_unprotected() {
     assert_eq!(counters.runs(), 1);
 }
 
+/// Guards: a record the store holds but this build cannot read (one written by a newer
+/// version during a rolling deploy, or damaged) means the key was used: even in
+/// fail-open mode the handler does not run again; the request is answered `503`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_never_runs_a_key_whose_record_does_not_read() {
+    let server = RedisServer::start();
+    let backend = Backend::redis_at(&server.url(), "fail-open-unreadable");
+    let idem = backend.builder().await.fail_open(true).build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let first = send(&app, post_with("/pay", Some("unreadable"), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+
+    // The record as a later format version would write it.
+    let mut admin = redis_connection(&server.url()).await;
+    let names: Vec<String> = redis::cmd("KEYS")
+        .arg("*unreadable")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let mut record: Vec<u8> = redis::cmd("GET")
+        .arg(&names[0])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    record[4] = record[4].wrapping_add(1);
+    let () = redis::cmd("SET")
+        .arg(&names[0])
+        .arg(record)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    let retry = send(&app, post_with("/pay", Some("unreadable"), "{}")).await;
+    retry.assert_problem(StatusCode::SERVICE_UNAVAILABLE, Problem::STORE_UNAVAILABLE);
+    assert_eq!(counters.runs(), 1, "the handler ran once");
+}
+
 on_both_stores!(disconnected_client_still_gets_replay);
 
 /// Guards: a client that drops its connection mid-request does not cancel the handler;

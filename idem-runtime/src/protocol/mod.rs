@@ -186,9 +186,12 @@ fn claim(mut execution: Execution, wait: Option<Duration>) -> impl Future<Output
                     match classified {
                         Ok(Some(answer)) => return Begun::Answer(answer),
                         Ok(None) => seen_in_flight = true,
+                        // A record is there that this build cannot read (written by a newer
+                        // version, or damaged): the key was used, so running the request,
+                        // fail-open or not, could run it a second time.
                         Err(error) => {
-                            let answer = store_failed(&execution.idem, &error, seen_in_flight);
-                            return execution.unprotected_with_turn(answer);
+                            tracing::error!(target: "idem", %error, "the record under the key does not read; refusing");
+                            return Begun::Answer(Answer::Unavailable);
                         }
                     }
                 }
