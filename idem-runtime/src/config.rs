@@ -397,7 +397,9 @@ impl IdempotencyBuilder {
     }
 
     /// When the store fails: `false` (the default) answers `503` and runs nothing; `true`
-    /// runs the handler unprotected and logs a warning.
+    /// runs the handler unprotected and logs a warning. Either way a key the store answers
+    /// for with a record this build cannot read (a newer version's) answers `503`: the key
+    /// was used, and running it could run it twice.
     pub fn fail_open(mut self, fail_open: bool) -> Self {
         self.settings.fail_open = fail_open;
         self
