@@ -189,7 +189,9 @@ impl fmt::Display for IdempotencyKey {
 /// "this client's attempt", e.g. for a UNIQUE column that guards a table a second time.
 ///
 /// Extract it in an `#[idempotent]` handler (or beside [`Idempotent`](crate::Idempotent)): as `ScopedKey` it
-/// answers `400` when the request has no key (or no identity to scope it by); as
+/// answers `400` when the request has no key, a malformed one, or no identity to scope it
+/// by, with the problem a guard would answer (`key-missing`, `key-invalid`,
+/// `scope-missing`), and `500` (`layer-missing`) on a route without the layer; as
 /// `Option<ScopedKey>` it is `None` then.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ScopedKey(Arc<ScopedKeyInner>);

@@ -268,7 +268,8 @@ async fn nested_layers_of_two_handles() {
 
 /// Attack: `ScopedKey` and `Option<ScopedKey>` with a malformed key, and a handler using
 /// only `ScopedKey`. Held: the guard answers 400 before the body; `ScopedKey` alone
-/// answers 400 too.
+/// answers 400 too, saying what the key lacks as a guard would: malformed, unscoped (no
+/// identity), or missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_key_with_scoped_key_extractors() {
     async fn only_scoped(key: ScopedKey, body: String) -> String {
@@ -279,7 +280,26 @@ async fn malformed_key_with_scoped_key_extractors() {
         .route("/scoped", post(only_scoped))
         .layer(idem.layer());
     let answer = send(&app, request("/scoped", "bad key", "Bearer x", "{}")).await;
-    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    answer.assert_problem(StatusCode::BAD_REQUEST, Problem::KEY_INVALID);
+
+    // Scoped by the `Authorization` header (the default): a request without one.
+    let by_authorization = Idempotency::builder().build();
+    let app = axum::Router::new()
+        .route("/scoped", post(only_scoped))
+        .layer(by_authorization.layer());
+    let mut anonymous = request("/scoped", "k1", "", "{}");
+    anonymous.headers_mut().remove(header::AUTHORIZATION);
+    let answer = send(&app, anonymous).await;
+    answer.assert_problem(StatusCode::BAD_REQUEST, Problem::SCOPE_MISSING);
+    let mut unkeyed = request("/scoped", "k1", "Bearer x", "{}");
+    unkeyed.headers_mut().remove("idempotency-key");
+    let answer = send(&app, unkeyed).await;
+    answer.assert_problem(StatusCode::BAD_REQUEST, Problem::KEY_MISSING);
+
+    // Without the layer.
+    let app = axum::Router::new().route("/scoped", post(only_scoped));
+    let answer = send(&app, request("/scoped", "k1", "Bearer x", "{}")).await;
+    answer.assert_problem(StatusCode::INTERNAL_SERVER_ERROR, Problem::LAYER_MISSING);
 }
 
 /// Attack: a panic, then a storm of retries racing with the release. Held: exactly one

@@ -456,7 +456,25 @@ impl<S: Send + Sync> FromRequestParts<S> for ScopedKey {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
-        scoped_key_of(parts).ok_or_else(|| Problem::key_missing().into_response())
+        if let Some(key) = scoped_key_of(parts) {
+            return Ok(key);
+        }
+        // Refused as a guard would refuse the request: for what the key lacks.
+        let found = parts
+            .extensions
+            .get::<RequestState>()
+            .map(RequestState::found);
+        let problem = if parts.extensions.get::<Idempotency>().is_none() {
+            tracing::error!(target: "idem", path = parts.uri.path(), "`ScopedKey` on a route without the idempotency layer");
+            Problem::layer_missing()
+        } else {
+            match found {
+                Some(Found::Invalid(error)) => Problem::key_invalid(&error),
+                Some(Found::Keyed(_)) => Problem::scope_missing(),
+                Some(Found::None) | None => Problem::key_missing(),
+            }
+        };
+        Err(problem.into_response())
     }
 }
 
