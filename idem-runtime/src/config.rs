@@ -131,12 +131,23 @@ impl Default for Settings {
 impl Settings {
     /// `Retry-After` in whole seconds, rounded up, at least 1.
     pub(crate) fn retry_after_secs(&self) -> u64 {
-        let secs = self.retry_after.as_secs();
-        if self.retry_after.subsec_nanos() > 0 {
-            secs.saturating_add(1)
-        } else {
-            secs.max(1)
-        }
+        whole_seconds(self.retry_after)
+    }
+
+    /// The lease in whole seconds, rounded up, at least 1: how long a key whose outcome
+    /// is unknown stays held.
+    pub(crate) fn lease_secs(&self) -> u64 {
+        whole_seconds(self.lease)
+    }
+}
+
+/// `duration` in whole seconds, rounded up, at least 1.
+fn whole_seconds(duration: Duration) -> u64 {
+    let secs = duration.as_secs();
+    if duration.subsec_nanos() > 0 {
+        secs.saturating_add(1)
+    } else {
+        secs.max(1)
     }
 }
 

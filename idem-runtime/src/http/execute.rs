@@ -205,7 +205,7 @@ fn undone(transactional: bool, completion: Completion, execution: &Execution) ->
     let retry_after = execution.idem().settings().retry_after_secs();
     let problem = match completion {
         Completion::Lost => Problem::superseded(retry_after),
-        Completion::Unknown => Problem::commit_failed(),
+        Completion::Unknown => Problem::commit_failed(execution.idem().settings().lease_secs()),
         _ => Problem::store_unavailable(retry_after),
     };
     Some(problem.into_response())

@@ -331,7 +331,7 @@ where
             Ok(()) => response,
             Err(error) => {
                 tracing::error!(target: "idem", %error, "committing the handler's transaction failed; answering 503");
-                Problem::commit_failed().into_response()
+                Problem::unkeyed_commit_failed().into_response()
             }
         }
     };

@@ -193,12 +193,29 @@ impl Problem {
         problem
     }
 
-    pub(crate) fn commit_failed() -> Self {
+    /// A keyed request whose transaction's commit was not confirmed: its key is held until
+    /// its lease (`lease_secs`) runs out, when a retry gets the stored response or runs.
+    pub(crate) fn commit_failed(lease_secs: u64) -> Self {
+        let mut problem = Self::new_internal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Self::STORE_UNAVAILABLE,
+            "Outcome unknown",
+            format!(
+                "The database did not confirm the commit of this request's writes, so whether they happened is unknown. Retry with the same key after {lease_secs} second(s), once the key's lease has run out: the retry gets the stored response or runs the request again."
+            ),
+        );
+        problem.retry_after = Some(lease_secs);
+        problem
+    }
+
+    /// A request without a key whose transaction's commit was not confirmed. No
+    /// `Retry-After`: nothing guards a retry, which could apply the writes twice.
+    pub(crate) fn unkeyed_commit_failed() -> Self {
         Self::new_internal(
             StatusCode::SERVICE_UNAVAILABLE,
             Self::STORE_UNAVAILABLE,
             "Outcome unknown",
-            "The database did not confirm the commit of this request's writes, so whether they happened is unknown. Retry with the same key: once the key's lease has run out, the retry gets the stored response or runs the request again.".into(),
+            "The database did not confirm the commit of this request's writes, so whether they happened is unknown. The request carried no Idempotency-Key: check whether its effect happened before sending it again, or send it with a key.".into(),
         )
     }
 
@@ -349,5 +366,15 @@ mod tests {
         assert_eq!(json["status"], 409);
         assert_eq!(json["title"], "Request in progress");
         assert!(json["detail"].as_str().unwrap().contains("Retry"));
+    }
+
+    #[test]
+    fn an_unconfirmed_commit_says_when_to_retry_only_under_a_key() {
+        let keyed = Problem::commit_failed(30).into_response();
+        assert_eq!(keyed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(keyed.headers()[header::RETRY_AFTER], "30");
+        let unkeyed = Problem::unkeyed_commit_failed().into_response();
+        assert_eq!(unkeyed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(unkeyed.headers().get(header::RETRY_AFTER).is_none());
     }
 }

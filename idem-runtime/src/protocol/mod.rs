@@ -230,10 +230,12 @@ fn claim(mut execution: Execution, wait: Option<Duration>) -> impl Future<Output
                         execution.disarm();
                         return Begun::Answer(Answer::InFlight);
                     }
+                    // The store failed: answered as a store failure, and never run
+                    // unprotected (fail-open), as the claim may still be held.
                     Err(error) => {
-                        let answer = store_failed(idem, &error, true);
+                        tracing::warn!(target: "idem", %error, "the store failed to confirm a claim answered late; refusing");
                         execution.release_once();
-                        return answer;
+                        return Begun::Answer(Answer::Unavailable);
                     }
                 }
             }
