@@ -34,7 +34,11 @@ pub mod defaults {
     pub const RETRY_AFTER: Duration = Duration::from_secs(1);
     /// Executions that may run detached from clients that hung up: 256.
     pub const MAX_DETACHED: usize = 256;
-    /// The longest any duration setting is taken to be; longer values are clamped to it.
+    /// The longest any duration setting of the builder (lease, `Retry-After`, waits, the
+    /// store timeout, the local tier's age) and any `once` ttl is taken to be; longer
+    /// values are clamped to it. An `#[idempotent(ttl = ...)]` is taken as written, up to
+    /// what Redis can count (about 292 million years); a `PostgresStore` or `SqliteStore`
+    /// keeps a record at most a century.
     pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
     /// How long a [`once`](crate::Idempotency::once) call waits for the same operation
     /// running elsewhere: 30 seconds.

@@ -173,8 +173,9 @@ pub mod store;
 /// }
 /// ```
 ///
-/// The value is checked when the handler compiles: zero, a malformed value or one no
-/// store can keep is an error on the literal.
+/// The value is checked when the handler compiles: zero, a malformed value or one longer
+/// than Redis can count (about 292 million years) is an error on the literal. A
+/// `PostgresStore` or `SqliteStore` keeps a record at most a century.
 ///
 /// ```compile_fail
 /// # use idem_runtime::idempotent;

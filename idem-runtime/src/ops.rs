@@ -11,7 +11,9 @@ impl Idempotency {
     /// unprotected with [`fail_open`](crate::IdempotencyBuilder::fail_open)), so a load
     /// balancer should send them elsewhere.
     ///
-    /// Asks [`Store::ping`](crate::store::Store::ping): `PING` on Redis.
+    /// Asks [`Store::ping`](crate::store::Store::ping): on Redis a write of a short-lived
+    /// probe key (`SET ... PX 1000`), so that a server that answers but takes no claim (a
+    /// read-only replica) is not ready.
     ///
     /// ```
     /// use axum::{Extension, http::StatusCode, routing::get, Router};

@@ -36,7 +36,9 @@ impl Problem {
     pub const KEY_REUSED: &'static str = "urn:idem:problem:key-reused";
     /// `type` of a key whose first request is still running (409, with `Retry-After`).
     pub const IN_FLIGHT: &'static str = "urn:idem:problem:in-flight";
-    /// `type` of a key whose request completed with a response too large to store (409).
+    /// `type` of a key whose request ran and whose response was not stored: too large to
+    /// store, or its body failed while it was read (`409` on a retry; `502` to the request
+    /// whose body failed).
     pub const RESPONSE_NOT_STORED: &'static str = "urn:idem:problem:response-not-stored";
     /// `type` of a store that failed or could not be reached (503, with `Retry-After`).
     pub const STORE_UNAVAILABLE: &'static str = "urn:idem:problem:store-unavailable";

@@ -99,7 +99,8 @@ pub trait Store: Send + Sync + 'static {
     /// [`Idempotency::ready`](crate::Idempotency::ready) asks, for a readiness probe.
     ///
     /// The default renews a claim that no key holds, which changes nothing; a store
-    /// with a cheaper question (Redis' `PING`) answers that instead.
+    /// with a cheaper or surer question answers that instead (Redis writes a short-lived
+    /// probe key, which a read-only replica refuses).
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         static PROBE_CLAIM: Bytes = Bytes::from_static(b"idem readiness probe");
         Box::pin(async move {

@@ -825,7 +825,6 @@ impl Store for RedisStore {
         }))
     }
 
-    /// `PING`.
     /// A write, not a `PING`: a server that answers but takes no claim (a read-only
     /// replica after a failover, `MISCONF` after a failed save) is not ready.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
