@@ -7,6 +7,7 @@
 //! | `idem_store_seconds` | histogram | `step`: `begin`, `renew`, `complete`, `release`, `ping` |
 //! | `idem_executions_in_flight` | gauge | |
 //! | `idem_executions_detached` | gauge | |
+//! | `idem_memory_evictions_total` | counter | |
 //!
 //! Labels take a handful of fixed values each: never a key, a scope or a path.
 

@@ -166,13 +166,20 @@ impl<V: Expiring> Recent<V> {
     /// Keeps `entry` under `key`; then, while the total weight is over `bound` or the
     /// count over `max_len`, drops the entry that expires first if it has expired, else
     /// the least recently used one. `entry` itself stays if it weighs no more than
-    /// `bound` (at most [`LARGEST_BOUND`]) and `max_len` is at least 1.
-    pub(crate) fn keep(&mut self, key: &str, entry: V, bound: u64, max_len: usize) {
-        self.keep_shared(Arc::from(key), entry, bound, max_len);
+    /// `bound` (at most [`LARGEST_BOUND`]) and `max_len` is at least 1. Answers how many
+    /// live entries were evicted to make room.
+    pub(crate) fn keep(&mut self, key: &str, entry: V, bound: u64, max_len: usize) -> usize {
+        self.keep_shared(Arc::from(key), entry, bound, max_len)
     }
 
     /// [`keep`](Self::keep), under a key already shared.
-    pub(crate) fn keep_shared(&mut self, key: Arc<str>, entry: V, bound: u64, max_len: usize) {
+    pub(crate) fn keep_shared(
+        &mut self,
+        key: Arc<str>,
+        entry: V,
+        bound: u64,
+        max_len: usize,
+    ) -> usize {
         self.weight += entry.weight(&key);
         match &mut self.expiries {
             None => {
@@ -197,25 +204,29 @@ impl<V: Expiring> Recent<V> {
                 expiries.insert((expires_at, indexed));
             }
         }
-        self.shrink_to(bound, max_len);
+        self.shrink_to(bound, max_len)
     }
 
     /// Drops entries while the total weight is over `bound` or the count over `max_len`:
-    /// the one that expires first if it has expired, else the least recently used.
-    fn shrink_to(&mut self, bound: u64, max_len: usize) {
+    /// the one that expires first if it has expired, else the least recently used. Answers
+    /// how many live entries it evicted.
+    fn shrink_to(&mut self, bound: u64, max_len: usize) -> usize {
         let mut now = None;
+        let mut evicted_live = 0;
         while self.weight > bound || self.entries.len() > max_len {
-            let expired = self.expiries.is_some() && {
-                let now = *now.get_or_insert_with(Instant::now);
-                self.remove_first_expired(now)
-            };
+            let now = *now.get_or_insert_with(Instant::now);
+            let expired = self.expiries.is_some() && self.remove_first_expired(now);
             if !expired {
                 match self.entries.pop_lru() {
-                    Some((key, evicted)) => self.forget(key, &evicted),
+                    Some((key, evicted)) => {
+                        evicted_live += usize::from(evicted.is_live(now));
+                        self.forget(key, &evicted);
+                    }
                     None => break,
                 }
             }
         }
+        evicted_live
     }
 
     /// Drops the entry that expires first, if it expired at `now`; whether it did (never,

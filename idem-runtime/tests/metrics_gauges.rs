@@ -358,3 +358,38 @@ async fn the_memory_stores_steps_are_timed() {
         );
     }
 }
+
+/// Guards: a full memory store counts each live record it evicts before its TTL in
+/// `idem_memory_evictions_total` (README, metrics): an evicted key runs again on a retry,
+/// which an operator must be able to see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_memory_store_counts_its_evictions() {
+    let _serial = SERIAL.lock().await;
+    let recorder = recorder();
+    let evictions = || recorder.counter("idem_memory_evictions_total{}");
+    let idem = Idempotency::builder()
+        .shared_scope(true)
+        .store(MemoryStore::with_bounds(4, 64 << 20).unwrap())
+        .build();
+    let counters = Arc::new(Counters::default());
+    let router = app(&idem, counters.clone());
+    let before = evictions();
+    for n in 0..4 {
+        let first = send(&router, post_with("/pay", Some(&format!("kept-{n}")), "{}")).await;
+        assert_eq!(first.status, StatusCode::CREATED);
+    }
+    assert_eq!(evictions() - before, 0, "four records fit a store of four");
+    for n in 0..3 {
+        let first = send(&router, post_with("/pay", Some(&format!("more-{n}")), "{}")).await;
+        assert_eq!(first.status, StatusCode::CREATED);
+    }
+    assert_eq!(
+        evictions() - before,
+        3,
+        "each record past the bound evicts one"
+    );
+    // The evicted key runs again: what the counter warns of.
+    let again = send(&router, post_with("/pay", Some("kept-0"), "{}")).await;
+    assert!(!again.is_replay());
+    assert_eq!(counters.runs(), 8);
+}

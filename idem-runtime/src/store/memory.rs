@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,7 +25,8 @@ use crate::sharded::{Expiring, Hasher, LARGEST_BOUND, Recent, Shards};
 /// - **Completed records** live in [lru] maps bounded by entries and bytes. When the store
 ///   is full, the least recently used records are evicted before their TTL, and an
 ///   evicted key behaves like an unused one: size the bounds for the traffic of one TTL.
-///   A new record is always admitted.
+///   A new record is always admitted. Each live record evicted counts in the
+///   `idem_memory_evictions_total` counter, and the first one logs a warning.
 ///
 /// Keys are spread over shards (up to 64, each holding at least 16 MiB of the byte bound
 /// and 32 of the entry bound, or the whole bounds if they are smaller), each a claim map
@@ -50,6 +51,27 @@ pub struct MemoryStore {
     /// The entry bound of each shard's records.
     shard_entries: usize,
     slot: u64,
+    evictions: Arc<Evictions>,
+}
+
+/// How the store tells that it evicts live records: `idem_memory_evictions_total`, and one
+/// warning the first time.
+#[derive(Default)]
+struct Evictions {
+    /// Registered at the first eviction, with the recorder installed then.
+    counter: OnceLock<metrics::Counter>,
+    warned: AtomicBool,
+}
+
+impl Evictions {
+    fn report(&self, evicted: usize) {
+        self.counter
+            .get_or_init(|| metrics::counter!("idem_memory_evictions_total"))
+            .increment(evicted as u64);
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(target: "idem", "the memory store is full: it evicts records before their TTL, and a retry of an evicted key runs again; raise its bounds to hold one TTL of traffic (idem_memory_evictions_total counts evictions)");
+        }
+    }
 }
 
 /// The claims and records of the keys that hash to one shard: a step reads and writes
@@ -191,6 +213,7 @@ impl MemoryStore {
             claims: Arc::new(AtomicUsize::new(0)),
             max_claims,
             slot,
+            evictions: Arc::default(),
         }
     }
 
@@ -391,9 +414,14 @@ impl MemoryStore {
                     .remove_entry(key)
                     .map_or_else(|| Arc::from(key), |(key, _)| key);
                 self.claims.fetch_sub(1, Ordering::Relaxed);
-                shard
-                    .records
-                    .keep_shared(key, record, self.shard_bytes, self.shard_entries);
+                let evicted =
+                    shard
+                        .records
+                        .keep_shared(key, record, self.shard_bytes, self.shard_entries);
+                drop(shard);
+                if evicted > 0 {
+                    self.evictions.report(evicted);
+                }
                 Ok(true)
             }
             Some(_) => Ok(false),
