@@ -188,15 +188,20 @@ impl Idempotency {
     }
 
     /// A handle on PostgreSQL with default settings, creating the store's table where it
-    /// does not exist. See [`PostgresStore`](crate::store::PostgresStore) for the table,
-    /// and for sweeping expired rows, which this handle does not schedule.
+    /// does not exist, and sweeping its expired rows every
+    /// [`PostgresStore::DEFAULT_SWEEP_EVERY`](crate::store::PostgresStore::DEFAULT_SWEEP_EVERY)
+    /// in the background (batched; several instances may all sweep), so that the table
+    /// does not grow without bound. See [`PostgresStore`](crate::store::PostgresStore) for
+    /// the table, and its builder for another interval or no background sweep.
     ///
     /// `url` is `postgres://user[:password]@host[:port]/database`.
     #[cfg(feature = "postgres")]
     pub async fn postgres(url: &str) -> Result<Self, crate::store::ConnectError> {
-        Ok(Self::builder()
-            .store(crate::store::PostgresStore::connect(url).await?)
-            .build())
+        let store = crate::store::PostgresStore::builder(url)
+            .sweep_every(crate::store::PostgresStore::DEFAULT_SWEEP_EVERY)
+            .connect()
+            .await?;
+        Ok(Self::builder().store(store).build())
     }
 
     /// Starts configuring a handle.

@@ -451,6 +451,13 @@ async fn the_one_line_handle() {
         schema.url, schema.name
     );
     let idem = Idempotency::postgres(&url).await.unwrap();
+    // It sweeps expired rows in the background, so that the table does not grow forever.
+    let store = idem
+        .store()
+        .as_any()
+        .and_then(|any| any.downcast_ref::<PostgresStore>())
+        .expect("a PostgresStore");
+    assert!(format!("{store:?}").contains("sweeping: true"), "{store:?}");
     let counters = Arc::new(Counters::default());
     let app = app(&idem, counters.clone());
     let first = send(&app, common::as_client("token", "one-line", "{}")).await;

@@ -360,6 +360,11 @@ impl PostgresStore {
     /// Rows one sweep batch deletes at most unless another size is chosen.
     pub const DEFAULT_SWEEP_BATCH: u64 = 1000;
 
+    /// How often [`Idempotency::postgres`](crate::Idempotency::postgres) sweeps expired
+    /// rows: every minute. A store built by hand sweeps only when asked
+    /// ([`sweep_every`](PostgresStoreBuilder::sweep_every)).
+    pub const DEFAULT_SWEEP_EVERY: Duration = Duration::from_secs(60);
+
     /// Connects to `url` (`postgres://user[:password]@host[:port]/database[?options]`)
     /// with the default settings, creating the table where it does not exist.
     pub async fn connect(url: &str) -> Result<Self, ConnectError> {
