@@ -36,8 +36,8 @@ impl Fingerprint {
         hasher.update(b"\0");
         hasher.update(path_and_query);
         hasher.update(b"\0");
-        if let Some(boundary) = content_type.and_then(multipart_boundary)
-            && hash_multipart(&mut hasher, &boundary, body)
+        if let Some(content_type) = content_type
+            && hash_multipart(&mut hasher, content_type, body)
         {
             return Self(hasher.finalize().into());
         }
@@ -110,57 +110,150 @@ impl Fingerprint {
     }
 }
 
-/// The boundary of a `multipart/*` content type (RFC 2046: 1 to 70 characters, maybe
-/// quoted), if it is one.
-fn multipart_boundary(content_type: &[u8]) -> Option<Vec<u8>> {
-    let content_type = std::str::from_utf8(content_type).ok()?;
+/// What the `Content-Type` says of a multipart body's boundary.
+enum Boundary {
+    /// Not `multipart/*`, or no `boundary` parameter: the body counts as any other.
+    None,
+    /// The one boundary every parser reads from this header.
+    Usable(Vec<u8>),
+    /// A boundary parsers could read differently (two `boundary` parameters, one inside
+    /// another's quotes), or one RFC 2046 does not allow (over 70 characters, a character
+    /// outside its set): the body counts byte for byte, with the header.
+    Unusable,
+}
+
+/// The boundary of a `multipart/*` content type. Its parameters are read twice, split at
+/// every `;` and split only outside quotes; only where both readings find one `boundary`
+/// parameter, with one value, is it usable.
+fn multipart_boundary(content_type: &[u8]) -> Boundary {
+    let Ok(content_type) = std::str::from_utf8(content_type) else {
+        return Boundary::None;
+    };
     let mut params = content_type.split(';');
-    let essence = params.next()?.trim();
+    let essence = params.next().unwrap_or_default().trim();
     if !essence
         .get(..10)
         .is_some_and(|start| start.eq_ignore_ascii_case("multipart/"))
     {
-        return None;
+        return Boundary::None;
     }
-    let boundary = params.find_map(|param| {
-        let (name, value) = param.split_once('=')?;
-        name.trim()
-            .eq_ignore_ascii_case("boundary")
-            .then(|| value.trim())
-    })?;
-    let boundary = boundary
-        .strip_prefix('"')
-        .and_then(|quoted| quoted.strip_suffix('"'))
-        .unwrap_or(boundary);
-    (1..=70)
-        .contains(&boundary.len())
-        .then(|| boundary.as_bytes().to_vec())
+    let is_boundary = |name: &str| name.trim().eq_ignore_ascii_case("boundary");
+    let naive: Vec<&str> = params
+        .filter_map(|param| param.split_once('='))
+        .filter(|(name, _)| is_boundary(name))
+        .map(|(_, value)| value.trim())
+        .collect();
+    let quoted: Vec<String> = quoted_params(content_type)
+        .into_iter()
+        .skip(1)
+        .filter(|(name, _)| is_boundary(name))
+        .map(|(_, value)| value)
+        .collect();
+    match (naive.as_slice(), quoted.as_slice()) {
+        ([], []) => Boundary::None,
+        ([naive], [value]) => {
+            let unquoted = naive
+                .strip_prefix('"')
+                .and_then(|inner| inner.strip_suffix('"'))
+                .unwrap_or(naive);
+            let allowed =
+                |byte: &u8| byte.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(byte);
+            if unquoted == value
+                && (1..=70).contains(&value.len())
+                && value.bytes().all(|byte| allowed(&byte))
+                && !value.ends_with(' ')
+            {
+                Boundary::Usable(value.as_bytes().to_vec())
+            } else {
+                Boundary::Unusable
+            }
+        }
+        _ => Boundary::Unusable,
+    }
+}
+
+/// `value`'s `;`-separated parts split outside quoted strings (RFC 9110), each as a name
+/// and its value unquoted (`\` escapes undone); the first part is the media type, with an
+/// empty value.
+fn quoted_params(value: &str) -> Vec<(String, String)> {
+    let mut params = Vec::new();
+    let (mut name, mut current) = (String::new(), String::new());
+    let (mut in_name, mut quoted, mut escaped) = (true, false, false);
+    for c in value.chars() {
+        if escaped {
+            current.push(c);
+            escaped = false;
+        } else if quoted {
+            match c {
+                '\\' => escaped = true,
+                '"' => quoted = false,
+                c => current.push(c),
+            }
+        } else {
+            match c {
+                ';' => {
+                    params.push(finish(&mut name, &mut current, in_name));
+                    in_name = true;
+                }
+                '=' if in_name => {
+                    name = std::mem::take(&mut current);
+                    in_name = false;
+                }
+                '"' if !in_name => quoted = true,
+                c => current.push(c),
+            }
+        }
+    }
+    params.push(finish(&mut name, &mut current, in_name));
+    params
+}
+
+/// One parameter read by [`quoted_params`]: its name and value, trimmed.
+fn finish(name: &mut String, current: &mut String, in_name: bool) -> (String, String) {
+    let (name, value) = if in_name {
+        (std::mem::take(current), String::new())
+    } else {
+        (std::mem::take(name), std::mem::take(current))
+    };
+    (name.trim().to_owned(), value.trim().to_owned())
 }
 
 /// Hashes a multipart body part by part: the text between delimiters, each with its
 /// length, so that the boundary itself never counts. `false` (nothing hashed) when the
-/// body holds no delimiter, or holds its boundary anywhere a form parser might read it as
-/// data: it is then taken as it is.
+/// body is not multipart, or holds no delimiter: it then counts as any other body (no
+/// parser finds a part in it, whatever its boundary).
 ///
 /// A delimiter is `--boundary` at the start of the body or after CRLF (RFC 2046),
 /// followed by `--` (the last one) or by CRLF, either after spaces or tabs, or by the end
-/// of the body. The boundary may be dropped only there: a field whose
-/// value holds its own form's boundary (`invoice--AAA-1` under boundary `AAA`) would
-/// otherwise read the same as another form's value holding that form's boundary, and two
-/// requests would pass for one. So any other occurrence of the boundary, in any letter
-/// case (for parsers that ignore case), makes the body count byte for byte.
-fn hash_multipart(hasher: &mut Sha256, boundary: &[u8], body: &[u8]) -> bool {
+/// of the body. The boundary may be dropped only there: a field whose value held its own
+/// form's boundary as a delimiter would otherwise read the same as another form's value
+/// holding that form's, and two requests would pass for one. So where `--boundary`, in
+/// any letter case (for parsers that ignore case), appears anywhere else, or the header's
+/// boundary is not one every parser reads alike, the body counts byte for byte together
+/// with its `Content-Type`. (The boundary's text without its `--` is data to every parser,
+/// and counts as such.)
+fn hash_multipart(hasher: &mut Sha256, content_type: &[u8], body: &[u8]) -> bool {
+    let boundary = match multipart_boundary(content_type) {
+        Boundary::None => return false,
+        Boundary::Usable(boundary) => boundary,
+        Boundary::Unusable => {
+            hash_with_content_type(hasher, content_type, body);
+            return true;
+        }
+    };
+    let dashed = [b"--".as_slice(), &boundary].concat();
     let mut segments = Vec::new();
     let mut segment_start = 0;
-    let mut from = 0;
-    while let Some(at) = find_ignoring_case(&body[from..], boundary).map(|at| from + at) {
-        if !is_delimiter(body, boundary, at) {
-            return false;
+    while let Some(at) =
+        find_ignoring_case(&body[segment_start..], &dashed).map(|at| segment_start + at)
+    {
+        if !is_delimiter(body, &dashed, at) {
+            hash_with_content_type(hasher, content_type, body);
+            return true;
         }
         // The text before `--boundary`, as earlier versions hashed it (with the CRLF).
-        segments.push(&body[segment_start..at - 2]);
-        segment_start = at + boundary.len();
-        from = segment_start;
+        segments.push(&body[segment_start..at]);
+        segment_start = at + dashed.len();
     }
     if segments.is_empty() {
         return false;
@@ -175,16 +268,25 @@ fn hash_multipart(hasher: &mut Sha256, boundary: &[u8], body: &[u8]) -> bool {
     true
 }
 
-/// Whether the boundary found at `at` (in some letter case) is a delimiter's: written
-/// exactly, after `--` at the start of the body or after CRLF, and followed by `--` or
-/// CRLF, either after spaces or tabs, or by the end of the body. Anywhere else a parser
-/// could read it as data.
-fn is_delimiter(body: &[u8], boundary: &[u8], at: usize) -> bool {
-    let end = at + boundary.len();
-    if body.get(at..end) != Some(boundary) || at < 2 || &body[at - 2..at] != b"--" {
+/// A multipart body whose boundary counts: the body with its `Content-Type`, each with
+/// its length.
+fn hash_with_content_type(hasher: &mut Sha256, content_type: &[u8], body: &[u8]) {
+    hasher.update(b"multipart-raw\0");
+    hasher.update((content_type.len() as u64).to_be_bytes());
+    hasher.update(content_type);
+    hasher.update(body);
+}
+
+/// Whether `--boundary` found at `at` (in some letter case) is a delimiter: written
+/// exactly, at the start of the body or after CRLF, and followed by `--` or CRLF, either
+/// after spaces or tabs, or by the end of the body. Anywhere else a parser could read it
+/// as data, or as a delimiter where another does not.
+fn is_delimiter(body: &[u8], dashed: &[u8], at: usize) -> bool {
+    let end = at + dashed.len();
+    if body.get(at..end) != Some(dashed) {
         return false;
     }
-    let line_start = at == 2 || (at >= 4 && &body[at - 4..at - 2] == b"\r\n");
+    let line_start = at == 0 || (at >= 2 && &body[at - 2..at] == b"\r\n");
     let mut after = &body[end..];
     if let Some(rest) = after.strip_prefix(b"--") {
         after = rest;
@@ -588,44 +690,80 @@ mod tests {
             multipart("AAAA", &memo_form("AAAA", "invoice 1")),
             multipart("b-B.9", &memo_form("b-B.9", "invoice 1"))
         );
-        // A memo holding its own form's boundary is data: two forms, two requests.
+        // Its text without `--` is data to every parser: the same form, the same request.
+        for (a, b) in [("x", "y"), ("data", "atad")] {
+            assert_eq!(
+                multipart(a, &memo_form(a, "a box of form-data")),
+                multipart(b, &memo_form(b, "a box of form-data")),
+                "{a} and {b}"
+            );
+        }
+        // A memo holding its own form's `--boundary` off a delimiter: two forms, two
+        // requests; and the same bytes under another boundary are another request.
         let holding = [
             |b: &str| format!("invoice--{b}-1"),
             |b: &str| format!("line\r\n--{b}x"),
             |b: &str| format!("line\r\n--{b}--x"),
-            |b: &str| format!("line\r\n{b}\r\n"),
             |b: &str| format!("line\n--{b}\r\n"),
+            |b: &str| format!("line\r\n--{}\r\n", b.to_ascii_lowercase()),
         ];
         for memo in holding {
             let (a, b) = (memo("AAAA"), memo("BBBB"));
+            let body = memo_form("AAAA", &a);
             assert_ne!(
-                multipart("AAAA", &memo_form("AAAA", &a)),
+                multipart("AAAA", &body),
                 multipart("BBBB", &memo_form("BBBB", &b)),
                 "{a:?} and {b:?}"
             );
-            // Such a body counts byte for byte.
-            let body = memo_form("AAAA", &a);
-            assert_eq!(
-                multipart("AAAA", &body),
-                Fingerprint::of(
-                    &FingerprintMode::Exact,
-                    &Method::POST,
-                    "/pay",
-                    body.as_bytes()
-                )
-            );
+            assert_ne!(multipart("AAAA", &body), multipart("BBBB", &body), "{a:?}");
         }
-        // The boundary in another letter case, where a parser that ignores case would
-        // read a delimiter: byte for byte too.
-        let body = memo_form("AAAA", "line\r\n--aaaa\r\nmore");
-        assert_eq!(
-            multipart("AAAA", &body),
-            Fingerprint::of(
+    }
+
+    /// The same bytes under two boundaries, each of which a parser reads as delimiting a
+    /// different form (the other one then preamble or epilogue), are two requests.
+    #[test]
+    fn the_same_bytes_under_two_boundaries_are_two_requests() {
+        let one = memo_form("AAAA", "1");
+        let two = memo_form("BBBB", "2");
+        let body = format!("{one}\r\n{two}\r\nxAAAA xBBBB");
+        assert_ne!(multipart("AAAA", &body), multipart("BBBB", &body));
+    }
+
+    /// A `Content-Type` whose boundary parsers could read differently, or which RFC 2046
+    /// does not allow, makes the body count with the header: never two readings, one
+    /// fingerprint.
+    #[test]
+    fn an_unusable_boundary_counts_with_the_header() {
+        let typed = |content_type: &str, body: &str| {
+            Fingerprint::of_request(
                 &FingerprintMode::Exact,
                 &Method::POST,
                 "/pay",
-                body.as_bytes()
+                Some(content_type.as_bytes()),
+                body.as_bytes(),
             )
+        };
+        // A `boundary=` inside another parameter's quotes.
+        let tricky = r#"multipart/form-data; x="a;boundary=AAAA;b"; boundary=ZZZZ"#;
+        let memo = |inner: &str| memo_form("ZZZZ", &format!("pay\r\n--{inner}\r\nto bob"));
+        assert_ne!(typed(tricky, &memo("AAAA")), typed(tricky, &memo("CCCC")));
+        // Over 70 characters: the same bytes under two such boundaries differ.
+        let (long_a, long_b) = ("a".repeat(71), "b".repeat(71));
+        let body = format!("{}\r\n{}", memo_form(&long_a, "1"), memo_form(&long_b, "2"));
+        assert_ne!(
+            typed(&format!("multipart/form-data; boundary={long_a}"), &body),
+            typed(&format!("multipart/form-data; boundary={long_b}"), &body)
+        );
+        // Characters a header cannot carry, through this public function: no panic.
+        let crlf = "multipart/form-data; boundary=\"\r\n--\"";
+        let _ = typed(crlf, "--\r\n--\r\n--");
+        // Quoted and unquoted, the same boundary.
+        assert_eq!(
+            typed(
+                r#"multipart/form-data; boundary="AAAA""#,
+                &memo_form("AAAA", "1")
+            ),
+            multipart("AAAA", &memo_form("AAAA", "1"))
         );
     }
 
