@@ -181,6 +181,46 @@ async fn fail_open_never_runs_a_key_whose_record_does_not_read() {
     assert_eq!(counters.runs(), 1, "the handler ran once");
 }
 
+/// Guards: another type of value under a key's name (a hash some other code wrote under
+/// idem's prefix) means the key is taken: even in fail-open mode the handler does not run
+/// again; the request is answered `503`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_never_runs_a_key_holding_another_type_of_value() {
+    let server = RedisServer::start();
+    let backend = Backend::redis_at(&server.url(), "fail-open-wrongtype");
+    let idem = backend.builder().await.fail_open(true).build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let first = send(&app, post_with("/pay", Some("hashed"), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+
+    let mut admin = redis_connection(&server.url()).await;
+    let names: Vec<String> = redis::cmd("KEYS")
+        .arg("*hashed")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let () = redis::cmd("DEL")
+        .arg(&names[0])
+        .query_async::<i64>(&mut admin)
+        .await
+        .map(drop)
+        .unwrap();
+    let () = redis::cmd("HSET")
+        .arg(&names[0])
+        .arg("field")
+        .arg("value")
+        .query_async::<i64>(&mut admin)
+        .await
+        .map(drop)
+        .unwrap();
+
+    let retry = send(&app, post_with("/pay", Some("hashed"), "{}")).await;
+    retry.assert_problem(StatusCode::SERVICE_UNAVAILABLE, Problem::STORE_UNAVAILABLE);
+    assert_eq!(counters.runs(), 1, "the handler ran once");
+}
+
 on_both_stores!(disconnected_client_still_gets_replay);
 
 /// Guards: a client that drops its connection mid-request does not cancel the handler;

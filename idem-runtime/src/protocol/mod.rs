@@ -291,8 +291,8 @@ fn store_failed(idem: &Idempotency, error: &StoreError, seen_in_flight: bool) ->
     if seen_in_flight || matches!(error, StoreError::Contended(_)) {
         tracing::warn!(target: "idem", %error, "store failed while the key is in flight; answering in flight");
         Begun::Answer(Answer::InFlight)
-    } else if matches!(error, StoreError::Full(_)) {
-        tracing::warn!(target: "idem", %error, "store full; refusing");
+    } else if matches!(error, StoreError::Full(_) | StoreError::Occupied(_)) {
+        tracing::warn!(target: "idem", %error, "store full, or the key holds a foreign value; refusing");
         Begun::Answer(Answer::Unavailable)
     } else if idem.settings().fail_open {
         tracing::warn!(target: "idem", %error, "store failed; running unprotected (fail-open)");

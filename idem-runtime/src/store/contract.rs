@@ -130,6 +130,11 @@ pub enum StoreError {
     /// answers as it does to a key in flight (`409`), never runs the work unprotected.
     #[error("the key kept changing under concurrent claims: {0}")]
     Contended(String),
+    /// The key holds something that is not idem's and that the store cannot even read as
+    /// a value (on Redis, another type of value under idem's key): the key is taken. idem
+    /// answers `503`, even in fail-open mode (the key may have been used).
+    #[error("the key holds something that is not an idempotency record: {0}")]
+    Occupied(String),
     /// `complete` refused a record the store cannot keep (it would be evicted at once).
     /// The claim is left in place; idem then completes the key with a small record that
     /// says the response was not stored, so a retry never runs the handler again.

@@ -758,6 +758,11 @@ impl Store for RedisStore {
                 Err(error) if error.code() == Some("OOM") => {
                     Box::pin(self.read_refused_claim(key, error)).await
                 }
+                // Another type of value under the key (a hash, a list): not idem's, and
+                // not free either.
+                Err(error) if error.code() == Some("WRONGTYPE") => {
+                    Err(StoreError::Occupied(error.to_string()))
+                }
                 Err(error) => Err(StoreError::backend(error)),
             }
         }))
