@@ -82,6 +82,7 @@
 
 mod config;
 pub mod fingerprint;
+mod finite;
 pub mod http;
 mod in_flight;
 mod key;

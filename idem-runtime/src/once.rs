@@ -32,6 +32,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::ser::Error as _;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
@@ -184,7 +185,9 @@ pub enum OnceError<E> {
         "running in a transaction needs the idempotency store to be that transaction's store (PostgresStore for PgTransaction, SqliteStore for SqliteTransaction)"
     )]
     NoTransaction,
-    /// The input or the result cannot be written as JSON.
+    /// The input or the result cannot be written as JSON, or holds a non-finite float
+    /// (NaN, an infinity), which JSON writes as `null`: an input that does is refused
+    /// before anything runs, as `Some(f64::NAN)` and `None` would be one input.
     #[error("cannot serialize the {what} as JSON: {source}")]
     Serialize {
         /// "input" or "result".
@@ -266,7 +269,8 @@ impl Idempotency {
     /// Runs an async operation at most once per `key`, and gives every later call its
     /// stored result. `input` is what the operation works on: its canonical JSON is
     /// fingerprinted, and the same key with another input is refused
-    /// ([`OnceError::KeyReused`]).
+    /// ([`OnceError::KeyReused`]). An input JSON cannot hold exactly (a non-finite float)
+    /// is refused with [`OnceError::Serialize`], nothing run.
     ///
     /// The same protocol as for HTTP requests, on the same store: one claim with a
     /// renewed lease, completion under the fencing check. A call while the operation
@@ -285,7 +289,12 @@ impl Idempotency {
     /// code), await [`shutdown`](Idempotency::shutdown) on it: it returns once they have
     /// ended.
     pub fn once<I: Serialize + ?Sized>(&self, key: OnceKey, input: &I) -> Once {
-        let input = serde_json::to_vec(input).map(|json| Fingerprint::of_input(&json));
+        // JSON writes a non-finite float as `null`: `Some(f64::NAN)` and `None` would be
+        // one input.
+        let input = crate::finite::check(input)
+            .map_err(serde_json::Error::custom)
+            .and_then(|()| serde_json::to_vec(input))
+            .map(|json| Fingerprint::of_input(&json));
         Once {
             idem: self.clone(),
             key,
@@ -541,13 +550,16 @@ where
     }
 }
 
-/// `value` as JSON, if that JSON reads back as `T`: what a replay will read. JSON cannot
-/// hold everything a `Serialize` type writes (serde_json writes a non-finite float as
-/// `null`, which no `f64` reads), and a result stored that no replay can read would answer
-/// every later call with an error for the key's whole TTL. Read back once, and dropped.
+/// `value` as JSON, if that JSON holds every number `value` does and reads back as `T`:
+/// what a replay will read. JSON cannot hold everything a `Serialize` type writes
+/// (serde_json writes a non-finite float as `null`, which reads back as `None`, or not at
+/// all as an `f64`): a result stored that no replay reads would answer every later call
+/// with an error for the key's whole TTL, and one read as another value would hand later
+/// calls a value the operation never returned. Read back once, and dropped.
 fn to_json_read_back<T: Serialize + DeserializeOwned>(
     value: &T,
 ) -> Result<Vec<u8>, serde_json::Error> {
+    crate::finite::check(value).map_err(serde_json::Error::custom)?;
     let json = serde_json::to_vec(value)?;
     serde_json::from_slice::<T>(&json)?;
     Ok(json)

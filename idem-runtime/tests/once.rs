@@ -299,6 +299,58 @@ async fn a_result_that_does_not_read_back_is_not_stored(backend: Backend) {
     assert_eq!(failures.load(Ordering::SeqCst), 1);
 }
 
+/// Guards: a result JSON writes as another value (`Some(f64::INFINITY)` is written as
+/// `null`, which reads back as `None`) is not stored, so no later call is handed a value
+/// the operation never returned: they are told it ran without a stored result.
+async fn a_result_json_would_change_is_not_stored(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let rate = |runs: Arc<AtomicUsize>| async move {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<Option<f64>, String>(Some(f64::INFINITY))
+    };
+    let first = idem
+        .once(key("changed"), "in")
+        .run(|| rate(runs.clone()))
+        .await
+        .unwrap();
+    assert_eq!(first, Some(f64::INFINITY), "the caller gets its value");
+    let second = idem
+        .once(key("changed"), "in")
+        .run(|| rate(runs.clone()))
+        .await;
+    assert!(matches!(second, Err(OnceError::NotStored)), "{second:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// Guards: two inputs JSON would write alike (`Some(f64::NAN)` and `None`, both `null`)
+/// are never taken for one: an input holding a non-finite float is refused before
+/// anything runs, so a call with another input is never answered with this one's result.
+async fn an_input_json_would_change_is_refused(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let charge = |runs: Arc<AtomicUsize>| async move {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>("charged".to_owned())
+    };
+    let refused = idem
+        .once(key("input"), &Some(f64::NAN))
+        .run(|| charge(runs.clone()))
+        .await;
+    assert!(
+        matches!(&refused, Err(OnceError::Serialize { what: "input", .. })),
+        "{refused:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "nothing ran");
+    let none: Option<f64> = None;
+    let ran = idem
+        .once(key("input"), &none)
+        .run(|| charge(runs.clone()))
+        .await;
+    assert_eq!(ran.unwrap(), "charged");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
 /// Guards: a caller whose process dies mid-operation (its runtime shut down: no release,
 /// no renewal) holds the key only until its lease runs out; then the next call runs.
 async fn a_vanished_caller_frees_the_key_after_its_lease(backend: Backend) {
@@ -446,6 +498,8 @@ on_both_stores!(
     no_wait_answers_in_flight,
     an_unwritable_result_is_not_run_again,
     a_result_that_does_not_read_back_is_not_stored,
+    a_result_json_would_change_is_not_stored,
+    an_input_json_would_change_is_refused,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
 
@@ -459,6 +513,8 @@ on_postgres!(
     no_wait_answers_in_flight,
     an_unwritable_result_is_not_run_again,
     a_result_that_does_not_read_back_is_not_stored,
+    a_result_json_would_change_is_not_stored,
+    an_input_json_would_change_is_refused,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
 
@@ -472,6 +528,8 @@ on_sqlite!(
     no_wait_answers_in_flight,
     an_unwritable_result_is_not_run_again,
     a_result_that_does_not_read_back_is_not_stored,
+    a_result_json_would_change_is_not_stored,
+    an_input_json_would_change_is_refused,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
 
