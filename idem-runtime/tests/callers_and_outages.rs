@@ -18,7 +18,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::post;
 use bytes::Bytes;
-use common::{Counters, eventually, post_with, send, test_builder};
+use common::{Counters, NoRenewals, SlowAnswers, eventually, post_with, send, test_builder};
 use http_body::{Frame, SizeHint};
 use idem_runtime::store::{BoxFuture, MemoryStore, Store, StoreError};
 use idem_runtime::{Idempotency, Idempotent, Problem};
@@ -377,52 +377,6 @@ async fn a_store_outage_leaves_no_task_per_refused_request() {
 // 4. A slow claim whose confirmation fails.
 // ---------------------------------------------------------------------------------------
 
-/// A memory store whose `begin` answers after `delay` (applied at once) and whose `renew`
-/// fails: a claim answered too late to be trusted, which cannot be confirmed.
-struct UnconfirmedClaims {
-    inner: MemoryStore,
-    delay: Duration,
-}
-
-impl Store for UnconfirmedClaims {
-    fn begin<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
-        Box::pin(async move {
-            let found = self.inner.begin(key, claim, lease).await;
-            tokio::time::sleep(self.delay).await;
-            found
-        })
-    }
-    fn renew<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a Bytes,
-        _: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async { Err(StoreError::backend("renewals fail")) })
-    }
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-        record: Bytes,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.complete(key, claim, record, ttl)
-    }
-    fn release<'a>(
-        &'a self,
-        key: &'a str,
-        claim: &'a Bytes,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.release(key, claim)
-    }
-}
-
 /// Guards: a claim answered after half its lease is confirmed before anything runs; when
 /// the store fails that confirmation, the request is answered as a store failure (`503`
 /// with `Retry-After`, counted as a store error), not as a key in flight (`409`), and in
@@ -431,13 +385,15 @@ impl Store for UnconfirmedClaims {
 async fn a_slow_claim_the_store_fails_to_confirm_is_a_store_failure() {
     for fail_open in [false, true] {
         let memory = MemoryStore::new();
-        let idem = test_builder(Idempotency::builder().store(UnconfirmedClaims {
-            inner: memory.clone(),
-            delay: Duration::from_millis(300),
-        }))
-        .lease(Duration::from_millis(400))
-        .fail_open(fail_open)
-        .build();
+        // `begin` answered late (applied at once), `renew` failing.
+        let unconfirmed = SlowAnswers::new(
+            Arc::new(NoRenewals(memory.clone())),
+            Duration::from_millis(300),
+        );
+        let idem = test_builder(Idempotency::builder().store(unconfirmed))
+            .lease(Duration::from_millis(400))
+            .fail_open(fail_open)
+            .build();
         let counters = Arc::new(Counters::default());
         let app = common::app(&idem, counters.clone());
         let answer = send(&app, post_with("/pay", Some("unconfirmed"), "{}")).await;
