@@ -219,6 +219,19 @@ async fn fail_open_never_runs_a_key_holding_another_type_of_value() {
     let retry = send(&app, post_with("/pay", Some("hashed"), "{}")).await;
     retry.assert_problem(StatusCode::SERVICE_UNAVAILABLE, Problem::STORE_UNAVAILABLE);
     assert_eq!(counters.runs(), 1, "the handler ran once");
+
+    // At its `maxmemory` the server refuses the claim before it looks at the key's type,
+    // and the read that follows finds the other type: refused all the same.
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let full = send(&app, post_with("/pay", Some("hashed"), "{}")).await;
+    full.assert_problem(StatusCode::SERVICE_UNAVAILABLE, Problem::STORE_UNAVAILABLE);
+    assert_eq!(counters.runs(), 1, "the handler ran once, the server full");
 }
 
 on_both_stores!(disconnected_client_still_gets_replay);

@@ -492,8 +492,9 @@ impl RedisStore {
         refusal: redis::RedisError,
     ) -> Result<Option<Bytes>, StoreError> {
         let found: Option<Bytes> = self
-            .run(Command::Plain(redis::cmd("GET").arg(key).to_owned()))
-            .await?;
+            .run_raw(Command::Plain(redis::cmd("GET").arg(key).to_owned()))
+            .await
+            .map_err(begin_error)?;
         match found {
             Some(found) => Ok(Some(found)),
             None => Err(StoreError::Full(format!(
@@ -692,6 +693,16 @@ fn collect_policy_lines(text: &str, out: &mut Vec<String>) {
     );
 }
 
+/// A `begin`'s error: another type of value under the key (a hash, a list) is not idem's,
+/// and not free either.
+fn begin_error(error: redis::RedisError) -> StoreError {
+    if error.code() == Some("WRONGTYPE") {
+        StoreError::Occupied(error.to_string())
+    } else {
+        StoreError::backend(error)
+    }
+}
+
 /// Milliseconds for `PX`/`PEXPIRE`, which take a positive signed 64-bit number.
 fn millis(duration: Duration) -> u64 {
     const MAX: u64 = i64::MAX as u64 / 2;
@@ -758,12 +769,7 @@ impl Store for RedisStore {
                 Err(error) if error.code() == Some("OOM") => {
                     Box::pin(self.read_refused_claim(key, error)).await
                 }
-                // Another type of value under the key (a hash, a list): not idem's, and
-                // not free either.
-                Err(error) if error.code() == Some("WRONGTYPE") => {
-                    Err(StoreError::Occupied(error.to_string()))
-                }
-                Err(error) => Err(StoreError::backend(error)),
+                Err(error) => Err(begin_error(error)),
             }
         }))
     }
