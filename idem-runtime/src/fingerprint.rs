@@ -124,34 +124,43 @@ enum Boundary {
 
 /// The boundary of a `multipart/*` content type. Its parameters are read twice, split at
 /// every `;` and split only outside quotes; only where both readings find one `boundary`
-/// parameter, with one value, is it usable.
+/// parameter, with one value, and no parameter names a boundary otherwise (RFC 2231's
+/// `boundary*=` and `boundary*0=`, which some parsers prefer), is it usable. A header that
+/// is not UTF-8 (obs-text in a quoted value) is not read at all: unusable.
 fn multipart_boundary(content_type: &[u8]) -> Boundary {
-    let Ok(content_type) = std::str::from_utf8(content_type) else {
-        return Boundary::None;
-    };
-    let mut params = content_type.split(';');
-    let essence = params.next().unwrap_or_default().trim();
-    if !essence
+    let essence_end = content_type
+        .iter()
+        .position(|&byte| byte == b';')
+        .unwrap_or(content_type.len());
+    if !content_type[..essence_end]
+        .trim_ascii()
         .get(..10)
-        .is_some_and(|start| start.eq_ignore_ascii_case("multipart/"))
+        .is_some_and(|start| start.eq_ignore_ascii_case(b"multipart/"))
     {
         return Boundary::None;
     }
+    let Ok(content_type) = std::str::from_utf8(content_type) else {
+        return Boundary::Unusable;
+    };
+    let names_a_boundary = |name: &str| name.trim().to_ascii_lowercase().starts_with("boundary");
     let is_boundary = |name: &str| name.trim().eq_ignore_ascii_case("boundary");
-    let naive: Vec<&str> = params
-        .filter_map(|param| param.split_once('='))
-        .filter(|(name, _)| is_boundary(name))
-        .map(|(_, value)| value.trim())
+    let naive: Vec<(&str, &str)> = content_type
+        .split(';')
+        .skip(1)
+        .map(|param| param.split_once('=').unwrap_or((param, "")))
+        .filter(|(name, _)| names_a_boundary(name))
         .collect();
-    let quoted: Vec<String> = quoted_params(content_type)
+    let quoted: Vec<(String, String)> = quoted_params(content_type)
         .into_iter()
         .skip(1)
-        .filter(|(name, _)| is_boundary(name))
-        .map(|(_, value)| value)
+        .filter(|(name, _)| names_a_boundary(name))
         .collect();
     match (naive.as_slice(), quoted.as_slice()) {
         ([], []) => Boundary::None,
-        ([naive], [value]) => {
+        ([(naive_name, naive)], [(name, value)])
+            if is_boundary(naive_name) && is_boundary(name) =>
+        {
+            let naive = naive.trim();
             let unquoted = naive
                 .strip_prefix('"')
                 .and_then(|inner| inner.strip_suffix('"'))
@@ -754,6 +763,39 @@ mod tests {
             typed(&format!("multipart/form-data; boundary={long_a}"), &body),
             typed(&format!("multipart/form-data; boundary={long_b}"), &body)
         );
+        // RFC 2231's forms, which some parsers read, alone or beside a plain one.
+        let body = format!("{}\r\n{}", memo_form("AAAA", "1"), memo_form("BBBB", "2"));
+        for (a, b) in [
+            ("boundary*=utf-8''AAAA", "boundary*=utf-8''BBBB"),
+            (
+                "boundary*0=AA; boundary*1=AA",
+                "boundary*0=BB; boundary*1=BB",
+            ),
+            (
+                "boundary=AAAA; boundary*=utf-8''ZZZZ",
+                "boundary=BBBB; boundary*=utf-8''ZZZZ",
+            ),
+        ] {
+            assert_ne!(
+                typed(&format!("multipart/form-data; {a}"), &body),
+                typed(&format!("multipart/form-data; {b}"), &body),
+                "{a} and {b}"
+            );
+        }
+        // A header that is not UTF-8 (obs-text in a quoted value) counts with the body.
+        let latin = |boundary: &str| {
+            let mut content_type =
+                format!("multipart/form-data; boundary={boundary}; x=\"caf").into_bytes();
+            content_type.extend_from_slice(b"\xe9\"");
+            Fingerprint::of_request(
+                &FingerprintMode::Exact,
+                &Method::POST,
+                "/pay",
+                Some(&content_type),
+                body.as_bytes(),
+            )
+        };
+        assert_ne!(latin("AAAA"), latin("BBBB"));
         // Characters a header cannot carry, through this public function: no panic.
         let crlf = "multipart/form-data; boundary=\"\r\n--\"";
         let _ = typed(crlf, "--\r\n--\r\n--");
