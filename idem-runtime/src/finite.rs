@@ -1,20 +1,23 @@
-//! Whether a value can be written as JSON without losing a number: serde_json writes a
-//! non-finite float (NaN, an infinity) as `null`, so `Some(f64::NAN)` and `None` write the
-//! same JSON. `once` checks its input (whose JSON is its fingerprint) and its result
-//! (whose JSON is what later calls read) before writing either.
+//! Whether a value can be written as JSON without two values meeting in one: serde_json
+//! writes a non-finite float (NaN, an infinity) as `null`, so `Some(f64::NAN)` and `None`
+//! write the same JSON; and `Some` of a value written as `null` (`Some(None)` of an
+//! `Option<Option<T>>`, `Some(())`) writes what `None` does. `once` checks its input
+//! (whose JSON is its fingerprint) and its result (whose JSON is what later calls read)
+//! before writing either.
 
 use std::fmt;
 
 use serde::Serialize;
 use serde::ser;
 
-/// `Err` naming the first non-finite float `value` holds, or the error its own
-/// `Serialize` raised.
+/// `Err` naming the first non-finite float, or `Some` of a `null`, that `value` holds, or
+/// the error its own `Serialize` raised.
 pub(crate) fn check<T: Serialize + ?Sized>(value: &T) -> Result<(), NonFinite> {
-    value.serialize(Checker)
+    value.serialize(Checker { in_some: false })
 }
 
-/// A float that JSON cannot hold, or an error of the value's own `Serialize`.
+/// A float that JSON cannot hold, `Some` of a `null`, or an error of the value's own
+/// `Serialize`.
 #[derive(Debug)]
 pub(crate) struct NonFinite(String);
 
@@ -42,8 +45,25 @@ fn float(value: f64) -> Result<(), NonFinite> {
     }
 }
 
-/// Walks a value, looking at its floats only.
-struct Checker;
+/// Walks a value, looking at its floats and at what each `Some` holds.
+struct Checker {
+    /// The value is what a `Some` holds (through newtypes, which JSON writes as their
+    /// content): one written as `null` would read back as `None`.
+    in_some: bool,
+}
+
+impl Checker {
+    fn null(self) -> Result<(), NonFinite> {
+        if self.in_some {
+            Err(NonFinite(
+                "`Some` of a value written as null (`Some(None)`, `Some(())`) is written as `None` is"
+                    .to_owned(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
 
 /// Accepts a value that holds no float.
 macro_rules! accept {
@@ -80,10 +100,19 @@ impl ser::Serializer for Checker {
         serialize_char(char);
         serialize_str(&str);
         serialize_bytes(&[u8]);
-        serialize_none();
-        serialize_unit();
-        serialize_unit_struct(&'static str);
         serialize_unit_variant(&'static str, u32, &'static str);
+    }
+
+    fn serialize_none(self) -> Result<(), NonFinite> {
+        self.null()
+    }
+
+    fn serialize_unit(self) -> Result<(), NonFinite> {
+        self.null()
+    }
+
+    fn serialize_unit_struct(self, _: &'static str) -> Result<(), NonFinite> {
+        self.null()
     }
 
     fn serialize_f32(self, value: f32) -> Result<(), NonFinite> {
@@ -95,7 +124,7 @@ impl ser::Serializer for Checker {
     }
 
     fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), NonFinite> {
-        value.serialize(self)
+        value.serialize(Checker { in_some: true })
     }
 
     fn serialize_newtype_struct<T: Serialize + ?Sized>(
@@ -113,19 +142,19 @@ impl ser::Serializer for Checker {
         _: &'static str,
         value: &T,
     ) -> Result<(), NonFinite> {
-        value.serialize(self)
+        value.serialize(Checker { in_some: false })
     }
 
     fn serialize_seq(self, _: Option<usize>) -> Result<Self, NonFinite> {
-        Ok(self)
+        Ok(Self { in_some: false })
     }
 
     fn serialize_tuple(self, _: usize) -> Result<Self, NonFinite> {
-        Ok(self)
+        Ok(Self { in_some: false })
     }
 
     fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Self, NonFinite> {
-        Ok(self)
+        Ok(Self { in_some: false })
     }
 
     fn serialize_tuple_variant(
@@ -135,15 +164,15 @@ impl ser::Serializer for Checker {
         _: &'static str,
         _: usize,
     ) -> Result<Self, NonFinite> {
-        Ok(self)
+        Ok(Self { in_some: false })
     }
 
     fn serialize_map(self, _: Option<usize>) -> Result<Self, NonFinite> {
-        Ok(self)
+        Ok(Self { in_some: false })
     }
 
     fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self, NonFinite> {
-        Ok(self)
+        Ok(Self { in_some: false })
     }
 
     fn serialize_struct_variant(
@@ -153,7 +182,7 @@ impl ser::Serializer for Checker {
         _: &'static str,
         _: usize,
     ) -> Result<Self, NonFinite> {
-        Ok(self)
+        Ok(Self { in_some: false })
     }
 }
 
@@ -169,7 +198,7 @@ macro_rules! compound {
                 $(_: $key,)?
                 value: &T,
             ) -> Result<(), NonFinite> {
-                value.serialize(Checker)
+                value.serialize(Checker { in_some: false })
             }
 
             fn end(self) -> Result<(), NonFinite> {
@@ -193,11 +222,11 @@ impl ser::SerializeMap for Checker {
     type Error = NonFinite;
 
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), NonFinite> {
-        key.serialize(Checker)
+        key.serialize(Checker { in_some: false })
     }
 
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NonFinite> {
-        value.serialize(Checker)
+        value.serialize(Checker { in_some: false })
     }
 
     fn end(self) -> Result<(), NonFinite> {
@@ -232,5 +261,25 @@ mod tests {
         let keyed: BTreeMap<String, f64> = [("x".into(), f64::NEG_INFINITY)].into();
         assert!(check(&keyed).is_err());
         assert!(check(&(u128::MAX, i128::MIN, "text", [1u8, 2])).is_ok());
+    }
+
+    #[test]
+    fn finds_some_of_a_null() {
+        #[derive(Serialize)]
+        struct Unit;
+        #[derive(Serialize)]
+        struct Limit(Option<u32>);
+        let double: Option<Option<u32>> = Some(None);
+        assert!(check(&double).is_err());
+        assert!(check(&Some(())).is_err());
+        assert!(check(&Some(Unit)).is_err());
+        assert!(check(&Some(Limit(None))).is_err(), "through a newtype");
+        assert!(check(&Some(Some(3))).is_ok());
+        assert!(check(&None::<Option<u32>>).is_ok());
+        assert!(
+            check(&Some(vec![None::<u32>])).is_ok(),
+            "a null inside a list is its own"
+        );
+        assert!(check(&[None::<u32>, Some(1)]).is_ok());
     }
 }

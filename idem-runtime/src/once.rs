@@ -185,9 +185,10 @@ pub enum OnceError<E> {
         "running in a transaction needs the idempotency store to be that transaction's store (PostgresStore for PgTransaction, SqliteStore for SqliteTransaction)"
     )]
     NoTransaction,
-    /// The input or the result cannot be written as JSON, or holds a non-finite float
-    /// (NaN, an infinity), which JSON writes as `null`: an input that does is refused
-    /// before anything runs, as `Some(f64::NAN)` and `None` would be one input.
+    /// The input or the result cannot be written as JSON, or holds what JSON writes as
+    /// another value's `null` (a non-finite float; `Some(None)` of an `Option<Option<T>>`):
+    /// an input that does is refused before anything runs, as `Some(f64::NAN)` and `None`
+    /// would be one input.
     #[error("cannot serialize the {what} as JSON: {source}")]
     Serialize {
         /// "input" or "result".
@@ -269,8 +270,8 @@ impl Idempotency {
     /// Runs an async operation at most once per `key`, and gives every later call its
     /// stored result. `input` is what the operation works on: its canonical JSON is
     /// fingerprinted, and the same key with another input is refused
-    /// ([`OnceError::KeyReused`]). An input JSON cannot hold exactly (a non-finite float)
-    /// is refused with [`OnceError::Serialize`], nothing run.
+    /// ([`OnceError::KeyReused`]). An input JSON cannot hold exactly (a non-finite float,
+    /// `Some(None)`) is refused with [`OnceError::Serialize`], nothing run.
     ///
     /// The same protocol as for HTTP requests, on the same store: one claim with a
     /// renewed lease, completion under the fencing check. A call while the operation
