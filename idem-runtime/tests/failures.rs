@@ -234,6 +234,39 @@ async fn fail_open_never_runs_a_key_holding_another_type_of_value() {
     assert_eq!(counters.runs(), 1, "the handler ran once, the server full");
 }
 
+/// Guards: a server that refuses writes but serves reads (a master demoted to a replica
+/// by a failover the client did not follow) still replays a completed key, in fail-open
+/// mode too: the refused claim reads the key before anything runs unprotected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_server_replays_a_completed_key_even_fail_open() {
+    let server = RedisServer::start();
+    let backend = Backend::redis_at(&server.url(), "read-only");
+    let idem = backend.builder().await.fail_open(true).build();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    let first = send(&app, post_with("/pay", Some("demoted"), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+
+    // A replica of a master that cannot be reached keeps its data and serves reads.
+    let mut admin = redis_connection(&server.url()).await;
+    let () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(1)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let retry = send(&app, post_with("/pay", Some("demoted"), "{}")).await;
+    let () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(retry.is_replay(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(counters.runs(), 1, "the handler ran once");
+}
+
 on_both_stores!(disconnected_client_still_gets_replay);
 
 /// Guards: a client that drops its connection mid-request does not cancel the handler;

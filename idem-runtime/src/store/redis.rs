@@ -484,8 +484,9 @@ impl RedisStore {
         }
     }
 
-    /// What a `begin` the server refused at its `maxmemory` finds under `key`: the record
-    /// there, or [`StoreError::Full`] for a key that holds nothing.
+    /// What a `begin` the server refused to write finds under `key`: the record there, or,
+    /// for a key that holds nothing, [`StoreError::Full`] at the server's `maxmemory`
+    /// (`OOM`) and a backend error otherwise (a read-only replica, a failed save).
     async fn read_refused_claim(
         &self,
         key: StoreKey<'_>,
@@ -497,9 +498,10 @@ impl RedisStore {
             .map_err(begin_error)?;
         match found {
             Some(found) => Ok(Some(found)),
-            None => Err(StoreError::Full(format!(
+            None if refusal.code() == Some("OOM") => Err(StoreError::Full(format!(
                 "Redis is at its maxmemory and cannot take a new claim: {refusal}"
             ))),
+            None => Err(StoreError::backend(refusal)),
         }
     }
 
@@ -763,10 +765,12 @@ impl Store for RedisStore {
                 .arg(millis(lease));
             match self.run_raw(Command::Plain(command)).await {
                 Ok(found) => Ok(found),
-                // At its `maxmemory` the server refuses the `SET` even where the key holds
-                // a record: read it, so a completed request is replayed, never run again.
-                // Boxed: every other claim's future should not hold room for this read.
-                Err(error) if error.code() == Some("OOM") => {
+                // A server that refuses writes (at its `maxmemory`, a read-only replica
+                // after a failover, a failed save) refuses the `SET` even where the key
+                // holds a record: read it, so a completed request is replayed, never run
+                // again (fail-open or not). Boxed: every other claim's future should not
+                // hold room for this read.
+                Err(error) if matches!(error.code(), Some("OOM" | "READONLY" | "MISCONF")) => {
                     Box::pin(self.read_refused_claim(key, error)).await
                 }
                 Err(error) => Err(begin_error(error)),
