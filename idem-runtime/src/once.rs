@@ -185,10 +185,9 @@ pub enum OnceError<E> {
         "running in a transaction needs the idempotency store to be that transaction's store (PostgresStore for PgTransaction, SqliteStore for SqliteTransaction)"
     )]
     NoTransaction,
-    /// The input or the result cannot be written as JSON, or holds what JSON writes as
-    /// another value's `null` (a non-finite float; `Some(None)` of an `Option<Option<T>>`):
-    /// an input that does is refused before anything runs, as `Some(f64::NAN)` and `None`
-    /// would be one input.
+    /// The input or the result cannot be written as JSON, or holds a non-finite float
+    /// (NaN, an infinity), which JSON writes as `null`: an input that does is refused
+    /// before anything runs, as `Some(f64::NAN)` and `None` would be one input.
     #[error("cannot serialize the {what} as JSON: {source}")]
     Serialize {
         /// "input" or "result".
@@ -270,8 +269,9 @@ impl Idempotency {
     /// Runs an async operation at most once per `key`, and gives every later call its
     /// stored result. `input` is what the operation works on: its canonical JSON is
     /// fingerprinted, and the same key with another input is refused
-    /// ([`OnceError::KeyReused`]). An input JSON cannot hold exactly (a non-finite float,
-    /// `Some(None)`) is refused with [`OnceError::Serialize`], nothing run.
+    /// ([`OnceError::KeyReused`]): inputs are compared by their JSON, so two values your
+    /// type writes alike are one input. An input holding a non-finite float (which JSON
+    /// writes as `null`) is refused with [`OnceError::Serialize`], nothing run.
     ///
     /// The same protocol as for HTTP requests, on the same store: one claim with a
     /// renewed lease, completion under the fencing check. A call while the operation
@@ -292,7 +292,7 @@ impl Idempotency {
     pub fn once<I: Serialize + ?Sized>(&self, key: OnceKey, input: &I) -> Once {
         // JSON writes a non-finite float as `null`: `Some(f64::NAN)` and `None` would be
         // one input.
-        let input = crate::finite::check(input)
+        let input = crate::faithful::finite(input)
             .map_err(serde_json::Error::custom)
             .and_then(|()| serde_json::to_vec(input))
             .map(|json| Fingerprint::of_input(&json));
@@ -551,18 +551,24 @@ where
     }
 }
 
-/// `value` as JSON, if that JSON holds every number `value` does and reads back as `T`:
-/// what a replay will read. JSON cannot hold everything a `Serialize` type writes
-/// (serde_json writes a non-finite float as `null`, which reads back as `None`, or not at
-/// all as an `f64`): a result stored that no replay reads would answer every later call
-/// with an error for the key's whole TTL, and one read as another value would hand later
-/// calls a value the operation never returned. Read back once, and dropped.
+/// `value` as JSON, if that JSON reads back as `value` itself: what a replay will read.
+/// JSON cannot hold everything a `Serialize` type writes (serde_json writes a non-finite
+/// float as `null`; `Some(None)` of an `Option<Option<T>>` is written as `None` is; a
+/// variant of an untagged enum may read back as another): a result stored that no replay
+/// reads would answer every later call with an error for the key's whole TTL, and one
+/// read as another value would hand later calls a value the operation never returned.
+/// Read back once, compared through serde's data model, and dropped.
 fn to_json_read_back<T: Serialize + DeserializeOwned>(
     value: &T,
 ) -> Result<Vec<u8>, serde_json::Error> {
-    crate::finite::check(value).map_err(serde_json::Error::custom)?;
+    crate::faithful::finite(value).map_err(serde_json::Error::custom)?;
     let json = serde_json::to_vec(value)?;
-    serde_json::from_slice::<T>(&json)?;
+    let read_back = serde_json::from_slice::<T>(&json)?;
+    if !crate::faithful::same_value(value, &read_back).map_err(serde_json::Error::custom)? {
+        return Err(serde_json::Error::custom(
+            "its JSON reads back as another value (`Some(None)` as `None`, one variant of an untagged enum as another)",
+        ));
+    }
     Ok(json)
 }
 

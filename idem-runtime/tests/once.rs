@@ -323,6 +323,33 @@ async fn a_result_json_would_change_is_not_stored(backend: Backend) {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
+/// Guards: a result that reads back exactly is stored and replayed as it was returned,
+/// whatever its maps' iteration order.
+async fn a_result_that_reads_back_exactly_is_replayed(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let balances = |runs: Arc<AtomicUsize>| async move {
+        runs.fetch_add(1, Ordering::SeqCst);
+        let balances: std::collections::HashMap<String, Option<u64>> = (0..40)
+            .map(|n| (format!("acct-{n}"), (n % 3 != 0).then_some(n)))
+            .collect();
+        Ok::<_, String>(balances)
+    };
+    let first = idem
+        .once(key("exact"), "in")
+        .run(|| balances(runs.clone()))
+        .await
+        .unwrap();
+    let again = idem
+        .once(key("exact"), "in")
+        .run_with_outcome(|| balances(runs.clone()))
+        .await
+        .unwrap();
+    assert!(again.is_replay());
+    assert_eq!(again.into_inner(), first);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
 /// Guards: two inputs JSON would write alike (`Some(f64::NAN)` and `None`, both `null`)
 /// are never taken for one: an input holding a non-finite float is refused before
 /// anything runs, so a call with another input is never answered with this one's result.
@@ -499,6 +526,7 @@ on_both_stores!(
     an_unwritable_result_is_not_run_again,
     a_result_that_does_not_read_back_is_not_stored,
     a_result_json_would_change_is_not_stored,
+    a_result_that_reads_back_exactly_is_replayed,
     an_input_json_would_change_is_refused,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
@@ -514,6 +542,7 @@ on_postgres!(
     an_unwritable_result_is_not_run_again,
     a_result_that_does_not_read_back_is_not_stored,
     a_result_json_would_change_is_not_stored,
+    a_result_that_reads_back_exactly_is_replayed,
     an_input_json_would_change_is_refused,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
@@ -529,6 +558,7 @@ on_sqlite!(
     an_unwritable_result_is_not_run_again,
     a_result_that_does_not_read_back_is_not_stored,
     a_result_json_would_change_is_not_stored,
+    a_result_that_reads_back_exactly_is_replayed,
     an_input_json_would_change_is_refused,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
