@@ -407,7 +407,7 @@ mod tests {
             value: &Option<Option<u64>>,
             s: S,
         ) -> Result<S::Ok, S::Error> {
-            value.as_ref().map_or(None, Option::as_ref).serialize(s)
+            value.as_ref().and_then(Option::as_ref).serialize(s)
         }
 
         pub(super) fn deserialize<'de, D: Deserializer<'de>>(
