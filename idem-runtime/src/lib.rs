@@ -81,8 +81,8 @@
 //! last argument and pass its body to [`Idempotent::run`]; the same can be written by hand.
 
 mod config;
-mod faithful;
 pub mod fingerprint;
+mod finite;
 pub mod http;
 mod in_flight;
 mod key;

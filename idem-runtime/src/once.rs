@@ -292,7 +292,7 @@ impl Idempotency {
     pub fn once<I: Serialize + ?Sized>(&self, key: OnceKey, input: &I) -> Once {
         // JSON writes a non-finite float as `null`: `Some(f64::NAN)` and `None` would be
         // one input.
-        let input = crate::faithful::finite(input)
+        let input = crate::finite::check(input)
             .map_err(serde_json::Error::custom)
             .and_then(|()| serde_json::to_vec(input))
             .map(|json| Fingerprint::of_input(&json));
@@ -551,25 +551,28 @@ where
     }
 }
 
-/// `value` as JSON, if that JSON reads back as `value` itself: what a replay will read.
-/// JSON cannot hold everything a `Serialize` type writes (serde_json writes a non-finite
-/// float as `null`; `Some(None)` of an `Option<Option<T>>` is written as `None` is; a
-/// variant of an untagged enum may read back as another): a result stored that no replay
-/// reads would answer every later call with an error for the key's whole TTL, and one
-/// read as another value would hand later calls a value the operation never returned.
-/// Read back once, compared through serde's data model, and dropped.
+/// `value` as JSON, if it holds no non-finite float (serde_json writes one as `null`,
+/// which reads back as `None`, or not at all) and reads back as `T`: what a replay will
+/// read. A result stored that no replay reads would answer every later call with an
+/// error for the key's whole TTL. Read back once, and dropped.
+///
+/// The operation has run: a panic in the value's own `Serialize` or `Deserialize` is
+/// caught here and taken as a value that cannot be stored, for a panic past this point
+/// would release the key and let the next call run the operation again.
 fn to_json_read_back<T: Serialize + DeserializeOwned>(
     value: &T,
 ) -> Result<Vec<u8>, serde_json::Error> {
-    crate::faithful::finite(value).map_err(serde_json::Error::custom)?;
-    let json = serde_json::to_vec(value)?;
-    let read_back = serde_json::from_slice::<T>(&json)?;
-    if !crate::faithful::same_value(value, &read_back).map_err(serde_json::Error::custom)? {
-        return Err(serde_json::Error::custom(
-            "its JSON reads back as another value (`Some(None)` as `None`, one variant of an untagged enum as another)",
-        ));
-    }
-    Ok(json)
+    let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::finite::check(value).map_err(serde_json::Error::custom)?;
+        let json = serde_json::to_vec(value)?;
+        serde_json::from_slice::<T>(&json)?;
+        Ok(json)
+    }));
+    written.unwrap_or_else(|_| {
+        Err(serde_json::Error::custom(
+            "writing it as JSON, or reading that back, panicked",
+        ))
+    })
 }
 
 /// What happens on a replay, or any other answer: the stored result, or why there is none.

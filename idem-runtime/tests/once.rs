@@ -350,6 +350,39 @@ async fn a_result_that_reads_back_exactly_is_replayed(backend: Backend) {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
+/// A result whose own `Deserialize` panics (a bug in the application's type).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct Fragile(u32);
+
+impl<'de> Deserialize<'de> for Fragile {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        panic!("a Deserialize with a bug")
+    }
+}
+
+/// Guards: the operation has run when its result is written and read back; a panic in
+/// the result's own `Serialize` or `Deserialize` there is taken as a result that cannot
+/// be stored, never as a failure that releases the key and runs the operation again.
+async fn a_result_whose_read_back_panics_is_not_run_again(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let charge = |runs: Arc<AtomicUsize>| async move {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>(Fragile(1200))
+    };
+    let first = idem
+        .once(key("fragile"), "in")
+        .run(|| charge(runs.clone()))
+        .await;
+    assert_eq!(first.unwrap(), Fragile(1200), "the caller gets its value");
+    let second = idem
+        .once(key("fragile"), "in")
+        .run(|| charge(runs.clone()))
+        .await;
+    assert!(matches!(second, Err(OnceError::NotStored)), "{second:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the charge ran once");
+}
+
 /// Guards: two inputs JSON would write alike (`Some(f64::NAN)` and `None`, both `null`)
 /// are never taken for one: an input holding a non-finite float is refused before
 /// anything runs, so a call with another input is never answered with this one's result.
@@ -527,6 +560,7 @@ on_both_stores!(
     a_result_that_does_not_read_back_is_not_stored,
     a_result_json_would_change_is_not_stored,
     a_result_that_reads_back_exactly_is_replayed,
+    a_result_whose_read_back_panics_is_not_run_again,
     an_input_json_would_change_is_refused,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
@@ -543,6 +577,7 @@ on_postgres!(
     a_result_that_does_not_read_back_is_not_stored,
     a_result_json_would_change_is_not_stored,
     a_result_that_reads_back_exactly_is_replayed,
+    a_result_whose_read_back_panics_is_not_run_again,
     an_input_json_would_change_is_refused,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
@@ -559,6 +594,7 @@ on_sqlite!(
     a_result_that_does_not_read_back_is_not_stored,
     a_result_json_would_change_is_not_stored,
     a_result_that_reads_back_exactly_is_replayed,
+    a_result_whose_read_back_panics_is_not_run_again,
     an_input_json_would_change_is_refused,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
