@@ -646,13 +646,7 @@ mod tests {
             } else {
                 format!("multipart/form-data; boundary={boundary}")
             };
-            Fingerprint::of_request(
-                &FingerprintMode::Exact,
-                &Method::POST,
-                "/pay",
-                Some(content_type.as_bytes()),
-                body.as_bytes(),
-            )
+            typed(content_type.as_bytes(), &body)
         };
         assert_eq!(
             form("XyZ123", false, "1200"),
@@ -661,25 +655,25 @@ mod tests {
         assert_ne!(form("XyZ123", false, "1200"), form("XyZ123", false, "1201"));
         // Not multipart, or no delimiter in the body: byte for byte, as before.
         let plain = Fingerprint::of(&FingerprintMode::Exact, &Method::POST, "/pay", b"--a");
-        let typed = Fingerprint::of_request(
-            &FingerprintMode::Exact,
-            &Method::POST,
-            "/pay",
-            Some(b"multipart/form-data; boundary=zzz"),
-            b"--a",
-        );
-        assert_eq!(plain, typed);
+        assert_eq!(plain, typed(b"multipart/form-data; boundary=zzz", "--a"));
     }
 
-    /// A multipart fingerprint of `body` under `boundary`.
-    fn multipart(boundary: &str, body: &str) -> Fingerprint {
-        let content_type = format!("multipart/form-data; boundary={boundary}");
+    /// The fingerprint of `body` posted to `/pay` with `content_type`.
+    fn typed(content_type: &[u8], body: &str) -> Fingerprint {
         Fingerprint::of_request(
             &FingerprintMode::Exact,
             &Method::POST,
             "/pay",
-            Some(content_type.as_bytes()),
+            Some(content_type),
             body.as_bytes(),
+        )
+    }
+
+    /// A multipart fingerprint of `body` under `boundary`.
+    fn multipart(boundary: &str, body: &str) -> Fingerprint {
+        typed(
+            format!("multipart/form-data; boundary={boundary}").as_bytes(),
+            body,
         )
     }
 
@@ -743,25 +737,17 @@ mod tests {
     /// fingerprint.
     #[test]
     fn an_unusable_boundary_counts_with_the_header() {
-        let typed = |content_type: &str, body: &str| {
-            Fingerprint::of_request(
-                &FingerprintMode::Exact,
-                &Method::POST,
-                "/pay",
-                Some(content_type.as_bytes()),
-                body.as_bytes(),
-            )
-        };
+        let with = |content_type: &str, body: &str| typed(content_type.as_bytes(), body);
         // A `boundary=` inside another parameter's quotes.
         let tricky = r#"multipart/form-data; x="a;boundary=AAAA;b"; boundary=ZZZZ"#;
         let memo = |inner: &str| memo_form("ZZZZ", &format!("pay\r\n--{inner}\r\nto bob"));
-        assert_ne!(typed(tricky, &memo("AAAA")), typed(tricky, &memo("CCCC")));
+        assert_ne!(with(tricky, &memo("AAAA")), with(tricky, &memo("CCCC")));
         // Over 70 characters: the same bytes under two such boundaries differ.
         let (long_a, long_b) = ("a".repeat(71), "b".repeat(71));
         let body = format!("{}\r\n{}", memo_form(&long_a, "1"), memo_form(&long_b, "2"));
         assert_ne!(
-            typed(&format!("multipart/form-data; boundary={long_a}"), &body),
-            typed(&format!("multipart/form-data; boundary={long_b}"), &body)
+            with(&format!("multipart/form-data; boundary={long_a}"), &body),
+            with(&format!("multipart/form-data; boundary={long_b}"), &body)
         );
         // RFC 2231's forms, which some parsers read, alone or beside a plain one.
         let body = format!("{}\r\n{}", memo_form("AAAA", "1"), memo_form("BBBB", "2"));
@@ -777,8 +763,8 @@ mod tests {
             ),
         ] {
             assert_ne!(
-                typed(&format!("multipart/form-data; {a}"), &body),
-                typed(&format!("multipart/form-data; {b}"), &body),
+                with(&format!("multipart/form-data; {a}"), &body),
+                with(&format!("multipart/form-data; {b}"), &body),
                 "{a} and {b}"
             );
         }
@@ -787,21 +773,15 @@ mod tests {
             let mut content_type =
                 format!("multipart/form-data; boundary={boundary}; x=\"caf").into_bytes();
             content_type.extend_from_slice(b"\xe9\"");
-            Fingerprint::of_request(
-                &FingerprintMode::Exact,
-                &Method::POST,
-                "/pay",
-                Some(&content_type),
-                body.as_bytes(),
-            )
+            typed(&content_type, &body)
         };
         assert_ne!(latin("AAAA"), latin("BBBB"));
         // Characters a header cannot carry, through this public function: no panic.
         let crlf = "multipart/form-data; boundary=\"\r\n--\"";
-        let _ = typed(crlf, "--\r\n--\r\n--");
+        let _ = with(crlf, "--\r\n--\r\n--");
         // Quoted and unquoted, the same boundary.
         assert_eq!(
-            typed(
+            with(
                 r#"multipart/form-data; boundary="AAAA""#,
                 &memo_form("AAAA", "1")
             ),

@@ -399,7 +399,12 @@ async fn a_slow_claim_the_store_fails_to_confirm_is_a_store_failure() {
         let answer = send(&app, post_with("/pay", Some("unconfirmed"), "{}")).await;
         answer.assert_problem(StatusCode::SERVICE_UNAVAILABLE, Problem::STORE_UNAVAILABLE);
         assert_eq!(counters.runs(), 0, "fail_open({fail_open})");
-        // Released: the retry, on an instance whose store answers at once, runs.
+        // Released (by a task of its own): then the retry, on an instance whose store
+        // answers at once, runs.
+        assert!(
+            eventually(Duration::from_secs(5), || memory.claim_count() == 0).await,
+            "the claim was released"
+        );
         let direct = test_builder(Idempotency::builder().store(memory)).build();
         let retry = send(
             &common::app(&direct, counters.clone()),

@@ -18,7 +18,12 @@ fn form(boundary: &str, amount: &str) -> axum::extract::Request {
          --{boundary}\r\ncontent-disposition: form-data; name=\"note\"; filename=\"n.txt\"\r\n\
          content-type: text/plain\r\n\r\nfor order 7\r\n--{boundary}--\r\n"
     );
-    let mut request = post_with("/pay", Some("form-key"), &body);
+    multipart_post(boundary, "form-key", &body)
+}
+
+/// `body` posted to `/pay` under `key` as `multipart/form-data` with `boundary`.
+fn multipart_post(boundary: &str, key: &str, body: &str) -> axum::extract::Request {
+    let mut request = post_with("/pay", Some(key), body);
     request.headers_mut().insert(
         header::CONTENT_TYPE,
         format!("multipart/form-data; boundary={boundary}")
@@ -55,14 +60,7 @@ fn form_with_memo(boundary: &str, memo: &str) -> axum::extract::Request {
          --{boundary}\r\ncontent-disposition: form-data; name=\"memo\"\r\n\r\n{memo}\r\n\
          --{boundary}--\r\n"
     );
-    let mut request = post_with("/pay", Some("memo-key"), &body);
-    request.headers_mut().insert(
-        header::CONTENT_TYPE,
-        format!("multipart/form-data; boundary={boundary}")
-            .parse()
-            .unwrap(),
-    );
-    request
+    multipart_post(boundary, "memo-key", &body)
 }
 
 /// Guards: a boundary counts for nothing only where a form parser can read it as nothing
