@@ -383,6 +383,100 @@ async fn a_result_whose_read_back_panics_is_not_run_again(backend: Backend) {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the charge ran once");
 }
 
+/// An operation written as a future by hand, whose `Drop` panics once it has returned its
+/// value (a bug in the application's future, or in a combinator it uses).
+struct PanicsWhenDroppedAfterReturning {
+    runs: Arc<AtomicUsize>,
+    returned: bool,
+}
+
+impl std::future::Future for PanicsWhenDroppedAfterReturning {
+    type Output = Result<u32, String>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        self.returned = true;
+        std::task::Poll::Ready(Ok(42))
+    }
+}
+
+impl Drop for PanicsWhenDroppedAfterReturning {
+    fn drop(&mut self) {
+        if self.returned && !std::thread::panicking() {
+            panic!("the drop of an operation that returned");
+        }
+    }
+}
+
+/// Guards: an operation that returned has run, whatever its future does when it is
+/// dropped: a panic there never releases the key, so the next call is answered with the
+/// value the operation returned, and it never runs again.
+async fn a_returned_operation_whose_drop_panics_is_not_run_again(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let first = idem
+        .once(key("drop-panics"), "in")
+        .run(|| PanicsWhenDroppedAfterReturning {
+            runs: runs.clone(),
+            returned: false,
+        })
+        .await;
+    assert_eq!(first.unwrap(), 42, "the caller gets the value returned");
+    let second = idem
+        .once(key("drop-panics"), "in")
+        .run_with_outcome({
+            let runs = runs.clone();
+            || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<u32, String>(7)
+            }
+        })
+        .await
+        .unwrap();
+    assert!(second.is_replay(), "{second:?}");
+    assert_eq!(second.into_inner(), 42);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
+}
+
+/// Guards: a float result is replayed as the very number the operation returned, not one
+/// a unit in the last place away (about one computed amount in ten is, when JSON's
+/// shortest text is read back without exact parsing).
+async fn float_results_are_replayed_exactly(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut changed = Vec::new();
+    for n in 0..300_u32 {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let amount = (state >> 11) as f64 / (1_u64 << 53) as f64 * 10_000.0 * 1.0725;
+        let rate = amount as f32 / 7.0;
+        let call = || async move { Ok::<(f64, f32), String>((amount, rate)) };
+        let name = format!("float-{n}");
+        let ran = idem.once(key(&name), &n).run(call).await.unwrap();
+        assert_eq!(ran, (amount, rate));
+        let replay = idem
+            .once(key(&name), &n)
+            .run_with_outcome(|| async { Ok::<(f64, f32), String>((-1.0, -1.0)) })
+            .await
+            .unwrap();
+        assert!(replay.is_replay(), "{replay:?}");
+        let (replayed, replayed_rate) = replay.into_inner();
+        if replayed.to_bits() != amount.to_bits() || replayed_rate.to_bits() != rate.to_bits() {
+            changed.push(((amount, rate), (replayed, replayed_rate)));
+        }
+    }
+    assert!(
+        changed.is_empty(),
+        "{} of 300 replays handed back numbers the operation never returned, e.g. {:?}",
+        changed.len(),
+        changed[0]
+    );
+}
+
 /// Guards: two inputs JSON would write alike (`Some(f64::NAN)` and `None`, both `null`)
 /// are never taken for one: an input holding a non-finite float is refused before
 /// anything runs, so a call with another input is never answered with this one's result.
@@ -561,6 +655,8 @@ on_both_stores!(
     a_result_json_would_change_is_not_stored,
     a_result_that_reads_back_exactly_is_replayed,
     a_result_whose_read_back_panics_is_not_run_again,
+    a_returned_operation_whose_drop_panics_is_not_run_again,
+    float_results_are_replayed_exactly,
     an_input_json_would_change_is_refused,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
@@ -578,6 +674,8 @@ on_postgres!(
     a_result_json_would_change_is_not_stored,
     a_result_that_reads_back_exactly_is_replayed,
     a_result_whose_read_back_panics_is_not_run_again,
+    a_returned_operation_whose_drop_panics_is_not_run_again,
+    float_results_are_replayed_exactly,
     an_input_json_would_change_is_refused,
     a_vanished_caller_frees_the_key_after_its_lease,
 );
@@ -595,6 +693,8 @@ on_sqlite!(
     a_result_json_would_change_is_not_stored,
     a_result_that_reads_back_exactly_is_replayed,
     a_result_whose_read_back_panics_is_not_run_again,
+    a_returned_operation_whose_drop_panics_is_not_run_again,
+    float_results_are_replayed_exactly,
     an_input_json_would_change_is_refused,
     a_vanished_caller_frees_the_key_after_its_lease,
 );

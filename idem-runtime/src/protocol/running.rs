@@ -24,8 +24,10 @@ pin_project! {
         Working {
             // Declared first, so dropped first: the work's own drops run while the key is
             // still held.
+            // `None` once the work returned: its future is dropped then, before anything
+            // else happens (see `poll`).
             #[pin]
-            work: CatchUnwind<AssertUnwindSafe<F>>,
+            work: Option<CatchUnwind<AssertUnwindSafe<F>>>,
             execution: Option<Execution>,
             finish: Option<G>,
         },
@@ -52,7 +54,7 @@ impl Execution {
         S: Future,
     {
         Running::Working {
-            work: AssertUnwindSafe(work).catch_unwind(),
+            work: Some(AssertUnwindSafe(work).catch_unwind()),
             execution: Some(self),
             finish: Some(finish),
         }
@@ -71,11 +73,23 @@ where
         loop {
             match self.as_mut().project() {
                 Project::Working {
-                    work,
+                    mut work,
                     execution,
                     finish,
                 } => {
-                    let caught = ready!(work.poll(cx));
+                    let Some(running) = work.as_mut().as_pin_mut() else {
+                        return Poll::Pending;
+                    };
+                    let caught = ready!(running.poll(cx));
+                    if caught.is_ok() {
+                        // The work returned: it has run, whatever its future does as it is
+                        // dropped. Dropped here, a panic of that drop neither releases the
+                        // key nor takes the place of the output.
+                        let dropped = std::panic::catch_unwind(AssertUnwindSafe(|| work.set(None)));
+                        if dropped.is_err() {
+                            tracing::error!(target: "idem", "the work's future panicked as it was dropped, after it returned; its output is kept");
+                        }
+                    }
                     let (Some(mut execution), Some(finish)) = (execution.take(), finish.take())
                     else {
                         // Both are taken only here, and the state moves on at once.
