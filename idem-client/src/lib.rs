@@ -11,7 +11,9 @@
 //! - Connection and timeout errors, a response lost mid-body, `409` in flight, `429`,
 //!   `500`, `502`, `503` and `504` are retried with exponential backoff and full jitter,
 //!   never sooner than the server's `Retry-After`, up to a number of attempts and a total
-//!   deadline.
+//!   deadline. A keyed request's response is read whole before it is handed over, so that
+//!   one lost mid-body is retried; any other response (a `GET`'s download, say) is handed
+//!   over as it arrives, and a body lost there is the caller's error to see.
 //! - `400`, `401`, `403`, `404`, `413` and `422` are a bug in the caller, not a transient
 //!   fault: they are never retried and come back as a [`Rejected`] error, with the
 //!   problem's type (`urn:idem:problem:key-reused` for a key used with another request).
