@@ -206,7 +206,7 @@ fn undone(transactional: bool, completion: Completion, execution: &Execution) ->
     let problem = match completion {
         Completion::Lost => Problem::superseded(retry_after),
         Completion::Unknown => Problem::commit_failed(execution.idem().settings().lease_secs()),
-        _ => Problem::store_unavailable(retry_after),
+        _ => Problem::rolled_back(retry_after),
     };
     Some(problem.into_response())
 }

@@ -210,6 +210,21 @@ impl Problem {
         problem
     }
 
+    /// A keyed request whose transaction was rolled back (the fencing write or the commit
+    /// refused by the database): nothing was kept, and the key is released.
+    pub(crate) fn rolled_back(retry_after: u64) -> Self {
+        let mut problem = Self::new_internal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Self::STORE_UNAVAILABLE,
+            "Writes rolled back",
+            format!(
+                "The database refused to commit this request's writes with its idempotency record (a serialization failure, a deadlock or a constraint checked at commit), so they were rolled back and nothing was kept. Retry with the same key after {retry_after} second(s): the retry runs the request again."
+            ),
+        );
+        problem.retry_after = Some(retry_after);
+        problem
+    }
+
     /// A request without a key whose transaction's commit was not confirmed. No
     /// `Retry-After`: nothing guards a retry, which could apply the writes twice.
     pub(crate) fn unkeyed_commit_failed() -> Self {

@@ -83,6 +83,13 @@ pub use self::transaction::PgTransaction;
 /// for the same one round trip per step. (sqlx also pings each connection as it goes
 /// back to the pool: after the step has its answer, off the request's path.)
 ///
+/// Lease renewals run on connections of their own
+/// ([`RENEWAL_CONNECTIONS`](PostgresStore::RENEWAL_CONNECTIONS), opened on the pool's
+/// connect options): handlers holding every connection of the pool in their
+/// [`PgTransaction`](crate::store::PgTransaction)s, or an application's own queries on a
+/// shared pool, never keep a running execution's lease from being renewed, so its key is
+/// never taken over while it runs. Count them in the server's `max_connections`.
+///
 /// ```no_run
 /// # async fn demo() -> Result<(), idem_runtime::ConnectError> {
 /// use std::time::Duration;
@@ -99,6 +106,8 @@ pub use self::transaction::PgTransaction;
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// The renewals' own connections, apart from `pool`.
+    renewals: PgPool,
     statements: Arc<Statements>,
     /// Stops the background sweep when the last clone goes.
     sweeper: Option<Arc<Sweeper>>,
@@ -201,6 +210,22 @@ fn quote(name: &str) -> String {
 
 /// How long a pooled connection may sit idle before it is pinged on its next use.
 const IDLE_CHECK: Duration = Duration::from_secs(30);
+
+/// A pool of at most `max` connections, each pinged only after [`IDLE_CHECK`] idle.
+fn pool_options(max: u32, acquire_timeout: Duration) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= IDLE_CHECK {
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+}
 
 /// The largest value PostgreSQL keeps in one field (1 GiB), less room for the message.
 const MAX_RECORD_BYTES: u64 = (1 << 30) - (1 << 20);
@@ -312,26 +337,19 @@ impl PostgresStoreBuilder {
             Source::Url(url) => {
                 let options =
                     PgConnectOptions::from_str(&url).map_err(failed("parsing the URL"))?;
-                PgPoolOptions::new()
-                    .max_connections(self.max_connections)
-                    .acquire_timeout(self.connect_timeout)
-                    .test_before_acquire(false)
-                    .before_acquire(|connection, meta| {
-                        Box::pin(async move {
-                            if meta.idle_for >= IDLE_CHECK {
-                                connection.ping().await?;
-                            }
-                            Ok(true)
-                        })
-                    })
+                pool_options(self.max_connections, self.connect_timeout)
                     .connect_with(options)
                     .await
                     .map_err(failed("connecting"))?
             }
         };
+        // Connected by the probe's renewal, below.
+        let renewals = pool_options(PostgresStore::RENEWAL_CONNECTIONS, self.connect_timeout)
+            .connect_lazy_with((*pool.connect_options()).clone());
         let statements = Arc::new(Statements::new(self.schema.as_deref(), &self.table));
         let mut store = PostgresStore {
             pool,
+            renewals,
             statements,
             sweeper: None,
         };
@@ -359,6 +377,10 @@ impl PostgresStore {
 
     /// Rows one sweep batch deletes at most unless another size is chosen.
     pub const DEFAULT_SWEEP_BATCH: u64 = 1000;
+
+    /// Connections the store opens for lease renewals, beside its pool (see
+    /// "Connections" above).
+    pub const RENEWAL_CONNECTIONS: u32 = 2;
 
     /// How often [`Idempotency::postgres`](crate::Idempotency::postgres) sweeps expired
     /// rows: every minute. A store built by hand sweeps only when asked
@@ -494,6 +516,25 @@ impl PostgresStore {
         }
     }
 
+    /// Extends the lease of `claim` under `key`, through a connection of `pool`: whether
+    /// the key still held it.
+    async fn renew_on(
+        &self,
+        pool: &PgPool,
+        key: &str,
+        claim: &Bytes,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.statements.renew.clone())
+            .bind(key)
+            .bind(claim.as_ref())
+            .bind(millis(lease))
+            .execute(pool)
+            .await
+            .map_err(|error| self.error(error))?;
+        Ok(done.rows_affected() == 1)
+    }
+
     fn error(&self, error: sqlx::Error) -> StoreError {
         match error {
             sqlx::Error::PoolTimedOut => {
@@ -572,15 +613,24 @@ impl Store for PostgresStore {
         claim: &'a Bytes,
         lease: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        // On connections of their own: a pool full of transactions or of the application's
+        // queries never holds a renewal back.
+        Box::pin(self.renew_on(&self.renewals, key, claim, lease))
+    }
+
+    /// Whether the pool's connections, where claims are made, take writes now: an
+    /// `UPDATE` that matches no row.
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        static PROBE_CLAIM: Bytes = Bytes::from_static(b"idem readiness probe");
         Box::pin(async move {
-            let done = sqlx::query(self.statements.renew.clone())
-                .bind(key)
-                .bind(claim.as_ref())
-                .bind(millis(lease))
-                .execute(&self.pool)
-                .await
-                .map_err(|error| self.error(error))?;
-            Ok(done.rows_affected() == 1)
+            self.renew_on(
+                &self.pool,
+                "__idem_ready_probe",
+                &PROBE_CLAIM,
+                Duration::from_millis(1),
+            )
+            .await
+            .map(drop)
         })
     }
 

@@ -79,6 +79,13 @@ pub(crate) trait Backend: Store + Clone {
 
     /// A driver error as a store error.
     fn error(&self, error: sqlx::Error) -> StoreError;
+
+    /// Whether a failed `COMMIT` was answered by the database with a refusal that leaves
+    /// nothing committed (a serialization failure, say), rather than failing without an
+    /// answer. `false` where that cannot be told.
+    fn commit_refused(&self, _error: &sqlx::Error) -> bool {
+        false
+    }
 }
 
 /// What the fencing write in the work's transaction found.
@@ -197,6 +204,10 @@ impl<B: Backend> Transactional for Shared<B> {
             match fenced {
                 Ok(Fenced::Written) => match transaction.commit().await {
                     Ok(()) => Committed::Yes,
+                    // Refused: nothing committed, and the claim is still this execution's.
+                    Err(error) if self.store.commit_refused(&error) => {
+                        Committed::RolledBack(self.store.error(error))
+                    }
                     Err(error) => Committed::Unknown(self.store.error(error)),
                 },
                 Ok(Fenced::NotHeld) => {

@@ -30,6 +30,14 @@ use crate::store::{BoxFuture, Store, StoreError};
 ///   rolls back, so its writes never become visible, and it answers `409`;
 /// - a `5xx`, an `Err` of `once`, or a panic rolls the writes back and releases the key.
 ///
+/// At `REPEATABLE READ` or `SERIALIZABLE`, a lease renewal committed after the
+/// transaction's snapshot makes the fencing write a serialization failure: the writes roll
+/// back, the key is released, and the request is answered `503` (a retry runs it again).
+/// The first renewal comes a third of the lease after the claim (10 s with the default
+/// 30 s lease): keep such work shorter, or raise the lease
+/// ([`lease`](crate::IdempotencyBuilder::lease)). A commit the database refuses (a
+/// serialization failure at `COMMIT`, a deferred constraint) is answered the same way.
+///
 /// Without a key (a request that sent none), the transaction commits after the handler
 /// unless it answered a `5xx`. Effects outside the database (an e-mail, a call to a card
 /// network) are not covered: give those their own idempotency key (`once`, or
@@ -137,6 +145,18 @@ impl Backend for PostgresStore {
 
     fn error(&self, error: sqlx::Error) -> StoreError {
         PostgresStore::error(self, error)
+    }
+
+    fn commit_refused(&self, error: &sqlx::Error) -> bool {
+        // PostgreSQL rolls back a transaction whose COMMIT it answers with one of these:
+        // a serialization failure (40001), a constraint checked at commit (40002, and
+        // class 23 for deferred constraints), a deadlock (40P01).
+        error
+            .as_database_error()
+            .and_then(|error| error.code())
+            .is_some_and(|code| {
+                matches!(code.as_ref(), "40001" | "40002" | "40P01") || code.starts_with("23")
+            })
     }
 }
 
