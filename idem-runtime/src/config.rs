@@ -143,6 +143,19 @@ impl Settings {
     pub(crate) fn lease_secs(&self) -> u64 {
         whole_seconds(self.lease)
     }
+
+    /// The secret of the key digests logged in place of keys, under `log_keys(false)`;
+    /// `None` where keys are logged as sent.
+    pub(crate) fn digest_secret(&self) -> Option<Arc<[u8]>> {
+        if self.log_keys {
+            return None;
+        }
+        Some(
+            self.log_key_secret
+                .clone()
+                .unwrap_or_else(|| Arc::from(&[][..])),
+        )
+    }
 }
 
 /// `duration` in whole seconds, rounded up, at least 1.

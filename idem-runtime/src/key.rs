@@ -193,25 +193,62 @@ impl fmt::Display for IdempotencyKey {
 /// by, with the problem a guard would answer (`key-missing`, `key-invalid`,
 /// `scope-missing`), and `500` (`layer-missing`) on a route without the layer; as
 /// `Option<ScopedKey>` it is `None` then.
+///
+/// Its `Debug` shows the key, or, for a key a handle with
+/// [`log_keys(false)`](crate::IdempotencyBuilder::log_keys) handed out, its digest as
+/// idem's logs show it (`key-digest:`): a handler's arguments logged by
+/// `#[tracing::instrument]` keep the key out of the logs too. [`as_str`](Self::as_str),
+/// `Display` and [`key`](Self::key) give the key itself, for the application's own use.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ScopedKey(Arc<ScopedKeyInner>);
 
-#[derive(PartialEq, Eq, Hash)]
 struct ScopedKeyInner {
     scope: Scope,
     /// Its free bytes hold the scope: the whole is the name.
     key: IdempotencyKey,
+    /// The secret of the digest `Debug` shows in place of the key, under
+    /// `log_keys(false)`. Not part of the key's identity.
+    digest_secret: Option<Arc<[u8]>>,
+}
+
+impl PartialEq for ScopedKeyInner {
+    fn eq(&self, other: &Self) -> bool {
+        self.scope == other.scope && self.key == other.key
+    }
+}
+
+impl Eq for ScopedKeyInner {}
+
+impl std::hash::Hash for ScopedKeyInner {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.scope.hash(state);
+        self.key.hash(state);
+    }
 }
 
 impl ScopedKey {
     /// `key` within `scope`.
-    pub fn new(scope: Scope, mut key: IdempotencyKey) -> Self {
+    pub fn new(scope: Scope, key: IdempotencyKey) -> Self {
+        Self::logged_as(scope, key, None)
+    }
+
+    /// `key` within `scope`, whose `Debug` shows its digest under `digest_secret`, where
+    /// there is one (a handle's `Settings::digest_secret`).
+    pub(crate) fn logged_as(
+        scope: Scope,
+        mut key: IdempotencyKey,
+        digest_secret: Option<Arc<[u8]>>,
+    ) -> Self {
         let mut name = std::mem::take(&mut key.0).into_bytes();
         crate::scope::write_hex(&mut name[..SCOPE_HEX], &scope.0);
         // ASCII digits over ASCII: still UTF-8, so the lossy path is never taken.
         key.0 = String::from_utf8(name)
             .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned());
-        Self(Arc::new(ScopedKeyInner { scope, key }))
+        Self(Arc::new(ScopedKeyInner {
+            scope,
+            key,
+            digest_secret,
+        }))
     }
 
     /// `scope-hex:key`: the name under which the store keeps the record. Unambiguous, as
@@ -279,7 +316,13 @@ impl fmt::Display for LoggedKey<'_> {
 
 impl fmt::Debug for ScopedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ScopedKey").field(&self.as_str()).finish()
+        match &self.0.digest_secret {
+            Some(secret) => f
+                .debug_tuple("ScopedKey")
+                .field(&format_args!("key-digest:{}", self.digest(secret)))
+                .finish(),
+            None => f.debug_tuple("ScopedKey").field(&self.as_str()).finish(),
+        }
     }
 }
 

@@ -8,9 +8,11 @@ mod common;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use axum::Router;
 use axum::http::StatusCode;
+use axum::routing::post;
 use common::{Backend, Counters, app, as_client, send};
-use idem_runtime::OnceKey;
+use idem_runtime::{OnceKey, ScopedKey, idempotent};
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -35,7 +37,16 @@ impl Write for Captured {
 const KEY: &str = "order-4711-jane@example.com";
 const SECRET: &str = "s3cr3t-t0ken-value";
 
-/// Runs an execution, a replay and a `once` call with the known key under `log_keys`, and
+/// A handler whose arguments its own span records (`Debug`), as
+/// `#[tracing::instrument]` does.
+#[tracing::instrument]
+#[idempotent]
+async fn noted(key: ScopedKey, body: String) -> StatusCode {
+    tracing::info!("noting the payment");
+    StatusCode::CREATED
+}
+
+/// Runs an execution, a replay, one by a handler that logs its arguments and a `once` call with the known key under `log_keys`, and
 /// returns what was logged at TRACE.
 async fn logged(logs: &Captured, log_keys: bool) -> String {
     logs.take();
@@ -46,6 +57,9 @@ async fn logged(logs: &Captured, log_keys: bool) -> String {
         StatusCode::CREATED
     );
     assert!(send(&app, as_client(SECRET, KEY, "{}")).await.is_replay());
+    let instrumented = Router::new().route("/pay", post(noted)).layer(idem.layer());
+    let answer = send(&instrumented, as_client(SECRET, "noted-4711", "{}")).await;
+    assert_eq!(answer.status, StatusCode::CREATED);
     let ran = idem
         .once(OnceKey::compose(["once", KEY]), &1)
         .run(|| async { Ok::<_, std::convert::Infallible>(2) })
@@ -73,6 +87,10 @@ async fn log_keys_false_logs_digests_only() {
     let shown = logged(&logs, true).await;
     assert!(shown.contains("replayed"), "the log capture works: {shown}");
     assert!(
+        shown.contains("noted-4711"),
+        "by default a handler's own span shows the key: {shown}"
+    );
+    assert!(
         shown.contains(KEY),
         "by default the span shows the key: {shown}"
     );
@@ -95,5 +113,9 @@ async fn log_keys_false_logs_digests_only() {
     assert!(
         hidden.contains("key=key-digest:"),
         "the span carries a digest instead: {hidden}"
+    );
+    assert!(
+        hidden.contains("noting the payment") && hidden.contains("ScopedKey(key-digest:"),
+        "a handler's own span shows the digest: {hidden}"
     );
 }

@@ -420,7 +420,9 @@ where
         // A `ScopedKey` taken by an earlier argument, before the extractor that put the
         // principal in, names another scope than this record: a database guard keyed by it
         // would not catch a retry. Refuse loudly rather than run on two identities.
-        let Ok(key) = RequestState::of(&mut parts.extensions).scope_for_guard(scope) else {
+        let Ok(key) = RequestState::of(&mut parts.extensions)
+            .scope_for_guard(scope, settings.digest_secret())
+        else {
             tracing::error!(target: "idem", path = parts.uri.path(), "`ScopedKey` was extracted before the extractor that authenticates the request; take it after that extractor");
             return Err(Problem::scope_conflict().into_response());
         };
@@ -448,8 +450,9 @@ fn scoped_key_of(parts: &mut Parts) -> Option<ScopedKey> {
     if !state.needs_scope() {
         return None;
     }
-    let scope = parts.extensions.get::<Idempotency>()?.scope_of(parts);
-    RequestState::of(&mut parts.extensions).read_scoped(scope)
+    let idem = parts.extensions.get::<Idempotency>()?;
+    let (scope, digest_secret) = (idem.scope_of(parts), idem.settings().digest_secret());
+    RequestState::of(&mut parts.extensions).read_scoped(scope, digest_secret)
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for ScopedKey {

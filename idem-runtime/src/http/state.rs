@@ -2,6 +2,8 @@
 //! request's extractors share (its scoped key, its transaction). One extension for all of
 //! it, so a keyed request costs one insertion, not one per extractor.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::Extensions;
 
@@ -100,14 +102,18 @@ impl RequestState {
     /// The request's key in `scope`, for a guard. Refused when an earlier extractor read
     /// the key in another scope, or read it as `None` for want of one: a database guard
     /// keyed by what it read would not catch a retry.
-    pub(crate) fn scope_for_guard(&mut self, scope: Scope) -> Result<ScopedKey, ScopeConflict> {
+    pub(crate) fn scope_for_guard(
+        &mut self,
+        scope: Scope,
+        digest_secret: Option<Arc<[u8]>>,
+    ) -> Result<ScopedKey, ScopeConflict> {
         if self.read_without_scope {
             // The handler holds a `None` for a key that idem protects.
             return Err(ScopeConflict);
         }
         match std::mem::take(&mut self.key) {
             RequestKey::Unscoped { key, body } => {
-                let key = ScopedKey::new(scope, key);
+                let key = ScopedKey::logged_as(scope, key, digest_secret);
                 self.key = RequestKey::Scoped {
                     key: key.clone(),
                     body,
@@ -144,7 +150,11 @@ impl RequestState {
     /// The key an extractor reads: the one scoped already, else the key in `scope`. `None`
     /// without a key, or without a scope; a keyed request read without a scope is marked,
     /// for the guard.
-    pub(crate) fn read_scoped(&mut self, scope: Option<Scope>) -> Option<ScopedKey> {
+    pub(crate) fn read_scoped(
+        &mut self,
+        scope: Option<Scope>,
+        digest_secret: Option<Arc<[u8]>>,
+    ) -> Option<ScopedKey> {
         match std::mem::take(&mut self.key) {
             RequestKey::Scoped { key, body } => {
                 self.key = RequestKey::Scoped {
@@ -155,7 +165,7 @@ impl RequestState {
             }
             RequestKey::Unscoped { key, body } => match scope {
                 Some(scope) => {
-                    let key = ScopedKey::new(scope, key);
+                    let key = ScopedKey::logged_as(scope, key, digest_secret);
                     self.key = RequestKey::Scoped {
                         key: key.clone(),
                         body,
