@@ -208,7 +208,9 @@ impl ScopeRule {
                     parts
                         .headers
                         .get(http::header::AUTHORIZATION)
-                        .map(|value| Scope::of_authorization(value.as_bytes()))
+                        .map(http::HeaderValue::as_bytes)
+                        .filter(|value| carries_credentials(value))
+                        .map(Scope::of_authorization)
                 }),
             Identity::Custom(rule) => rule(parts),
         };
@@ -228,6 +230,37 @@ impl ScopeRule {
             .unwrap_or_default();
         Some(scope.on_host(without_port(host)))
     }
+}
+
+/// Whether an `Authorization` value carries credentials: not empty (or blank), and not an
+/// authentication scheme's name alone (`Bearer`). Every client that sends one of those
+/// sends the same bytes: as a scope, it would be one shared by strangers.
+fn carries_credentials(value: &[u8]) -> bool {
+    /// The schemes of the IANA registry, and two in common use besides.
+    const SCHEMES: [&str; 17] = [
+        "basic",
+        "bearer",
+        "concealed",
+        "digest",
+        "dpop",
+        "gnap",
+        "hoba",
+        "mutual",
+        "negotiate",
+        "ntlm",
+        "oauth",
+        "privatetoken",
+        "scram-sha-1",
+        "scram-sha-256",
+        "token",
+        "apikey",
+        "vapid",
+    ];
+    let value = value.trim_ascii();
+    !value.is_empty()
+        && !SCHEMES
+            .iter()
+            .any(|scheme| value.eq_ignore_ascii_case(scheme.as_bytes()))
 }
 
 /// `host` without a `:port`: the same host reached on its default port with or without
@@ -311,6 +344,25 @@ mod tests {
         let alice = rule.scope_of(&parts).unwrap();
         assert_eq!(alice, Scope::of_authorization(b"Bearer alice"));
         assert!(!alice.to_hex().contains("alice"));
+        for blank in ["", " ", "Bearer", "bearer ", "\tBasic", "Token"] {
+            parts
+                .headers
+                .insert(http::header::AUTHORIZATION, blank.parse().unwrap());
+            assert_eq!(
+                rule.scope_of(&parts),
+                None,
+                "{blank:?} carries no credentials: no identity"
+            );
+        }
+        parts.headers.insert(
+            http::header::AUTHORIZATION,
+            "sk_live_raw_key".parse().unwrap(),
+        );
+        assert_eq!(
+            rule.scope_of(&parts),
+            Some(Scope::of_authorization(b"sk_live_raw_key")),
+            "a key sent without a scheme is an identity"
+        );
         parts.extensions.insert(Principal::new("user-1"));
         assert_eq!(rule.scope_of(&parts), Some(Scope::of_principal(b"user-1")));
         parts

@@ -72,6 +72,34 @@ async fn clients_without_identity_are_not_put_in_one_scope() {
     assert_eq!(counters.runs(), 1);
 }
 
+/// Guards: an `Authorization` header without credentials (empty, or a scheme's name
+/// alone) is no identity: every client that sends it sends the same bytes, so as a scope
+/// it would hand one client's stored response to another.
+#[tokio::test]
+async fn an_authorization_without_credentials_is_no_identity() {
+    let idem = Idempotency::in_memory();
+    let counters = Arc::new(Counters::default());
+    let app = app(&idem, counters.clone());
+    for blank in ["", "Bearer", "bearer "] {
+        let request = || {
+            with_header(
+                post_with("/pay", Some("blank"), "{}"),
+                header::AUTHORIZATION,
+                blank,
+            )
+        };
+        let first = send(&app, request()).await;
+        let second = send(&app, request()).await;
+        assert!(
+            !second.is_replay(),
+            "a client sending {blank:?} got another's response"
+        );
+        first.assert_problem(StatusCode::BAD_REQUEST, Problem::SCOPE_MISSING);
+        second.assert_problem(StatusCode::BAD_REQUEST, Problem::SCOPE_MISSING);
+    }
+    assert_eq!(counters.runs(), 0);
+}
+
 fn app_with(idem: &Idempotency, counters: Arc<Counters>) -> axum::Router {
     app(idem, counters)
 }

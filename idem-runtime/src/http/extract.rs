@@ -68,6 +68,27 @@ pub struct Idempotent<const TTL_SECS: u64 = DEFAULT_TTL_SECS, const REQUIRED: bo
     key: Option<ScopedKey>,
     /// The database transaction the handler writes in, if it takes one from idem.
     transaction: TransactionSlot,
+    /// A keyed request without an identity to scope it by, refused by `run`: after every
+    /// other extractor of the handler accepted the request, so that the one that
+    /// authenticates (last included, reading the body) refuses it first, as it would
+    /// without idem.
+    refusal: Option<Box<Unscoped>>,
+}
+
+/// A keyed request without an identity: what [`Idempotent::run`] answers instead of
+/// running the work.
+struct Unscoped {
+    idem: Idempotency,
+    /// The request's path, for the warning.
+    path: String,
+}
+
+impl Unscoped {
+    fn answer(self) -> Response {
+        self.idem.shared.metrics.request(Outcome::NoScope);
+        tracing::warn!(target: "idem", path = self.path, "keyed request without an identity to scope it by; answering 400 (see IdempotencyBuilder::scope, Principal, IdempotencyBuilder::shared_scope)");
+        Problem::scope_missing().into_response()
+    }
 }
 
 /// A keyed request ready to be claimed.
@@ -118,6 +139,12 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         // From here idem finishes the transaction, whatever the answer: a transaction
         // beside a guard whose `run` is never called refuses to be used.
         request.finished_by_idem();
+        if let Some(refusal) = self.refusal {
+            // Boxed, as the wait below: on a refusal's path only.
+            let refused: BoxFuture<'static, Response> =
+                Box::pin(std::future::ready(refusal.answer()));
+            return Either::Left(Either::Right(refused));
+        }
         let Some(prepared) = self.prepared else {
             return Either::Left(Either::Left(unkeyed(work, request)));
         };
@@ -241,6 +268,19 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
             prepared: None,
             key,
             transaction,
+            refusal: None,
+        }
+    }
+
+    /// A guard whose `run` refuses a keyed request without an identity, without running
+    /// the work.
+    fn unscoped(idem: Idempotency, path: &str, transaction: TransactionSlot) -> Self {
+        Self {
+            refusal: Some(Box::new(Unscoped {
+                idem,
+                path: path.to_owned(),
+            })),
+            ..Self::unprotected(None, transaction)
         }
     }
 }
@@ -370,6 +410,8 @@ where
         let transaction = state.transaction_slot();
         let body = match state.found() {
             Found::Keyed(body) => body,
+            // Refused at once, before the handler's body extractor reads a byte: a request
+            // idem cannot take is not worth reading.
             Found::Invalid(error) => {
                 idem.shared.metrics.request(Outcome::BadKey);
                 return Err(Problem::key_invalid(&error).into_response());
@@ -413,9 +455,7 @@ where
             }
         };
         let Some(scope) = settings.scope.scope_of(parts) else {
-            idem.shared.metrics.request(Outcome::NoScope);
-            tracing::warn!(target: "idem", path = parts.uri.path(), "keyed request without an identity to scope it by; answering 400 (see IdempotencyBuilder::scope, Principal, IdempotencyBuilder::shared_scope)");
-            return Err(Problem::scope_missing().into_response());
+            return Ok(Self::unscoped(idem, parts.uri.path(), transaction));
         };
         // A `ScopedKey` taken by an earlier argument, before the extractor that put the
         // principal in, names another scope than this record: a database guard keyed by it
@@ -434,6 +474,7 @@ where
             }),
             key: Some(key),
             transaction,
+            refusal: None,
         })
     }
 }
