@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use common::{PaymentsDb, eventually, post_with, send};
+use common::{PaymentsDb, PgSchema, eventually, post_with, send};
 use idem_runtime::store::{PgTransaction, PostgresStore};
 use idem_runtime::{Idempotency, idempotent};
 use sqlx::AssertSqlSafe;
@@ -80,23 +80,27 @@ fn router(idem: &Idempotency, app: &Slow) -> Router {
 }
 
 /// When the lease of the claim under the scoped key ending in `key` ends, in milliseconds
-/// since the epoch, read through the test's own pool.
-async fn lease_end_ms(db: &PaymentsDb, key: &str) -> f64 {
+/// since the epoch, read from the table in `schema` through `pool`.
+async fn lease_end_ms(pool: &sqlx::PgPool, schema: &str, key: &str) -> f64 {
     sqlx::query_scalar::<_, f64>(AssertSqlSafe(format!(
-        "SELECT (extract(epoch FROM expires_at) * 1000)::float8 FROM \"{}\".idem_records WHERE key LIKE '%:' || $1",
-        db.schema.name
+        "SELECT (extract(epoch FROM expires_at) * 1000)::float8 FROM \"{schema}\".idem_records WHERE key LIKE '%:' || $1"
     )))
     .bind(key)
-    .fetch_one(db.store.pool())
+    .fetch_one(pool)
     .await
     .unwrap()
 }
 
 /// Waits until the lease of `key` ends `by` later than it did when this was called.
 async fn renewed_by(db: &PaymentsDb, key: &str, by: Duration) -> bool {
-    let first = lease_end_ms(db, key).await;
+    renewed_in(db.store.pool(), &db.schema.name, key, by).await
+}
+
+/// [`renewed_by`], for the table in `schema`, read through `pool`.
+async fn renewed_in(pool: &sqlx::PgPool, schema: &str, key: &str, by: Duration) -> bool {
+    let first = lease_end_ms(pool, schema, key).await;
     for _ in 0..1000 {
-        if lease_end_ms(db, key).await >= first + by.as_millis() as f64 {
+        if lease_end_ms(pool, schema, key).await >= first + by.as_millis() as f64 {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -218,4 +222,93 @@ async fn a_refused_commit_is_answered_as_rolled_back_and_frees_the_key() {
     assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
     assert_eq!(db.notes().await, ["rr"]);
     assert_eq!(app.runs.load(Ordering::SeqCst), 2);
+}
+
+/// A handler that counts its start, then waits for its gate.
+#[idempotent]
+async fn wait_for_gate(
+    State((gate, started)): State<(watch::Receiver<bool>, Arc<AtomicUsize>)>,
+) -> StatusCode {
+    started.fetch_add(1, Ordering::SeqCst);
+    gate.clone().wait_for(|open| *open).await.unwrap();
+    StatusCode::CREATED
+}
+
+/// Guards: on an application's pool whose connections choose their schema as they
+/// connect (`SET search_path` in `after_connect`, which the store's renewal connections
+/// do not run), with no schema given to the store, the store connects, and leases are
+/// renewed in the store's own table, the one its claims are in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_find_the_table_a_pool_chose_by_its_search_path() {
+    renewals_in_the_pools_schema(false).await;
+}
+
+/// Guards: the same where the connections' default schema (before `after_connect`) holds
+/// a table of the same name, another store's: renewals never go there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_never_go_to_a_table_of_the_same_name_elsewhere() {
+    renewals_in_the_pools_schema(true).await;
+}
+
+async fn renewals_in_the_pools_schema(another_table_by_default: bool) {
+    let schema = PgSchema::create("search_path").await;
+    let other = PgSchema::create("search_path_other").await;
+    let mut options: sqlx::postgres::PgConnectOptions = schema.url.parse().unwrap();
+    if another_table_by_default {
+        PostgresStore::builder(other.url.as_str())
+            .schema(other.name.as_str())
+            .connect()
+            .await
+            .unwrap();
+        options = options.options([("search_path", format!("\"{}\"", other.name))]);
+    }
+    let name = schema.name.clone();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .after_connect(move |connection, _| {
+            let name = name.clone();
+            Box::pin(async move {
+                sqlx::query(AssertSqlSafe(format!("SET search_path TO \"{name}\"")))
+                    .execute(connection)
+                    .await
+                    .map(drop)
+            })
+        })
+        .connect_with(options)
+        .await
+        .unwrap();
+    let store = PostgresStore::from_pool(pool.clone())
+        .connect()
+        .await
+        .unwrap();
+    let lease = Duration::from_millis(600);
+    let idem = Idempotency::builder()
+        .shared_scope(true)
+        .store(store)
+        .lease(lease)
+        .build();
+    let (open, gate) = watch::channel(false);
+    let started = Arc::new(AtomicUsize::new(0));
+    let router = Router::new()
+        .route("/pay", post(wait_for_gate))
+        .with_state((gate, started.clone()))
+        .layer(idem.layer());
+    let call = tokio::spawn({
+        let router = router.clone();
+        async move { send(&router, post_with("/pay", Some("path"), "")).await }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || started.load(Ordering::SeqCst)
+            == 1)
+        .await,
+        "the request holds its key"
+    );
+    assert!(
+        renewed_in(&pool, &schema.name, "path", lease * 2).await,
+        "the lease in the store's table was renewed"
+    );
+    open.send(true).unwrap();
+    assert_eq!(call.await.unwrap().status, StatusCode::CREATED);
+    let again = send(&router, post_with("/pay", Some("path"), "")).await;
+    assert!(again.is_replay(), "{again:?}");
 }

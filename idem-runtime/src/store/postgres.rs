@@ -88,7 +88,11 @@ pub use self::transaction::PgTransaction;
 /// connect options): handlers holding every connection of the pool in their
 /// [`PgTransaction`](crate::store::PgTransaction)s, or an application's own queries on a
 /// shared pool, never keep a running execution's lease from being renewed, so its key is
-/// never taken over while it runs. Count them in the server's `max_connections`.
+/// never taken over while it runs. Count them in the server's `max_connections`. They do
+/// not run a shared pool's `after_connect`: every statement names the table's schema (the
+/// one given, else the one the pool found the table in when the store connected), and
+/// they take the connect options the pool had then (credentials rotated later with
+/// `set_connect_options` are not theirs).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), idem_runtime::ConnectError> {
@@ -356,6 +360,15 @@ impl PostgresStoreBuilder {
         if self.create_table {
             store.migrate().await?;
         }
+        if self.schema.is_none() {
+            // The pool's connections may choose their schema as they connect (a
+            // `search_path` set in `after_connect`), which the renewal connections do not:
+            // every statement names the schema the pool finds the table in.
+            let schema = store.schema_of_table(&self.table).await?;
+            if let Some(schema) = schema {
+                store.statements = Arc::new(Statements::new(Some(&schema), &self.table));
+            }
+        }
         store.probe().await?;
         if let Some(interval) = self.sweep_every {
             // The task holds the pool and the statements, not the sweeper: the last
@@ -421,7 +434,8 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// The table, quoted and qualified by its schema where one was given.
+    /// The table, quoted and qualified by its schema: the one given, else the one the
+    /// pool's connections found it in when the store connected.
     pub fn table(&self) -> &str {
         &self.statements.table
     }
@@ -445,6 +459,22 @@ impl PostgresStore {
             .await
             .map_err(failed)?;
         transaction.commit().await.map_err(failed)
+    }
+
+    /// The schema the pool's connections find `table` in, if they find it.
+    async fn schema_of_table(&self, table: &str) -> Result<Option<String>, ConnectError> {
+        sqlx::query_scalar::<_, String>(
+            "SELECT n.nspname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = to_regclass($1)",
+        )
+        .bind(quote(table))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|source| ConnectError::Postgres {
+            step: "finding the table's schema",
+            source: Box::new(source),
+        })
     }
 
     /// Runs every step once on a probe key, and leaves nothing: a missing table, a table
@@ -471,9 +501,17 @@ impl PostgresStore {
         self.begin(&key, &claim, lease).await.map_err(refused(
             "probing begin (SELECT, INSERT ... ON CONFLICT DO UPDATE)",
         ))?;
-        self.renew(&key, &claim, lease)
+        let renewed = self
+            .renew(&key, &claim, lease)
             .await
             .map_err(refused("probing renew (UPDATE)"))?;
+        if !renewed {
+            return Err(ConnectError::Postgres {
+                step: "probing renew (UPDATE)",
+                source: "the renewal connections did not find the claim the pool just made: they reach another table"
+                    .into(),
+            });
+        }
         self.complete(&key, &claim, record.clone(), lease)
             .await
             .map_err(refused("probing complete (UPDATE)"))?;
