@@ -33,13 +33,17 @@ where
     R: IntoResponse + 'static,
 {
     let detached = execution.idem().shared.detached.clone();
-    // `map`, not an `async` block, which would hold the handler's future twice.
-    let work = handler.map(IntoResponse::into_response);
-    let finish = |execution, response: Response| {
-        let (parts, body) = response.into_parts();
+    // The handler's output is made into a response once its future is dropped, which a
+    // panic of that drop does not undo (see `Running`); a panic of `into_response`
+    // releases the key, as one of the handler's would.
+    let finish = |execution, output: R| {
+        let (parts, body) = output.into_response().into_parts();
         finish(execution, parts, body)
     };
-    protocol::to_the_end(detached, execution.run_then(work, finish).instrument(span))
+    protocol::to_the_end(
+        detached,
+        execution.run_then(handler, finish).instrument(span),
+    )
 }
 
 /// Stores the handler's response and answers with it, or with what replaces it. (Not an
@@ -91,7 +95,17 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
     // The server frames a stream of unknown length otherwise than a body of known
     // length: the first answer goes out as the handler's did.
     let streamed = body.size_hint().exact().is_none();
-    let (bytes, framing) = match collect_response(body, settings.max_response_bytes).await {
+    // A body whose stream panics has failed, as one that errs: the handler ran all the
+    // same, and a panic here must not release its key.
+    let collecting = collect_response(body, settings.max_response_bytes);
+    let Ok(collected) = std::panic::AssertUnwindSafe(collecting)
+        .catch_unwind()
+        .await
+    else {
+        tracing::error!(target: "idem", "the response body panicked as it was read; a retry will be told the response was not stored");
+        return complete_not_stored(execution, parts.status, 0, None).await;
+    };
+    let (bytes, framing) = match collected {
         Collected::Complete(mut bytes) => {
             // The body is whole now, and goes out with its length: the framing the
             // handler chose for a stream must agree with it (a head that contradicts its
