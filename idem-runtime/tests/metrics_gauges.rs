@@ -317,6 +317,44 @@ async fn a_key_reused_refused_from_the_local_tier_counts_as_key_reused() {
     );
 }
 
+#[idem_runtime::idempotent]
+async fn with_scoped_key(key: idem_runtime::ScopedKey) -> String {
+    key.to_string()
+}
+
+#[idem_runtime::idempotent]
+async fn without_scoped_key(body: String) -> String {
+    body
+}
+
+/// Guards: a keyed request without an identity counts once under `outcome="no_scope"`,
+/// whether the guard refuses it (in `run`, after the handler's extractors) or a
+/// `ScopedKey` argument does, before the guard runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_without_an_identity_counts_as_no_scope() {
+    let _serial = SERIAL.lock().await;
+    let recorder = recorder();
+    let idem = Idempotency::in_memory();
+    let router = axum::Router::new()
+        .route("/scoped", axum::routing::post(with_scoped_key))
+        .route("/plain", axum::routing::post(without_scoped_key))
+        .layer(idem.layer());
+    let no_scope = "idem_requests_total{outcome=no_scope}";
+    for path in ["/plain", "/scoped"] {
+        let before = recorder.counter(no_scope);
+        let answer = send(&router, post_with(path, Some("anonymous"), "{}")).await;
+        answer.assert_problem(
+            StatusCode::BAD_REQUEST,
+            idem_runtime::Problem::SCOPE_MISSING,
+        );
+        assert_eq!(
+            recorder.counter(no_scope) - before,
+            1,
+            "{path}: counted once"
+        );
+    }
+}
+
 /// Guards: `idem_store_seconds{step}` times every store step (README, metrics), on the
 /// memory store too, whose steps idem calls directly rather than through a future: a first
 /// execution's claim and completion, a replay's lookup, a server error's release.

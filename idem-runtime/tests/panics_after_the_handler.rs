@@ -99,7 +99,88 @@ async fn a_body_that_panics_is_a_problem_not_a_rerun(backend: Backend) {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the charge ran once");
 }
 
+/// A body stream that yields one chunk, ends, and panics as it is dropped.
+struct EndsThenPanicsOnDrop {
+    sent: bool,
+}
+
+impl futures_util::Stream for EndsThenPanicsOnDrop {
+    type Item = Result<bytes::Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.sent {
+            return Poll::Ready(None);
+        }
+        self.sent = true;
+        Poll::Ready(Some(Ok(bytes::Bytes::from_static(b"charged"))))
+    }
+}
+
+impl Drop for EndsThenPanicsOnDrop {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("the body's stream panicked as it was dropped");
+        }
+    }
+}
+
+/// A body whose size hint, the first thing idem asks of it, panics.
+struct HintPanics;
+
+impl http_body::Body for HintPanics {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+        Poll::Ready(None)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        panic!("the body's size hint panicked")
+    }
+}
+
+#[idempotent]
+async fn charge_with_a_body_panicking_as_dropped(
+    State(runs): State<Arc<AtomicUsize>>,
+) -> (StatusCode, Body) {
+    runs.fetch_add(1, Ordering::SeqCst);
+    let body = Body::from_stream(EndsThenPanicsOnDrop { sent: false });
+    (StatusCode::CREATED, body)
+}
+
+#[idempotent]
+async fn charge_with_a_panicking_size_hint(
+    State(runs): State<Arc<AtomicUsize>>,
+) -> (StatusCode, Body) {
+    runs.fetch_add(1, Ordering::SeqCst);
+    (StatusCode::CREATED, Body::new(HintPanics))
+}
+
+/// Guards: a body that panics anywhere while idem holds it (its size hint, its drop once
+/// read) is a body that failed, as above.
+async fn a_body_panicking_before_or_after_its_stream_is_not_run_again(backend: Backend) {
+    let idem = backend.builder().await.build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route("/dropped", post(charge_with_a_body_panicking_as_dropped))
+        .route("/hint", post(charge_with_a_panicking_size_hint))
+        .with_state(runs.clone())
+        .layer(idem.layer());
+    for path in ["/dropped", "/hint"] {
+        let first = send(&app, post_with(path, Some(path), "")).await;
+        first.assert_problem(StatusCode::BAD_GATEWAY, Problem::RESPONSE_NOT_STORED);
+        let retry = send(&app, post_with(path, Some(path), "")).await;
+        retry.assert_problem(StatusCode::CONFLICT, Problem::RESPONSE_NOT_STORED);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "each charge ran once");
+}
+
 on_both_stores!(
     a_work_whose_drop_panics_after_returning_is_not_run_again,
     a_body_that_panics_is_a_problem_not_a_rerun,
+    a_body_panicking_before_or_after_its_stream_is_not_run_again,
 );

@@ -269,3 +269,48 @@ async fn the_commit_of_an_aborted_transaction_never_answers_success() {
         );
     }
 }
+
+/// Writes after its guard's `run` answered, through the request's transaction.
+async fn writes_after_run(
+    State(app): State<App>,
+    guard: idem_runtime::Idempotent,
+    tx: PgTransaction,
+) -> Response {
+    let answer = guard.run(async { (StatusCode::CREATED, "paid") }).await;
+    if let Ok(mut conn) = tx.conn().await {
+        app.runs.fetch_add(1, Ordering::SeqCst);
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {} (note) VALUES ('after the answer')",
+            app.table
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    }
+    answer.into_response()
+}
+
+/// Guards: once a guard refused a keyed request without an identity, the request's
+/// transaction is finished, as after a replay: `conn()` errs, rather than opening a
+/// transaction nothing would commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_is_finished_once_a_request_without_identity_is_refused() {
+    let db = PaymentsDb::new("refused_unscoped").await;
+    let app = App::new(&db);
+    let idem = Idempotency::builder().store(db.store.clone()).build();
+    let router = Router::new()
+        .route("/pay", post(writes_after_run))
+        .with_state(app.clone())
+        .layer(idem.layer());
+    let refused = send(&router, post_with("/pay", Some("anonymous"), "")).await;
+    refused.assert_problem(
+        StatusCode::BAD_REQUEST,
+        idem_runtime::Problem::SCOPE_MISSING,
+    );
+    assert_eq!(
+        app.runs.load(Ordering::SeqCst),
+        0,
+        "conn() opened a transaction after the refusal"
+    );
+    assert!(db.notes().await.is_empty());
+}

@@ -94,13 +94,18 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
     // Buffering a streamed body is part of the work: the lease stays renewed meanwhile.
     // The server frames a stream of unknown length otherwise than a body of known
     // length: the first answer goes out as the handler's did.
-    let streamed = body.size_hint().exact().is_none();
-    // A body whose stream panics has failed, as one that errs: the handler ran all the
-    // same, and a panic here must not release its key.
-    let collecting = collect_response(body, settings.max_response_bytes);
-    let Ok(collected) = std::panic::AssertUnwindSafe(collecting)
-        .catch_unwind()
-        .await
+    //
+    // A body that panics (its size hint, its stream, or its drop once read) has failed, as
+    // one that errs: the handler ran all the same, and a panic here must not release its
+    // key. Everything the body does while idem holds it happens inside this catch.
+    let limit = settings.max_response_bytes;
+    let reading = async move {
+        let streamed = body.size_hint().exact().is_none();
+        // The reader, and the body it holds, are dropped within this poll.
+        let collected = collect_response(body, limit).await;
+        (streamed, collected)
+    };
+    let Ok((streamed, collected)) = std::panic::AssertUnwindSafe(reading).catch_unwind().await
     else {
         tracing::error!(target: "idem", "the response body panicked as it was read; a retry will be told the response was not stored");
         return complete_not_stored(execution, parts.status, 0, None).await;

@@ -86,7 +86,7 @@ struct Unscoped {
 impl Unscoped {
     fn answer(self) -> Response {
         self.idem.shared.metrics.request(Outcome::NoScope);
-        tracing::warn!(target: "idem", path = self.path, "keyed request without an identity to scope it by; answering 400 (see IdempotencyBuilder::scope, Principal, IdempotencyBuilder::shared_scope)");
+        warn_unscoped(&self.path);
         Problem::scope_missing().into_response()
     }
 }
@@ -140,9 +140,14 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
         // beside a guard whose `run` is never called refuses to be used.
         request.finished_by_idem();
         if let Some(refusal) = self.refusal {
-            // Boxed, as the wait below: on a refusal's path only.
-            let refused: BoxFuture<'static, Response> =
-                Box::pin(std::future::ready(refusal.answer()));
+            // Boxed, as the wait below: on a refusal's path only. The request's
+            // transaction is finished as after any answer given without the work: one the
+            // handler opens afterwards would be committed by nothing.
+            let refused: BoxFuture<'static, Response> = Box::pin(async move {
+                let within = refusal.idem.settings().store_timeout;
+                request.roll_back(within).await;
+                refusal.answer()
+            });
             return Either::Left(Either::Right(refused));
         }
         let Some(prepared) = self.prepared else {
@@ -283,6 +288,11 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
             ..Self::unprotected(None, transaction)
         }
     }
+}
+
+/// Logs the refusal of a keyed request to `path` without an identity to scope it by.
+fn warn_unscoped(path: &str) {
+    tracing::warn!(target: "idem", path, "keyed request without an identity to scope it by; answering 400 (see IdempotencyBuilder::scope, Principal, IdempotencyBuilder::shared_scope)");
 }
 
 /// A keyed request's guard while its claim is under way.
@@ -508,14 +518,25 @@ impl<S: Send + Sync> FromRequestParts<S> for ScopedKey {
             .extensions
             .get::<RequestState>()
             .map(RequestState::found);
-        let problem = if parts.extensions.get::<Idempotency>().is_none() {
+        let Some(idem) = parts.extensions.get::<Idempotency>() else {
             tracing::error!(target: "idem", path = parts.uri.path(), "`ScopedKey` on a route without the idempotency layer");
-            Problem::layer_missing()
-        } else {
-            match found {
-                Some(Found::Invalid(error)) => Problem::key_invalid(&error),
-                Some(Found::Keyed(_)) => Problem::scope_missing(),
-                Some(Found::None) | None => Problem::key_missing(),
+            return Err(Problem::layer_missing().into_response());
+        };
+        // Counted as a guard counts its refusals: the request ends here.
+        let metrics = &idem.shared.metrics;
+        let problem = match found {
+            Some(Found::Invalid(error)) => {
+                metrics.request(Outcome::BadKey);
+                Problem::key_invalid(&error)
+            }
+            Some(Found::Keyed(_)) => {
+                metrics.request(Outcome::NoScope);
+                warn_unscoped(parts.uri.path());
+                Problem::scope_missing()
+            }
+            Some(Found::None) | None => {
+                metrics.request(Outcome::BadKey);
+                Problem::key_missing()
             }
         };
         Err(problem.into_response())
