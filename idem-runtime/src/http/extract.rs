@@ -38,7 +38,11 @@ const DEFAULT_TTL_SECS: u64 = defaults::TTL.as_secs();
 /// without a key gets `400` instead of running unprotected.
 ///
 /// An extractor that authenticates may put a [`Principal`](crate::Principal) in the
-/// request's extensions; taken after it, this guard scopes the key by that principal.
+/// request's extensions; taken after it, this guard scopes the key by that principal. A
+/// keyed request without an identity is refused (`400` `scope-missing`) by `run`, once the
+/// handler's other extractors have accepted it, so that one that authenticates refuses it
+/// first; a malformed key, or a missing one with `REQUIRED`, is refused as this guard is
+/// extracted, before the body is read.
 ///
 /// The router must carry [`Idempotency::layer`]; without it this extractor answers `500`
 /// with a problem naming the fix.
