@@ -578,6 +578,31 @@ async fn a_long_retry_after_is_never_cut_short() {
     );
 }
 
+/// Guards: a `Retry-After` in seconds too large for any clock (delay-seconds is any run of
+/// digits) is a wait past every deadline, never ignored: the call gives up at once
+/// instead of retrying within milliseconds.
+#[tokio::test]
+async fn a_retry_after_past_any_clock_is_never_ignored() {
+    let script = Script::new(&[(
+        503,
+        &[("retry-after", "18446744073709551616")],
+        "down for good",
+    )]);
+    let url = script.serve().await;
+    let result = client(quick().attempts(3))
+        .post(format!("{url}/pay"))
+        .body("{}")
+        .send()
+        .await;
+    assert!(
+        matches!(
+            result.as_ref().map_err(client_error),
+            Err(Some(ClientError::GaveUp { attempts: 1, .. }))
+        ),
+        "{result:?}"
+    );
+}
+
 /// An HTTP-date `seconds` from now (RFC 9110 IMF-fixdate).
 fn http_date_in(seconds: u64) -> String {
     let at = std::time::SystemTime::now()
