@@ -318,29 +318,34 @@ async fn a_key_reused_refused_from_the_local_tier_counts_as_key_reused() {
 }
 
 #[idem_runtime::idempotent]
-async fn with_scoped_key(key: idem_runtime::ScopedKey) -> String {
-    key.to_string()
-}
-
-#[idem_runtime::idempotent]
 async fn without_scoped_key(body: String) -> String {
     body
 }
 
-/// Guards: a keyed request without an identity counts once under `outcome="no_scope"`,
-/// whether the guard refuses it (in `run`, after the handler's extractors) or a
-/// `ScopedKey` argument does, before the guard runs.
+/// A handler that looks at its `ScopedKey` and goes on whatever it found.
+async fn looks_at_its_key(
+    key: Result<idem_runtime::ScopedKey, axum::response::Response>,
+    guard: idem_runtime::Idempotent,
+) -> axum::response::Response {
+    let _found = key.is_ok();
+    guard.run(async { (StatusCode::CREATED, "ran") }).await
+}
+
+/// Guards: a keyed request without an identity that the guard refuses (in `run`, after
+/// the handler's extractors) counts once under `outcome="no_scope"`, as the guard is
+/// extracted; a `ScopedKey` taken as a `Result` beside it counts nothing of its own, so a
+/// request is never counted twice, nor counted as refused when it ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_without_an_identity_counts_as_no_scope() {
     let _serial = SERIAL.lock().await;
     let recorder = recorder();
     let idem = Idempotency::in_memory();
     let router = axum::Router::new()
-        .route("/scoped", axum::routing::post(with_scoped_key))
         .route("/plain", axum::routing::post(without_scoped_key))
+        .route("/looks", axum::routing::post(looks_at_its_key))
         .layer(idem.layer());
     let no_scope = "idem_requests_total{outcome=no_scope}";
-    for path in ["/plain", "/scoped"] {
+    for path in ["/plain", "/looks"] {
         let before = recorder.counter(no_scope);
         let answer = send(&router, post_with(path, Some("anonymous"), "{}")).await;
         answer.assert_problem(
@@ -353,6 +358,15 @@ async fn every_request_without_an_identity_counts_as_no_scope() {
             "{path}: counted once"
         );
     }
+    let bad_key = "idem_requests_total{outcome=bad_key}";
+    let before = recorder.counter(bad_key);
+    let ran = send(&router, post_with("/looks", None, "{}")).await;
+    assert_eq!(ran.status, StatusCode::CREATED);
+    assert_eq!(
+        recorder.counter(bad_key) - before,
+        0,
+        "a request without a key that ran is not counted as refused"
+    );
 }
 
 /// Guards: `idem_store_seconds{step}` times every store step (README, metrics), on the

@@ -145,7 +145,12 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
             let body = Some(read.into_body());
             return complete_not_stored(execution, parts.status, seen, body).await;
         }
-        Collected::Failed(_) => {
+        Collected::Failed(read) => {
+            // What was read, and the error: dropped here, where a panic of its drop is the
+            // body's to answer for, not the client's.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(read))).is_err() {
+                tracing::error!(target: "idem", "the response body's error panicked as it was dropped");
+            }
             tracing::warn!(target: "idem", "response body failed; a retry will be told the response was not stored");
             return complete_not_stored(execution, parts.status, 0, None).await;
         }

@@ -83,14 +83,10 @@ pub struct Idempotent<const TTL_SECS: u64 = DEFAULT_TTL_SECS, const REQUIRED: bo
 /// running the work.
 struct Unscoped {
     idem: Idempotency,
-    /// The request's path, for the warning.
-    path: String,
 }
 
 impl Unscoped {
     fn answer(self) -> Response {
-        self.idem.shared.metrics.request(Outcome::NoScope);
-        warn_unscoped(&self.path);
         Problem::scope_missing().into_response()
     }
 }
@@ -283,20 +279,18 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
 
     /// A guard whose `run` refuses a keyed request without an identity, without running
     /// the work.
+    ///
+    /// Counted and logged now, as the guard is extracted: a `ScopedKey` argument taken
+    /// after it refuses the request first, and counts nothing (a handler may take it as
+    /// a `Result` and go on).
     fn unscoped(idem: Idempotency, path: &str, transaction: TransactionSlot) -> Self {
+        idem.shared.metrics.request(Outcome::NoScope);
+        tracing::warn!(target: "idem", path, "keyed request without an identity to scope it by; answering 400 (see IdempotencyBuilder::scope, Principal, IdempotencyBuilder::shared_scope)");
         Self {
-            refusal: Some(Box::new(Unscoped {
-                idem,
-                path: path.to_owned(),
-            })),
+            refusal: Some(Box::new(Unscoped { idem })),
             ..Self::unprotected(None, transaction)
         }
     }
-}
-
-/// Logs the refusal of a keyed request to `path` without an identity to scope it by.
-fn warn_unscoped(path: &str) {
-    tracing::warn!(target: "idem", path, "keyed request without an identity to scope it by; answering 400 (see IdempotencyBuilder::scope, Principal, IdempotencyBuilder::shared_scope)");
 }
 
 /// A keyed request's guard while its claim is under way.
@@ -522,25 +516,16 @@ impl<S: Send + Sync> FromRequestParts<S> for ScopedKey {
             .extensions
             .get::<RequestState>()
             .map(RequestState::found);
-        let Some(idem) = parts.extensions.get::<Idempotency>() else {
+        // Not counted: a handler may take `Result<ScopedKey, _>` and go on; a guard beside
+        // it counts the request.
+        let problem = if parts.extensions.get::<Idempotency>().is_none() {
             tracing::error!(target: "idem", path = parts.uri.path(), "`ScopedKey` on a route without the idempotency layer");
-            return Err(Problem::layer_missing().into_response());
-        };
-        // Counted as a guard counts its refusals: the request ends here.
-        let metrics = &idem.shared.metrics;
-        let problem = match found {
-            Some(Found::Invalid(error)) => {
-                metrics.request(Outcome::BadKey);
-                Problem::key_invalid(&error)
-            }
-            Some(Found::Keyed(_)) => {
-                metrics.request(Outcome::NoScope);
-                warn_unscoped(parts.uri.path());
-                Problem::scope_missing()
-            }
-            Some(Found::None) | None => {
-                metrics.request(Outcome::BadKey);
-                Problem::key_missing()
+            Problem::layer_missing()
+        } else {
+            match found {
+                Some(Found::Invalid(error)) => Problem::key_invalid(&error),
+                Some(Found::Keyed(_)) => Problem::scope_missing(),
+                Some(Found::None) | None => Problem::key_missing(),
             }
         };
         Err(problem.into_response())

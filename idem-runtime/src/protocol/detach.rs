@@ -62,14 +62,16 @@ impl<O: Send + 'static> Drop for Detaching<O> {
         if let Some(work) = self.work.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            tracing::debug!(target: "idem", "the caller went away; the work runs on in a task of its own");
+            // The work is handed to its task before anything else is called that could
+            // panic (a log, a metrics recorder): dropped instead, it would release its key.
             self.detached.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::execution_detached(true);
             let counted = Counted(self.detached.clone());
             runtime.spawn(async move {
                 let _counted = counted;
                 work.await;
             });
+            crate::metrics::execution_detached(true);
+            tracing::debug!(target: "idem", "the caller went away; the work runs on in a task of its own");
         }
     }
 }
