@@ -98,13 +98,13 @@ async fn charge_streaming(State(charge): State<Arc<Charge>>) -> (StatusCode, Bod
     (StatusCode::CREATED, Body::from_stream(stream))
 }
 
-/// Guards: the handler returned `201` and idem reads its streamed body when the client
-/// hangs up; moving the work to its task, idem reports it to the recorder, which panics.
-/// The work runs on, and the retry does not charge again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_gone_after_the_handler_returned_never_reruns_it() {
+/// Serves `/charge` on `idem`, sends a request with `key` whose client hangs up once the
+/// handler returned and idem reads its body, then lets the body end.
+async fn hang_up_while_the_body_is_read(
+    idem: &idem_runtime::Idempotency,
+    key: &'static str,
+) -> (Router, Arc<Charge>) {
     install();
-    let idem = Backend::memory().builder().await.build();
     let charge = Arc::new(Charge::default());
     let app = Router::new()
         .route("/charge", post(charge_streaming))
@@ -112,17 +112,25 @@ async fn a_client_gone_after_the_handler_returned_never_reruns_it() {
         .layer(idem.layer());
     let first = tokio::spawn({
         let app = app.clone();
-        async move { common::send(&app, post_with("/charge", Some("gone"), "")).await }
+        async move { common::send(&app, post_with("/charge", Some(key), "")).await }
     });
     // The handler returned; idem is reading the rest of its body.
     until(|| charge.reading.load(Ordering::SeqCst)).await;
     assert_eq!(charge.runs.load(Ordering::SeqCst), 1);
-    // The client hangs up.
     first.abort();
     let _ = first.await;
     // The body may end now, for work that moved on.
-    charge.gate.notify_waiters();
     charge.gate.notify_one();
+    (app, charge)
+}
+
+/// Guards: the handler returned `201` and idem reads its streamed body when the client
+/// hangs up; moving the work to its task, idem reports it to the recorder, which panics.
+/// The work runs on, and the retry does not charge again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_after_the_handler_returned_never_reruns_it() {
+    let idem = Backend::memory().builder().await.build();
+    let (app, charge) = hang_up_while_the_body_is_read(&idem, "gone").await;
     let retry = send_past_in_flight(&app, || post_with("/charge", Some("gone"), "")).await;
     assert_eq!(
         charge.runs.load(Ordering::SeqCst),
@@ -135,21 +143,8 @@ async fn a_client_gone_after_the_handler_returned_never_reruns_it() {
 /// `max_detached(1)`, a new key's request is served once the work has ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_panic_leaves_no_phantom_detached_work() {
-    install();
     let idem = Backend::memory().builder().await.max_detached(1).build();
-    let charge = Arc::new(Charge::default());
-    let app = Router::new()
-        .route("/charge", post(charge_streaming))
-        .with_state(charge.clone())
-        .layer(idem.layer());
-    let first = tokio::spawn({
-        let app = app.clone();
-        async move { common::send(&app, post_with("/charge", Some("first"), "")).await }
-    });
-    until(|| charge.reading.load(Ordering::SeqCst)).await;
-    first.abort();
-    let _ = first.await;
-    charge.gate.notify_one();
+    let (app, _charge) = hang_up_while_the_body_is_read(&idem, "first").await;
     // The detached work ends; until it does, a new key is refused `503` overloaded, as
     // `max_detached(1)` says. A client retrying gets through.
     let mut fresh = common::send(&app, post_with("/charge", Some("fresh"), "")).await;
