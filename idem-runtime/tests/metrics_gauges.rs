@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use axum::response::Response;
 use common::{Backend, Counters, app, post_with, send, until};
 use idem_runtime::Idempotency;
 use idem_runtime::store::MemoryStore;
@@ -366,6 +367,102 @@ async fn every_request_without_an_identity_counts_as_no_scope() {
         recorder.counter(bad_key) - before,
         0,
         "a request without a key that ran is not counted as refused"
+    );
+}
+
+/// A handler whose only idem argument is its `ScopedKey`.
+async fn only_its_key(key: idem_runtime::ScopedKey) -> String {
+    key.to_string()
+}
+
+/// The app's authentication, taken after the guard: refuses a request without `x-user`.
+struct SignedIn;
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for SignedIn {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, StatusCode> {
+        if parts.headers.contains_key("x-user") {
+            Ok(Self)
+        } else {
+            Err(StatusCode::UNAUTHORIZED)
+        }
+    }
+}
+
+/// A guard before the app's authentication.
+async fn guard_then_sign_in(guard: idem_runtime::Idempotent, _user: SignedIn) -> Response {
+    guard.run(async { (StatusCode::CREATED, "ran") }).await
+}
+
+/// Guards: a refusal counts once, when it is the answer. A handler that takes only
+/// `ScopedKey` counts its refusals (`bad_key` for a missing or malformed key, `no_scope`
+/// without an identity); a request that the app's authentication refuses with `401`
+/// after the guard counts nothing as refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_counts_when_it_is_the_answer() {
+    let _serial = SERIAL.lock().await;
+    let recorder = recorder();
+    let idem = Idempotency::in_memory();
+    let router = axum::Router::new()
+        .route("/key", axum::routing::post(only_its_key))
+        .route("/signed", axum::routing::post(guard_then_sign_in))
+        .layer(idem.layer());
+    let no_scope = "idem_requests_total{outcome=no_scope}";
+    let bad_key = "idem_requests_total{outcome=bad_key}";
+    let counts = || (recorder.counter(no_scope), recorder.counter(bad_key));
+
+    let too_long = "k".repeat(idem_runtime::IdempotencyKey::MAX_LEN + 1);
+    let cases = [
+        (
+            Some("anonymous"),
+            idem_runtime::Problem::SCOPE_MISSING,
+            (1, 0),
+        ),
+        (
+            Some(too_long.as_str()),
+            idem_runtime::Problem::KEY_INVALID,
+            (0, 1),
+        ),
+        (None, idem_runtime::Problem::KEY_MISSING, (0, 1)),
+    ];
+    for (key, problem, counted) in cases {
+        let before = counts();
+        let answer = send(&router, post_with("/key", key, "{}")).await;
+        answer.assert_problem(StatusCode::BAD_REQUEST, problem);
+        let after = counts();
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            counted,
+            "/key with {key:?}: (no_scope, bad_key) counted"
+        );
+    }
+
+    let before = counts();
+    let answer = send(&router, post_with("/signed", Some("anonymous"), "{}")).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        counts(),
+        before,
+        "a request the app's authentication refused is not counted as refused by idem"
+    );
+    let mut signed_in = post_with("/signed", Some("anonymous"), "{}");
+    signed_in
+        .headers_mut()
+        .insert("x-user", axum::http::HeaderValue::from_static("ada"));
+    let answer = send(&router, signed_in).await;
+    answer.assert_problem(
+        StatusCode::BAD_REQUEST,
+        idem_runtime::Problem::SCOPE_MISSING,
+    );
+    let after = counts();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 0),
+        "a signed-in request without an identity idem can scope by counts as no_scope once"
     );
 }
 

@@ -83,11 +83,44 @@ pub struct Idempotent<const TTL_SECS: u64 = DEFAULT_TTL_SECS, const REQUIRED: bo
 /// running the work.
 struct Unscoped {
     idem: Idempotency,
+    path: Box<str>,
 }
 
 impl Unscoped {
+    /// The refusal, counted and logged only now that it is the answer: an extractor after
+    /// the guard (the app's authentication) refuses the request first.
     fn answer(self) -> Response {
-        Problem::scope_missing().into_response()
+        let Self { idem, path } = self;
+        tracing::warn!(target: "idem", path = &*path, "keyed request without an identity to scope it by; answering 400 (see IdempotencyBuilder::scope, Principal, IdempotencyBuilder::shared_scope)");
+        Uncounted::refusal(idem, Outcome::NoScope, Problem::scope_missing())
+    }
+}
+
+/// A refusal counted only if it is what the client gets. An extractor's refusal may not
+/// be: a handler that takes `Result<ScopedKey, _>` goes on without it, and one refused by
+/// a guard's `run` may be refused first by an extractor after the guard. So the refusal
+/// carries this in its extensions, and [`IdempotencyLayer`](super::IdempotencyLayer)
+/// counts it when the response leaves the route ([`count_refusal`]).
+#[derive(Clone)]
+struct Uncounted {
+    idem: Idempotency,
+    outcome: Outcome,
+}
+
+impl Uncounted {
+    /// `problem`'s response, to be counted under `outcome` if it is the answer.
+    fn refusal(idem: Idempotency, outcome: Outcome, problem: Problem) -> Response {
+        let mut response = problem.into_response();
+        response.extensions_mut().insert(Self { idem, outcome });
+        response
+    }
+}
+
+/// Counts the refusal `response` carries, if any, now that it is the route's answer, and
+/// takes the mark off.
+pub(super) fn count_refusal(response: &mut Response) {
+    if let Some(Uncounted { idem, outcome }) = response.extensions_mut().remove() {
+        idem.shared.metrics.request(outcome);
     }
 }
 
@@ -278,16 +311,14 @@ impl<const TTL_SECS: u64, const REQUIRED: bool> Idempotent<TTL_SECS, REQUIRED> {
     }
 
     /// A guard whose `run` refuses a keyed request without an identity, without running
-    /// the work.
-    ///
-    /// Counted and logged now, as the guard is extracted: a `ScopedKey` argument taken
-    /// after it refuses the request first, and counts nothing (a handler may take it as
-    /// a `Result` and go on).
+    /// the work. Counted when that refusal is the answer: a `ScopedKey` argument after
+    /// the guard, or the app's authentication, may refuse the request first.
     fn unscoped(idem: Idempotency, path: &str, transaction: TransactionSlot) -> Self {
-        idem.shared.metrics.request(Outcome::NoScope);
-        tracing::warn!(target: "idem", path, "keyed request without an identity to scope it by; answering 400 (see IdempotencyBuilder::scope, Principal, IdempotencyBuilder::shared_scope)");
         Self {
-            refusal: Some(Box::new(Unscoped { idem })),
+            refusal: Some(Box::new(Unscoped {
+                idem,
+                path: path.into(),
+            })),
             ..Self::unprotected(None, transaction)
         }
     }
@@ -421,12 +452,15 @@ where
             // Refused at once, before the handler's body extractor reads a byte: a request
             // idem cannot take is not worth reading.
             Found::Invalid(error) => {
-                idem.shared.metrics.request(Outcome::BadKey);
-                return Err(Problem::key_invalid(&error).into_response());
+                let problem = Problem::key_invalid(&error);
+                return Err(Uncounted::refusal(idem, Outcome::BadKey, problem));
             }
             Found::None if REQUIRED => {
-                idem.shared.metrics.request(Outcome::BadKey);
-                return Err(Problem::key_missing().into_response());
+                return Err(Uncounted::refusal(
+                    idem,
+                    Outcome::BadKey,
+                    Problem::key_missing(),
+                ));
             }
             Found::None => return Ok(Self::unprotected(None, transaction)),
         };
@@ -454,12 +488,12 @@ where
                 )
             }
             BufferedBody::TooLarge => {
-                idem.shared.metrics.request(Outcome::BodyTooLarge);
-                return Err(Problem::body_too_large(settings.max_request_bytes).into_response());
+                let problem = Problem::body_too_large(settings.max_request_bytes);
+                return Err(Uncounted::refusal(idem, Outcome::BodyTooLarge, problem));
             }
             BufferedBody::Failed => {
-                idem.shared.metrics.request(Outcome::BadBody);
-                return Err(Problem::body_unreadable().into_response());
+                let problem = Problem::body_unreadable();
+                return Err(Uncounted::refusal(idem, Outcome::BadBody, problem));
             }
         };
         let Some(scope) = settings.scope.scope_of(parts) else {
@@ -516,19 +550,17 @@ impl<S: Send + Sync> FromRequestParts<S> for ScopedKey {
             .extensions
             .get::<RequestState>()
             .map(RequestState::found);
-        // Not counted: a handler may take `Result<ScopedKey, _>` and go on; a guard beside
-        // it counts the request.
-        let problem = if parts.extensions.get::<Idempotency>().is_none() {
+        let Some(idem) = parts.extensions.get::<Idempotency>().cloned() else {
             tracing::error!(target: "idem", path = parts.uri.path(), "`ScopedKey` on a route without the idempotency layer");
-            Problem::layer_missing()
-        } else {
-            match found {
-                Some(Found::Invalid(error)) => Problem::key_invalid(&error),
-                Some(Found::Keyed(_)) => Problem::scope_missing(),
-                Some(Found::None) | None => Problem::key_missing(),
-            }
+            return Err(Problem::layer_missing().into_response());
         };
-        Err(problem.into_response())
+        let (outcome, problem) = match found {
+            Some(Found::Invalid(error)) => (Outcome::BadKey, Problem::key_invalid(&error)),
+            Some(Found::Keyed(_)) => (Outcome::NoScope, Problem::scope_missing()),
+            Some(Found::None) | None => (Outcome::BadKey, Problem::key_missing()),
+        };
+        // Counted if it is the answer: a handler may take `Result<ScopedKey, _>` and go on.
+        Err(Uncounted::refusal(idem, outcome, problem))
     }
 }
 

@@ -15,6 +15,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::body::{Collected, Collecting, collect_bounded};
+use super::extract::count_refusal;
 use super::state::{BufferedBody, RequestState};
 use crate::config::Idempotency;
 use crate::key::IdempotencyKey;
@@ -145,7 +146,11 @@ where
         let mut state = self.project().state;
         loop {
             let request = match state.as_mut().project() {
-                StateProjection::Calling { call } => return call.poll(cx),
+                StateProjection::Calling { call } => {
+                    let Ok(mut response) = ready!(call.poll(cx));
+                    count_refusal(&mut response);
+                    return Poll::Ready(Ok(response));
+                }
                 StateProjection::Reading { body, waiting } => {
                     let collected = ready!(Pin::new(body).poll(cx));
                     let Some(Waiting {
