@@ -5,11 +5,14 @@
 //! the only safe retry repeats the same key, so that the server answers with the stored
 //! response instead of charging twice. [`IdempotentRetry`] does that for every request:
 //!
-//! - A POST or PATCH without an `Idempotency-Key` gets a fresh UUID v4 key, sent as a
-//!   Structured Field string; every retry of that one call carries the same key. A key the
-//!   caller set (a composite business key, say) is sent as it is.
-//! - Connection and timeout errors, a response lost mid-body, `409` in flight, `429`,
-//!   `500`, `502`, `503` and `504` are retried with exponential backoff and full jitter,
+//! - A request whose method is not idempotent (POST, PATCH, and any method RFC 9110 does
+//!   not define as idempotent, such as WebDAV's `LOCK`) without an `Idempotency-Key` gets
+//!   a fresh UUID v4 key, sent as a Structured Field string; every retry of that one call
+//!   carries the same key. A key the caller set (a composite business key, say) is sent
+//!   as it is.
+//! - Connection and timeout errors, a response lost mid-body, `408` (a server's own
+//!   request timeout: idem runs the work on and stores its response for the retry), `409`
+//!   in flight, `429`, `500`, `502`, `503` and `504` are retried with exponential backoff and full jitter,
 //!   never sooner than the server's `Retry-After`, up to a number of attempts and a total
 //!   deadline. A keyed request's response is read whole before it is handed over, so that
 //!   one lost mid-body is retried; any other response (a `GET`'s download, say) is handed
@@ -368,9 +371,14 @@ impl Middleware for IdempotentRetry {
     }
 }
 
-/// POST and PATCH change state and are not idempotent by themselves.
+/// Whether a request with `method` may change state again when it is sent again: every
+/// method but those RFC 9110 (§9.2.2) defines as idempotent. POST and PATCH, and any
+/// extension method (`LOCK`, an API's own `CHARGE`), of which nothing is known.
 fn needs_key(method: &Method) -> bool {
-    *method == Method::POST || *method == Method::PATCH
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// Whether a failed send may go through on another attempt: the connection, a timeout,
@@ -411,7 +419,7 @@ async fn judge(
     let status = response.status();
     let retry_after = retry_after(&response);
     let decides = matches!(status.as_u16(), 400 | 401 | 403 | 404 | 409 | 413 | 422);
-    let retryable = matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504);
+    let retryable = matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504);
     if retryable {
         return Attempt::Retry {
             why: format!("the server answered {status}"),
@@ -451,8 +459,10 @@ async fn judge(
             attempts,
             key: key.map(str::to_owned),
         }),
-        // A 409 other than "in flight" (idem's "response not stored") will not change.
-        409 if problem_type().is_some_and(|kind| kind != IN_FLIGHT) => {
+        // A 409 other than "in flight" (idem's "response not stored") will not change, and
+        // a request without a key is never in flight: its 409 is the server's answer (an
+        // edit conflict, say).
+        409 if key.is_none() || problem_type().is_some_and(|kind| kind != IN_FLIGHT) => {
             Attempt::Done(head.with_body(body))
         }
         409 => Attempt::Retry {

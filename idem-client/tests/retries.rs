@@ -13,7 +13,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{any, post};
 use idem_client::{ClientError, IdempotentRetry, ResponseExt, client_error, rejection};
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use testkit::proxy::{Cut, losing_proxy};
@@ -64,7 +64,7 @@ impl Script {
     async fn serve(&self) -> String {
         serve(
             Router::new()
-                .route("/pay", post(scripted))
+                .route("/pay", any(scripted))
                 .with_state(self.clone()),
         )
         .await
@@ -678,4 +678,134 @@ async fn huge_backoff_bounds_never_panic() {
         !joined.as_ref().is_err_and(tokio::task::JoinError::is_panic),
         "the middleware panicked: {joined:?}"
     );
+}
+
+/// Guards: a request whose method RFC 9110 does not define as idempotent (an extension
+/// method such as WebDAV's `LOCK`) gets a key, and its retry carries the same one: sent
+/// again without one, a server would act on it twice. The idempotent methods get none.
+#[tokio::test]
+async fn every_method_that_is_not_idempotent_gets_a_key() {
+    let lock = reqwest::Method::from_bytes(b"LOCK").unwrap();
+    let script = Script::new(&[(503, &[], "busy")]);
+    let url = script.serve().await;
+    let response = client(quick())
+        .request(lock, format!("{url}/pay"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(response.attempts(), 2);
+    let keys = script.keys();
+    assert!(
+        keys.len() == 2 && keys[0].is_some() && keys[0] == keys[1],
+        "LOCK sent twice under one key: {keys:?}"
+    );
+
+    let script = Script::default();
+    let url = script.serve().await;
+    let http = client(quick());
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+        reqwest::Method::OPTIONS,
+    ] {
+        http.request(method, format!("{url}/pay"))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        script.keys(),
+        [None, None, None, None],
+        "idempotent methods"
+    );
+}
+
+/// Guards: a `409` to a request without a key is the server's answer (an edit conflict),
+/// handed back at once with its body: such a request is never "in flight".
+#[tokio::test]
+async fn a_409_to_a_request_without_a_key_is_the_servers_answer() {
+    let script = Script::new(&[(
+        409,
+        &[("content-type", "application/json")],
+        r#"{"error":"the document changed meanwhile"}"#,
+    )]);
+    let url = script.serve().await;
+    let response = client(quick())
+        .put(format!("{url}/pay"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    assert_eq!(response.attempts(), 1);
+    assert_eq!(
+        response.text().await.unwrap(),
+        r#"{"error":"the document changed meanwhile"}"#
+    );
+    assert_eq!(script.keys(), [None], "sent once");
+}
+
+/// What `tower_http::timeout::TimeoutLayer` outside `idem.layer()` does (the README's
+/// production timeouts): past its deadline the handler's future is dropped and the client
+/// gets `408`. Here the handler then goes on: it waits for that `408` to be sent.
+async fn timing_out(
+    State(gate): State<Arc<tokio::sync::Notify>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(Duration::from_millis(100), next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            gate.notify_one();
+            StatusCode::REQUEST_TIMEOUT.into_response()
+        }
+    }
+}
+
+/// Guards: a `408` from the server's request timeout is retried with the same key. idem
+/// runs the timed-out payment on and stores its response; the retry gets it, and one
+/// payment is made.
+#[tokio::test]
+async fn a_408_is_retried_and_gets_the_stored_response() {
+    #[derive(Clone)]
+    struct Shop {
+        gate: Arc<tokio::sync::Notify>,
+        payments: Arc<AtomicUsize>,
+    }
+    #[idem_runtime::idempotent]
+    async fn pay(State(shop): State<Shop>) -> (StatusCode, String) {
+        shop.gate.notified().await;
+        let n = shop.payments.fetch_add(1, Ordering::SeqCst) + 1;
+        (StatusCode::CREATED, format!("payment {n}"))
+    }
+    let shop = Shop {
+        gate: Arc::new(tokio::sync::Notify::new()),
+        payments: Arc::new(AtomicUsize::new(0)),
+    };
+    let idem = idem_runtime::Idempotency::builder()
+        .shared_scope(true)
+        .build();
+    let app = Router::new()
+        .route("/pay", post(pay))
+        .with_state(shop.clone())
+        .layer(idem.layer())
+        .layer(axum::middleware::from_fn_with_state(
+            shop.gate.clone(),
+            timing_out,
+        ));
+    let url = serve(app).await;
+    let response = client(quick())
+        .post(format!("{url}/pay"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert!(response.attempts() >= 2, "{}", response.attempts());
+    assert!(response.replayed(), "the retry got the stored response");
+    assert_eq!(response.text().await.unwrap(), "payment 1");
+    assert_eq!(shop.payments.load(Ordering::SeqCst), 1, "one payment");
 }
