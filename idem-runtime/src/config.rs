@@ -223,6 +223,8 @@ impl Idempotency {
             store: None,
             memory: None,
             step_bound: None,
+            lock_wait: None,
+            store_timeout_set: false,
             settings: Settings::default(),
         }
     }
@@ -302,6 +304,11 @@ pub struct IdempotencyBuilder {
     memory: Option<MemoryStore>,
     /// How long the store lets one step take, where it bounds its steps itself.
     step_bound: Option<Duration>,
+    /// How long a step of the store may wait for a lock, which the store timeout must
+    /// outlast unless one is set: a `SqliteStore`'s busy timeout.
+    lock_wait: Option<Duration>,
+    /// Whether [`store_timeout`](Self::store_timeout) was called.
+    store_timeout_set: bool,
     settings: Settings,
 }
 
@@ -317,6 +324,7 @@ impl IdempotencyBuilder {
                 .downcast_ref::<crate::store::RedisStore>()
                 .and_then(crate::store::RedisStore::step_timeout);
         }
+        self.lock_wait = lock_wait_of(&store);
         self.store = Some(Arc::new(store));
         self
     }
@@ -325,6 +333,7 @@ impl IdempotencyBuilder {
     pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
         self.memory = None;
         self.step_bound = None;
+        self.lock_wait = lock_wait_of(&*store);
         self.store = Some(store);
         self
     }
@@ -454,12 +463,16 @@ impl IdempotencyBuilder {
     }
 
     /// Time allowed for one store step before it counts as a failure (default 2 s,
-    /// clamped to [`MAX_DURATION`](defaults::MAX_DURATION)). A [`MemoryStore`]'s steps
+    /// clamped to [`MAX_DURATION`](defaults::MAX_DURATION)). On a `SqliteStore` the
+    /// default is its busy timeout and one second more, so that a step waits for the
+    /// write lock (a `SqliteTransaction` holds it until its commit) as long as SQLite
+    /// lets it, rather than being refused with `503` first. A [`MemoryStore`]'s steps
     /// answer at once and are not timed out. A `RedisStore` on one server bounds each step
     /// by its own response timeout; where that is no longer than this one, idem arms no
     /// second timer for the step.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
         self.settings.store_timeout = timeout.min(defaults::MAX_DURATION);
+        self.store_timeout_set = true;
         self
     }
 
@@ -523,6 +536,13 @@ impl IdempotencyBuilder {
     pub fn build(self) -> Idempotency {
         let metrics = Metrics::default();
         let mut settings = self.settings;
+        if let Some(wait) = self.lock_wait.filter(|_| !self.store_timeout_set) {
+            // A step waiting for the lock as long as the store lets it, and then some.
+            let outlasting = wait
+                .saturating_add(Duration::from_secs(1))
+                .min(defaults::MAX_DURATION);
+            settings.store_timeout = settings.store_timeout.max(outlasting);
+        }
         if settings.log_key_secret.is_none() {
             settings.log_key_secret = Some(random_secret());
         }
@@ -646,5 +666,21 @@ impl HeaderPolicy {
     /// Whether a header of this name is stored.
     pub fn keeps(&self, name: &HeaderName) -> bool {
         !self.excluded.contains(name)
+    }
+}
+
+/// How long a step of `store` may wait for a lock: a `SqliteStore`'s busy timeout.
+fn lock_wait_of(store: &dyn Store) -> Option<Duration> {
+    #[cfg(feature = "sqlite")]
+    {
+        store
+            .as_any()?
+            .downcast_ref::<crate::store::SqliteStore>()
+            .map(crate::store::SqliteStore::busy_timeout)
+    }
+    #[cfg(not(feature = "sqlite"))]
+    {
+        let _ = store;
+        None
     }
 }

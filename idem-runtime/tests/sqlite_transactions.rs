@@ -653,3 +653,60 @@ async fn once_commits_with_its_result() {
     );
     assert_eq!(runs.load(Ordering::SeqCst), 2, "nothing ran");
 }
+
+#[derive(Clone, Default)]
+struct Holding {
+    holding: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+/// Writes, then holds the write lock until told to let go.
+#[idempotent]
+async fn hold_the_lock(State(hold): State<Holding>, tx: SqliteTransaction) -> Response {
+    insert(&tx, "held").await.unwrap();
+    hold.holding.notify_one();
+    hold.release.notified().await;
+    (StatusCode::CREATED, "held").into_response()
+}
+
+#[idempotent]
+async fn plain_claim() -> Response {
+    (StatusCode::CREATED, "plain").into_response()
+}
+
+/// Guards: while a `SqliteTransaction` holds the write lock, another key's claim waits
+/// for it as long as the busy timeout allows (5 s by default; README), not only idem's
+/// default 2 s store timeout, after which it was refused with `503`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waits_for_the_write_lock_as_long_as_the_busy_timeout() {
+    let db = Db::new("lock_wait").await;
+    let idem = Idempotency::builder()
+        .shared_scope(true)
+        .store(db.store.clone())
+        .build();
+    let hold = Holding::default();
+    let router = Router::new()
+        .route("/hold", post(hold_the_lock))
+        .route("/plain", post(plain_claim))
+        .with_state(hold.clone())
+        .layer(idem.layer());
+    let held = tokio::spawn({
+        let router = router.clone();
+        async move { send(&router, post_with("/hold", Some("holds"), "")).await }
+    });
+    hold.holding.notified().await;
+    let mut other = tokio::spawn({
+        let router = router.clone();
+        async move { send(&router, post_with("/plain", Some("waits"), "")).await }
+    });
+    let early = tokio::time::timeout(Duration::from_millis(2500), &mut other).await;
+    assert!(
+        early.is_err(),
+        "answered while the lock was held, past 2 s: {:?}",
+        early.map(|answer| answer.unwrap().status)
+    );
+    hold.release.notify_one();
+    assert_eq!(other.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(held.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(db.notes().await, ["held"]);
+}

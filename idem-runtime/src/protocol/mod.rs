@@ -497,16 +497,28 @@ impl Execution {
     }
 
     /// Writes `record` in the work's own transaction under the fencing check and commits
-    /// both. The lease is renewed until the commit ends: the transaction may still be in
-    /// use by the work (a task it spawned, a streamed body), and until the record's row is
-    /// written, another executor could take an expired claim over. The execution counts
-    /// as in flight until then too, so that a shutdown waits for the commit.
+    /// both. The lease is renewed until the record's row is written: the transaction may
+    /// still be in use by the work (a task it spawned, a streamed body), and until then
+    /// another executor could take an expired claim over. From then on the transaction
+    /// holds the row (a takeover waits for the commit, then finds the record), and a
+    /// renewal would only wait for that row, holding one of the store's few renewal
+    /// connections while the commit waits (for a lock, a deferred constraint). The
+    /// execution counts as in flight until the outcome settles, so that a shutdown waits
+    /// for the commit.
     async fn complete_in(
         &mut self,
         transaction: Arc<dyn Transactional>,
         record: Bytes,
     ) -> Completion {
-        let renewing = self.keeper.take();
+        let in_flight = &self.idem.shared.in_flight;
+        let mut renewing = self.keeper.take();
+        // Counted for a shutdown from before the keeper goes until the outcome settles: a
+        // rollback still releases the key.
+        let mut settling = None;
+        let mut fenced = || {
+            settling = Some(in_flight.settling());
+            renewing = None;
+        };
         // Bounded: work that still holds the transaction (a response body streaming from
         // it, say) must not hold the request for ever.
         let timeout = self.idem.settings().store_timeout;
@@ -516,13 +528,12 @@ impl Execution {
             record,
             self.ttl,
             self.stands_alone,
+            &mut fenced,
         );
         let committed = tokio::time::timeout(timeout, completing)
             .await
             .unwrap_or(Committed::Unknown(StoreError::Timeout(timeout)));
-        // Counted for a shutdown from before the keeper goes until the outcome settles: a
-        // rollback still releases the key.
-        self.settling = Some(self.idem.shared.in_flight.settling());
+        self.settling = settling.or_else(|| Some(in_flight.settling()));
         drop(renewing);
         let completion = match committed {
             Committed::Yes => {

@@ -46,6 +46,10 @@ pub trait Transactional: Send + Sync {
     /// With `stands_alone` (a refusal, such as a `4xx`, whose record holds without the
     /// work's writes), a transaction the database has aborted is rolled back and the record
     /// stored on its own.
+    ///
+    /// `fenced` is called once the record is written under the fencing check, before the
+    /// commit: from then on the transaction holds the key's row, and the lease needs no
+    /// renewal (one would wait for that row until the commit ends).
     fn complete<'a>(
         &'a self,
         key: &'a str,
@@ -53,6 +57,7 @@ pub trait Transactional: Send + Sync {
         record: Bytes,
         ttl: Duration,
         stands_alone: bool,
+        fenced: &'a mut (dyn FnMut() + Send),
     ) -> BoxFuture<'a, Committed>;
 
     /// Commits the work's writes alone (work that holds no key).

@@ -180,9 +180,17 @@ impl Statements {
         );
         // In the work's own transaction: its clock, not the transaction's start, and only
         // the claim itself counts (a lapsed lease nobody took over still fences right).
+        // Written only inside the transaction the work wrote in (marked at its `BEGIN`,
+        // `WORK_OPEN`): one the work ended itself (a `COMMIT` or `ROLLBACK` sent through its
+        // connection) leaves the connection in autocommit, where the record would commit
+        // at once, alone.
         let complete_in_transaction = format!(
-            "UPDATE {t} SET value = $3, expires_at = clock_timestamp() + $4::bigint * interval '1 millisecond' \
-             WHERE key = $1 AND value = $2"
+            "WITH fenced AS ( \
+                UPDATE {t} SET value = $3, expires_at = clock_timestamp() + $4::bigint * interval '1 millisecond' \
+                WHERE key = $1 AND value = $2 AND {WORK_IS_OPEN} \
+                RETURNING 1 \
+             ) \
+             SELECT {WORK_IS_OPEN}, EXISTS (SELECT 1 FROM fenced)"
         );
         // An expired claim of this executor is deleted too (it is garbage), but only a live
         // one counts as released.
@@ -213,6 +221,15 @@ fn quote(name: &str) -> String {
 }
 
 /// How long a pooled connection may sit idle before it is pinged on its next use.
+/// How a `PgTransaction` begins: with a mark that lasts as long as the transaction, which
+/// idem's completion looks for ([`WORK_IS_OPEN`]), so that it never writes outside it.
+pub(crate) const WORK_OPEN: &str = "BEGIN; SET LOCAL idem.work = 'open'";
+
+/// Whether the statement runs in the transaction [`WORK_OPEN`] began: `false` once the
+/// work ended it itself, and in any transaction after that.
+pub(crate) const WORK_IS_OPEN: &str =
+    "coalesce(current_setting('idem.work', true) = 'open', false)";
+
 const IDLE_CHECK: Duration = Duration::from_secs(30);
 
 /// A pool of at most `max` connections, each pinged only after [`IDLE_CHECK`] idle.

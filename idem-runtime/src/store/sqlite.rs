@@ -102,6 +102,9 @@ pub use self::transaction::SqliteTransaction;
 pub struct SqliteStore {
     pool: SqlitePool,
     statements: Arc<Statements>,
+    /// How long a statement waits for another connection's write lock: the pool's busy
+    /// timeout, which idem's store timeout must outlast.
+    busy_timeout: Duration,
     /// Stops the background sweep when the last clone goes.
     sweeper: Option<Arc<Sweeper>>,
 }
@@ -249,8 +252,15 @@ impl SqliteStoreBuilder {
 
     /// How long a statement waits for another connection's write lock before it fails
     /// (default 5 s), and how long the store waits for a free connection. Longer than a
-    /// [`SqliteTransaction`] holds the lock. Ignored for a pool given to
-    /// [`SqliteStore::from_pool`].
+    /// [`SqliteTransaction`] holds the lock. For a pool given to
+    /// [`SqliteStore::from_pool`], say what its connections' busy timeout is (sqlx's
+    /// default is 5 s): the pool is not changed.
+    ///
+    /// A handle built on this store without a
+    /// [`store_timeout`](crate::IdempotencyBuilder::store_timeout) of its own waits for a
+    /// step this long and one second more, so that a claim waits for a transaction
+    /// holding the lock, as the busy timeout allows, rather than being refused with `503`
+    /// after the default 2 s.
     pub fn busy_timeout(mut self, timeout: Duration) -> Self {
         self.busy_timeout = timeout;
         self
@@ -332,6 +342,7 @@ impl SqliteStoreBuilder {
         let mut store = SqliteStore {
             pool,
             statements,
+            busy_timeout: self.busy_timeout,
             sweeper: None,
         };
         if self.create_table {
@@ -360,6 +371,12 @@ fn is_in_memory(url: &str) -> bool {
 impl SqliteStore {
     /// The table's name unless another is chosen.
     pub const DEFAULT_TABLE: &str = "idem_records";
+
+    /// How long a statement waits for another connection's write lock
+    /// ([`SqliteStoreBuilder::busy_timeout`]).
+    pub(crate) fn busy_timeout(&self) -> Duration {
+        self.busy_timeout
+    }
 
     /// Rows one sweep batch deletes at most unless another size is chosen.
     pub const DEFAULT_SWEEP_BATCH: u64 = 1000;

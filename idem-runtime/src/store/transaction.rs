@@ -185,6 +185,7 @@ impl<B: Backend> Transactional for Shared<B> {
         record: Bytes,
         ttl: Duration,
         stands_alone: bool,
+        fenced: &'a mut (dyn FnMut() + Send),
     ) -> BoxFuture<'a, Committed> {
         Box::pin(async move {
             let mut transaction = match self.finish().await {
@@ -197,19 +198,22 @@ impl<B: Backend> Transactional for Shared<B> {
                     ));
                 }
             };
-            let fenced = self
+            let written = self
                 .store
                 .fence(&mut transaction, key, claim, &record, ttl)
                 .await;
-            match fenced {
-                Ok(Fenced::Written) => match transaction.commit().await {
-                    Ok(()) => Committed::Yes,
-                    // Refused: nothing committed, and the claim is still this execution's.
-                    Err(error) if self.store.commit_refused(&error) => {
-                        Committed::RolledBack(self.store.error(error))
+            match written {
+                Ok(Fenced::Written) => {
+                    fenced();
+                    match transaction.commit().await {
+                        Ok(()) => Committed::Yes,
+                        // Refused: nothing committed, and the claim is still this execution's.
+                        Err(error) if self.store.commit_refused(&error) => {
+                            Committed::RolledBack(self.store.error(error))
+                        }
+                        Err(error) => Committed::Unknown(self.store.error(error)),
                     }
-                    Err(error) => Committed::Unknown(self.store.error(error)),
-                },
+                }
                 Ok(Fenced::NotHeld) => {
                     let _ = transaction.rollback().await;
                     Committed::Superseded

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use sqlx::{PgConnection, Postgres};
+use sqlx::{AssertSqlSafe, PgConnection, Postgres};
 use tokio::sync::MappedMutexGuard;
 
-use super::{PostgresStore, millis};
+use super::{PostgresStore, WORK_IS_OPEN, WORK_OPEN, millis};
 use crate::protocol::Transactional;
 use crate::store::transaction::{Backend, DatabaseTransaction, Fenced, Shared, sealed};
 use crate::store::{BoxFuture, Store, StoreError};
@@ -102,7 +102,7 @@ impl Backend for PostgresStore {
     const NAME: &'static str = "PgTransaction";
 
     fn open(&self) -> BoxFuture<'_, Result<sqlx::Transaction<'static, Postgres>, sqlx::Error>> {
-        Box::pin(self.pool.begin())
+        Box::pin(self.pool.begin_with(WORK_OPEN))
     }
 
     fn fence<'a>(
@@ -116,16 +116,20 @@ impl Backend for PostgresStore {
         Box::pin(async move {
             // Locks the record's row until the commit: no other executor can take the
             // key over meanwhile.
-            let written = sqlx::query(self.statements.complete_in_transaction.clone())
-                .bind(key)
-                .bind(claim)
-                .bind(record)
-                .bind(millis(ttl))
-                .execute(connection)
-                .await;
+            let written: Result<(bool, bool), _> =
+                sqlx::query_as(self.statements.complete_in_transaction.clone())
+                    .bind(key)
+                    .bind(claim)
+                    .bind(record)
+                    .bind(millis(ttl))
+                    .fetch_one(connection)
+                    .await;
             match written {
-                Ok(done) if done.rows_affected() == 1 => Ok(Fenced::Written),
-                Ok(_) => Ok(Fenced::NotHeld),
+                Ok((false, _)) => Ok(Fenced::Aborted(StoreError::backend(
+                    "the work ended its transaction itself (a COMMIT or ROLLBACK sent through PgTransaction::conn); idem cannot commit its writes with the record",
+                ))),
+                Ok((true, true)) => Ok(Fenced::Written),
+                Ok((true, false)) => Ok(Fenced::NotHeld),
                 // The work ignored a failed statement, so the database aborted the
                 // transaction: none of its writes can commit.
                 Err(error) if is_aborted(&error) => Ok(Fenced::Aborted(self.error(error))),
@@ -138,9 +142,22 @@ impl Backend for PostgresStore {
         &'a self,
         connection: &'a mut PgConnection,
     ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-        // PostgreSQL answers COMMIT of an aborted transaction with a rollback, not an
-        // error: ask first.
-        Box::pin(async move { sqlx::query("SELECT 1").execute(connection).await.map(drop) })
+        // PostgreSQL answers COMMIT of an aborted transaction with a rollback, and COMMIT
+        // outside one (the work ended it) with a warning, not an error: ask first. Any
+        // statement fails in an aborted transaction; outside the work's, the mark its
+        // `BEGIN` set is gone.
+        Box::pin(async move {
+            let open: bool = sqlx::query_scalar(AssertSqlSafe(format!("SELECT {WORK_IS_OPEN}")))
+                .fetch_one(connection)
+                .await?;
+            if open {
+                Ok(())
+            } else {
+                Err(sqlx::Error::Protocol(
+                    "the work ended its transaction itself (a COMMIT or ROLLBACK sent through PgTransaction::conn) before idem's commit".into(),
+                ))
+            }
+        })
     }
 
     fn error(&self, error: sqlx::Error) -> StoreError {
