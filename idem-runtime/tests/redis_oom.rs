@@ -66,3 +66,48 @@ async fn completion_refused_by_redis_does_not_hold_the_key_forever() {
     assert_eq!(counters.runs(), 1, "the handler ran again");
     last.assert_problem(StatusCode::CONFLICT, Problem::RESPONSE_NOT_STORED);
 }
+
+/// Guards: a result longer than a `proto-max-bulk-len` lowered after idem connected (an
+/// operator's `CONFIG SET`) is refused for good, never retried until the lease runs out:
+/// later calls get `NotStored`, and the operation does not run again (SPEC §2.6, README
+/// `once`). Redis answers such a write with a protocol error and closes the connection,
+/// which idem took for an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_a_lowered_bulk_limit_is_not_stored_and_never_run_again() {
+    use idem_runtime::OnceKey;
+    use idem_runtime::once::OnceError;
+
+    let server = RedisServer::start();
+    let store = idem_runtime::store::RedisStore::builder(server.url())
+        .prefix("bulk-lowered:")
+        .connect()
+        .await
+        .unwrap();
+    let idem = idem_runtime::Idempotency::builder()
+        .store(store)
+        .lease(Duration::from_secs(2))
+        .build();
+    let mut admin = testkit::redis_connection(&server.url()).await;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("proto-max-bulk-len")
+        .arg("1mb")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let operation = || {
+        let runs = runs.clone();
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>("r".repeat(2 << 20))
+        }
+    };
+    let key = OnceKey::compose(["bulk", "lowered"]);
+    let first = idem.once(key.clone(), "in").run(operation).await.unwrap();
+    assert_eq!(first.len(), 2 << 20, "the caller gets its result");
+    let again = idem.once(key.clone(), "in").no_wait().run(operation).await;
+    assert!(matches!(again, Err(OnceError::NotStored)), "{again:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
+}

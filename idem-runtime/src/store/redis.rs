@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -120,12 +121,16 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 pub struct RedisStore {
     connection: Connection,
     prefix: Arc<str>,
-    /// The longest value the server accepts (`proto-max-bulk-len`).
-    max_bulk: u64,
+    /// The longest value the server accepts (`proto-max-bulk-len`), read at connect and
+    /// again when a long record's completion fails (an operator may lower it meanwhile).
+    max_bulk: Arc<AtomicU64>,
     /// What bounds a whole step on one server, where the connection arms no timer per
     /// command; `None` on a cluster, whose client times each command.
     step_timeout: Option<Duration>,
 }
+
+/// The smallest `proto-max-bulk-len` Redis takes (1 MiB): a shorter record fits any server.
+const SMALLEST_MAX_BULK: u64 = 1 << 20;
 
 /// Redis' default `proto-max-bulk-len`, assumed where the server does not say.
 const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
@@ -306,13 +311,14 @@ impl RedisStoreBuilder {
             };
             loaded.map_err(ConnectError::Redis)?;
         }
-        let mut store = RedisStore {
+        let store = RedisStore {
             connection,
             prefix: self.prefix.into(),
-            max_bulk: DEFAULT_MAX_BULK,
+            max_bulk: Arc::new(AtomicU64::new(DEFAULT_MAX_BULK)),
             step_timeout,
         };
-        store.max_bulk = store.read_max_bulk().await;
+        let limit = store.read_max_bulk().await.unwrap_or(DEFAULT_MAX_BULK);
+        store.max_bulk.store(limit, Ordering::Relaxed);
         store.check_eviction(self.allow_eviction).await?;
         store.probe().await?;
         Ok(store)
@@ -408,9 +414,9 @@ impl RedisStore {
         }
     }
 
-    /// The server's `proto-max-bulk-len` (the smallest over a cluster's nodes), or Redis'
-    /// default where `CONFIG GET` is not allowed.
-    async fn read_max_bulk(&self) -> u64 {
+    /// The server's `proto-max-bulk-len` (the smallest over a cluster's nodes); `None`
+    /// where `CONFIG GET` is not allowed or fails.
+    async fn read_max_bulk(&self) -> Option<u64> {
         let answer: Result<redis::Value, StoreError> = self
             .bounded(
                 self.run(Command::Plain(
@@ -425,7 +431,15 @@ impl RedisStore {
         if let Ok(value) = answer {
             collect_numbers(&value, &mut numbers);
         }
-        numbers.into_iter().min().unwrap_or(DEFAULT_MAX_BULK)
+        numbers.into_iter().min()
+    }
+
+    /// `record` refused as over the server's `proto-max-bulk-len` of `limit` bytes.
+    fn too_long(record: &Bytes, limit: u64) -> StoreError {
+        StoreError::RecordRefused {
+            size: record.len() as u64,
+            reason: format!("over the server's proto-max-bulk-len of {limit} bytes"),
+        }
     }
 
     /// Runs begin, renew, release and complete once on a probe key, and leaves nothing.
@@ -799,14 +813,9 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(self.bounded(async move {
-            if record.len() as u64 > self.max_bulk {
-                return Err(StoreError::RecordRefused {
-                    size: record.len() as u64,
-                    reason: format!(
-                        "over the server's proto-max-bulk-len of {} bytes",
-                        self.max_bulk
-                    ),
-                });
+            let limit = self.max_bulk.load(Ordering::Relaxed);
+            if record.len() as u64 > limit {
+                return Err(Self::too_long(&record, limit));
             }
             let args = [
                 ScriptArg::Bytes(claim),
@@ -816,15 +825,28 @@ impl Store for RedisStore {
             let command = Command::script(&COMPLETE, self.store_key(key), &args);
             // A server at its `maxmemory` (under `noeviction`) refuses the write for good:
             // idem then records a small "not stored" marker instead.
-            self.run_raw(command)
-                .await
-                .map_err(|error| match error.code() {
-                    Some("OOM") => StoreError::RecordRefused {
+            let error = match self.run_raw(command).await {
+                Ok(done) => return Ok(done),
+                Err(error) if error.code() == Some("OOM") => {
+                    return Err(StoreError::RecordRefused {
                         size: record.len() as u64,
                         reason: error.to_string(),
-                    },
-                    _ => StoreError::backend(error),
-                })
+                    });
+                }
+                Err(error) => error,
+            };
+            // A server whose limit was lowered since it was read refuses a longer value
+            // with a protocol error, and closes the connection: retried, it would fail the
+            // same way until the lease ran out. Its limit, read again, tells.
+            if record.len() as u64 > SMALLEST_MAX_BULK {
+                if let Some(limit) = self.read_max_bulk().await {
+                    self.max_bulk.store(limit, Ordering::Relaxed);
+                    if record.len() as u64 > limit {
+                        return Err(Self::too_long(&record, limit));
+                    }
+                }
+            }
+            Err(StoreError::backend(error))
         }))
     }
 
