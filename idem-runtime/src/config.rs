@@ -592,7 +592,7 @@ fn random_secret() -> Arc<[u8]> {
 ///
 /// The default leaves out hop-by-hop headers (`Connection`, `Keep-Alive`,
 /// `Proxy-Authenticate`, `Proxy-Authorization`, `TE`, `Trailer`, `Transfer-Encoding`,
-/// `Upgrade`), `Date` and `Set-Cookie`.
+/// `Upgrade`, and any header the response's `Connection` names), `Date` and `Set-Cookie`.
 ///
 /// `Transfer-Encoding` is never stored, whatever the policy: idem reads a protected
 /// response's body whole and replays it with its length, which a `Transfer-Encoding`

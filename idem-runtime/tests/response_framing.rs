@@ -792,3 +792,54 @@ async fn too_large_with_trailers() {
     assert_eq!(first.trailers, control.trailers);
     assert_eq!(first.body, control.body);
 }
+
+/// A handler answering `201` with a header its `Connection` field names.
+async fn names_a_connection_option(guard: Idempotent) -> Response {
+    guard
+        .run(async {
+            Response::builder()
+                .status(StatusCode::CREATED)
+                .header("connection", "keep-alive, X-Conn-Secret")
+                .header("x-conn-secret", "for this connection only")
+                .header("x-kept", "end to end")
+                .body(Body::from("created"))
+                .unwrap()
+        })
+        .await
+}
+
+/// Guards: a header the response's `Connection` names is hop-by-hop (RFC 9110 §7.6.1),
+/// so the default policy replays it no more than `Connection` itself (SPEC §2.6); a
+/// policy that keeps `Connection` keeps what it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_named_by_connection_are_not_replayed() {
+    use tower::ServiceExt;
+    for (policy, kept) in [
+        (HeaderPolicy::default(), false),
+        (HeaderPolicy::all(), true),
+    ] {
+        let idem = Idempotency::builder()
+            .shared_scope(true)
+            .replay_headers(policy)
+            .build();
+        let app = Router::new()
+            .route("/x", post(names_a_connection_option))
+            .layer(idem.layer());
+        let request = || {
+            axum::http::Request::post("/x")
+                .header("idempotency-key", "conn")
+                .body(Body::empty())
+                .unwrap()
+        };
+        let first = app.clone().oneshot(request()).await.unwrap();
+        assert_eq!(first.status(), StatusCode::CREATED);
+        let replay = app.clone().oneshot(request()).await.unwrap();
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        assert_eq!(replay.headers()["x-kept"], "end to end");
+        assert_eq!(
+            replay.headers().contains_key("x-conn-secret"),
+            kept,
+            "x-conn-secret replayed"
+        );
+    }
+}

@@ -155,11 +155,18 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
             return complete_not_stored(execution, parts.status, 0, None).await;
         }
     };
+    // A field the response's `Connection` names is hop-by-hop too (RFC 9110 §7.6.1),
+    // left out with `Connection` itself.
+    let hop_by_hop = (!settings.headers.keeps(&http::header::CONNECTION))
+        .then(|| connection_options(&parts.headers))
+        .unwrap_or_default();
     let kept = || {
-        parts
-            .headers
-            .iter()
-            .filter(|(name, _)| settings.headers.keeps(name))
+        parts.headers.iter().filter(|(name, _)| {
+            settings.headers.keeps(name)
+                && !hop_by_hop
+                    .iter()
+                    .any(|option| option.eq_ignore_ascii_case(name.as_str()))
+        })
     };
     let record = encode_completed(
         execution.fingerprint(),
@@ -233,4 +240,16 @@ fn undone(transactional: bool, completion: Completion, execution: &Execution) ->
         _ => Problem::rolled_back(retry_after),
     };
     Some(problem.into_response())
+}
+
+/// The field names a response's `Connection` header lists (its connection options).
+fn connection_options(headers: &http::HeaderMap) -> Vec<&str> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|option| !option.is_empty())
+        .collect()
 }

@@ -44,7 +44,10 @@ use crate::store::{BoxFuture, Store, StoreError};
 /// `idem-client` toward the other service).
 ///
 /// Only idem finishes it: a handler taking it without `#[idempotent]` (or
-/// [`Idempotent::run`](crate::Idempotent::run)) has its writes rolled back.
+/// [`Idempotent::run`](crate::Idempotent::run)) has its writes rolled back. Work that
+/// ends it itself (a `COMMIT` or `ROLLBACK` sent through [`conn`](Self::conn)) gets no
+/// record written: the request is answered as for a refused commit, and what such a
+/// `COMMIT` wrote stands, so a retry runs the work again.
 ///
 /// ```no_run
 /// use axum::http::StatusCode;
