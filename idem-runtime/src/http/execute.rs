@@ -157,9 +157,11 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
     };
     // A field the response's `Connection` names is hop-by-hop too (RFC 9110 §7.6.1),
     // left out with `Connection` itself.
-    let hop_by_hop = (!settings.headers.keeps(&http::header::CONNECTION))
-        .then(|| connection_options(&parts.headers))
-        .unwrap_or_default();
+    let hop_by_hop = if settings.headers.keeps(&http::header::CONNECTION) {
+        Vec::new()
+    } else {
+        connection_options(&parts.headers)
+    };
     let kept = || {
         parts.headers.iter().filter(|(name, _)| {
             settings.headers.keeps(name)

@@ -838,12 +838,12 @@ impl Store for RedisStore {
             // A server whose limit was lowered since it was read refuses a longer value
             // with a protocol error, and closes the connection: retried, it would fail the
             // same way until the lease ran out. Its limit, read again, tells.
-            if record.len() as u64 > SMALLEST_MAX_BULK {
-                if let Some(limit) = self.read_max_bulk().await {
-                    self.max_bulk.store(limit, Ordering::Relaxed);
-                    if record.len() as u64 > limit {
-                        return Err(Self::too_long(&record, limit));
-                    }
+            if record.len() as u64 > SMALLEST_MAX_BULK
+                && let Some(limit) = self.read_max_bulk().await
+            {
+                self.max_bulk.store(limit, Ordering::Relaxed);
+                if record.len() as u64 > limit {
+                    return Err(Self::too_long(&record, limit));
                 }
             }
             Err(StoreError::backend(error))
