@@ -232,9 +232,7 @@ impl ResponseExt for Response {
     }
 
     fn replayed(&self) -> bool {
-        self.headers()
-            .get(IDEMPOTENT_REPLAYED)
-            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"true"))
+        is_replayed(self.headers())
     }
 
     fn idempotency_key(&self) -> Option<&str> {
@@ -459,10 +457,10 @@ async fn judge(
             attempts,
             key: key.map(str::to_owned),
         }),
-        // A 409 other than "in flight" (idem's "response not stored") will not change, and
-        // a request without a key is never in flight: its 409 is the server's answer (an
-        // edit conflict, say).
-        409 if key.is_none() || problem_type().is_some_and(|kind| kind != IN_FLIGHT) => {
+        // A 409 other than "in flight" (idem's "response not stored", a stored business
+        // conflict replayed, an edit conflict to a request without a key) is the server's
+        // answer, and will not change.
+        409 if !in_flight(key.is_some(), &head.headers, problem_type()) => {
             Attempt::Done(head.with_body(body))
         }
         409 => Attempt::Retry {
@@ -522,6 +520,34 @@ fn retry_after(response: &Response) -> Option<Duration> {
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+/// Whether the server replayed a stored response (`Idempotent-Replayed: true`).
+fn is_replayed(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(IDEMPOTENT_REPLAYED)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"true"))
+}
+
+/// Whether a `409` says that the same key's first request still runs: never to a request
+/// without a key, nor in a replayed response; in a problem document, only under idem's
+/// type (one without a type is `about:blank`, RFC 9457); otherwise (another API's own
+/// body, Stripe's) it may be.
+fn in_flight(keyed: bool, headers: &http::HeaderMap, problem_type: Option<String>) -> bool {
+    if !keyed || is_replayed(headers) {
+        return false;
+    }
+    match problem_type {
+        Some(kind) => kind == IN_FLIGHT,
+        None => !headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|kind| {
+                kind.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("application/problem+json")
+            }),
+    }
 }
 
 /// A string field of a JSON problem document.

@@ -809,3 +809,53 @@ async fn a_408_is_retried_and_gets_the_stored_response() {
     assert_eq!(response.text().await.unwrap(), "payment 1");
     assert_eq!(shop.payments.load(Ordering::SeqCst), 1, "one payment");
 }
+
+/// Guards: a keyed `409` that is not "in flight" is the server's answer, handed back at
+/// once: a stored business conflict replayed (`Idempotent-Replayed: true`), and a problem
+/// document without a type (`about:blank`). A keyed `409` in another API's own body may
+/// still be in flight (Stripe's), and is retried.
+#[tokio::test]
+async fn a_keyed_409_that_is_not_in_flight_is_the_servers_answer() {
+    let answers: [(Canned, u32); 3] = [
+        (
+            (
+                409,
+                &[
+                    ("content-type", "application/json"),
+                    ("idempotent-replayed", "true"),
+                ],
+                r#"{"error":"order ord_1 already exists"}"#,
+            ),
+            1,
+        ),
+        ((409, &[PROBLEM], r#"{"title":"conflict","status":409}"#), 1),
+        (
+            (
+                409,
+                &[("content-type", "application/json")],
+                r#"{"error":{"type":"idempotency_error"}}"#,
+            ),
+            2,
+        ),
+    ];
+    for (answer, attempts) in answers {
+        let script = Script::new(&[answer]);
+        let url = script.serve().await;
+        let response = client(quick())
+            .post(format!("{url}/pay"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let expected = if attempts == 1 {
+            StatusCode::CONFLICT
+        } else {
+            StatusCode::CREATED
+        };
+        assert_eq!(response.status(), expected, "{answer:?}");
+        assert_eq!(response.attempts(), attempts, "{answer:?}");
+        if attempts == 1 {
+            assert_eq!(response.text().await.unwrap(), answer.2);
+        }
+    }
+}

@@ -575,7 +575,9 @@ mod canonical {
     pub(super) enum Field<'a> {
         /// The value at the pointer.
         Value(&'a RawValue),
-        /// An object on the way names the next step twice: this object.
+        /// A container on the way names the next step twice, or cannot be read into names
+        /// and items (a name holding a lone UTF-16 surrogate, which the raw parse takes):
+        /// this container, counted by its text, never as missing.
         Ambiguous(&'a RawValue),
     }
 
@@ -585,7 +587,9 @@ mod canonical {
             let token = token.replace("~1", "/").replace("~0", "~");
             current = match current.get().as_bytes().first()? {
                 b'{' => {
-                    let Entries(object) = serde_json::from_str(current.get()).ok()?;
+                    let Ok(Entries(object)) = serde_json::from_str(current.get()) else {
+                        return Some(Field::Ambiguous(current));
+                    };
                     let mut named = object.into_iter().filter(|(name, _)| *name == token);
                     let (_, value) = named.next()?;
                     if named.next().is_some() {
@@ -598,7 +602,9 @@ mod canonical {
                         return None;
                     }
                     let index: usize = token.parse().ok()?;
-                    let array: Vec<&'a RawValue> = serde_json::from_str(current.get()).ok()?;
+                    let Ok(array) = serde_json::from_str::<Vec<&'a RawValue>>(current.get()) else {
+                        return Some(Field::Ambiguous(current));
+                    };
                     *array.get(index)?
                 }
                 _ => return None,
@@ -632,6 +638,27 @@ mod tests {
         assert_ne!(
             twice,
             fp(&fields, Method::POST, "/p", r#"{"a":{"a":1,"a":2}}"#)
+        );
+    }
+
+    /// A name holding a lone UTF-16 surrogate (`"\udc00"`) passes the raw parse but not a
+    /// read into names: the fields below such an object count by its text, never as
+    /// missing, so two amounts never share a fingerprint.
+    #[test]
+    fn fields_under_an_unreadable_object_are_never_missing() {
+        let fields = FingerprintMode::json_fields(["/amount", "/order/id"]).unwrap();
+        let body = |amount: u32, id: u32| {
+            format!(r#"{{"amount":{amount},"order":{{"id":{id},"\udc00":"x"}},"\udc00":"x"}}"#)
+        };
+        let first = fp(&fields, Method::POST, "/p", &body(500, 7));
+        assert_ne!(first, fp(&fields, Method::POST, "/p", &body(1, 7)));
+        assert_ne!(first, fp(&fields, Method::POST, "/p", &body(500, 8)));
+        assert_eq!(first, fp(&fields, Method::POST, "/p", &body(500, 7)));
+        let surrogate_in_array = |amount: u32| format!(r#"{{"order":[{{"\udc00":{amount}}}]}}"#);
+        let in_array = FingerprintMode::json_fields(["/order/0"]).unwrap();
+        assert_ne!(
+            fp(&in_array, Method::POST, "/p", &surrogate_in_array(1)),
+            fp(&in_array, Method::POST, "/p", &surrogate_in_array(2))
         );
     }
 

@@ -302,6 +302,36 @@ async fn malformed_key_with_scoped_key_extractors() {
     answer.assert_problem(StatusCode::INTERNAL_SERVER_ERROR, Problem::LAYER_MISSING);
 }
 
+/// Attack: the handle handed to handlers with `Extension(idem)` instead of `idem.layer()`.
+/// Held: a keyed request is answered `500` `layer-missing` by the guard and by
+/// `ScopedKey`, never run unprotected (a retry would run it again); an unkeyed one runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_given_as_an_extension_is_no_layer() {
+    #[idem_runtime::idempotent]
+    async fn pay(State(runs): State<Arc<AtomicUsize>>) -> (StatusCode, String) {
+        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        (StatusCode::CREATED, format!("run {n}"))
+    }
+    async fn only_scoped(key: ScopedKey) -> String {
+        key.to_string()
+    }
+    let idem = common::test_builder(Idempotency::builder()).build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .route("/pay", post(pay))
+        .route("/scoped", post(only_scoped))
+        .with_state(runs.clone())
+        .layer(axum::Extension(idem));
+    for path in ["/pay", "/pay", "/scoped"] {
+        let answer = send(&app, request(path, "k1", "Bearer x", "{}")).await;
+        answer.assert_problem(StatusCode::INTERNAL_SERVER_ERROR, Problem::LAYER_MISSING);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "nothing ran unprotected");
+    let mut unkeyed = request("/pay", "k1", "Bearer x", "{}");
+    unkeyed.headers_mut().remove("idempotency-key");
+    assert_eq!(send(&app, unkeyed).await.status, StatusCode::CREATED);
+}
+
 /// Attack: a panic, then a storm of retries racing with the release. Held: exactly one
 /// retry runs, the rest get 409 or its replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,4 +110,22 @@ async fn a_result_over_a_lowered_bulk_limit_is_not_stored_and_never_run_again() 
     let again = idem.once(key.clone(), "in").no_wait().run(operation).await;
     assert!(matches!(again, Err(OnceError::NotStored)), "{again:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
+
+    // Raised again, the limit takes a long result anew: stored and replayed.
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("proto-max-bulk-len")
+        .arg("512mb")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let raised = OnceKey::compose(["bulk", "raised"]);
+    idem.once(raised.clone(), "in")
+        .run(operation)
+        .await
+        .unwrap();
+    let replayed = idem.once(raised, "in").no_wait().run(operation).await;
+    let replayed = replayed.map(|value| value.len());
+    assert!(matches!(replayed, Ok(2_097_152)), "{replayed:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "the raised key ran once");
 }

@@ -710,3 +710,58 @@ async fn a_claim_waits_for_the_write_lock_as_long_as_the_busy_timeout() {
     assert_eq!(held.await.unwrap().status, StatusCode::CREATED);
     assert_eq!(db.notes().await, ["held"]);
 }
+
+/// Inserts a payment, then ends the transaction itself and begins another, as a helper
+/// written for a plain connection might, and answers `201`.
+#[idempotent]
+async fn rolls_back_and_begins_again(
+    State(app): State<Payments>,
+    tx: SqliteTransaction,
+) -> Response {
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    insert(&tx, "gone").await.unwrap();
+    let mut conn = tx.conn().await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    (StatusCode::CREATED, "paid").into_response()
+}
+
+/// Guards: work that rolls its transaction back and begins another never gets a success
+/// stored for the writes it undid (SPEC §7): idem writes its record only in the
+/// transaction it began, answers `503`, and the retry runs again; the connection stays fit
+/// for the next transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_that_begins_its_transaction_again_never_gets_a_success_stored() {
+    let db = Db::with("tx_begun_again", |builder| builder.max_connections(1)).await;
+    let idem = db.idem();
+    let app = Payments::new("A");
+    let again = Router::new()
+        .route("/again", post(rolls_back_and_begins_again))
+        .with_state(app.clone())
+        .layer(idem.layer());
+    for attempt in 0..2 {
+        let answer = send(&again, post_with("/again", Some("k"), "")).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "attempt {attempt}: {:?}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert!(db.notes().await.is_empty());
+    }
+    assert_eq!(
+        app.runs(),
+        2,
+        "nothing was stored for the key: the retry ran"
+    );
+    let paid = send(
+        &router(&idem, app.clone()),
+        post_with("/pay", Some("next"), "ok"),
+    )
+    .await;
+    assert_eq!(paid.status, StatusCode::CREATED);
+    assert_eq!(db.notes().await, ["A"]);
+}

@@ -167,7 +167,7 @@ async fn store_response(execution: &mut Execution, parts: &mut Parts, body: Body
             settings.headers.keeps(name)
                 && !hop_by_hop
                     .iter()
-                    .any(|option| option.eq_ignore_ascii_case(name.as_str()))
+                    .any(|option| option.eq_ignore_ascii_case(name.as_str().as_bytes()))
         })
     };
     let record = encode_completed(
@@ -244,14 +244,14 @@ fn undone(transactional: bool, completion: Completion, execution: &Execution) ->
     Some(problem.into_response())
 }
 
-/// The field names a response's `Connection` header lists (its connection options).
-fn connection_options(headers: &http::HeaderMap) -> Vec<&str> {
+/// The field names a response's `Connection` header lists (its connection options), as
+/// bytes: a value with a byte outside ASCII still names the others.
+fn connection_options(headers: &http::HeaderMap) -> Vec<&[u8]> {
     headers
         .get_all(http::header::CONNECTION)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
+        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|option| !option.is_empty())
         .collect()
 }

@@ -18,7 +18,7 @@ use super::replay;
 use super::state::{BufferedBody, Found, RequestState};
 use crate::config::{Idempotency, defaults};
 use crate::fingerprint::Fingerprint;
-use crate::key::ScopedKey;
+use crate::key::{IDEMPOTENCY_KEY, ScopedKey};
 use crate::metrics::Outcome;
 use crate::protocol::{self, Begun, Guarding, Running, TransactionSlot, Turn};
 use crate::store::BoxFuture;
@@ -437,12 +437,7 @@ where
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
         let Some(idem) = parts.extensions.get::<Idempotency>().cloned() else {
-            tracing::error!(
-                target: "idem",
-                path = parts.uri.path(),
-                "#[idempotent] handler served without the idempotency layer: add `.layer(idem.layer())` to the Router"
-            );
-            return Err(Problem::layer_missing().into_response());
+            return Err(layer_missing(parts));
         };
         let settings = idem.settings();
         let state = RequestState::of(&mut parts.extensions);
@@ -454,6 +449,11 @@ where
             Found::Invalid(error) => {
                 let problem = Problem::key_invalid(&error);
                 return Err(Uncounted::refusal(idem, Outcome::BadKey, problem));
+            }
+            // The layer marks every request that carries the header: without the mark,
+            // the handle came another way (an `Extension`) and the key would go unread.
+            Found::None if parts.headers.contains_key(&IDEMPOTENCY_KEY) => {
+                return Err(layer_missing(parts));
             }
             Found::None if REQUIRED => {
                 return Err(Uncounted::refusal(
@@ -521,6 +521,16 @@ where
     }
 }
 
+/// The answer to a request served without the idempotency layer.
+fn layer_missing(parts: &Parts) -> Response {
+    tracing::error!(
+        target: "idem",
+        path = parts.uri.path(),
+        "#[idempotent] handler or `ScopedKey` served without the idempotency layer: add `.layer(idem.layer())` to the Router"
+    );
+    Problem::layer_missing().into_response()
+}
+
 /// The request's scoped key: the one a guard or an earlier extractor already found, else
 /// found the same way. Take it after the extractor that authenticates the request: one
 /// taken before it, where the two scopes differ, makes the guard answer `500` rather than
@@ -550,9 +560,17 @@ impl<S: Send + Sync> FromRequestParts<S> for ScopedKey {
             .extensions
             .get::<RequestState>()
             .map(RequestState::found);
-        let Some(idem) = parts.extensions.get::<Idempotency>().cloned() else {
-            tracing::error!(target: "idem", path = parts.uri.path(), "`ScopedKey` on a route without the idempotency layer");
-            return Err(Problem::layer_missing().into_response());
+        let Some(idem) = parts
+            .extensions
+            .get::<Idempotency>()
+            .cloned()
+            // A key the layer did not mark: the handle came another way (an `Extension`).
+            .filter(|_| {
+                !(matches!(found, None | Some(Found::None))
+                    && parts.headers.contains_key(&IDEMPOTENCY_KEY))
+            })
+        else {
+            return Err(layer_missing(parts));
         };
         let (outcome, problem) = match found {
             Some(Found::Invalid(error)) => (Outcome::BadKey, Problem::key_invalid(&error)),

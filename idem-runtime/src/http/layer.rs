@@ -34,7 +34,8 @@ impl Idempotency {
 /// Requests without an `Idempotency-Key` header pass through untouched. For those with
 /// one, the key is checked first (a malformed key is refused by the handler's guard
 /// without the body being read); then the body is read up to the request limit (once;
-/// handlers still read it as usual) so that the request can be fingerprinted.
+/// handlers still read it as usual) so that the request can be fingerprinted. A keyed
+/// request's trailer fields are not passed on: the handler reads its body without them.
 #[derive(Debug, Clone)]
 pub struct IdempotencyLayer {
     idem: Idempotency,

@@ -815,7 +815,12 @@ impl Store for RedisStore {
         Box::pin(self.bounded(async move {
             let limit = self.max_bulk.load(Ordering::Relaxed);
             if record.len() as u64 > limit {
-                return Err(Self::too_long(&record, limit));
+                // Over the limit last read; an operator may have raised it since.
+                let now = self.read_max_bulk().await.unwrap_or(limit);
+                self.max_bulk.store(now, Ordering::Relaxed);
+                if record.len() as u64 > now {
+                    return Err(Self::too_long(&record, now));
+                }
             }
             let args = [
                 ScriptArg::Bytes(claim),

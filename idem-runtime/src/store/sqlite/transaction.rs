@@ -119,14 +119,31 @@ impl sealed::OnStore for SqliteTransaction {
     }
 }
 
-/// Whether the connection is still in the work's transaction. SQLite ends a transaction
-/// by itself on a few errors (`SQLITE_FULL`, an I/O error, `INSERT OR ROLLBACK`), or the
-/// work may have sent `COMMIT` or `ROLLBACK`; then the connection is back in autocommit
-/// mode, where a write would commit at once, alone. A deferred `BEGIN` tells: SQLite
-/// refuses it inside a transaction, and outside one it starts a transaction that takes no
-/// lock, which the caller rolls back.
+/// How a `SqliteTransaction` begins: with a row in a table of the connection's own (its
+/// `temp` schema), written in the transaction, which [`still_open`] takes back. A row left
+/// by a transaction the work committed itself is cleared first, outside it.
+const WORK_OPEN: &str = "CREATE TEMP TABLE IF NOT EXISTS idem_work (open INTEGER); \
+    DELETE FROM temp.idem_work; \
+    BEGIN IMMEDIATE; \
+    INSERT INTO temp.idem_work VALUES (1)";
+
+/// Whether the connection is still in the transaction [`WORK_OPEN`] began. SQLite ends a
+/// transaction by itself on a few errors (`SQLITE_FULL`, an I/O error, `INSERT OR
+/// ROLLBACK`), or the work may have sent `COMMIT` or `ROLLBACK` (and `BEGIN` again); then
+/// a write would commit alone, or with none of the work's.
+///
+/// A deferred `BEGIN` tells whether any transaction is open: SQLite refuses it inside one,
+/// and outside one it starts a transaction that takes no lock, for the caller to roll
+/// back. Inside one, the row `WORK_OPEN` wrote tells whether it is the work's: a rollback
+/// took it back. Taken now, so that a commit leaves none.
 async fn still_open(connection: &mut SqliteConnection) -> bool {
-    sqlx::query("BEGIN").execute(connection).await.is_err()
+    if sqlx::query("BEGIN").execute(&mut *connection).await.is_ok() {
+        return false;
+    }
+    sqlx::query("DELETE FROM temp.idem_work")
+        .execute(connection)
+        .await
+        .is_ok_and(|done| done.rows_affected() > 0)
 }
 
 impl Backend for SqliteStore {
@@ -137,7 +154,7 @@ impl Backend for SqliteStore {
         // The write lock from the first statement: the work's later writes and the
         // completion never meet a lock taken by another connection meanwhile (a deferred
         // transaction that read first fails there with SQLITE_BUSY, whatever the timeout).
-        Box::pin(self.pool.begin_with("BEGIN IMMEDIATE"))
+        Box::pin(self.pool.begin_with(WORK_OPEN))
     }
 
     fn fence<'a>(
