@@ -243,3 +243,66 @@ async fn commits_waiting_for_a_lock_never_stop_other_leases_from_being_renewed()
         "the retry is told it runs"
     );
 }
+
+/// Guards: a renewal that meets a row lock held for long (here another session's
+/// `SELECT .. FOR UPDATE` on the claim's row) gives up within the renewals' lock timeout
+/// (2 s), rather than holding one of the store's two renewal connections for as long as
+/// the lock lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_never_waits_long_for_a_row_lock() {
+    let db = PaymentsDb::new("commit_edges_lock_timeout").await;
+    let schema = db.schema.name.clone();
+    let idem = Idempotency::builder()
+        .shared_scope(true)
+        .store(db.store.clone())
+        .lease(Duration::from_millis(600))
+        .build();
+    let app = Orders {
+        table: String::new(),
+        slow_runs: Arc::default(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let router = Router::new()
+        .route("/slow", post(slow_payment))
+        .with_state(app.clone())
+        .layer(idem.layer());
+    let slow = tokio::spawn({
+        let router = router.clone();
+        async move { send(&router, post_with("/slow", Some("locked"), "")).await }
+    });
+    until(|| app.slow_runs.load(Ordering::SeqCst) == 1).await;
+
+    let mut other = sqlx::PgConnection::connect(&db.schema.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT 1 FROM \"{schema}\".idem_records WHERE key LIKE '%:locked' FOR UPDATE"
+    )))
+    .execute(&mut other)
+    .await
+    .unwrap();
+    let renewals_waiting = |older_than: &str| {
+        format!(
+            "SELECT count(*) > 0 FROM pg_stat_activity \
+             WHERE query LIKE 'UPDATE \"{schema}\".\"idem_records\" SET expires_at%' \
+             AND wait_event_type = 'Lock' AND query_start < now() - interval '{older_than}'"
+        )
+    };
+    assert!(
+        poll_until(db.store.pool(), &renewals_waiting("0 seconds")).await,
+        "a renewal waits for the lock"
+    );
+    // Past the lock timeout and a margin, no renewal has waited that long.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut waited_long = false;
+    while tokio::time::Instant::now() < deadline && !waited_long {
+        waited_long = sqlx::query_scalar(AssertSqlSafe(renewals_waiting("3 seconds")))
+            .fetch_one(db.store.pool())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    app.gate.add_permits(1);
+    slow.await.unwrap();
+    assert!(!waited_long, "a renewal waited for the row lock past 3 s");
+}

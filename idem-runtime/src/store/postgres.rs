@@ -92,7 +92,9 @@ pub use self::transaction::PgTransaction;
 /// not run a shared pool's `after_connect`: every statement names the table's schema (the
 /// one given, else the one the pool found the table in when the store connected), and
 /// they take the connect options the pool had then (credentials rotated later with
-/// `set_connect_options` are not theirs).
+/// `set_connect_options` are not theirs), with a `lock_timeout` of 2 s: a renewal that
+/// meets a row lock held longer fails and is tried again at its next turn, rather than
+/// holding its connection from every other lease.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), idem_runtime::ConnectError> {
@@ -221,6 +223,10 @@ fn quote(name: &str) -> String {
 }
 
 /// How long a pooled connection may sit idle before it is pinged on its next use.
+/// The longest a lease renewal waits for a row lock before it fails (and is tried again
+/// at its next turn), in PostgreSQL's units.
+const RENEWAL_LOCK_TIMEOUT: &str = "2s";
+
 /// How a `PgTransaction` begins: with a mark that lasts as long as the transaction, which
 /// idem's completion looks for ([`WORK_IS_OPEN`]), so that it never writes outside it.
 pub(crate) const WORK_OPEN: &str = "BEGIN; SET LOCAL idem.work = 'open'";
@@ -364,9 +370,14 @@ impl PostgresStoreBuilder {
                     .map_err(failed("connecting"))?
             }
         };
-        // Connected by the probe's renewal, below.
+        // Connected by the probe's renewal, below. A renewal never waits long for a row
+        // lock (another executor's claim under way holds one for a moment): one that did
+        // would keep one of the few renewal connections from every other lease.
+        let renewal_options = (*pool.connect_options())
+            .clone()
+            .options([("lock_timeout", RENEWAL_LOCK_TIMEOUT)]);
         let renewals = pool_options(PostgresStore::RENEWAL_CONNECTIONS, self.connect_timeout)
-            .connect_lazy_with((*pool.connect_options()).clone());
+            .connect_lazy_with(renewal_options);
         let statements = Arc::new(Statements::new(self.schema.as_deref(), &self.table));
         let mut store = PostgresStore {
             pool,
