@@ -530,24 +530,23 @@ fn is_replayed(headers: &http::HeaderMap) -> bool {
 }
 
 /// Whether a `409` says that the same key's first request still runs: never to a request
-/// without a key, nor in a replayed response; in a problem document, only under idem's
-/// type (one without a type is `about:blank`, RFC 9457); otherwise (another API's own
-/// body, Stripe's) it may be.
+/// without a key, nor in a replayed response; in a problem document
+/// (`application/problem+json`), only under idem's type (one without a type is
+/// `about:blank`, RFC 9457); in any other body (another API's own, Stripe's, whatever
+/// fields it has) it may be.
 fn in_flight(keyed: bool, headers: &http::HeaderMap, problem_type: Option<String>) -> bool {
     if !keyed || is_replayed(headers) {
         return false;
     }
-    match problem_type {
-        Some(kind) => kind == IN_FLIGHT,
-        None => !headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|kind| {
-                kind.trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("application/problem+json")
-            }),
-    }
+    let problem = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|kind| {
+            kind.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/problem+json")
+        });
+    !problem || problem_type.as_deref() == Some(IN_FLIGHT)
 }
 
 /// A string field of a JSON problem document.

@@ -816,7 +816,7 @@ async fn a_408_is_retried_and_gets_the_stored_response() {
 /// still be in flight (Stripe's), and is retried.
 #[tokio::test]
 async fn a_keyed_409_that_is_not_in_flight_is_the_servers_answer() {
-    let answers: [(Canned, u32); 3] = [
+    let answers: [(Canned, u32); 4] = [
         (
             (
                 409,
@@ -834,6 +834,14 @@ async fn a_keyed_409_that_is_not_in_flight_is_the_servers_answer() {
                 409,
                 &[("content-type", "application/json")],
                 r#"{"error":{"type":"idempotency_error"}}"#,
+            ),
+            2,
+        ),
+        (
+            (
+                409,
+                &[("content-type", "application/json")],
+                r#"{"type":"error","message":"a request with this key is in progress"}"#,
             ),
             2,
         ),

@@ -765,3 +765,74 @@ async fn work_that_begins_its_transaction_again_never_gets_a_success_stored() {
     assert_eq!(paid.status, StatusCode::CREATED);
     assert_eq!(db.notes().await, ["A"]);
 }
+
+/// Inserts a payment, then a tag with `INSERT OR ROLLBACK` that conflicts (SQLite rolls
+/// the whole transaction back), and answers the error: `500`.
+#[idempotent]
+async fn conflict_then_500(State(app): State<Payments>, tx: SqliteTransaction) -> Response {
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    insert(&tx, "lost").await.unwrap();
+    let mut conn = tx.conn().await.unwrap();
+    match sqlx::query("INSERT OR ROLLBACK INTO tags VALUES ('taken')")
+        .execute(&mut *conn)
+        .await
+    {
+        Ok(_) => (StatusCode::CREATED, "tagged").into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+    }
+}
+
+/// Guards: after SQLite rolled a transaction back by itself and the work answered `5xx`,
+/// the connection is fit for the next transaction (its `ROLLBACK` had nothing to end,
+/// failed, and left the driver counting a transaction, so every later one on that
+/// connection was refused): with or without a key, on a pool of one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_after_sqlite_rolled_back_leaves_the_connection_fit() {
+    let db = Db::with("tx_poisoned", |builder| builder.max_connections(1)).await;
+    let idem = db.idem();
+    let app = Payments::new("A");
+    let routes = Router::new()
+        .route("/conflict", post(conflict_then_500))
+        .with_state(app.clone())
+        .layer(idem.layer());
+    for key in [Some("k"), None] {
+        let failed = send(&routes, post_with("/conflict", key, "")).await;
+        assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR, "{key:?}");
+        let paid = send(
+            &router(&idem, app.clone()),
+            post_with("/pay", Some(&format!("next-{key:?}")), "ok"),
+        )
+        .await;
+        assert_eq!(
+            paid.status,
+            StatusCode::CREATED,
+            "{key:?}: {:?}",
+            String::from_utf8_lossy(&paid.body)
+        );
+    }
+    assert_eq!(db.notes().await, ["A", "A"]);
+}
+
+/// Guards: no store table may take the name of the table a `SqliteTransaction` marks
+/// itself in (SQLite would find the mark first); any other name works with transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_marks_table_name_is_refused_and_others_work() {
+    let file = SqliteFile::create("tx_mark_name");
+    let refused = SqliteStore::builder(file.url.as_str())
+        .table("idem_open_transaction_mark")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("checking the table's name"),
+        "{refused}"
+    );
+    let db = Db::with("tx_table_idem_work", |builder| builder.table("idem_work")).await;
+    let paid = send(
+        &router(&db.idem(), Payments::new("A")),
+        post_with("/pay", Some("k"), "ok"),
+    )
+    .await;
+    assert_eq!(paid.status, StatusCode::CREATED);
+    assert_eq!(db.notes().await, ["A"]);
+}

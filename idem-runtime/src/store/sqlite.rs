@@ -307,6 +307,13 @@ impl SqliteStoreBuilder {
                 source: Box::new(source),
             }
         };
+        // The table a `SqliteTransaction` marks itself in, in each connection's `temp`
+        // schema, which SQLite searches first: a store table of that name would be hidden.
+        if self.table.eq_ignore_ascii_case(transaction::MARK_TABLE) {
+            return Err(failed("checking the table's name")(sqlx::Error::Configuration(
+                format!("{:?} is the name of idem's own transaction mark; choose another table name", self.table).into(),
+            )));
+        }
         let pool = match self.source {
             Source::Pool(pool) => pool,
             Source::Url(url) => {

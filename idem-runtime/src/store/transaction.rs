@@ -86,6 +86,22 @@ pub(crate) trait Backend: Store + Clone {
     fn commit_refused(&self, _error: &sqlx::Error) -> bool {
         false
     }
+
+    /// Readies the connection for its `ROLLBACK`, which must succeed for the driver to
+    /// count the transaction as ended (a connection it still counts in one refuses every
+    /// later transaction). Nothing by default.
+    fn before_rollback<'a>(
+        &'a self,
+        _connection: &'a mut <Self::Db as Database>::Connection,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// Rolls `transaction` back, readied by the store first.
+async fn roll_back<B: Backend>(store: &B, mut transaction: sqlx::Transaction<'static, B::Db>) {
+    store.before_rollback(&mut transaction).await;
+    let _ = transaction.rollback().await;
 }
 
 /// What the fencing write in the work's transaction found.
@@ -215,20 +231,20 @@ impl<B: Backend> Transactional for Shared<B> {
                     }
                 }
                 Ok(Fenced::NotHeld) => {
-                    let _ = transaction.rollback().await;
+                    roll_back(&self.store, transaction).await;
                     Committed::Superseded
                 }
                 // None of the work's writes can commit. A refusal holds without them.
                 Ok(Fenced::Aborted(_)) if stands_alone => {
-                    let _ = transaction.rollback().await;
+                    roll_back(&self.store, transaction).await;
                     self.complete_alone(key, claim, record, ttl).await
                 }
                 Ok(Fenced::Aborted(error)) => {
-                    let _ = transaction.rollback().await;
+                    roll_back(&self.store, transaction).await;
                     Committed::RolledBack(error)
                 }
                 Err(error) => {
-                    let _ = transaction.rollback().await;
+                    roll_back(&self.store, transaction).await;
                     Committed::RolledBack(self.store.error(error))
                 }
             }
@@ -242,7 +258,7 @@ impl<B: Backend> Transactional for Shared<B> {
                     // Lost writes are never reported as committed: a transaction the
                     // database ended or aborted by itself is rolled back and reported.
                     if let Err(error) = self.store.check_open(&mut transaction).await {
-                        let _ = transaction.rollback().await;
+                        roll_back(&self.store, transaction).await;
                         return Err(self.store.error(error));
                     }
                     transaction
@@ -258,7 +274,7 @@ impl<B: Backend> Transactional for Shared<B> {
     fn rollback(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             if let State::Open(transaction) = self.finish().await {
-                let _ = transaction.rollback().await;
+                roll_back(&self.store, transaction).await;
             }
         })
     }

@@ -119,13 +119,17 @@ impl sealed::OnStore for SqliteTransaction {
     }
 }
 
-/// How a `SqliteTransaction` begins: with a row in a table of the connection's own (its
-/// `temp` schema), written in the transaction, which [`still_open`] takes back. A row left
-/// by a transaction the work committed itself is cleared first, outside it.
-const WORK_OPEN: &str = "CREATE TEMP TABLE IF NOT EXISTS idem_work (open INTEGER); \
-    DELETE FROM temp.idem_work; \
+/// The table, in each connection's own `temp` schema, where a `SqliteTransaction` marks
+/// itself; no store table may take its name (SQLite looks in `temp` first).
+pub(crate) const MARK_TABLE: &str = "idem_open_transaction_mark";
+
+/// How a `SqliteTransaction` begins: with a row in [`MARK_TABLE`], written in the
+/// transaction, which [`still_open`] takes back. A row left by a transaction the work
+/// committed itself is cleared first, outside it.
+const WORK_OPEN: &str = "CREATE TEMP TABLE IF NOT EXISTS idem_open_transaction_mark (open INTEGER); \
+    DELETE FROM temp.idem_open_transaction_mark; \
     BEGIN IMMEDIATE; \
-    INSERT INTO temp.idem_work VALUES (1)";
+    INSERT INTO temp.idem_open_transaction_mark VALUES (1)";
 
 /// Whether the connection is still in the transaction [`WORK_OPEN`] began. SQLite ends a
 /// transaction by itself on a few errors (`SQLITE_FULL`, an I/O error, `INSERT OR
@@ -135,12 +139,14 @@ const WORK_OPEN: &str = "CREATE TEMP TABLE IF NOT EXISTS idem_work (open INTEGER
 /// A deferred `BEGIN` tells whether any transaction is open: SQLite refuses it inside one,
 /// and outside one it starts a transaction that takes no lock, for the caller to roll
 /// back. Inside one, the row `WORK_OPEN` wrote tells whether it is the work's: a rollback
-/// took it back. Taken now, so that a commit leaves none.
+/// took it back. Taken now, so that a commit leaves none. (Work that committed itself and
+/// began again still finds the row its commit kept: the record then commits beside writes
+/// that stand, which is all that can be done for them.)
 async fn still_open(connection: &mut SqliteConnection) -> bool {
     if sqlx::query("BEGIN").execute(&mut *connection).await.is_ok() {
         return false;
     }
-    sqlx::query("DELETE FROM temp.idem_work")
+    sqlx::query("DELETE FROM temp.idem_open_transaction_mark")
         .execute(connection)
         .await
         .is_ok_and(|done| done.rows_affected() > 0)
@@ -203,5 +209,14 @@ impl Backend for SqliteStore {
 
     fn error(&self, error: sqlx::Error) -> StoreError {
         SqliteStore::error(self, error)
+    }
+
+    fn before_rollback<'a>(&'a self, connection: &'a mut SqliteConnection) -> BoxFuture<'a, ()> {
+        // SQLite refuses `ROLLBACK` where it ended the transaction by itself (a full disk,
+        // `INSERT OR ROLLBACK`) or the work did: a deferred `BEGIN` then opens one to end
+        // (inside one, it is refused, and nothing changes).
+        Box::pin(async move {
+            let _ = sqlx::query("BEGIN").execute(connection).await;
+        })
     }
 }
