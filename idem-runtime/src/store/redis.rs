@@ -434,12 +434,21 @@ impl RedisStore {
         numbers.into_iter().min()
     }
 
-    /// `record` refused as over the server's `proto-max-bulk-len` of `limit` bytes.
-    fn too_long(record: &Bytes, limit: u64) -> StoreError {
-        StoreError::RecordRefused {
+    /// Reads the server's `proto-max-bulk-len` again, keeps it, and refuses `record` if
+    /// it is over it; where the limit cannot be read, over `known`. `None` where the
+    /// record fits, or no limit is known.
+    async fn over_the_limit_now(&self, record: &Bytes, known: Option<u64>) -> Option<StoreError> {
+        let limit = match self.read_max_bulk().await {
+            Some(limit) => {
+                self.max_bulk.store(limit, Ordering::Relaxed);
+                limit
+            }
+            None => known?,
+        };
+        (record.len() as u64 > limit).then(|| StoreError::RecordRefused {
             size: record.len() as u64,
             reason: format!("over the server's proto-max-bulk-len of {limit} bytes"),
-        }
+        })
     }
 
     /// Runs begin, renew, release and complete once on a probe key, and leaves nothing.
@@ -813,14 +822,12 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(self.bounded(async move {
-            let limit = self.max_bulk.load(Ordering::Relaxed);
-            if record.len() as u64 > limit {
-                // Over the limit last read; an operator may have raised it since.
-                let now = self.read_max_bulk().await.unwrap_or(limit);
-                self.max_bulk.store(now, Ordering::Relaxed);
-                if record.len() as u64 > now {
-                    return Err(Self::too_long(&record, now));
-                }
+            // Over the limit last read; an operator may have raised it since.
+            let known = self.max_bulk.load(Ordering::Relaxed);
+            if record.len() as u64 > known
+                && let Some(refused) = self.over_the_limit_now(&record, Some(known)).await
+            {
+                return Err(refused);
             }
             let args = [
                 ScriptArg::Bytes(claim),
@@ -844,12 +851,9 @@ impl Store for RedisStore {
             // with a protocol error, and closes the connection: retried, it would fail the
             // same way until the lease ran out. Its limit, read again, tells.
             if record.len() as u64 > SMALLEST_MAX_BULK
-                && let Some(limit) = self.read_max_bulk().await
+                && let Some(refused) = self.over_the_limit_now(&record, None).await
             {
-                self.max_bulk.store(limit, Ordering::Relaxed);
-                if record.len() as u64 > limit {
-                    return Err(Self::too_long(&record, limit));
-                }
+                return Err(refused);
             }
             Err(StoreError::backend(error))
         }))
