@@ -306,3 +306,66 @@ async fn a_renewal_never_waits_long_for_a_row_lock() {
     slow.await.unwrap();
     assert!(!waited_long, "a renewal waited for the row lock past 3 s");
 }
+
+/// Writes `outer`, then `inner` in a savepoint of its own (`conn.begin()`), which it rolls
+/// back where the body says `undo`, and leaves open (forgotten, never ended) where it says
+/// `leak`; answers `201`.
+#[idempotent]
+async fn pay_in_a_savepoint(
+    State(app): State<Payments>,
+    tx: PgTransaction,
+    body: String,
+) -> Response {
+    let mut conn = tx.conn().await.unwrap();
+    let insert = |note: &str| {
+        AssertSqlSafe(format!(
+            "INSERT INTO {} (note) VALUES ('{note}')",
+            app.table
+        ))
+    };
+    sqlx::query(insert("outer"))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let mut savepoint = conn.begin().await.unwrap();
+    sqlx::query(insert("inner"))
+        .execute(&mut *savepoint)
+        .await
+        .unwrap();
+    if body == "leak" {
+        std::mem::forget(savepoint);
+    } else {
+        savepoint.rollback().await.unwrap();
+    }
+    (StatusCode::CREATED, "paid").into_response()
+}
+
+/// Guards: a savepoint the work rolls back undoes only its own writes; work that returns
+/// inside a savepoint of its own never gets a success stored (idem's commit would only
+/// have released the savepoint, and left the transaction open on the pooled connection,
+/// its writes never committed): `503`, nothing written, the key free for the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_of_the_work_commit_only_when_ended() {
+    let db = PaymentsDb::new("commit_edges_savepoint").await;
+    let router = Router::new()
+        .route("/pay", post(pay_in_a_savepoint))
+        .with_state(Payments {
+            table: db.table(),
+            ending: "",
+        })
+        .layer(db.idem().layer());
+
+    let leaked = send(&router, post_with("/pay", Some("leak"), "leak")).await;
+    leaked.assert_problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        idem_runtime::Problem::STORE_UNAVAILABLE,
+    );
+    assert!(db.notes().await.is_empty(), "{:?}", db.notes().await);
+
+    for attempt in 0..2 {
+        let paid = send(&router, post_with("/pay", Some("undo"), "undo")).await;
+        assert_eq!(paid.status, StatusCode::CREATED, "attempt {attempt}");
+        assert_eq!(paid.is_replay(), attempt == 1);
+    }
+    assert_eq!(db.notes().await, ["outer"]);
+}

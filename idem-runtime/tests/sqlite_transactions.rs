@@ -836,3 +836,153 @@ async fn the_marks_table_name_is_refused_and_others_work() {
     assert_eq!(paid.status, StatusCode::CREATED);
     assert_eq!(db.notes().await, ["A"]);
 }
+
+/// Inserts a payment, then opens a savepoint of its own (`conn.begin()`, as a helper
+/// written for a plain connection might) and inserts a tag there with `INSERT OR ROLLBACK`
+/// that conflicts: SQLite rolls the whole transaction back, and the savepoint's rollback
+/// finds nothing to end. Answers `500` where the body says `fail`, else `201`.
+#[idempotent]
+async fn conflict_in_a_savepoint(
+    State(app): State<Payments>,
+    tx: SqliteTransaction,
+    body: String,
+) -> Response {
+    use sqlx::Connection;
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    insert(&tx, "lost").await.unwrap();
+    let mut conn = tx.conn().await.unwrap();
+    let mut savepoint = conn.begin().await.unwrap();
+    let conflict = sqlx::query("INSERT OR ROLLBACK INTO tags VALUES ('taken')")
+        .execute(&mut *savepoint)
+        .await;
+    assert!(conflict.is_err(), "the tag is taken");
+    let _ = savepoint.rollback().await;
+    if body == "fail" {
+        (StatusCode::INTERNAL_SERVER_ERROR, "the tag was taken").into_response()
+    } else {
+        (StatusCode::CREATED, "paid").into_response()
+    }
+}
+
+/// Whether another connection to the file can write now, within a short busy timeout:
+/// no transaction is left holding SQLite's write lock.
+async fn file_is_writable(db: &Db) -> Result<(), sqlx::Error> {
+    use sqlx::ConnectOptions;
+    let mut other = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db.file.path)
+        .busy_timeout(Duration::from_millis(500))
+        .connect()
+        .await?;
+    sqlx::query("INSERT INTO tags VALUES (?1)")
+        .bind(format!("other-{}", db.notes().await.len()))
+        .execute(&mut other)
+        .await
+        .map(drop)
+}
+
+/// Guards: work whose own savepoint outlived the transaction SQLite rolled back by itself
+/// never gets a success stored, and leaves no transaction open on the pooled connection:
+/// the next payment on it commits, and another connection can write (a transaction left
+/// open there kept the write lock, lost every later write on that connection, and refused
+/// every later `SqliteTransaction` on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_savepoint_sqlite_rolled_back_leaves_no_transaction_open() {
+    let db = Db::with("tx_savepoint_lost", |builder| builder.max_connections(1)).await;
+    let idem = db.idem();
+    let app = Payments::new("A");
+    let routes = Router::new()
+        .route("/savepoint", post(conflict_in_a_savepoint))
+        .with_state(app.clone())
+        .layer(idem.layer());
+    let mut expected = Vec::new();
+    for (body, key) in [("ok", Some("k1")), ("fail", Some("k2")), ("ok", None)] {
+        let answer = send(&routes, post_with("/savepoint", key, body)).await;
+        assert!(
+            !answer.status.is_success(),
+            "{body} {key:?}: {} {:?} for a payment SQLite rolled back",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert_eq!(db.notes().await, expected, "{body} {key:?}");
+        file_is_writable(&db)
+            .await
+            .unwrap_or_else(|error| panic!("{body} {key:?}: the file stays locked: {error}"));
+        let paid = send(
+            &router(&idem, Payments::new("A")),
+            post_with("/pay", Some(&format!("next-{body}-{key:?}")), "ok"),
+        )
+        .await;
+        assert_eq!(
+            paid.status,
+            StatusCode::CREATED,
+            "{body} {key:?}: {:?}",
+            String::from_utf8_lossy(&paid.body)
+        );
+        expected.push("A".to_owned());
+        assert_eq!(db.notes().await, expected, "{body} {key:?}");
+    }
+    let again = send(&routes, post_with("/savepoint", Some("k1"), "ok")).await;
+    assert!(!again.status.is_success(), "k1 again: {}", again.status);
+    assert_eq!(app.runs(), 4, "nothing was stored for k1: its retry ran");
+}
+
+/// Inserts a payment, then a tag in a savepoint of its own that it rolls back (or, where
+/// the body says `leak`, leaves open: forgotten, never ended), and answers `201`.
+#[idempotent]
+async fn undoes_a_savepoint(
+    State(app): State<Payments>,
+    tx: SqliteTransaction,
+    body: String,
+) -> Response {
+    use sqlx::Connection;
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    insert(&tx, app.name).await.unwrap();
+    let mut conn = tx.conn().await.unwrap();
+    let mut savepoint = conn.begin().await.unwrap();
+    sqlx::query("INSERT INTO tags VALUES ('undone')")
+        .execute(&mut *savepoint)
+        .await
+        .unwrap();
+    if body == "leak" {
+        std::mem::forget(savepoint);
+    } else {
+        savepoint.rollback().await.unwrap();
+    }
+    (StatusCode::CREATED, "paid").into_response()
+}
+
+/// Guards: a savepoint the work opens and rolls back itself undoes only its own writes:
+/// the payment and the record commit, the retry replays. Work that returns inside a
+/// savepoint of its own gets no success stored (idem's commit would only have released
+/// the savepoint and left the transaction open, holding the write lock): `503`, nothing
+/// written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_savepoint_of_the_work_undoes_only_its_writes() {
+    let db = Db::with("tx_savepoint", |builder| builder.max_connections(1)).await;
+    let app = Payments::new("A");
+    let routes = Router::new()
+        .route("/savepoint", post(undoes_a_savepoint))
+        .with_state(app.clone())
+        .layer(db.idem().layer());
+    let leaked = send(&routes, post_with("/savepoint", Some("leak"), "leak")).await;
+    assert_eq!(
+        leaked.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        String::from_utf8_lossy(&leaked.body)
+    );
+    assert!(db.notes().await.is_empty());
+    file_is_writable(&db).await.unwrap();
+    for _ in 0..2 {
+        let answer = send(&routes, post_with("/savepoint", Some("k"), "")).await;
+        assert_eq!(answer.status, StatusCode::CREATED);
+    }
+    assert_eq!(app.runs(), 2);
+    assert_eq!(db.notes().await, ["A"]);
+    let undone: i64 = sqlx::query_scalar("SELECT count(*) FROM tags WHERE name = 'undone'")
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(undone, 0);
+    file_is_writable(&db).await.unwrap();
+}

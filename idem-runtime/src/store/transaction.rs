@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sqlx::Database;
+use sqlx::pool::PoolConnection;
+use sqlx::{Database, Pool, SqlSafeStr, SqlStr};
+use sqlx_core::transaction::{TransactionManager, begin_ansi_transaction_sql};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::protocol::{Committed, Transactional};
@@ -48,16 +50,18 @@ pub(crate) mod sealed {
     }
 }
 
-/// What a store gives its transaction: how to open one, and the statements idem runs in
+/// What a store gives its transaction: how to begin one, and the statements idem runs in
 /// it. Implemented by the stores themselves.
 pub(crate) trait Backend: Store + Clone {
     /// The store's sqlx database.
     type Db: Database;
     /// The public transaction type's name, for messages.
     const NAME: &'static str;
+    /// The statement (or statements) that begin the work's transaction.
+    const BEGIN: &'static str;
 
-    /// Opens a transaction on a connection of the store's pool.
-    fn open(&self) -> BoxFuture<'_, Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>>;
+    /// The store's pool, which the work's connection comes from.
+    fn pool(&self) -> &Pool<Self::Db>;
 
     /// Writes `record` over `claim` in the transaction, where the key still holds `claim`
     /// (fencing).
@@ -80,28 +84,105 @@ pub(crate) trait Backend: Store + Clone {
     /// A driver error as a store error.
     fn error(&self, error: sqlx::Error) -> StoreError;
 
+    /// Runs `statement` on `connection`, outside the driver's count of transactions.
+    fn execute<'a>(
+        &'a self,
+        connection: &'a mut <Self::Db as Database>::Connection,
+        statement: SqlStr,
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>>;
+
     /// Whether a failed `COMMIT` was answered by the database with a refusal that leaves
     /// nothing committed (a serialization failure, say), rather than failing without an
     /// answer. `false` where that cannot be told.
     fn commit_refused(&self, _error: &sqlx::Error) -> bool {
         false
     }
+}
 
-    /// Readies the connection for its `ROLLBACK`, which must succeed for the driver to
-    /// count the transaction as ended (a connection it still counts in one refuses every
-    /// later transaction). Nothing by default.
-    fn before_rollback<'a>(
-        &'a self,
-        _connection: &'a mut <Self::Db as Database>::Connection,
-    ) -> BoxFuture<'a, ()> {
-        Box::pin(std::future::ready(()))
+/// The driver's bookkeeping of transactions on a connection of `DB`.
+type Manager<DB> = <DB as Database>::TransactionManager;
+
+/// How many transactions and savepoints the driver counts open on `connection`: `1` in
+/// the work's transaction, more inside savepoints the work opened (`conn.begin()`).
+fn depth<DB: Database>(connection: &PoolConnection<DB>) -> usize {
+    Manager::<DB>::get_transaction_depth(connection)
+}
+
+/// The work's connection, in the transaction idem began on it. Held as the pool's
+/// connection, not as a driver `Transaction`, so that idem can tell the connection's
+/// state after the work and close the connection where it cannot be put right.
+struct Work<DB: Database>(PoolConnection<DB>);
+
+impl<DB: Database> Drop for Work<DB> {
+    fn drop(&mut self) {
+        // Dropped before idem ended the transaction (the runtime shutting down): start
+        // rolling it back, as the driver's own transaction does; a connection left inside
+        // the work's savepoints is closed rather than handed to another caller.
+        match depth(&self.0) {
+            0 => {}
+            1 => Manager::<DB>::start_rollback(&mut self.0),
+            _ => self.0.close_on_drop(),
+        }
     }
 }
 
-/// Rolls `transaction` back, readied by the store first.
-async fn roll_back<B: Backend>(store: &B, mut transaction: sqlx::Transaction<'static, B::Db>) {
-    store.before_rollback(&mut transaction).await;
-    let _ = transaction.rollback().await;
+impl<B: Backend> Shared<B> {
+    /// Begins the work's transaction on a connection of the store's pool.
+    async fn open(&self) -> Result<Work<B::Db>, sqlx::Error> {
+        let mut work = Work(self.store.pool().acquire().await?);
+        if let Err(error) =
+            Manager::<B::Db>::begin(&mut work.0, Some(B::BEGIN.into_sql_str())).await
+        {
+            // Of several statements, the one that failed may follow one that began a
+            // transaction the driver does not count.
+            end_everything(&self.store, &mut work).await;
+            return Err(error);
+        }
+        Ok(work)
+    }
+}
+
+/// Rolls the work's transaction back, with whatever else is open on its connection, so
+/// that the connection goes back to the pool in no transaction.
+async fn roll_back<B: Backend>(store: &B, mut work: Work<B::Db>) {
+    if Manager::<B::Db>::rollback(&mut work.0).await.is_ok() && depth(&work.0) == 0 {
+        return;
+    }
+    end_everything(store, &mut work).await;
+}
+
+/// Ends every transaction and savepoint on the work's connection, in the database and in
+/// the driver's count, where the two disagree: the database ended the transaction by
+/// itself (SQLite's `INSERT OR ROLLBACK`, a full disk), the work ended or began one, or a
+/// savepoint of the work's outlived its transaction. The driver's rollback at each depth
+/// ends a savepoint of its own naming, or at depth 1 the transaction, and fails where
+/// there is none (leaving its count as it was): each is opened first where missing, then
+/// rolled back, down to none. A connection that still cannot be put right is closed, not
+/// handed to the next caller.
+async fn end_everything<B: Backend>(store: &B, work: &mut Work<B::Db>) {
+    let _ = store.execute(&mut work.0, "ROLLBACK".into_sql_str()).await;
+    for _ in 0..=depth(&work.0) {
+        let level = depth(&work.0);
+        if level == 0 {
+            return;
+        }
+        // Refused inside a transaction, harmlessly.
+        let _ = store
+            .execute(&mut work.0, begin_ansi_transaction_sql(0))
+            .await;
+        if level > 1 {
+            let _ = store
+                .execute(&mut work.0, begin_ansi_transaction_sql(level - 1))
+                .await;
+        }
+        if Manager::<B::Db>::rollback(&mut work.0).await.is_err() {
+            break;
+        }
+    }
+    if depth(&work.0) != 0 {
+        tracing::error!(target: "idem", "a connection could not be brought out of the work's transaction: closing it");
+        work.0.close_on_drop();
+    }
 }
 
 /// What the fencing write in the work's transaction found.
@@ -128,7 +209,7 @@ pub(crate) struct Shared<B: Backend> {
 /// never writes (a replay, a refusal) costs the database nothing.
 enum State<DB: Database> {
     NotStarted,
-    Open(sqlx::Transaction<'static, DB>),
+    Open(Work<DB>),
     Finished,
 }
 
@@ -158,10 +239,10 @@ impl<B: Backend> Shared<B> {
         }
         let mut state = self.state.lock().await;
         if let State::NotStarted = *state {
-            *state = State::Open(self.store.open().await?);
+            *state = State::Open(self.open().await?);
         }
         MutexGuard::try_map(state, |state| match state {
-            State::Open(transaction) => Some(&mut **transaction),
+            State::Open(work) => Some(&mut *work.0),
             State::NotStarted | State::Finished => None,
         })
         .map_err(|_| {
@@ -204,8 +285,8 @@ impl<B: Backend> Transactional for Shared<B> {
         fenced: &'a mut (dyn FnMut() + Send),
     ) -> BoxFuture<'a, Committed> {
         Box::pin(async move {
-            let mut transaction = match self.finish().await {
-                State::Open(transaction) => transaction,
+            let mut work = match self.finish().await {
+                State::Open(work) => work,
                 // The work wrote nothing: the plain completion is all there is to commit.
                 State::NotStarted => return self.complete_alone(key, claim, record, ttl).await,
                 State::Finished => {
@@ -216,35 +297,46 @@ impl<B: Backend> Transactional for Shared<B> {
             };
             let written = self
                 .store
-                .fence(&mut transaction, key, claim, &record, ttl)
-                .await;
+                .fence(&mut work.0, key, claim, &record, ttl)
+                .await
+                .map(|fenced| match fenced {
+                    // After the fencing write's round trip, the driver has run what the
+                    // work left queued (a dropped savepoint's rollback): its count is
+                    // current. Inside a savepoint, the commit would only release it.
+                    Fenced::Written if depth(&work.0) != 1 => Fenced::Aborted(left_open()),
+                    fenced => fenced,
+                });
             match written {
                 Ok(Fenced::Written) => {
                     fenced();
-                    match transaction.commit().await {
+                    match Manager::<B::Db>::commit(&mut work.0).await {
                         Ok(()) => Committed::Yes,
                         // Refused: nothing committed, and the claim is still this execution's.
                         Err(error) if self.store.commit_refused(&error) => {
+                            roll_back(&self.store, work).await;
                             Committed::RolledBack(self.store.error(error))
                         }
-                        Err(error) => Committed::Unknown(self.store.error(error)),
+                        Err(error) => {
+                            roll_back(&self.store, work).await;
+                            Committed::Unknown(self.store.error(error))
+                        }
                     }
                 }
                 Ok(Fenced::NotHeld) => {
-                    roll_back(&self.store, transaction).await;
+                    roll_back(&self.store, work).await;
                     Committed::Superseded
                 }
                 // None of the work's writes can commit. A refusal holds without them.
                 Ok(Fenced::Aborted(_)) if stands_alone => {
-                    roll_back(&self.store, transaction).await;
+                    roll_back(&self.store, work).await;
                     self.complete_alone(key, claim, record, ttl).await
                 }
                 Ok(Fenced::Aborted(error)) => {
-                    roll_back(&self.store, transaction).await;
+                    roll_back(&self.store, work).await;
                     Committed::RolledBack(error)
                 }
                 Err(error) => {
-                    roll_back(&self.store, transaction).await;
+                    roll_back(&self.store, work).await;
                     Committed::RolledBack(self.store.error(error))
                 }
             }
@@ -254,17 +346,26 @@ impl<B: Backend> Transactional for Shared<B> {
     fn commit(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             match self.finish().await {
-                State::Open(mut transaction) => {
+                State::Open(mut work) => {
                     // Lost writes are never reported as committed: a transaction the
                     // database ended or aborted by itself is rolled back and reported.
-                    if let Err(error) = self.store.check_open(&mut transaction).await {
-                        roll_back(&self.store, transaction).await;
-                        return Err(self.store.error(error));
+                    let open = self.store.check_open(&mut work.0).await;
+                    let open = match open {
+                        Ok(()) if depth(&work.0) != 1 => Err(left_open()),
+                        Ok(()) => Ok(()),
+                        Err(error) => Err(self.store.error(error)),
+                    };
+                    if let Err(error) = open {
+                        roll_back(&self.store, work).await;
+                        return Err(error);
                     }
-                    transaction
-                        .commit()
-                        .await
-                        .map_err(|error| self.store.error(error))
+                    match Manager::<B::Db>::commit(&mut work.0).await {
+                        Ok(()) => Ok(()),
+                        Err(error) => {
+                            roll_back(&self.store, work).await;
+                            Err(self.store.error(error))
+                        }
+                    }
                 }
                 State::NotStarted | State::Finished => Ok(()),
             }
@@ -273,11 +374,18 @@ impl<B: Backend> Transactional for Shared<B> {
 
     fn rollback(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if let State::Open(transaction) = self.finish().await {
-                roll_back(&self.store, transaction).await;
+            if let State::Open(work) = self.finish().await {
+                roll_back(&self.store, work).await;
             }
         })
     }
+}
+
+/// Why work still inside a savepoint of its own at its return is not committed.
+fn left_open() -> StoreError {
+    StoreError::backend(
+        "the work returned inside a savepoint of its own (one it opened with `begin()` and neither committed nor rolled back, or whose rollback failed): its writes are rolled back",
+    )
 }
 
 impl<B: Backend> fmt::Debug for Shared<B> {

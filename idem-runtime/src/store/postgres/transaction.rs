@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, PgConnection, Postgres};
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, SqlStr};
 use tokio::sync::MappedMutexGuard;
 
 use super::{PostgresStore, WORK_IS_OPEN, WORK_OPEN, millis};
@@ -48,6 +48,11 @@ use crate::store::{BoxFuture, Store, StoreError};
 /// ends it itself (a `COMMIT` or `ROLLBACK` sent through [`conn`](Self::conn)) gets no
 /// record written: the request is answered as for a refused commit, and what such a
 /// `COMMIT` wrote stands, so a retry runs the work again.
+///
+/// Savepoints of the work's own (`conn.begin()` on the connection, as a helper written for
+/// a plain connection does) work as on any connection: one rolled back undoes only its
+/// writes. Work that returns inside one (neither committed nor rolled back) gets no record
+/// written either: its writes roll back, and the request is answered as above.
 ///
 /// ```no_run
 /// use axum::http::StatusCode;
@@ -104,8 +109,10 @@ impl Backend for PostgresStore {
     type Db = Postgres;
     const NAME: &'static str = "PgTransaction";
 
-    fn open(&self) -> BoxFuture<'_, Result<sqlx::Transaction<'static, Postgres>, sqlx::Error>> {
-        Box::pin(self.pool.begin_with(WORK_OPEN))
+    const BEGIN: &'static str = WORK_OPEN;
+
+    fn pool(&self) -> &sqlx::PgPool {
+        &self.pool
     }
 
     fn fence<'a>(
@@ -161,6 +168,14 @@ impl Backend for PostgresStore {
                 ))
             }
         })
+    }
+
+    fn execute<'a>(
+        &'a self,
+        connection: &'a mut PgConnection,
+        statement: SqlStr,
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move { sqlx::raw_sql(statement).execute(connection).await.map(drop) })
     }
 
     fn error(&self, error: sqlx::Error) -> StoreError {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use sqlx::{Sqlite, SqliteConnection};
+use sqlx::{SqlStr, Sqlite, SqliteConnection};
 use tokio::sync::MappedMutexGuard;
 
 use super::{SqliteStore, expiry_after};
@@ -66,6 +66,12 @@ use crate::store::{BoxFuture, Store, StoreError};
 /// conflict): idem then finds no transaction to commit, rolls back and never reports the
 /// result as done; statements run after such an error commit on their own, outside any
 /// transaction, so stop at the first error.
+///
+/// Savepoints of the work's own (`conn.begin()` on the connection) work as on any
+/// connection: one rolled back undoes only its writes. Work that returns inside one, or
+/// whose savepoint outlived a transaction SQLite ended, gets no record written: its writes
+/// roll back, the key is released, and the connection goes back to the pool in no
+/// transaction.
 ///
 /// ```no_run
 /// use axum::http::StatusCode;
@@ -156,11 +162,13 @@ impl Backend for SqliteStore {
     type Db = Sqlite;
     const NAME: &'static str = "SqliteTransaction";
 
-    fn open(&self) -> BoxFuture<'_, Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error>> {
-        // The write lock from the first statement: the work's later writes and the
-        // completion never meet a lock taken by another connection meanwhile (a deferred
-        // transaction that read first fails there with SQLITE_BUSY, whatever the timeout).
-        Box::pin(self.pool.begin_with(WORK_OPEN))
+    // The write lock from the first statement: the work's later writes and the
+    // completion never meet a lock taken by another connection meanwhile (a deferred
+    // transaction that read first fails there with SQLITE_BUSY, whatever the timeout).
+    const BEGIN: &'static str = WORK_OPEN;
+
+    fn pool(&self) -> &sqlx::SqlitePool {
+        &self.pool
     }
 
     fn fence<'a>(
@@ -207,16 +215,15 @@ impl Backend for SqliteStore {
         })
     }
 
-    fn error(&self, error: sqlx::Error) -> StoreError {
-        SqliteStore::error(self, error)
+    fn execute<'a>(
+        &'a self,
+        connection: &'a mut SqliteConnection,
+        statement: SqlStr,
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move { sqlx::raw_sql(statement).execute(connection).await.map(drop) })
     }
 
-    fn before_rollback<'a>(&'a self, connection: &'a mut SqliteConnection) -> BoxFuture<'a, ()> {
-        // SQLite refuses `ROLLBACK` where it ended the transaction by itself (a full disk,
-        // `INSERT OR ROLLBACK`) or the work did: a deferred `BEGIN` then opens one to end
-        // (inside one, it is refused, and nothing changes).
-        Box::pin(async move {
-            let _ = sqlx::query("BEGIN").execute(connection).await;
-        })
+    fn error(&self, error: sqlx::Error) -> StoreError {
+        SqliteStore::error(self, error)
     }
 }
