@@ -110,45 +110,106 @@ fn depth<DB: Database>(connection: &PoolConnection<DB>) -> usize {
 
 /// The work's connection, in the transaction idem began on it. Held as the pool's
 /// connection, not as a driver `Transaction`, so that idem can tell the connection's
-/// state after the work and close the connection where it cannot be put right.
-struct Work<DB: Database>(PoolConnection<DB>);
+/// state after the work and put it right (or close it) before the pool hands it on.
+struct Work<B: Backend> {
+    store: B,
+    /// Taken only by `drop`, to end the transaction in a task of its own.
+    connection: Option<PoolConnection<B::Db>>,
+    /// Set once the connection is in no transaction, in the database and in the driver's
+    /// count (or is to be closed).
+    ended: bool,
+}
 
-impl<DB: Database> Drop for Work<DB> {
+impl<B: Backend> Drop for Work<B> {
     fn drop(&mut self) {
-        // Dropped before idem ended the transaction (the runtime shutting down): start
-        // rolling it back, as the driver's own transaction does; a connection left inside
-        // the work's savepoints is closed rather than handed to another caller.
-        match depth(&self.0) {
-            0 => {}
-            1 => Manager::<DB>::start_rollback(&mut self.0),
-            _ => self.0.close_on_drop(),
+        if self.ended {
+            return;
+        }
+        let Some(mut connection) = self.connection.take() else {
+            return;
+        };
+        // Dropped before idem ended the transaction: the work's future or idem's
+        // completion was dropped (a client gone from a request without a key, a deadline
+        // of the work's own, the runtime shutting down), maybe while a statement was on
+        // the wire, even idem's `BEGIN`, whose reply the driver has not counted yet. End
+        // everything in a task of its own, after that reply; with no runtime to run it,
+        // close the connection (the database rolls back; an in-memory SQLite database
+        // is lost with its last connection, but nothing could run statements there).
+        let store = self.store.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { end_everything(&store, &mut connection).await });
+            }
+            Err(_) => connection.close_on_drop(),
         }
     }
 }
 
-impl<B: Backend> Shared<B> {
-    /// Begins the work's transaction on a connection of the store's pool.
-    async fn open(&self) -> Result<Work<B::Db>, sqlx::Error> {
-        let mut work = Work(self.store.pool().acquire().await?);
-        if let Err(error) =
-            Manager::<B::Db>::begin(&mut work.0, Some(B::BEGIN.into_sql_str())).await
+impl<B: Backend> Work<B> {
+    /// Begins the work's transaction on a connection of `store`'s pool.
+    async fn begin(store: &B) -> Result<Self, sqlx::Error> {
+        let connection = store.pool().acquire().await?;
+        // Until its `BEGIN` is answered, the connection counts as in a transaction.
+        let mut work = Self {
+            store: store.clone(),
+            connection: Some(connection),
+            ended: false,
+        };
+        let Some(connection) = work.connection.as_mut() else {
+            return Err(gone());
+        };
+        if let Err(error) = Manager::<B::Db>::begin(connection, Some(B::BEGIN.into_sql_str())).await
         {
             // Of several statements, the one that failed may follow one that began a
             // transaction the driver does not count.
-            end_everything(&self.store, &mut work).await;
+            work.roll_back().await;
             return Err(error);
         }
         Ok(work)
     }
+
+    /// The connection, until `drop` hands it to the task that ends its transaction.
+    fn connection(&mut self) -> Result<&mut PoolConnection<B::Db>, sqlx::Error> {
+        self.connection.as_mut().ok_or_else(gone)
+    }
+
+    /// Commits the transaction; on an error, rolls back what is left of it.
+    async fn commit(mut self) -> Result<(), sqlx::Error> {
+        let connection = self.connection()?;
+        match Manager::<B::Db>::commit(connection).await {
+            Ok(()) if depth(connection) == 0 => {
+                self.ended = true;
+                Ok(())
+            }
+            Ok(()) => {
+                self.roll_back().await;
+                Ok(())
+            }
+            Err(error) => {
+                self.roll_back().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Rolls the transaction back, with whatever else is open on the connection, so that
+    /// it goes back to the pool in no transaction.
+    async fn roll_back(mut self) {
+        if let Some(connection) = self.connection.as_mut() {
+            let ended =
+                Manager::<B::Db>::rollback(connection).await.is_ok() && depth(connection) == 0;
+            if !ended {
+                end_everything(&self.store, connection).await;
+            }
+        }
+        self.ended = true;
+    }
 }
 
-/// Rolls the work's transaction back, with whatever else is open on its connection, so
-/// that the connection goes back to the pool in no transaction.
-async fn roll_back<B: Backend>(store: &B, mut work: Work<B::Db>) {
-    if Manager::<B::Db>::rollback(&mut work.0).await.is_ok() && depth(&work.0) == 0 {
-        return;
-    }
-    end_everything(store, &mut work).await;
+/// The error for a connection already handed to the task that ends its transaction,
+/// which only `drop` does.
+fn gone() -> sqlx::Error {
+    sqlx::Error::Protocol("the work's connection was already given up".into())
 }
 
 /// Ends every transaction and savepoint on the work's connection, in the database and in
@@ -159,29 +220,29 @@ async fn roll_back<B: Backend>(store: &B, mut work: Work<B::Db>) {
 /// there is none (leaving its count as it was): each is opened first where missing, then
 /// rolled back, down to none. A connection that still cannot be put right is closed, not
 /// handed to the next caller.
-async fn end_everything<B: Backend>(store: &B, work: &mut Work<B::Db>) {
-    let _ = store.execute(&mut work.0, "ROLLBACK".into_sql_str()).await;
-    for _ in 0..=depth(&work.0) {
-        let level = depth(&work.0);
+async fn end_everything<B: Backend>(store: &B, connection: &mut PoolConnection<B::Db>) {
+    let _ = store.execute(connection, "ROLLBACK".into_sql_str()).await;
+    for _ in 0..=depth(connection) {
+        let level = depth(connection);
         if level == 0 {
             return;
         }
         // Refused inside a transaction, harmlessly.
         let _ = store
-            .execute(&mut work.0, begin_ansi_transaction_sql(0))
+            .execute(connection, begin_ansi_transaction_sql(0))
             .await;
         if level > 1 {
             let _ = store
-                .execute(&mut work.0, begin_ansi_transaction_sql(level - 1))
+                .execute(connection, begin_ansi_transaction_sql(level - 1))
                 .await;
         }
-        if Manager::<B::Db>::rollback(&mut work.0).await.is_err() {
+        if Manager::<B::Db>::rollback(connection).await.is_err() {
             break;
         }
     }
-    if depth(&work.0) != 0 {
+    if depth(connection) != 0 {
         tracing::error!(target: "idem", "a connection could not be brought out of the work's transaction: closing it");
-        work.0.close_on_drop();
+        connection.close_on_drop();
     }
 }
 
@@ -200,16 +261,16 @@ pub(crate) enum Fenced {
 /// [`conn`](Self::conn)) and the front door that finishes it.
 pub(crate) struct Shared<B: Backend> {
     store: B,
-    state: Mutex<State<B::Db>>,
+    state: Mutex<State<B>>,
     /// Set when a front door of idem will finish the transaction.
     finished_by_idem: Arc<AtomicBool>,
 }
 
 /// Where the transaction stands. It is opened by the first query, so that work that
 /// never writes (a replay, a refusal) costs the database nothing.
-enum State<DB: Database> {
+enum State<B: Backend> {
     NotStarted,
-    Open(Work<DB>),
+    Open(Work<B>),
     Finished,
 }
 
@@ -239,10 +300,10 @@ impl<B: Backend> Shared<B> {
         }
         let mut state = self.state.lock().await;
         if let State::NotStarted = *state {
-            *state = State::Open(self.open().await?);
+            *state = State::Open(Work::begin(&self.store).await?);
         }
         MutexGuard::try_map(state, |state| match state {
-            State::Open(work) => Some(&mut *work.0),
+            State::Open(work) => work.connection.as_deref_mut(),
             State::NotStarted | State::Finished => None,
         })
         .map_err(|_| {
@@ -254,7 +315,7 @@ impl<B: Backend> Shared<B> {
 
     /// Ends the transaction's use: what it was. Waits for work that still holds the
     /// connection.
-    async fn finish(&self) -> State<B::Db> {
+    async fn finish(&self) -> State<B> {
         std::mem::replace(&mut *self.state.lock().await, State::Finished)
     }
 
@@ -295,48 +356,47 @@ impl<B: Backend> Transactional for Shared<B> {
                     ));
                 }
             };
-            let written = self
-                .store
-                .fence(&mut work.0, key, claim, &record, ttl)
-                .await
-                .map(|fenced| match fenced {
-                    // After the fencing write's round trip, the driver has run what the
-                    // work left queued (a dropped savepoint's rollback): its count is
-                    // current. Inside a savepoint, the commit would only release it.
-                    Fenced::Written if depth(&work.0) != 1 => Fenced::Aborted(left_open()),
-                    fenced => fenced,
-                });
+            let written = match work.connection() {
+                Ok(connection) => self
+                    .store
+                    .fence(connection, key, claim, &record, ttl)
+                    .await
+                    .map(|fenced| match fenced {
+                        // After the fencing write's round trip, the driver has run what
+                        // the work left queued (a dropped savepoint's rollback): its count
+                        // is current. Inside a savepoint, the commit would only release it.
+                        Fenced::Written if depth(connection) != 1 => Fenced::Aborted(left_open()),
+                        fenced => fenced,
+                    }),
+                Err(error) => Err(error),
+            };
             match written {
                 Ok(Fenced::Written) => {
                     fenced();
-                    match Manager::<B::Db>::commit(&mut work.0).await {
+                    match work.commit().await {
                         Ok(()) => Committed::Yes,
                         // Refused: nothing committed, and the claim is still this execution's.
                         Err(error) if self.store.commit_refused(&error) => {
-                            roll_back(&self.store, work).await;
                             Committed::RolledBack(self.store.error(error))
                         }
-                        Err(error) => {
-                            roll_back(&self.store, work).await;
-                            Committed::Unknown(self.store.error(error))
-                        }
+                        Err(error) => Committed::Unknown(self.store.error(error)),
                     }
                 }
                 Ok(Fenced::NotHeld) => {
-                    roll_back(&self.store, work).await;
+                    work.roll_back().await;
                     Committed::Superseded
                 }
                 // None of the work's writes can commit. A refusal holds without them.
                 Ok(Fenced::Aborted(_)) if stands_alone => {
-                    roll_back(&self.store, work).await;
+                    work.roll_back().await;
                     self.complete_alone(key, claim, record, ttl).await
                 }
                 Ok(Fenced::Aborted(error)) => {
-                    roll_back(&self.store, work).await;
+                    work.roll_back().await;
                     Committed::RolledBack(error)
                 }
                 Err(error) => {
-                    roll_back(&self.store, work).await;
+                    work.roll_back().await;
                     Committed::RolledBack(self.store.error(error))
                 }
             }
@@ -349,23 +409,19 @@ impl<B: Backend> Transactional for Shared<B> {
                 State::Open(mut work) => {
                     // Lost writes are never reported as committed: a transaction the
                     // database ended or aborted by itself is rolled back and reported.
-                    let open = self.store.check_open(&mut work.0).await;
-                    let open = match open {
-                        Ok(()) if depth(&work.0) != 1 => Err(left_open()),
-                        Ok(()) => Ok(()),
+                    let open = match work.connection() {
+                        Ok(connection) => match self.store.check_open(connection).await {
+                            Ok(()) if depth(connection) != 1 => Err(left_open()),
+                            Ok(()) => Ok(()),
+                            Err(error) => Err(self.store.error(error)),
+                        },
                         Err(error) => Err(self.store.error(error)),
                     };
                     if let Err(error) = open {
-                        roll_back(&self.store, work).await;
+                        work.roll_back().await;
                         return Err(error);
                     }
-                    match Manager::<B::Db>::commit(&mut work.0).await {
-                        Ok(()) => Ok(()),
-                        Err(error) => {
-                            roll_back(&self.store, work).await;
-                            Err(self.store.error(error))
-                        }
-                    }
+                    work.commit().await.map_err(|error| self.store.error(error))
                 }
                 State::NotStarted | State::Finished => Ok(()),
             }
@@ -375,7 +431,7 @@ impl<B: Backend> Transactional for Shared<B> {
     fn rollback(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             if let State::Open(work) = self.finish().await {
-                roll_back(&self.store, work).await;
+                work.roll_back().await;
             }
         })
     }

@@ -335,6 +335,11 @@ impl Drop for PgSchema {
             runtime.block_on(async move {
                 use sqlx::Connection;
                 let mut connection = sqlx::PgConnection::connect(&url).await?;
+                // A connection the test left in a transaction holding the schema's locks
+                // (a regression) fails the drop instead of hanging the run.
+                sqlx::query("SET lock_timeout = '30s'")
+                    .execute(&mut connection)
+                    .await?;
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
                 )))

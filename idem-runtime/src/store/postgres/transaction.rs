@@ -53,6 +53,10 @@ use crate::store::{BoxFuture, Store, StoreError};
 /// a plain connection does) work as on any connection: one rolled back undoes only its
 /// writes. Work that returns inside one (neither committed nor rolled back) gets no record
 /// written either: its writes roll back, and the request is answered as above.
+/// sqlx counts savepoints itself: a `begin()` refused in a transaction a failed statement
+/// aborted rolls back a savepoint it did not open, and the rollback of the work's own
+/// savepoint after it then ends the whole transaction, as a `ROLLBACK` would. Stop at the
+/// first error.
 ///
 /// ```no_run
 /// use axum::http::StatusCode;
