@@ -14,9 +14,12 @@
 //!   request timeout: idem runs the work on and stores its response for the retry), `409`
 //!   in flight, `429`, `500`, `502`, `503` and `504` are retried with exponential backoff and full jitter,
 //!   never sooner than the server's `Retry-After`, up to a number of attempts and a total
-//!   deadline. A keyed request's response is read whole before it is handed over, so that
-//!   one lost mid-body is retried; any other response (a `GET`'s download, say) is handed
-//!   over as it arrives, and a body lost there is the caller's error to see.
+//!   deadline. A replayed response (`Idempotent-Replayed: true`: the server's stored
+//!   answer, which no retry changes) is never retried. A keyed request's response is read
+//!   whole (up to [`max_read_bytes`](IdempotentRetry::max_read_bytes), 1 MiB by default)
+//!   before it is handed over, so that one lost mid-body is retried; a longer one, and any
+//!   other response (a `GET`'s download, say), is handed over as it arrives, and a body
+//!   lost there is the caller's error to see.
 //! - `400`, `401`, `403`, `404`, `413` and `422` are a bug in the caller, not a transient
 //!   fault: they are never retried and come back as a [`Rejected`] error, with the
 //!   problem's type (`urn:idem:problem:key-reused` for a key used with another request).
@@ -72,6 +75,7 @@ pub struct IdempotentRetry {
     max_delay: Duration,
     deadline: Duration,
     full_jitter: bool,
+    max_read_bytes: usize,
 }
 
 impl Default for IdempotentRetry {
@@ -82,11 +86,27 @@ impl Default for IdempotentRetry {
             max_delay: Duration::from_secs(5),
             deadline: Duration::from_secs(30),
             full_jitter: true,
+            max_read_bytes: Self::DEFAULT_MAX_READ_BYTES,
         }
     }
 }
 
 impl IdempotentRetry {
+    /// How much of a response body is read before the response is judged or handed over
+    /// by default: 1 MiB, the most an idem server stores by default.
+    pub const DEFAULT_MAX_READ_BYTES: usize = 1024 * 1024;
+
+    /// How much of a response body the middleware reads into memory: a keyed request's
+    /// response (read whole, so that a body lost mid-way is retried), a refusal's or a
+    /// `409`'s problem document. A longer body is not buffered past it: the response is
+    /// handed over as it streams (a body lost after that is the caller's error to see),
+    /// and a `409` that long is not idem's "in flight". At least 1 KiB.
+    #[must_use]
+    pub fn max_read_bytes(mut self, bytes: usize) -> Self {
+        self.max_read_bytes = bytes.max(1024);
+        self
+    }
+
     /// Attempts in all, the first included (at least 1).
     #[must_use]
     pub fn attempts(mut self, attempts: u32) -> Self {
@@ -309,7 +329,14 @@ impl Middleware for IdempotentRetry {
             // The deadline covers the whole attempt: sending, the head and the body.
             let attempt = async {
                 let result = next.clone().run(this_try, extensions).await;
-                judge(result, attempts, key.as_deref(), read_whole).await
+                judge(
+                    result,
+                    attempts,
+                    key.as_deref(),
+                    read_whole,
+                    self.max_read_bytes,
+                )
+                .await
             };
             let outcome = match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(outcome) => outcome,
@@ -396,13 +423,14 @@ fn transient(error: &reqwest_middleware::Error) -> bool {
     }
 }
 
-/// Decides what an attempt's result means. The body is read only where it decides (a
-/// refusal's problem type, a 409) or where `read_whole` asks for it.
+/// Decides what an attempt's result means. The body is read (up to `limit` bytes) only
+/// where it decides (a refusal's problem type, a 409) or where `read_whole` asks for it.
 async fn judge(
     result: reqwest_middleware::Result<Response>,
     attempts: u32,
     key: Option<&str>,
     read_whole: bool,
+    limit: usize,
 ) -> Attempt {
     let response = match result {
         Ok(response) => response,
@@ -417,7 +445,9 @@ async fn judge(
     let status = response.status();
     let retry_after = retry_after(&response);
     let decides = matches!(status.as_u16(), 400 | 401 | 403 | 404 | 409 | 413 | 422);
-    let retryable = matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504);
+    // A replayed response is the server's stored answer: another attempt gets it again.
+    let retryable = matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
+        && !is_replayed(response.headers());
     if retryable {
         return Attempt::Retry {
             why: format!("the server answered {status}"),
@@ -428,8 +458,29 @@ async fn judge(
         return Attempt::Done(response);
     }
     let refused = matches!(status.as_u16(), 400 | 401 | 403 | 404 | 413 | 422);
-    let (head, body) = match read_whole_body(response).await {
-        Ok(read) => read,
+    let (head, body) = match read_up_to(response, limit).await {
+        Ok(Read::Whole(head, body)) => (head, body),
+        // Longer than anything judged here: a refusal with the start of its explanation,
+        // anything else (a `409` that long is no "in flight" of idem's) as it streams.
+        Ok(Read::Longer(head, start, rest)) => {
+            return if refused {
+                Attempt::Rejected(Rejected {
+                    status,
+                    problem_type: None,
+                    detail: format!(
+                        "{} (the rest of a body over {limit} bytes was not read)",
+                        String::from_utf8_lossy(&start)
+                    ),
+                    attempts,
+                    key: key.map(str::to_owned),
+                })
+            } else {
+                Attempt::Done(head.with_body(reqwest::Body::wrap(Resumed {
+                    start: Some(start),
+                    rest,
+                })))
+            };
+        }
         // A refusal stays a refusal whether or not its explanation arrived whole.
         Err(error) if refused => {
             return Attempt::Rejected(Rejected {
@@ -482,13 +533,13 @@ struct Head {
 
 impl Head {
     /// The response again, with `body`: status, headers, URL and extensions as they were.
-    fn with_body(self, body: Bytes) -> Response {
+    fn with_body(self, body: impl Into<reqwest::Body>) -> Response {
         use reqwest::ResponseBuilderExt;
         let mut response = http::Response::builder()
             .status(self.status)
             .version(self.version)
             .url(self.url)
-            .body(body)
+            .body(body.into())
             .unwrap_or_default();
         *response.headers_mut() = self.headers;
         response.extensions_mut().extend(self.extensions);
@@ -496,8 +547,17 @@ impl Head {
     }
 }
 
-/// The response split into its head and its whole body.
-async fn read_whole_body(mut response: Response) -> Result<(Head, Bytes), reqwest::Error> {
+/// A response body read up to a limit.
+enum Read {
+    /// The whole body.
+    Whole(Head, Bytes),
+    /// The body's start, past the limit, and the rest unread.
+    Longer(Head, Bytes, reqwest::Body),
+}
+
+/// The response split into its head and its body, read whole where it is no longer than
+/// `limit` bytes.
+async fn read_up_to(mut response: Response, limit: usize) -> Result<Read, reqwest::Error> {
     let head = Head {
         status: response.status(),
         version: response.version(),
@@ -505,8 +565,49 @@ async fn read_whole_body(mut response: Response) -> Result<(Head, Bytes), reqwes
         extensions: std::mem::take(response.extensions_mut()),
         url: response.url().clone(),
     };
-    let body = response.bytes().await?;
-    Ok((head, body))
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        body.extend_from_slice(&chunk);
+        if body.len() > limit {
+            let rest = http::Response::<reqwest::Body>::from(response).into_body();
+            return Ok(Read::Longer(head, body.freeze(), rest));
+        }
+    }
+    Ok(Read::Whole(head, body.freeze()))
+}
+
+/// A body whose start was read already: that start, then the rest as it arrives.
+struct Resumed {
+    start: Option<Bytes>,
+    rest: reqwest::Body,
+}
+
+impl http_body::Body for Resumed {
+    type Data = Bytes;
+    type Error = reqwest::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, reqwest::Error>>> {
+        if let Some(start) = self.start.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(start))));
+        }
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let mut hint = self.rest.size_hint();
+        if let Some(start) = &self.start {
+            let start = start.len() as u64;
+            // The upper bound first: a lower bound above the upper one is refused.
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper.saturating_add(start));
+            }
+            hint.set_lower(hint.lower().saturating_add(start));
+        }
+        hint
+    }
 }
 
 /// `Retry-After`, in seconds or as an HTTP date (RFC 9110), as the wait from now.
