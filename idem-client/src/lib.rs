@@ -459,26 +459,24 @@ async fn judge(
     }
     let refused = matches!(status.as_u16(), 400 | 401 | 403 | 404 | 413 | 422);
     let (head, body) = match read_up_to(response, limit).await {
-        Ok(Read::Whole(head, body)) => (head, body),
+        Ok((head, body)) if body.rest.is_none() => (head, body),
         // Longer than anything judged here: a refusal with the start of its explanation,
         // anything else (a `409` that long is no "in flight" of idem's) as it streams.
-        Ok(Read::Longer(head, start, rest)) => {
+        Ok((head, body)) => {
             return if refused {
+                let start = &body.start[..body.start.len().min(DETAIL_BYTES)];
                 Attempt::Rejected(Rejected {
                     status,
                     problem_type: None,
                     detail: format!(
                         "{} (the rest of a body over {limit} bytes was not read)",
-                        String::from_utf8_lossy(&start)
+                        String::from_utf8_lossy(start)
                     ),
                     attempts,
                     key: key.map(str::to_owned),
                 })
             } else {
-                Attempt::Done(head.with_body(reqwest::Body::wrap(Resumed {
-                    start: Some(start),
-                    rest,
-                })))
+                Attempt::Done(head.with_body(body))
             };
         }
         // A refusal stays a refusal whether or not its explanation arrived whole.
@@ -498,13 +496,13 @@ async fn judge(
             };
         }
     };
-    let problem_type = || problem_field(&body, "type");
+    let problem_type = || problem_field(&body.start, "type");
     match status.as_u16() {
         400 | 401 | 403 | 404 | 413 | 422 => Attempt::Rejected(Rejected {
             status,
             problem_type: problem_type(),
-            detail: problem_field(&body, "detail")
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
+            detail: problem_field(&body.start, "detail")
+                .unwrap_or_else(|| String::from_utf8_lossy(&body.start).into_owned()),
             attempts,
             key: key.map(str::to_owned),
         }),
@@ -533,13 +531,13 @@ struct Head {
 
 impl Head {
     /// The response again, with `body`: status, headers, URL and extensions as they were.
-    fn with_body(self, body: impl Into<reqwest::Body>) -> Response {
+    fn with_body(self, body: Read) -> Response {
         use reqwest::ResponseBuilderExt;
         let mut response = http::Response::builder()
             .status(self.status)
             .version(self.version)
             .url(self.url)
-            .body(body.into())
+            .body(reqwest::Body::wrap(body))
             .unwrap_or_default();
         *response.headers_mut() = self.headers;
         response.extensions_mut().extend(self.extensions);
@@ -547,17 +545,28 @@ impl Head {
     }
 }
 
-/// A response body read up to a limit.
-enum Read {
-    /// The whole body.
-    Whole(Head, Bytes),
-    /// The body's start, past the limit, and the rest unread.
-    Longer(Head, Bytes, reqwest::Body),
+/// How much of a refusal's body over the read limit its `detail` keeps.
+const DETAIL_BYTES: usize = 8 * 1024;
+
+/// A response body read up to a limit, to be handed over again as it came: its bytes read
+/// so far, then what follows (the rest unread, or the trailers of a body read whole).
+struct Read {
+    /// The body read so far: all of it, or its first bytes past the limit.
+    start: Bytes,
+    /// What follows, unread: `None` where the body was read whole.
+    rest: Option<reqwest::Body>,
+    /// The trailers of a body read whole, if it ended with some.
+    trailers: Option<http::HeaderMap>,
+    /// Whether the server's framing gave the body's length (`Content-Length`), so that the
+    /// body handed over tells its length as the original did, and no other.
+    sized: bool,
 }
 
 /// The response split into its head and its body, read whole where it is no longer than
 /// `limit` bytes.
-async fn read_up_to(mut response: Response, limit: usize) -> Result<Read, reqwest::Error> {
+async fn read_up_to(mut response: Response, limit: usize) -> Result<(Head, Read), reqwest::Error> {
+    use http_body::Body as _;
+    use http_body_util::BodyExt as _;
     let head = Head {
         status: response.status(),
         version: response.version(),
@@ -565,24 +574,43 @@ async fn read_up_to(mut response: Response, limit: usize) -> Result<Read, reqwes
         extensions: std::mem::take(response.extensions_mut()),
         url: response.url().clone(),
     };
-    let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = response.chunk().await? {
-        body.extend_from_slice(&chunk);
-        if body.len() > limit {
-            let rest = http::Response::<reqwest::Body>::from(response).into_body();
-            return Ok(Read::Longer(head, body.freeze(), rest));
+    let mut body = http::Response::<reqwest::Body>::from(response).into_body();
+    let sized = body.size_hint().exact().is_some();
+    let mut start = bytes::BytesMut::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame?.into_data() {
+            Ok(data) => {
+                start.extend_from_slice(&data);
+                if start.len() > limit {
+                    let read = Read {
+                        start: start.freeze(),
+                        rest: Some(body),
+                        trailers: None,
+                        sized,
+                    };
+                    return Ok((head, read));
+                }
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(more) = frame.into_trailers() {
+            trailers
+                .get_or_insert_with(http::HeaderMap::new)
+                .extend(more);
         }
     }
-    Ok(Read::Whole(head, body.freeze()))
+    let read = Read {
+        start: start.freeze(),
+        rest: None,
+        trailers,
+        sized,
+    };
+    Ok((head, read))
 }
 
-/// A body whose start was read already: that start, then the rest as it arrives.
-struct Resumed {
-    start: Option<Bytes>,
-    rest: reqwest::Body,
-}
-
-impl http_body::Body for Resumed {
+impl http_body::Body for Read {
     type Data = Bytes;
     type Error = reqwest::Error;
 
@@ -590,22 +618,37 @@ impl http_body::Body for Resumed {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, reqwest::Error>>> {
-        if let Some(start) = self.start.take() {
-            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(start))));
+        use std::task::Poll;
+        if !self.start.is_empty() {
+            let start = std::mem::take(&mut self.start);
+            return Poll::Ready(Some(Ok(http_body::Frame::data(start))));
         }
-        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+        if let Some(rest) = self.rest.as_mut() {
+            return std::pin::Pin::new(rest).poll_frame(cx);
+        }
+        Poll::Ready(
+            self.trailers
+                .take()
+                .map(|trailers| Ok(http_body::Frame::trailers(trailers))),
+        )
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        let mut hint = self.rest.size_hint();
-        if let Some(start) = &self.start {
-            let start = start.len() as u64;
-            // The upper bound first: a lower bound above the upper one is refused.
-            if let Some(upper) = hint.upper() {
-                hint.set_upper(upper.saturating_add(start));
+        let start = self.start.len() as u64;
+        let Some(rest) = &self.rest else {
+            if self.sized {
+                return http_body::SizeHint::with_exact(start);
             }
-            hint.set_lower(hint.lower().saturating_add(start));
+            let mut hint = http_body::SizeHint::new();
+            hint.set_lower(start);
+            return hint;
+        };
+        let mut hint = rest.size_hint();
+        // The upper bound first: a lower bound above the upper one is refused.
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper.saturating_add(start));
         }
+        hint.set_lower(hint.lower().saturating_add(start));
         hint
     }
 }

@@ -148,6 +148,11 @@ async fn a_404_to_a_get_with_an_endless_body_is_not_buffered_whole() {
         "{}",
         rejected.detail
     );
+    assert!(
+        rejected.detail.len() < 9 * 1024,
+        "a detail of {} bytes: only the start of a body over the limit is kept",
+        rejected.detail.len()
+    );
 }
 
 /// An unkeyed PUT answered `409` (an edit conflict: never in flight without a key) with
