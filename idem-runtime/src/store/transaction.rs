@@ -113,6 +113,9 @@ fn depth<DB: Database>(connection: &PoolConnection<DB>) -> usize {
 /// state after the work and put it right (or close it) before the pool hands it on.
 struct Work<B: Backend> {
     store: B,
+    /// The runtime the transaction began on, which `drop` ends it on (wherever the last
+    /// handle on it is dropped).
+    runtime: tokio::runtime::Handle,
     /// Taken only by `drop`, to end the transaction in a task of its own.
     connection: Option<PoolConnection<B::Db>>,
     /// Set once the connection is in no transaction, in the database and in the driver's
@@ -132,26 +135,32 @@ impl<B: Backend> Drop for Work<B> {
         // completion was dropped (a client gone from a request without a key, a deadline
         // of the work's own, the runtime shutting down), maybe while a statement was on
         // the wire, even idem's `BEGIN`, whose reply the driver has not counted yet. End
-        // everything in a task of its own, after that reply; with no runtime to run it,
-        // close the connection (the database rolls back; an in-memory SQLite database
-        // is lost with its last connection, but nothing could run statements there).
+        // everything in a task of its own, after that reply, on the runtime the
+        // transaction began on (wherever this last handle is dropped), entered so that
+        // the connection still goes back to its pool where the task cannot run.
         let store = self.store.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move { end_everything(&store, &mut connection).await });
-            }
-            Err(_) => connection.close_on_drop(),
-        }
+        let _entered = self.runtime.enter();
+        self.runtime.spawn(async move {
+            // A `COMMIT` or `ROLLBACK` whose reply was dropped leaves the SQLite driver
+            // skipping the next rollback it is asked to start (it expects the dropped
+            // `Transaction`'s own): this is that one, so that the next transaction on the
+            // connection is rolled back when dropped. Elsewhere, a first rollback.
+            Manager::<B::Db>::start_rollback(&mut connection);
+            end_everything(&store, &mut connection).await;
+        });
     }
 }
 
 impl<B: Backend> Work<B> {
     /// Begins the work's transaction on a connection of `store`'s pool.
     async fn begin(store: &B) -> Result<Self, sqlx::Error> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| sqlx::Error::Protocol("a transaction begins on a Tokio runtime".into()))?;
         let connection = store.pool().acquire().await?;
         // Until its `BEGIN` is answered, the connection counts as in a transaction.
         let mut work = Self {
             store: store.clone(),
+            runtime,
             connection: Some(connection),
             ended: false,
         };
