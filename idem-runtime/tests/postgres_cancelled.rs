@@ -7,46 +7,18 @@
 
 mod common;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use common::{PaymentsDb, PgSchema, post_with, send};
+use common::{GiveUpAfter, PaymentsDb, PgSchema, post_with, send};
 use idem_runtime::store::{PgTransaction, PostgresStore};
 use idem_runtime::{Idempotency, idempotent};
 use sqlx::{AssertSqlSafe, Connection as _};
-
-/// Polls a future at most `left` times, then gives it up (drops it): what a `select!`
-/// against a deadline or a cancellation token does to a `tx.conn()` that is slow to come.
-struct GiveUpAfter<F> {
-    inner: Pin<Box<F>>,
-    left: usize,
-}
-
-impl<F: Future> Future for GiveUpAfter<F> {
-    type Output = Option<F::Output>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.left == 0 {
-            return Poll::Ready(None);
-        }
-        self.left -= 1;
-        match self.inner.as_mut().poll(cx) {
-            Poll::Ready(output) => Poll::Ready(Some(output)),
-            Poll::Pending => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-        }
-    }
-}
 
 #[derive(Clone)]
 struct Polls(Arc<AtomicUsize>);

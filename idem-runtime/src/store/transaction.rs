@@ -170,8 +170,9 @@ impl<B: Backend> Work<B> {
         if let Err(error) = Manager::<B::Db>::begin(connection, Some(B::BEGIN.into_sql_str())).await
         {
             // Of several statements, the one that failed may follow one that began a
-            // transaction the driver does not count.
-            work.roll_back().await;
+            // transaction the driver does not count (and so would not roll back).
+            end_everything(&work.store, connection).await;
+            work.ended = true;
             return Err(error);
         }
         Ok(work)

@@ -953,3 +953,32 @@ impl<S: Store> Store for NoRenewals<S> {
         self.0.as_any()
     }
 }
+
+/// Polls a future at most `left` times, then gives it up (drops it): what a `select!`
+/// against a deadline, or a client gone away, does to a request or a `tx.conn()` that is
+/// slow to come. `None` where it was given up.
+pub struct GiveUpAfter<F> {
+    pub inner: std::pin::Pin<Box<F>>,
+    pub left: usize,
+}
+
+impl<F: std::future::Future> std::future::Future for GiveUpAfter<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        match self.inner.as_mut().poll(cx) {
+            std::task::Poll::Ready(output) => std::task::Poll::Ready(Some(output)),
+            std::task::Poll::Pending => {
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+        }
+    }
+}

@@ -54,9 +54,11 @@ use crate::store::{BoxFuture, Store, StoreError};
 /// writes. Work that returns inside one (neither committed nor rolled back) gets no record
 /// written either: its writes roll back, and the request is answered as above.
 /// sqlx counts savepoints itself: a `begin()` refused in a transaction a failed statement
-/// aborted rolls back a savepoint it did not open, and the rollback of the work's own
-/// savepoint after it then ends the whole transaction, as a `ROLLBACK` would. Stop at the
-/// first error.
+/// aborted, or given up before its answer (a deadline of the work's around it), rolls
+/// back a level it did not open, and what sqlx then ends as the work's savepoint is the
+/// whole transaction, as a `ROLLBACK` would: idem answers `503` (writes rolled back), but
+/// what the work wrote after that was committed on its own. Stop at the first error, and
+/// put no deadline around `begin()`.
 ///
 /// ```no_run
 /// use axum::http::StatusCode;

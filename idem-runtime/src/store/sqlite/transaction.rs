@@ -125,6 +125,10 @@ impl sealed::OnStore for SqliteTransaction {
     }
 }
 
+/// SQLite's primary result codes for a busy database and a violated constraint.
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_CONSTRAINT: i32 = 19;
+
 /// The table, in each connection's own `temp` schema, where a `SqliteTransaction` marks
 /// itself; no store table may take its name (SQLite looks in `temp` first).
 pub(crate) const MARK_TABLE: &str = "idem_open_transaction_mark";
@@ -225,5 +229,16 @@ impl Backend for SqliteStore {
 
     fn error(&self, error: sqlx::Error) -> StoreError {
         SqliteStore::error(self, error)
+    }
+
+    fn commit_refused(&self, error: &sqlx::Error) -> bool {
+        // SQLite answers a `COMMIT` it cannot make with the transaction still open (a
+        // deferred foreign key left violated, a lock it could not get), which idem then
+        // rolls back: nothing of it is committed.
+        error
+            .as_database_error()
+            .and_then(|error| error.code())
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, SQLITE_BUSY | SQLITE_CONSTRAINT))
     }
 }
