@@ -191,9 +191,13 @@ impl<B: Backend> Work<B> {
                 self.ended = true;
                 Ok(())
             }
+            // Only a savepoint was released (not seen: the count is checked before the
+            // commit): what is left is rolled back, and the commit never reported made.
             Ok(()) => {
                 self.roll_back().await;
-                Ok(())
+                Err(sqlx::Error::Protocol(
+                    "the commit found the work inside a savepoint of its own".into(),
+                ))
             }
             Err(error) => {
                 self.roll_back().await;
